@@ -1,0 +1,49 @@
+# crew-otel: `make demo` runs the offline demo, `make test` runs everything CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+LOWEST_VENV ?= .venv-lowest
+UV = $(VENV)/bin/uv
+# The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
+LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
+
+.PHONY: demo test setup setup-lowest lint typecheck unit test-lowest bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv
+	$(UV) pip install -q --python $(VENV)/bin/python -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/crew-otel demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	./scripts/system-deps.sh
+	$(VENV)/bin/python -m pytest -q
+
+$(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(UV) pip install -q --python $(LOWEST_VENV)/bin/python -e ".[test]" $(LOWEST_PINS)
+	touch $@
+
+setup-lowest: $(LOWEST_VENV)/.installed
+
+test-lowest: setup-lowest
+	$(LOWEST_VENV)/bin/python -m pytest -q
+
+test: lint typecheck unit test-lowest
+
+bench: setup
+	$(VENV)/bin/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,313 @@
+"""Every span/metric attribute key, span-name builder and attribute extractor.
+
+Pure functions: no I/O, no global state. Keys follow the OpenTelemetry GenAI semantic
+conventions where they exist (``gen_ai.*``, ``error.type``, ``thread.*``,
+``http.request.resend_count``), ``crewai.*`` for CrewAI's own concepts and ``crew_otel.*`` for
+crew_otel's diagnosis. The names are public: dashboards, alert rules and users' queries use them.
+
+Span names are low-cardinality by construction: they only ever contain code-defined names
+(crew name, task name, the agent's *original* role, tool name, model), cut to
+:data:`MAX_NAME_LENGTH`; never task descriptions, inputs or IDs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.util.types import AttributeValue
+
+# --- GenAI semantic conventions --------------------------------------------------------------
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
+GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_AGENT_ID = "gen_ai.agent.id"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"
+GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
+GEN_AI_TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"
+GEN_AI_TOOL_CALL_RESULT = "gen_ai.tool.call.result"
+GEN_AI_WORKFLOW_NAME = "gen_ai.workflow.name"
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+
+OP_INVOKE_WORKFLOW = "invoke_workflow"
+OP_INVOKE_AGENT = "invoke_agent"
+OP_EXECUTE_TOOL = "execute_tool"
+OP_CHAT = "chat"
+
+ERROR_TYPE = "error.type"
+THREAD_ID = "thread.id"
+THREAD_NAME = "thread.name"
+HTTP_RESEND_COUNT = "http.request.resend_count"
+HTTP_STATUS_CODE = "http.response.status_code"
+HTTP_STATUS_CODE_OLD = "http.status_code"
+
+# --- CrewAI's own concepts --------------------------------------------------------------------
+CREWAI_CREW_ID = "crewai.crew.id"
+CREWAI_KICKOFF_ENTRYPOINT = "crewai.kickoff.entrypoint"
+CREWAI_KICKOFF_INPUTS = "crewai.kickoff.inputs"
+CREWAI_TASK_ID = "crewai.task.id"
+CREWAI_TASK_NAME = "crewai.task.name"
+CREWAI_TASK_ASYNC_EXECUTION = "crewai.task.async_execution"
+CREWAI_TASK_DESCRIPTION = "crewai.task.description"
+CREWAI_TASK_OUTPUT = "crewai.task.output"
+CREWAI_AGENT_ITERATION = "crewai.agent.iteration"
+CREWAI_TOOL_CACHE_HIT = "crewai.tool.cache_hit"
+CREWAI_LLM_MESSAGES = "crewai.llm.messages"
+
+# --- crew_otel's diagnosis --------------------------------------------------------------------
+REQUEST_ID = "crew_otel.request.id"
+KICKOFFS_IN_FLIGHT = "crew_otel.kickoffs.in_flight"
+ATTEMPT = "crew_otel.attempt"
+RETRY_BUDGET_REMAINING = "crew_otel.retry.budget_remaining"
+RETRY_BUDGET_EXHAUSTED = "crew_otel.retry.budget_exhausted"
+RETRY_LAYER = "crew_otel.retry.layer"
+ERROR_ORIGIN = "crew_otel.error.origin"
+ERROR_RECOVERED = "crew_otel.error.recovered"
+ORIGIN_OPERATION = "crew_otel.origin.operation"
+SHARED_INSTANCE = "crew_otel.shared_instance"
+SHARED_INSTANCE_KIND = "crew_otel.shared_instance.kind"
+SHARED_INSTANCE_CLASS = "crew_otel.shared_instance.class"
+SHARED_INSTANCE_OTHER_REQUEST_IDS = "crew_otel.shared_instance.other_request_ids"
+SYNC_IN_EVENT_LOOP = "crew_otel.sync_in_event_loop"
+QUEUE_WAIT = "crew_otel.kickoff.queue_wait"
+EXECUTOR_QUEUE_DEPTH = "crew_otel.executor.queue_depth"
+CONTEXT_SUMMARIZED = "crew_otel.context.summarized"
+CONTEXT_NO_FINAL_OUTPUT = "crew_otel.context.no_final_output"
+CONTEXT_OVERFLOW = "crew_otel.context.overflow"
+
+# Span event names.
+EVENT_SHARED_INSTANCE = "crew_otel.shared_instance"
+EVENT_RETRY = "crew_otel.retry"
+EVENT_CONTEXT_SUMMARIZED = "crew_otel.context.summarized"
+
+# Values of crew_otel.retry.layer.
+RETRY_LAYER_HTTP = "http"
+RETRY_LAYER_RATE_LIMIT = "rate_limit"
+RETRY_LAYER_AGENT = "agent"
+
+# Values of crew_otel.origin.operation (the operation of the origin span).
+ORIGIN_HTTP = "http"
+ORIGIN_TASK = "task"
+ORIGIN_STEP = "step"
+
+MAX_NAME_LENGTH = 64
+
+DEFAULT_WORKFLOW_NAME = "crew"
+DEFAULT_TASK_NAME = "task"
+DEFAULT_AGENT_NAME = "agent"
+DEFAULT_TOOL_NAME = "tool"
+DEFAULT_MODEL_NAME = "model"
+
+# Span-name prefixes (the part before the code-defined name).
+SPAN_WORKFLOW = OP_INVOKE_WORKFLOW
+SPAN_TASK = "crewai.task"
+SPAN_AGENT = OP_INVOKE_AGENT
+SPAN_STEP = "crewai.agent.step"
+SPAN_TOOL = OP_EXECUTE_TOOL
+SPAN_CHAT = OP_CHAT
+
+# Provider class name -> gen_ai.provider.name (semantic-convention values where defined).
+_PROVIDER_BY_CLASS = {
+    "OpenAICompletion": "openai",
+    "AnthropicCompletion": "anthropic",
+    "AzureCompletion": "azure.ai.inference",
+    "GeminiCompletion": "gcp.gemini",
+    "BedrockCompletion": "aws.bedrock",
+}
+_PROVIDER_BY_PREFIX = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "claude": "anthropic",
+    "azure": "azure.ai.inference",
+    "gemini": "gcp.gemini",
+    "google": "gcp.gemini",
+    "vertex_ai": "gcp.vertex_ai",
+    "bedrock": "aws.bedrock",
+    "groq": "groq",
+    "mistral": "mistral_ai",
+    "deepseek": "deepseek",
+    "cohere": "cohere",
+    "ollama": "ollama",
+    "openrouter": "openrouter",
+    "xai": "x_ai",
+}
+
+
+def bounded_name(value: object, default: str) -> str:
+    """A code-defined name for a span name or metric attribute: a short single-line string."""
+    if not isinstance(value, str) or not value.strip():
+        return default
+    text = " ".join(value.split())
+    return text[:MAX_NAME_LENGTH]
+
+
+def span_name(prefix: str, name: str) -> str:
+    """``"{operation} {name}"``, the shape of every crew_otel span name."""
+    return f"{prefix} {name}"
+
+
+# --- extractors (object -> attributes); each is called through safety.safe_call ---------------
+
+
+def workflow_name(instance: Any) -> str:
+    """Name of a Crew (its ``name``), a Flow (its ``name`` or class) or an Agent (its role)."""
+    name = getattr(instance, "name", None)
+    if isinstance(name, str) and name.strip():
+        return bounded_name(name, DEFAULT_WORKFLOW_NAME)
+    role = agent_role(instance)
+    if role != DEFAULT_AGENT_NAME:
+        return role
+    return bounded_name(type(instance).__name__, DEFAULT_WORKFLOW_NAME)
+
+
+def kickoff_attributes(instance: Any, entrypoint: str, name: str) -> dict[str, AttributeValue]:
+    """Attributes of a kickoff span."""
+    attrs: dict[str, AttributeValue] = {
+        GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW,
+        GEN_AI_WORKFLOW_NAME: name,
+        CREWAI_KICKOFF_ENTRYPOINT: entrypoint,
+    }
+    crew_id = getattr(instance, "id", None)
+    if crew_id is not None:
+        attrs[CREWAI_CREW_ID] = str(crew_id)
+    return attrs
+
+
+def agent_role(agent: Any) -> str:
+    """The agent's role as written in code (CrewAI interpolates inputs into ``role``)."""
+    original = getattr(agent, "_original_role", None)
+    role = original if isinstance(original, str) and original else getattr(agent, "role", None)
+    return bounded_name(role, DEFAULT_AGENT_NAME)
+
+
+def agent_attributes(agent: Any, role: str) -> dict[str, AttributeValue]:
+    """Attributes of an agent attempt span."""
+    attrs: dict[str, AttributeValue] = {
+        GEN_AI_OPERATION_NAME: OP_INVOKE_AGENT,
+        GEN_AI_AGENT_NAME: role,
+    }
+    agent_id = getattr(agent, "id", None)
+    if agent_id is not None:
+        attrs[GEN_AI_AGENT_ID] = str(agent_id)
+    return attrs
+
+
+def task_name(task: Any) -> str:
+    """The task's code-defined name, or ``"task"`` (never its description)."""
+    return bounded_name(getattr(task, "name", None), DEFAULT_TASK_NAME)
+
+
+def task_attributes(task: Any, name: str) -> dict[str, AttributeValue]:
+    """Attributes of a task span."""
+    attrs: dict[str, AttributeValue] = {
+        CREWAI_TASK_NAME: name,
+        CREWAI_TASK_ASYNC_EXECUTION: bool(getattr(task, "async_execution", False)),
+    }
+    task_id = getattr(task, "id", None)
+    if task_id is not None:
+        attrs[CREWAI_TASK_ID] = str(task_id)
+    return attrs
+
+
+def tool_attributes(name: str, call_id: object = None) -> dict[str, AttributeValue]:
+    """Attributes of a tool span."""
+    attrs: dict[str, AttributeValue] = {
+        GEN_AI_OPERATION_NAME: OP_EXECUTE_TOOL,
+        GEN_AI_TOOL_NAME: name,
+    }
+    if isinstance(call_id, str) and call_id:
+        attrs[GEN_AI_TOOL_CALL_ID] = call_id[:MAX_NAME_LENGTH]
+    return attrs
+
+
+def provider_name(llm: Any) -> str:
+    """``gen_ai.provider.name`` of a CrewAI LLM object."""
+    for cls in type(llm).__mro__:
+        known = _PROVIDER_BY_CLASS.get(cls.__name__)
+        if known:
+            return known
+    provider = getattr(llm, "provider", None)
+    if not isinstance(provider, str) or not provider:
+        model = getattr(llm, "model", None)
+        provider = model.split("/", 1)[0] if isinstance(model, str) and "/" in model else ""
+    provider = provider.lower()
+    return _PROVIDER_BY_PREFIX.get(provider, bounded_name(provider, "unknown"))
+
+
+def model_name(llm: Any) -> str:
+    """The requested model, as configured in code."""
+    return bounded_name(getattr(llm, "model", None), DEFAULT_MODEL_NAME)
+
+
+def llm_attributes(
+    llm: Any, model: str, provider: str, messages: object
+) -> dict[str, AttributeValue]:
+    """Attributes of a model-call span at its start."""
+    attrs: dict[str, AttributeValue] = {
+        GEN_AI_OPERATION_NAME: OP_CHAT,
+        GEN_AI_PROVIDER_NAME: provider,
+        GEN_AI_REQUEST_MODEL: model,
+    }
+    if isinstance(messages, list):
+        attrs[CREWAI_LLM_MESSAGES] = len(messages)
+    elif isinstance(messages, str):
+        attrs[CREWAI_LLM_MESSAGES] = 1
+    return attrs
+
+
+def usage_attributes(
+    usage: object, finish_reason: object, response_id: object
+) -> dict[str, AttributeValue]:
+    """Attributes from one model response (CrewAI's completed-call hook)."""
+    attrs: dict[str, AttributeValue] = {}
+    if isinstance(usage, dict):
+        prompt = _first_int(usage, ("prompt_tokens", "input_tokens", "prompt_token_count"))
+        completion = _first_int(
+            usage, ("completion_tokens", "output_tokens", "candidates_token_count")
+        )
+        if prompt is not None:
+            attrs[GEN_AI_USAGE_INPUT_TOKENS] = prompt
+        if completion is not None:
+            attrs[GEN_AI_USAGE_OUTPUT_TOKENS] = completion
+    if isinstance(finish_reason, str) and finish_reason:
+        attrs[GEN_AI_RESPONSE_FINISH_REASONS] = (finish_reason[:MAX_NAME_LENGTH],)
+    if isinstance(response_id, str) and response_id:
+        attrs[GEN_AI_RESPONSE_ID] = response_id[:MAX_NAME_LENGTH]
+    return attrs
+
+
+def _first_int(mapping: dict[Any, Any], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = mapping.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def error_type(exc: BaseException) -> str:
+    """``error.type`` of an exception: the HTTP status code where one is known, else the class.
+
+    Follows explicit causes (``raise ... from``), because CrewAI re-raises SDK errors as
+    builtins; implicit ``__context__`` is not followed (an unrelated earlier error would
+    otherwise lend its status code to a new one).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        status = getattr(current, "status_code", None)
+        if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+            return str(status)
+        response = getattr(current, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+            return str(status)
+        current = current.__cause__
+    return type(exc).__qualname__

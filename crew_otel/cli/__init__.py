@@ -1,0 +1,1 @@
+"""The ``crew-otel`` command line: ``doctor`` (and the subcommands registered in main.py)."""

@@ -1,0 +1,127 @@
+"""Configuration: argument > ``CREW_OTEL_*`` env > ``OTEL_*`` env > default, resolved once.
+
+The resolved :class:`CrewOtelConfig` is frozen and handed to every wrapper when
+:func:`crew_otel.instrument` runs; nothing reads the environment on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+DEFAULT_MAX_ATTRIBUTE_LENGTH = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class CrewOtelConfig:
+    """Every option of :func:`crew_otel.instrument`, resolved.
+
+    Attributes:
+        capture_content: record prompts, completions, task text, inputs, tool arguments and
+            results (truncated and redacted). Off by default. Env:
+            ``CREW_OTEL_CAPTURE_CONTENT``, then
+            ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``.
+        max_attribute_length: longest string recorded in a content attribute. Env:
+            ``CREW_OTEL_MAX_ATTRIBUTE_LENGTH``.
+        http: instrument httpx and httpx2 (each HTTP attempt to the model provider becomes a
+            span under its model call). Env: ``CREW_OTEL_HTTP``.
+        threading: carry the OpenTelemetry context into threads started without copying it.
+            Env: ``CREW_OTEL_THREADING``.
+        strip_crewai_baggage: keep CrewAI's baggage entries (``crew_context``,
+            ``flow_inputs``, ``flow_input_files``) out of outgoing ``baggage`` headers. Env:
+            ``CREW_OTEL_STRIP_CREWAI_BAGGAGE``.
+        detect_shared_instances: flag Crew/Agent/Task/tool/LLM objects used by two requests at
+            once. Env: ``CREW_OTEL_DETECT_SHARED_INSTANCES``.
+        redact: extra redaction applied after the built-in one to captured content.
+    """
+
+    capture_content: bool = False
+    max_attribute_length: int = DEFAULT_MAX_ATTRIBUTE_LENGTH
+    http: bool = True
+    threading: bool = True
+    strip_crewai_baggage: bool = True
+    detect_shared_instances: bool = True
+    redact: Callable[[str], str] | None = None
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """Names accepted as keyword options by ``instrument()``."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def resolve(
+        cls, options: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    ) -> CrewOtelConfig:
+        """Resolve options with the precedence argument > CREW_OTEL_* > OTEL_* > default.
+
+        Raises:
+            TypeError: for an unknown option name.
+            ValueError: for a value of the wrong kind (in an argument or an env variable).
+        """
+        env = os.environ if environ is None else environ
+        unknown = set(options) - cls.option_names()
+        if unknown:
+            raise TypeError(
+                f"crew_otel.instrument() got unknown option(s) {sorted(unknown)}; "
+                f"valid options: {sorted(cls.option_names())}"
+            )
+
+        def flag(name: str, *env_names: str, default: bool) -> bool:
+            if options.get(name) is not None:
+                value = options[name]
+                if not isinstance(value, bool):
+                    raise ValueError(f"crew_otel option {name!r} must be a bool, got {value!r}")
+                return value
+            for env_name in env_names:
+                raw = env.get(env_name)
+                if raw is None:
+                    continue
+                text = raw.strip().lower()
+                if text in _TRUE:
+                    return True
+                if text in _FALSE:
+                    return False
+                raise ValueError(f"{env_name}={raw!r} is not a boolean (use true or false)")
+            return default
+
+        max_len: Any = options.get("max_attribute_length")
+        if max_len is None and env.get("CREW_OTEL_MAX_ATTRIBUTE_LENGTH"):
+            raw = env["CREW_OTEL_MAX_ATTRIBUTE_LENGTH"]
+            try:
+                max_len = int(raw)
+            except ValueError:
+                raise ValueError(
+                    f"CREW_OTEL_MAX_ATTRIBUTE_LENGTH={raw!r} is not an integer"
+                ) from None
+        if max_len is None:
+            max_len = DEFAULT_MAX_ATTRIBUTE_LENGTH
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 16:
+            raise ValueError(f"max_attribute_length must be an int >= 16, got {max_len!r}")
+
+        redact = options.get("redact")
+        if redact is not None and not callable(redact):
+            raise ValueError("crew_otel option 'redact' must be a callable str -> str")
+
+        return cls(
+            capture_content=flag(
+                "capture_content",
+                "CREW_OTEL_CAPTURE_CONTENT",
+                "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+                default=False,
+            ),
+            max_attribute_length=max_len,
+            http=flag("http", "CREW_OTEL_HTTP", default=True),
+            threading=flag("threading", "CREW_OTEL_THREADING", default=True),
+            strip_crewai_baggage=flag(
+                "strip_crewai_baggage", "CREW_OTEL_STRIP_CREWAI_BAGGAGE", default=True
+            ),
+            detect_shared_instances=flag(
+                "detect_shared_instances", "CREW_OTEL_DETECT_SHARED_INSTANCES", default=True
+            ),
+            redact=redact,
+        )

@@ -1,0 +1,1 @@
+"""Diagnosis: where errors originate, which objects are shared between requests, async misuse."""

@@ -1,0 +1,98 @@
+"""Failing spans and error origins.
+
+Every failing span gets status ERROR, ``error.type`` and an exception event (the traceback text
+includes the whole ``__cause__``/``__context__`` chain). Exactly one span per failure also gets
+``crew_otel.error.origin=true``: the innermost span where the error first appeared. The first
+span to record an exception marks the exception object; ancestors that see the same exception
+(or one raised from it) find the mark in the chain and only propagate.
+
+``crew_otel.error.recovered=true`` on an origin means a retry layer took over after this error
+(the HTTP client's retries, CrewAI's rate-limit retry) or CrewAI handled it (a tool error
+returned to the model as text), so it did not propagate from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from opentelemetry.trace import Span, Status, StatusCode
+
+from crew_otel import attributes as a
+from crew_otel.metrics import CrewOtelMetrics
+
+_MARK = "_crew_otel_error_origin"
+_MAX_CHAIN = 32
+_MAX_STATUS_DESCRIPTION = 256
+
+
+def is_marked(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception in its chain already has an origin span."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < _MAX_CHAIN:
+        if current.__dict__.get(_MARK):
+            return True
+        seen += 1
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def mark(exc: BaseException) -> None:
+    """Record on the exception object that its origin span has been marked."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type without a __dict__
+        exc.__dict__[_MARK] = True
+
+
+def describe(exc: BaseException) -> str:
+    """Short status description: ``"ClassName: message"`` (cut)."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = ""
+    text = f"{type(exc).__qualname__}: {message}" if message else type(exc).__qualname__
+    return text[:_MAX_STATUS_DESCRIPTION]
+
+
+class ErrorRecorder:
+    """Records failures on spans and counts error origins."""
+
+    def __init__(self, metrics: CrewOtelMetrics) -> None:
+        self._metrics = metrics
+
+    def record(
+        self,
+        span: Span,
+        exc: BaseException,
+        operation: str,
+        *,
+        recovered: bool = False,
+        origin: bool | None = None,
+    ) -> bool:
+        """Mark ``span`` as failed by ``exc``; returns whether it is the error's origin.
+
+        ``origin=None`` decides by the exception chain; ``True``/``False`` force it (the model
+        call passes ``False`` when a failed HTTP attempt inside it is already the origin).
+        """
+        error_type = a.error_type(exc)
+        is_origin = (not is_marked(exc)) if origin is None else origin
+        mark(exc)
+        if span.is_recording():
+            span.set_status(Status(StatusCode.ERROR, describe(exc)))
+            span.set_attribute(a.ERROR_TYPE, error_type)
+            span.record_exception(exc, escaped=not recovered)
+            if is_origin:
+                span.set_attributes({a.ERROR_ORIGIN: True, a.ERROR_RECOVERED: recovered})
+        if is_origin:
+            self._metrics.origin(operation, error_type, recovered)
+        return is_origin
+
+    def record_status(
+        self, span: Span, error_type: str, operation: str, *, recovered: bool, description: str
+    ) -> None:
+        """Mark ``span`` as an error origin without an exception (e.g. an HTTP 500 response)."""
+        if span.is_recording():
+            span.set_status(Status(StatusCode.ERROR, description[:_MAX_STATUS_DESCRIPTION]))
+            span.set_attributes(
+                {a.ERROR_TYPE: error_type, a.ERROR_ORIGIN: True, a.ERROR_RECOVERED: recovered}
+            )
+        self._metrics.origin(operation, error_type, recovered)

@@ -1,0 +1,258 @@
+"""The HTTP layer: httpx and httpx2 instrumentation, retry attempts, error origins, baggage.
+
+Each HTTP attempt to the model provider is a CLIENT span made by
+``opentelemetry-instrumentation-httpx`` (``HTTPXClientInstrumentor`` for httpx, used by
+openai 2.x; ``HTTPX2ClientInstrumentor`` for httpx2, used by openai 3.x). crew_otel adds an
+*attempt observer* inside each of those spans - on the connection pool the transport calls
+(``httpcore``/``httpcore2`` ``ConnectionPool.handle_request``), so it runs inside the HTTP span
+whichever instrumentation was installed first - that:
+
+* sets ``http.request.resend_count`` from the SDK's ``x-stainless-retry-count`` header and
+  counts the HTTP retry,
+* on a 4xx/5xx response or a transport error inside a model call, marks the attempt as the
+  error's origin (``crew_otel.error.recovered=true`` when a retry layer will retry it: the SDK
+  has retries left for a retryable status, or CrewAI's rate-limit wrapper will retry a 429).
+
+:class:`CrewAIBaggageFilter` keeps CrewAI's baggage entries (``crew_context``, ``flow_inputs``,
+``flow_input_files`` - flow inputs may hold secrets) out of every outgoing ``baggage`` header.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
+
+from crew_otel import attributes as a
+from crew_otel.context import LLM_CALL_KEY
+from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
+from crew_otel.wrappers.llm import RATE_LIMIT_MAX_RETRIES, LlmCallState
+
+_logger = logging.getLogger("crew_otel")
+
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+CREWAI_BAGGAGE_KEYS = frozenset({"crew_context", "flow_inputs", "flow_input_files"})
+_HTTP_SCOPE_PREFIX = "opentelemetry.instrumentation.httpx"
+_MAX_RETRY_AFTER_SECONDS = 120.0  # the Stainless SDKs do not retry when asked to wait longer
+
+#: (HTTP client module, its instrumentor class, connection-pool module, sync and async pools)
+HTTP_CLIENTS = (
+    ("httpx", "HTTPXClientInstrumentor", "httpcore", "ConnectionPool", "AsyncConnectionPool"),
+    ("httpx2", "HTTPX2ClientInstrumentor", "httpcore2", "ConnectionPool", "AsyncConnectionPool"),
+)
+
+
+def _is_http_attempt_span(span: trace.Span) -> bool:
+    scope = getattr(span, "instrumentation_scope", None)
+    name = getattr(scope, "name", None)
+    return isinstance(name, str) and name.startswith(_HTTP_SCOPE_PREFIX)
+
+
+def header_map(headers: Any) -> dict[str, str]:
+    """Lower-cased header dict from httpcore's ``[(b"name", b"value"), ...]`` or a mapping."""
+    if headers is None:
+        return {}
+    items = headers.items() if hasattr(headers, "items") else headers
+    result: dict[str, str] = {}
+    for name, value in items:
+        key = name.decode("latin-1") if isinstance(name, bytes) else str(name)
+        result[key.lower()] = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return result
+
+
+def _resend_count(request: Any) -> int:
+    raw = header_map(getattr(request, "headers", None)).get(RETRY_COUNT_HEADER)
+    if raw is None:
+        return 0
+    try:
+        return max(int(raw), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get("retry-after-ms")
+    if raw is not None:
+        try:
+            return float(raw) / 1000
+        except ValueError:
+            return None
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None  # an HTTP date: the SDK honours it; treat as a normal retry
+
+
+def sdk_will_retry(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether the OpenAI/Anthropic (Stainless) SDKs retry a response with this status."""
+    retry_after = _retry_after(headers)
+    if (
+        retry_after is not None
+        and math.isfinite(retry_after)
+        and retry_after > _MAX_RETRY_AFTER_SECONDS
+    ):
+        return False
+    should = headers.get("x-should-retry")
+    if should == "true":
+        return True
+    if should == "false":
+        return False
+    return status in (408, 409, 429) or status >= 500
+
+
+def attempt_recovered(
+    state: LlmCallState, resend: int, status: int | None, retryable: bool
+) -> bool:
+    """Whether a retry layer of the model call will retry this failed attempt."""
+    if retryable and resend < state.max_retries:
+        return True
+    return (
+        state.rate_limit_layer
+        and status == 429
+        and state.rate_limit_retries < RATE_LIMIT_MAX_RETRIES
+    )
+
+
+class HttpAttemptObserver:
+    """Runs inside each HTTP attempt span (sync connection pools)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        span = trace.get_current_span()
+        if not self.runtime.active or not _is_http_attempt_span(span):
+            return wrapped(*args, **kwargs)
+        request = kwargs.get("request", args[0] if args else None)
+        state = safe_call(self.before, span, request, default=None)
+        try:
+            response = wrapped(*args, **kwargs)
+        except Exception as exc:
+            if state is not None:
+                safe_call(self.after_error, span, state, exc, default=None)
+            raise
+        if state is not None:
+            safe_call(self.after_response, span, state, response, default=None)
+        return response
+
+    def before(self, span: trace.Span, request: Any) -> tuple[LlmCallState, int] | None:
+        resend = _resend_count(request)
+        if resend:
+            span.set_attribute(a.HTTP_RESEND_COUNT, resend)
+        state = otel_context.get_value(LLM_CALL_KEY)
+        if not isinstance(state, LlmCallState):
+            return None
+        if resend:
+            self.runtime.metrics.retry(
+                a.RETRY_LAYER_HTTP, state.last_error_type or "unknown", state.provider
+            )
+        return state, resend
+
+    def after_response(
+        self, span: trace.Span, observed: tuple[LlmCallState, int], response: Any
+    ) -> None:
+        state, resend = observed
+        status = getattr(response, "status", getattr(response, "status_code", None))
+        if not isinstance(status, int) or status < 400:
+            state.note_http_success()
+            return
+        headers = header_map(getattr(response, "headers", None))
+        recovered = attempt_recovered(state, resend, status, sdk_will_retry(status, headers))
+        error_type = str(status)
+        state.note_http_failure(error_type)
+        self.runtime.errors.record_status(
+            span, error_type, a.ORIGIN_HTTP, recovered=recovered, description=f"HTTP {status}"
+        )
+
+    def after_error(
+        self, span: trace.Span, observed: tuple[LlmCallState, int], exc: BaseException
+    ) -> None:
+        state, resend = observed
+        # Timeouts and connection errors are retried by the SDKs while retries are left.
+        recovered = attempt_recovered(state, resend, None, retryable=True)
+        error_type = a.error_type(exc)
+        state.note_http_failure(error_type)
+        self.runtime.errors.record_status(
+            span, error_type, a.ORIGIN_HTTP, recovered=recovered, description=error_type
+        )
+
+
+class AsyncHttpAttemptObserver(HttpAttemptObserver):
+    """Runs inside each HTTP attempt span (async connection pools)."""
+
+    async def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        span = trace.get_current_span()
+        if not self.runtime.active or not _is_http_attempt_span(span):
+            return await wrapped(*args, **kwargs)
+        request = kwargs.get("request", args[0] if args else None)
+        state = safe_call(self.before, span, request, default=None)
+        try:
+            response = await wrapped(*args, **kwargs)
+        except Exception as exc:
+            if state is not None:
+                safe_call(self.after_error, span, state, exc, default=None)
+            raise
+        if state is not None:
+            safe_call(self.after_response, span, state, response, default=None)
+        return response
+
+
+class CrewAIBaggageFilter(TextMapPropagator):
+    """A propagator that drops CrewAI's baggage entries before the wrapped one injects."""
+
+    def __init__(self, inner: TextMapPropagator) -> None:
+        self.inner = inner
+
+    def extract(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        getter: Getter[CarrierT] = default_getter,
+    ) -> Context:
+        return self.inner.extract(carrier, context, getter)
+
+    def inject(
+        self,
+        carrier: CarrierT,
+        context: Context | None = None,
+        setter: Setter[CarrierT] = default_setter,
+    ) -> None:
+        ctx = context if context is not None else otel_context.get_current()
+        entries = baggage.get_all(ctx)
+        if entries and not CREWAI_BAGGAGE_KEYS.isdisjoint(entries):
+            for key in CREWAI_BAGGAGE_KEYS.intersection(entries):
+                ctx = baggage.remove_baggage(key, ctx)
+        self.inner.inject(carrier, ctx, setter)
+
+    @property
+    def fields(self) -> set[str]:
+        return self.inner.fields

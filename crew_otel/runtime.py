@@ -1,0 +1,58 @@
+"""What every wrapper shares: tracer, config, metrics and the diagnosis state.
+
+One :class:`Runtime` is built per ``instrument()`` call and passed to each wrapper's constructor,
+so wrappers have no module globals and a re-instrumentation with another provider is a clean
+swap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from opentelemetry.trace import Tracer
+
+from crew_otel.config import CrewOtelConfig
+from crew_otel.diagnosis.errors import ErrorRecorder
+from crew_otel.diagnosis.sharing import SharedInstanceDetector
+from crew_otel.metrics import CrewOtelMetrics
+
+
+@dataclasses.dataclass
+class Runtime:
+    """State shared by the wrappers of one instrumentation."""
+
+    tracer: Tracer
+    config: CrewOtelConfig
+    metrics: CrewOtelMetrics
+    errors: ErrorRecorder
+    sharing: SharedInstanceDetector
+    #: Switched off by ``uninstrument()``: wrappers still in flight call straight through.
+    active: bool = True
+    #: Attaches the request-stamping span processor once the tracer provider is a real SDK
+    #: provider (``instrument()`` may run before the application sets its provider). Returns
+    #: True once attached; cleared when done, so the hot path is one attribute check.
+    attach_processor: Callable[[], bool] | None = None
+    #: Wraps LLM classes defined since the last call (provider modules load on first use).
+    refresh_llm_classes: Callable[[], None] | None = None
+
+    def on_kickoff(self) -> None:
+        """Per-run housekeeping: attach the span processor if it is still pending, and wrap
+        LLM classes that appeared since the last kickoff."""
+        attach = self.attach_processor
+        if attach is not None and attach():
+            self.attach_processor = None
+        refresh = self.refresh_llm_classes
+        if refresh is not None:
+            refresh()
+
+    @classmethod
+    def create(cls, tracer: Tracer, config: CrewOtelConfig, metrics: CrewOtelMetrics) -> Runtime:
+        """Build the runtime and its diagnosis components."""
+        return cls(
+            tracer=tracer,
+            config=config,
+            metrics=metrics,
+            errors=ErrorRecorder(metrics),
+            sharing=SharedInstanceDetector(metrics),
+        )

@@ -1,0 +1,180 @@
+"""``crew_otel.configure()``: optional one-call OpenTelemetry SDK setup.
+
+Builds a TracerProvider (BatchSpanProcessor + OTLP exporter) and a MeterProvider (periodic OTLP
+metric export) from the standard ``OTEL_*`` variables, sets them as the global providers and
+instruments CrewAI. Nothing here runs on import. Applications that already configure the SDK
+(or run under ``opentelemetry-instrument``) call :func:`crew_otel.instrument` instead.
+
+Honoured variables include ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the per-signal ``..._TRACES_ENDPOINT`` /
+``..._METRICS_ENDPOINT``), ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_PROTOCOL``
+(``http/protobuf``, default, or ``grpc`` with the ``crew-otel[grpc]`` extra),
+``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console`` or ``none``),
+``OTEL_BSP_*`` and ``OTEL_METRIC_EXPORT_INTERVAL``, and ``OTEL_SDK_DISABLED``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+
+_logger = logging.getLogger("crew_otel")
+
+DEFAULT_SERVICE_NAME = "crewai-service"
+#: Upper bound for flushing at shutdown, so a dead collector cannot hang process exit.
+DEFAULT_SHUTDOWN_TIMEOUT_MS = 5000
+
+
+@dataclasses.dataclass
+class Setup:
+    """What :func:`configure` built; :meth:`shutdown` flushes with a bounded wait."""
+
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider | None
+
+    def shutdown(self, timeout_millis: int = DEFAULT_SHUTDOWN_TIMEOUT_MS) -> None:
+        """Flush and stop both providers, waiting at most about ``timeout_millis``."""
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush(timeout_millis)
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown(timeout_millis=timeout_millis)
+
+
+def _exporter_choice(variable: str, environ: Mapping[str, str]) -> str:
+    value = environ.get(variable, "otlp").strip().lower() or "otlp"
+    first = value.split(",")[0].strip()
+    if first not in ("otlp", "console", "none"):
+        raise ValueError(
+            f"{variable}={value!r}: crew_otel.configure() supports otlp, console, none"
+        )
+    return first
+
+
+def _protocol(environ: Mapping[str, str], signal: str) -> str:
+    return (
+        environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+
+
+def _span_exporter(environ: Mapping[str, str], endpoint: str | None) -> SpanExporter | None:
+    choice = _exporter_choice("OTEL_TRACES_EXPORTER", environ)
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleSpanExporter()
+    kwargs: dict[str, Any] = {}
+    if _protocol(environ, "TRACES") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+        return OTLPSpanExporter(**kwargs)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    if endpoint:
+        kwargs["endpoint"] = endpoint.rstrip("/") + "/v1/traces"
+    return HttpSpanExporter(**kwargs)
+
+
+def _metric_exporter(environ: Mapping[str, str], endpoint: str | None) -> MetricExporter | None:
+    choice = _exporter_choice("OTEL_METRICS_EXPORTER", environ)
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleMetricExporter()
+    kwargs: dict[str, Any] = {}
+    if _protocol(environ, "METRICS") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+        return OTLPMetricExporter(**kwargs)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetricExporter,
+    )
+
+    if endpoint:
+        kwargs["endpoint"] = endpoint.rstrip("/") + "/v1/metrics"
+    return HttpMetricExporter(**kwargs)
+
+
+def configure(
+    service_name: str | None = None,
+    *,
+    endpoint: str | None = None,
+    resource_attributes: Mapping[str, str] | None = None,
+    metric_readers: list[MetricReader] | None = None,
+    set_global: bool = True,
+    instrument: bool = True,
+    **options: Any,
+) -> Setup:
+    """Set up the OpenTelemetry SDK for a CrewAI service and instrument CrewAI.
+
+    Args:
+        service_name: ``service.name``; defaults to ``OTEL_SERVICE_NAME``, then
+            ``"crewai-service"``.
+        endpoint: OTLP base endpoint (e.g. ``"http://127.0.0.1:4318"``); defaults to the
+            ``OTEL_EXPORTER_OTLP_*`` variables.
+        resource_attributes: extra resource attributes (``OTEL_RESOURCE_ATTRIBUTES`` is read
+            too).
+        metric_readers: extra metric readers, e.g. ``PrometheusMetricReader()`` to expose a
+            ``/metrics`` endpoint instead of (or besides) OTLP.
+        set_global: make the providers the global ones.
+        instrument: call :func:`crew_otel.instrument` with the new providers and ``options``.
+
+    Returns:
+        A :class:`Setup` holding the providers; its ``shutdown()`` flushes them with a bounded
+        wait.
+    """
+    environ = os.environ
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        _logger.info("crew_otel.configure(): OTEL_SDK_DISABLED=true, nothing configured")
+        return Setup(None, None)
+    attributes: dict[str, Any] = dict(resource_attributes or {})
+    name = service_name or environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
+    attributes["service.name"] = name
+    resource = Resource.create(attributes)
+
+    tracer_provider = TracerProvider(resource=resource)
+    span_exporter = _span_exporter(environ, endpoint)
+    if span_exporter is not None:
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+
+    readers: list[MetricReader] = list(metric_readers or [])
+    metric_exporter = _metric_exporter(environ, endpoint)
+    if metric_exporter is not None:
+        readers.append(PeriodicExportingMetricReader(metric_exporter))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+
+    if set_global:
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+    if instrument:
+        from crew_otel import instrument as instrument_crewai
+
+        instrument_crewai(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
+    return Setup(tracer_provider, meter_provider)

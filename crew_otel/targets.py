@@ -1,0 +1,282 @@
+"""The one table of everything crew_otel hooks in CrewAI.
+
+Each row names a module (looked up in ``sys.modules`` first: ``crewai/__init__.py`` rewrites some
+modules' ``__name__``), a ``Class.method`` or module-level function, and the wrapper that hooks
+it. :class:`~crew_otel.instrumentor.CrewAIInstrumentor` installs the rows that resolve in the
+installed CrewAI version and skips the others with a reason; ``crew-otel doctor`` prints the
+same table with what happened to each row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from crew_otel.runtime import Runtime
+from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
+from crew_otel.wrappers.kickoff import KIND_OF_AGENT, KIND_OF_CREW, KIND_OF_FLOW, KickoffWrapper
+from crew_otel.wrappers.llm import ChatWrapper, LlmResponseObserver, RateLimitRetryObserver
+from crew_otel.wrappers.task import InterpolationObserver, TaskWrapper
+from crew_otel.wrappers.tool import NativeToolCallWrapper, ToolRunWrapper, ToolUsageWrapper
+
+WrapperFactory = Callable[[Runtime], Callable[..., Any]]
+
+LAYER_KICKOFF = "kickoff"
+LAYER_TASK = "task"
+LAYER_AGENT = "agent"
+LAYER_STEP = "step"
+LAYER_TOOL = "tool"
+LAYER_LLM = "llm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One hook: where it is and what wraps it."""
+
+    module: str
+    path: str
+    factory: WrapperFactory
+    layer: str
+    #: Wrap on the class of the MRO that defines the method (e.g. ``Flow.kickoff``, defined
+    #: on a base class in some versions) instead of requiring it in the class's own dict.
+    inherited: bool = False
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Where a target lives in the installed CrewAI: ``owner.__dict__[name]`` is ``original``."""
+
+    owner: Any
+    name: str
+    original: Any
+    function: Callable[..., Any]
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.function)
+
+
+class Unresolved(Exception):
+    """A target that does not exist in the installed CrewAI version (the reason is the text)."""
+
+
+def _kickoff(entrypoint: str, kind: str) -> WrapperFactory:
+    return lambda runtime: KickoffWrapper(runtime, entrypoint, kind)
+
+
+def _chat(runtime: Runtime) -> Callable[..., Any]:
+    return ChatWrapper(runtime, rate_limit_layer="crewai.llms.retry" in sys.modules)
+
+
+_USAGE_FIELDS = ("usage_data",)
+_COMPLETED_FIELDS = (
+    "response",
+    "call_type",
+    "from_task",
+    "from_agent",
+    "messages",
+    "usage",
+    "finish_reason",
+    "response_id",
+)
+
+_EXECUTOR_MODULES = (
+    ("crewai.agents.agent_executor", "AgentExecutor"),
+    ("crewai.experimental.agent_executor", "AgentExecutor"),
+    ("crewai.agents.crew_agent_executor", "CrewAgentExecutor"),
+)
+_STEP_MODULES = (
+    "crewai.agents.agent_executor",
+    "crewai.experimental.agent_executor",
+    "crewai.agents.crew_agent_executor",
+    "crewai.lite_agent",
+)
+
+TARGETS: tuple[Target, ...] = (
+    # --- kickoffs -------------------------------------------------------------------------
+    *(
+        Target("crewai.crew", f"Crew.{method}", _kickoff(method, KIND_OF_CREW), LAYER_KICKOFF)
+        for method in (
+            "kickoff",
+            "kickoff_async",
+            "akickoff",
+            "kickoff_for_each",
+            "kickoff_for_each_async",
+            "akickoff_for_each",
+        )
+    ),
+    *(
+        Target(
+            "crewai.flow.flow",
+            f"Flow.{method}",
+            _kickoff(f"flow.{method}", KIND_OF_FLOW),
+            LAYER_KICKOFF,
+            inherited=True,
+            note="user flows only: CrewAI's internal flows (the agent executor) are skipped",
+        )
+        for method in ("kickoff", "kickoff_async", "akickoff")
+    ),
+    *(
+        Target(
+            "crewai.agent.core",
+            f"Agent.{method}",
+            _kickoff(f"agent.{method}", KIND_OF_AGENT),
+            LAYER_KICKOFF,
+            note="standalone Agent.kickoff",
+        )
+        for method in ("kickoff", "kickoff_async", "akickoff")
+    ),
+    *(
+        Target(
+            "crewai.lite_agent",
+            f"LiteAgent.{method}",
+            _kickoff(f"lite_agent.{method}", KIND_OF_AGENT),
+            LAYER_KICKOFF,
+            note="deprecated LiteAgent",
+        )
+        for method in ("kickoff", "kickoff_async", "akickoff")
+    ),
+    # --- tasks ----------------------------------------------------------------------------
+    Target(
+        "crewai.task",
+        "Task._execute_core",
+        TaskWrapper,
+        LAYER_TASK,
+        note="sync tasks and async_execution tasks (their thread)",
+    ),
+    Target(
+        "crewai.task", "Task._aexecute_core", TaskWrapper, LAYER_TASK, note="native async tasks"
+    ),
+    Target(
+        "crewai.crew",
+        "Crew._interpolate_inputs",
+        InterpolationObserver,
+        LAYER_TASK,
+        note="which request interpolated inputs into which Task",
+    ),
+    # --- agent attempts and steps ---------------------------------------------------------
+    Target("crewai.agent.core", "Agent.execute_task", AgentAttemptWrapper, LAYER_AGENT),
+    Target("crewai.agent.core", "Agent.aexecute_task", AgentAttemptWrapper, LAYER_AGENT),
+    *(
+        Target(
+            module,
+            function,
+            AgentStepWrapper,
+            LAYER_STEP,
+            note="module binding of crewai.utilities.agent_utils." + function,
+        )
+        for module in _STEP_MODULES
+        for function in ("get_llm_response", "aget_llm_response")
+    ),
+    # --- tools ----------------------------------------------------------------------------
+    *(
+        Target(
+            module,
+            f"{cls}._execute_single_native_tool_call",
+            NativeToolCallWrapper,
+            LAYER_TOOL,
+            note="native function-calling dispatcher",
+        )
+        for module, cls in _EXECUTOR_MODULES
+    ),
+    Target(
+        "crewai.tools.tool_usage",
+        "ToolUsage.use",
+        ToolUsageWrapper,
+        LAYER_TOOL,
+        note="text/ReAct dispatcher",
+    ),
+    Target(
+        "crewai.tools.tool_usage",
+        "ToolUsage.ause",
+        ToolUsageWrapper,
+        LAYER_TOOL,
+        note="text/ReAct dispatcher",
+    ),
+    *(
+        Target("crewai.tools.base_tool", f"{cls}.{method}", ToolRunWrapper, LAYER_TOOL)
+        for cls in ("BaseTool", "Tool")
+        for method in ("run", "arun")
+    ),
+    Target("crewai.tools.structured_tool", "CrewStructuredTool.invoke", ToolRunWrapper, LAYER_TOOL),
+    Target(
+        "crewai.tools.structured_tool", "CrewStructuredTool.ainvoke", ToolRunWrapper, LAYER_TOOL
+    ),
+    # --- model calls ----------------------------------------------------------------------
+    Target("crewai.llm", "LLM.call", _chat, LAYER_LLM, note="litellm fallback"),
+    Target("crewai.llm", "LLM.acall", _chat, LAYER_LLM, note="litellm fallback"),
+    Target("crewai.llms.providers.openai.completion", "OpenAICompletion.call", _chat, LAYER_LLM),
+    Target("crewai.llms.providers.openai.completion", "OpenAICompletion.acall", _chat, LAYER_LLM),
+    Target(
+        "crewai.llms.base_llm",
+        "BaseLLM._track_token_usage_internal",
+        lambda rt: LlmResponseObserver(rt, _USAGE_FIELDS, take_usage=True),
+        LAYER_LLM,
+        note="token usage per response",
+    ),
+    Target(
+        "crewai.llms.base_llm",
+        "BaseLLM._emit_call_completed_event",
+        lambda rt: LlmResponseObserver(rt, _COMPLETED_FIELDS, take_usage=False),
+        LAYER_LLM,
+        note="finish reason and response ID",
+    ),
+    Target(
+        "crewai.llms.retry",
+        "get_retry_delay_seconds",
+        RateLimitRetryObserver,
+        LAYER_LLM,
+        note="CrewAI's rate-limit retry layer (crewai >= 1.15.25)",
+    ),
+)
+
+
+def module_of(name: str) -> ModuleType:
+    """The module object for ``name`` (``sys.modules`` first, then an import)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or a provider module missing its SDK
+        raise Unresolved(f"module {name} not importable ({type(exc).__name__})") from None
+
+
+def resolve(target: Target) -> Resolved:
+    """Find the target in the installed CrewAI, or raise :class:`Unresolved` with the reason."""
+    module = module_of(target.module)
+    if "." not in target.path:
+        return resolve_attribute(module, target.path)
+    class_name, method = target.path.split(".", 1)
+    cls = module.__dict__.get(class_name)
+    if not isinstance(cls, type):
+        raise Unresolved(f"{class_name} not in {target.module}")
+    owner: type | None = cls
+    if target.inherited:
+        owner = next((klass for klass in cls.__mro__ if method in klass.__dict__), None)
+    elif method not in cls.__dict__:
+        owner = None
+    if owner is None:
+        raise Unresolved(f"{target.path} not defined in this CrewAI version")
+    return resolve_attribute(owner, method)
+
+
+def resolve_attribute(owner: Any, name: str) -> Resolved:
+    """``owner.__dict__[name]`` as a :class:`Resolved` (functions, static/class methods)."""
+    original = owner.__dict__.get(name) if hasattr(owner, "__dict__") else None
+    if original is None:
+        raise Unresolved(f"{name} not found")
+    function = getattr(original, "__func__", original)
+    if not callable(function):
+        raise Unresolved(f"{name} is not callable")
+    return Resolved(owner, name, original, function)

@@ -1,0 +1,205 @@
+"""The span lifecycle shared by every wrapper: sync, async, sync-returning-a-coroutine.
+
+A wrapper subclass implements three hooks, each run through :func:`~crew_otel.safety.safe_call`:
+
+* ``begin(instance, args, kwargs) -> Call | None`` starts the span (``None``: no span, call
+  through untouched),
+* ``succeed(call, result) -> result`` records what the result says (it may return a
+  replacement that keeps the span open, e.g. for a stream),
+* ``fail(call, exc)`` records the exception.
+
+:class:`SpanWrapper` runs the wrapped function exactly once, with the call's context attached,
+and ends the span exactly once (:meth:`Call.end` is idempotent). Only the wrapped call and the
+re-raise of its own exception (the same object) can raise into user code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import Span
+
+from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
+
+_attach = otel_context.attach
+_detach = otel_context.detach
+_perf = time.perf_counter
+
+
+class Call:
+    """One instrumented call in progress: its span, its context and what ending it must do."""
+
+    __slots__ = (
+        "__weakref__",
+        "_done",
+        "borrowed",
+        "ctx",
+        "data",
+        "deferred",
+        "on_end",
+        "span",
+        "start",
+    )
+
+    def __init__(self, span: Span, ctx: otel_context.Context, data: Any = None) -> None:
+        self.span = span
+        self.ctx = ctx
+        self.start = _perf()
+        #: Wrapper-specific state (e.g. the model call's HTTP attempts).
+        self.data = data
+        #: Set by ``succeed`` when something else (a stream) will end the span later.
+        self.deferred = False
+        #: The span belongs to an outer call (a tool's own ``run`` inside its dispatcher's
+        #: span): ending this call runs its cleanups but leaves the span to its owner.
+        self.borrowed = False
+        self.on_end: list[Callable[[], None]] | None = None
+        self._done = False
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the call began."""
+        return _perf() - self.start
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (through safe_call) when the call ends, however it ends."""
+        if self.on_end is None:
+            self.on_end = [fn]
+        else:
+            self.on_end.append(fn)
+
+    def end(self) -> None:
+        """Run the cleanups and end the span, once."""
+        if self._done:
+            return
+        self._done = True
+        if self.on_end is not None:
+            for fn in self.on_end:
+                safe_call(fn, default=None)
+        if not self.borrowed:
+            self.span.end()
+
+
+class SpanWrapper:
+    """Base class of the wrapper classes: one instance per target, no global state."""
+
+    #: Whether the target is a coroutine function (set by the instrumentor per target).
+    is_async: bool = False
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.tracer = runtime.tracer
+        self.config = runtime.config
+
+    # --- hooks ---------------------------------------------------------------------------
+    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        raise NotImplementedError
+
+    def succeed(self, call: Call, result: Any) -> Any:
+        return result
+
+    def fail(self, call: Call, exc: BaseException) -> None:
+        self.runtime.errors.record(call.span, exc, self.operation)
+
+    #: Value of crew_otel.origin.operation when a span of this wrapper is an error origin.
+    operation: str = "unknown"
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if self.is_async:
+            return self._call_async(wrapped, instance, args, kwargs)
+        if not self.runtime.active or not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        call = safe_call(self.begin, instance, args, kwargs, default=None)
+        if call is None:
+            return wrapped(*args, **kwargs)
+        token = _attach(call.ctx)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            try:
+                safe_call(self.fail, call, exc, default=None)
+                call.end()
+            finally:
+                _detach(token)
+            raise
+        try:
+            if inspect.iscoroutine(result):
+                return self._defer_to_await(call, result)
+            result = safe_call(self.succeed, call, result, default=result)
+            if not call.deferred:
+                call.end()
+        finally:
+            _detach(token)
+        return result
+
+    async def _call_async(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if not self.runtime.active or not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        call = safe_call(self.begin, instance, args, kwargs, default=None)
+        if call is None:
+            return await wrapped(*args, **kwargs)
+        return await self._run_awaitable(call, wrapped(*args, **kwargs), attached=False)
+
+    async def _run_awaitable(
+        self, call: Call, awaitable: Coroutine[Any, Any, Any], attached: bool
+    ) -> Any:
+        token = None if attached else _attach(call.ctx)
+        try:
+            try:
+                result = await awaitable
+            except BaseException as exc:
+                safe_call(self.fail, call, exc, default=None)
+                call.end()
+                raise
+            result = safe_call(self.succeed, call, result, default=result)
+            if not call.deferred:
+                call.end()
+            return result
+        finally:
+            if token is not None:
+                _detach(token)
+
+    def _defer_to_await(self, call: Call, coro: Coroutine[Any, Any, Any]) -> Any:
+        """The target returned a coroutine (e.g. ``Agent.kickoff`` inside a running loop).
+
+        Keep the span open until the coroutine finishes; if it is never awaited, end the span
+        when the coroutine is garbage collected so nothing stays open (or counted) forever.
+        """
+        runner = self._run_awaitable(call, coro, attached=False)
+        weakref.finalize(runner, _end_abandoned, call)
+        return runner
+
+
+def _end_abandoned(call: Call) -> None:
+    call.end()
+
+
+def current_span() -> Span:
+    """The span current in this context (a non-recording one outside any span)."""
+    return trace.get_current_span()
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any (cheap; never raises)."""
+    return asyncio._get_running_loop()

@@ -1,0 +1,244 @@
+"""Model calls: ``call``/``acall`` of every CrewAI LLM class, sync and async.
+
+``BaseLLM.call`` is abstract, so each class that defines ``call``/``acall`` itself is wrapped
+(every native provider and the litellm ``LLM``; classes defined later, such as provider modules
+imported on first use or custom LLMs, are wrapped when they are defined). The wrapper sits
+outside CrewAI's rate-limit retry wrapper, so one ``chat {model}`` span covers all its attempts;
+each HTTP attempt is a child span (``crew_otel.http``), and each rate-limit retry an event.
+
+A model call keeps an :class:`LlmCallState` in the context: the HTTP attempts record their
+failures there, so the model-call span knows whether a failed HTTP attempt is the error's origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from crew_otel import attributes as a
+from crew_otel import content
+from crew_otel.context import LLM_CALL_KEY, REQUEST_ID_KEY
+from crew_otel.diagnosis.sharing import KIND_LLM
+from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
+from crew_otel.wrappers.base import Call, SpanWrapper
+
+DEFAULT_SDK_MAX_RETRIES = 2
+RATE_LIMIT_MAX_RETRIES = 2  # CrewAI's rate-limit wrapper: 3 attempts
+
+
+class LlmCallState:
+    """What one model call learns while it runs (kept in the OTel Context)."""
+
+    __slots__ = (
+        "finish_reason_known",
+        "input_tokens",
+        "last_error_type",
+        "last_http_failed",
+        "max_retries",
+        "model",
+        "output_tokens",
+        "provider",
+        "rate_limit_layer",
+        "rate_limit_retries",
+        "span",
+    )
+
+    def __init__(
+        self, span: trace.Span, provider: str, model: str, max_retries: int, rate_limit_layer: bool
+    ) -> None:
+        self.span = span
+        self.provider = provider
+        self.model = model
+        #: The SDK's HTTP retry budget for this call.
+        self.max_retries = max_retries
+        #: Whether CrewAI's rate-limit retry wrapper is present (crewai >= 1.15.25).
+        self.rate_limit_layer = rate_limit_layer
+        self.rate_limit_retries = 0
+        #: error.type of the latest failed attempt (what the next retry is retrying).
+        self.last_error_type: str | None = None
+        #: Whether the latest HTTP attempt failed (its span is then the error's origin).
+        self.last_http_failed = False
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.finish_reason_known = False
+
+    def note_http_failure(self, error_type: str) -> None:
+        self.last_error_type = error_type
+        self.last_http_failed = True
+
+    def note_http_success(self) -> None:
+        self.last_http_failed = False
+
+
+class ChatWrapper(SpanWrapper):
+    """One ``chat {model}`` CLIENT span per model call."""
+
+    operation = a.OP_CHAT
+
+    def __init__(self, runtime: Runtime, rate_limit_layer: bool) -> None:
+        super().__init__(runtime)
+        self.rate_limit_layer = rate_limit_layer
+
+    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        ctx = otel_context.get_current()
+        existing: LlmCallState | None = ctx.get(LLM_CALL_KEY)  # type: ignore[assignment]
+        if existing is not None and trace.get_current_span(ctx) is existing.span:
+            return None  # a provider delegating to another call of its own
+        model = a.model_name(instance)
+        provider = a.provider_name(instance)
+        messages = kwargs.get("messages", args[0] if args else None)
+        attrs = a.llm_attributes(instance, model, provider, messages)
+        if self.config.capture_content and messages is not None:
+            attrs[a.GEN_AI_INPUT_MESSAGES] = content.render(
+                messages, self.config.max_attribute_length, self.config.redact
+            )
+        span = self.tracer.start_span(
+            a.span_name(a.SPAN_CHAT, model), context=ctx, kind=SpanKind.CLIENT, attributes=attrs
+        )
+        max_retries = getattr(instance, "max_retries", None)
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool):
+            max_retries = DEFAULT_SDK_MAX_RETRIES
+        state = LlmCallState(span, provider, model, max_retries, self.rate_limit_layer)
+        call = Call(
+            span,
+            otel_context.set_value(LLM_CALL_KEY, state, trace.set_span_in_context(span, ctx)),
+            data=state,
+        )
+        request_id: Any = ctx.get(REQUEST_ID_KEY)
+        if self.config.detect_shared_instances and isinstance(request_id, str):
+            sharing = self.runtime.sharing
+            usage = sharing.enter(instance, KIND_LLM, request_id, span, model)
+            call.add_cleanup(lambda: sharing.exit(usage))
+        return call
+
+    def _metric_attributes(self, state: LlmCallState) -> dict[str, Any]:
+        return {
+            a.GEN_AI_OPERATION_NAME: a.OP_CHAT,
+            a.GEN_AI_PROVIDER_NAME: state.provider,
+            a.GEN_AI_REQUEST_MODEL: state.model,
+        }
+
+    def succeed(self, call: Call, result: Any) -> Any:
+        state: LlmCallState = call.data
+        attrs = self._metric_attributes(state)
+        metrics = self.runtime.metrics
+        metrics.operation_duration.record(call.elapsed, attrs)
+        if state.input_tokens is not None:
+            metrics.token_usage.record(state.input_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "input"})
+        if state.output_tokens is not None:
+            metrics.token_usage.record(
+                state.output_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "output"}
+            )
+        if not state.finish_reason_known and isinstance(result, list) and result:
+            # Older CrewAI does not report the finish reason; a list of tool calls is certain.
+            call.span.set_attribute(a.GEN_AI_RESPONSE_FINISH_REASONS, ("tool_calls",))
+        if self.config.capture_content and call.span.is_recording():
+            call.span.set_attribute(
+                a.GEN_AI_OUTPUT_MESSAGES,
+                content.render(result, self.config.max_attribute_length, self.config.redact),
+            )
+        return result
+
+    def fail(self, call: Call, exc: BaseException) -> None:
+        state: LlmCallState = call.data
+        # A failed last HTTP attempt is the origin; otherwise decide by the exception chain
+        # (e.g. CrewAI rejecting an empty response makes the model call itself the origin).
+        origin = False if state.last_http_failed else None
+        self.runtime.errors.record(call.span, exc, self.operation, origin=origin)
+        attrs = self._metric_attributes(state)
+        attrs[a.ERROR_TYPE] = a.error_type(exc)
+        self.runtime.metrics.operation_duration.record(call.elapsed, attrs)
+
+
+class LlmResponseObserver:
+    """CrewAI's per-response hooks (token usage, finish reason, response ID) -> the chat span.
+
+    Wraps ``BaseLLM._track_token_usage_internal(usage)`` and
+    ``BaseLLM._emit_call_completed_event(..., finish_reason=, response_id=)``; both run in the
+    calling thread inside the model call, so the call's state is in the context.
+    """
+
+    def __init__(self, runtime: Runtime, fields: tuple[str, ...], take_usage: bool) -> None:
+        self.runtime = runtime
+        #: Parameter names of the wrapped method, to read positional arguments.
+        self.fields = fields
+        #: Only one of the two hooks counts tokens (CrewAI calls both for one response).
+        self.take_usage = take_usage
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        result = wrapped(*args, **kwargs)
+        if self.runtime.active:
+            state = otel_context.get_value(LLM_CALL_KEY)
+            if isinstance(state, LlmCallState):
+                safe_call(self._note, state, args, kwargs, default=None)
+        return result
+
+    def _note(self, state: LlmCallState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        values = dict(zip(self.fields, args, strict=False))
+        values.update(kwargs)
+        attrs = a.usage_attributes(
+            values.get("usage_data", values.get("usage")) if self.take_usage else None,
+            values.get("finish_reason"),
+            values.get("response_id"),
+        )
+        if not attrs:
+            return
+        if a.GEN_AI_RESPONSE_FINISH_REASONS in attrs:
+            state.finish_reason_known = True
+        input_tokens = attrs.get(a.GEN_AI_USAGE_INPUT_TOKENS)
+        output_tokens = attrs.get(a.GEN_AI_USAGE_OUTPUT_TOKENS)
+        if isinstance(input_tokens, int):
+            state.input_tokens = (state.input_tokens or 0) + input_tokens
+            attrs[a.GEN_AI_USAGE_INPUT_TOKENS] = state.input_tokens
+        if isinstance(output_tokens, int):
+            state.output_tokens = (state.output_tokens or 0) + output_tokens
+            attrs[a.GEN_AI_USAGE_OUTPUT_TOKENS] = state.output_tokens
+        state.span.set_attributes(attrs)
+
+
+class RateLimitRetryObserver:
+    """``crewai.llms.retry.get_retry_delay_seconds``: called once per rate-limit retry.
+
+    Adds a ``crew_otel.retry`` event (layer ``rate_limit``, retry number, delay) to the model
+    call's span and counts the retry.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        delay = wrapped(*args, **kwargs)
+        if self.runtime.active:
+            state = otel_context.get_value(LLM_CALL_KEY)
+            if isinstance(state, LlmCallState):
+                retry_number = kwargs.get("retry_number", args[0] if args else None)
+                safe_call(self._note, state, retry_number, delay, default=None)
+        return delay
+
+    def _note(self, state: LlmCallState, retry_number: object, delay: object) -> None:
+        state.rate_limit_retries += 1
+        error_type = state.last_error_type or "unknown"
+        event: dict[str, Any] = {a.RETRY_LAYER: a.RETRY_LAYER_RATE_LIMIT, a.ERROR_TYPE: error_type}
+        if isinstance(retry_number, int):
+            event["crew_otel.retry.number"] = retry_number
+        if isinstance(delay, (int, float)):
+            event["crew_otel.retry.delay_s"] = float(delay)
+        state.span.add_event(a.EVENT_RETRY, event)
+        self.runtime.metrics.retry(a.RETRY_LAYER_RATE_LIMIT, error_type, state.provider)

@@ -1,0 +1,214 @@
+"""Tool calls, on both of CrewAI's paths, plus tools called directly by user code.
+
+No single CrewAI method sees every tool call, so spans are made at the *dispatchers* (they know
+the tool name, the call ID and whether the cache answered):
+
+* native function calling: ``AgentExecutor._execute_single_native_tool_call``,
+* text/ReAct: ``ToolUsage.use`` / ``ause``,
+
+and the tools' own entry points (``BaseTool.run``/``arun``, ``Tool.run``/``arun``,
+``CrewStructuredTool.invoke``/``ainvoke``) are wrapped too. Inside a dispatcher they add no span:
+they note the tool object (shared-instance detection) and see the tool's exception before
+CrewAI turns it into text for the model, which makes the tool span the error's origin (marked
+recovered, because CrewAI handed the error back to the model). Called directly, they make their
+own ``execute_tool`` span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from crew_otel import attributes as a
+from crew_otel import content
+from crew_otel.context import ATTEMPT_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
+from crew_otel.diagnosis.sharing import KIND_TOOL
+from crew_otel.wrappers.base import Call, SpanWrapper
+
+UNKNOWN_TOOL = "unknown"
+
+
+class ToolCallRecord:
+    """The tool call in progress (kept in the OTel Context)."""
+
+    __slots__ = ("borrowed_by", "error_type", "name", "span", "swallows_errors")
+
+    def __init__(self, span: trace.Span, name: str, swallows_errors: bool) -> None:
+        self.span = span
+        self.name = name
+        self.swallows_errors = swallows_errors
+        #: id() of the tool whose own entry point runs inside this dispatcher span.
+        self.borrowed_by: int | None = None
+        #: error.type of the tool's exception when the dispatcher turned it into text.
+        self.error_type: str | None = None
+
+
+def _parent_context(ctx: otel_context.Context) -> otel_context.Context:
+    """Tools run after their step's model call returned: parent them on the open step span."""
+    scope: Any = ctx.get(ATTEMPT_KEY)
+    step = getattr(scope, "step", None)
+    if step is not None:
+        return trace.set_span_in_context(step.span, ctx)
+    return ctx
+
+
+class _ToolSpanWrapper(SpanWrapper):
+    operation = a.OP_EXECUTE_TOOL
+
+    #: Whether the wrapped dispatcher turns tool exceptions into text for the model.
+    swallows_errors = True
+
+    def start_tool_span(
+        self, ctx: otel_context.Context, name: str, call_id: object, arguments: object
+    ) -> Call:
+        attrs = a.tool_attributes(name, call_id)
+        if self.config.capture_content and arguments is not None:
+            attrs[a.GEN_AI_TOOL_CALL_ARGUMENTS] = content.render(
+                arguments, self.config.max_attribute_length, self.config.redact
+            )
+        span = self.tracer.start_span(
+            a.span_name(a.SPAN_TOOL, name), context=_parent_context(ctx), attributes=attrs
+        )
+        record = ToolCallRecord(span, name, self.swallows_errors)
+        call_ctx = otel_context.set_value(
+            TOOL_CALL_KEY, record, trace.set_span_in_context(span, ctx)
+        )
+        return Call(span, call_ctx, data=record)
+
+    def record_result(self, call: Call, result: object) -> None:
+        record: ToolCallRecord = call.data
+        attrs = {a.GEN_AI_TOOL_NAME: record.name}
+        if record.error_type is not None:
+            attrs[a.ERROR_TYPE] = record.error_type
+        self.runtime.metrics.tool_duration.record(call.elapsed, attrs)
+        if self.config.capture_content and call.span.is_recording():
+            call.span.set_attribute(
+                a.GEN_AI_TOOL_CALL_RESULT,
+                content.render(result, self.config.max_attribute_length, self.config.redact),
+            )
+
+    def succeed(self, call: Call, result: Any) -> Any:
+        self.record_result(call, result)
+        return result
+
+    def fail(self, call: Call, exc: BaseException) -> None:
+        record: ToolCallRecord = call.data
+        self.runtime.errors.record(call.span, exc, self.operation)
+        self.runtime.metrics.tool_duration.record(
+            call.elapsed, {a.GEN_AI_TOOL_NAME: record.name, a.ERROR_TYPE: a.error_type(exc)}
+        )
+
+
+class NativeToolCallWrapper(_ToolSpanWrapper):
+    """``_execute_single_native_tool_call`` of the agent executor (function calling).
+
+    Two signatures exist: ``(tool_call)`` (``AgentExecutor``) and keyword-only
+    ``(call_id=, func_name=, func_args=, available_functions=, ...)`` (``CrewAgentExecutor``).
+    """
+
+    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        if "func_name" in kwargs:
+            call_id, raw_name = kwargs.get("call_id"), kwargs.get("func_name")
+            arguments = kwargs.get("func_args")
+            known = kwargs.get("available_functions") or {}
+        else:
+            tool_call = kwargs.get("tool_call", args[0] if args else None)
+            call_id, raw_name, arguments = _native_call_info(tool_call)
+            known = getattr(instance, "_available_functions", None) or {}
+        name = a.bounded_name(raw_name, UNKNOWN_TOOL) if raw_name in known else UNKNOWN_TOOL
+        return self.start_tool_span(otel_context.get_current(), name, call_id, arguments)
+
+    def succeed(self, call: Call, result: Any) -> Any:
+        if isinstance(result, dict):
+            if call.span.is_recording():
+                call.span.set_attribute(a.CREWAI_TOOL_CACHE_HIT, bool(result.get("from_cache")))
+            self.record_result(call, result.get("result"))
+        else:
+            self.record_result(call, result)
+        return result
+
+
+class ToolUsageWrapper(_ToolSpanWrapper):
+    """``ToolUsage.use(calling, tool_string)`` / ``ause`` (the text/ReAct path)."""
+
+    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        calling = kwargs.get("calling", args[0] if args else None)
+        raw_name = getattr(calling, "tool_name", None)
+        known = {getattr(t, "name", None) for t in getattr(instance, "tools", None) or ()}
+        name = a.bounded_name(raw_name, UNKNOWN_TOOL) if raw_name in known else UNKNOWN_TOOL
+        arguments = getattr(calling, "arguments", None)
+        return self.start_tool_span(otel_context.get_current(), name, None, arguments)
+
+
+class ToolRunWrapper(_ToolSpanWrapper):
+    """A tool's own entry point: ``BaseTool.run``/``arun``, ``Tool.run``/``arun``,
+    ``CrewStructuredTool.invoke``/``ainvoke``.
+    """
+
+    swallows_errors = False
+
+    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+        ctx = otel_context.get_current()
+        tool = getattr(instance, "_original_tool", None) or instance
+        name = a.bounded_name(getattr(tool, "name", None), a.DEFAULT_TOOL_NAME)
+        record: ToolCallRecord | None = ctx.get(TOOL_CALL_KEY)  # type: ignore[assignment]
+        if (
+            record is not None
+            and trace.get_current_span(ctx) is record.span
+            and record.borrowed_by in (None, id(tool))
+        ):
+            # Called by the dispatcher that already made the span: borrow it. (A tool that
+            # calls another tool from its body gets a span of its own for the inner one.)
+            record.borrowed_by = id(tool)
+            if record.name == UNKNOWN_TOOL:
+                # The model's spelling did not match; the tool CrewAI picked is known now.
+                record.name = name
+                record.span.update_name(a.span_name(a.SPAN_TOOL, name))
+                record.span.set_attribute(a.GEN_AI_TOOL_NAME, name)
+            call = Call(record.span, ctx, data=record)
+            call.borrowed = True
+        else:
+            arguments = kwargs if kwargs else (args or None)
+            call = self.start_tool_span(ctx, name, None, arguments)
+        request_id: Any = ctx.get(REQUEST_ID_KEY)
+        if self.config.detect_shared_instances and isinstance(request_id, str):
+            sharing = self.runtime.sharing
+            usage = sharing.enter(tool, KIND_TOOL, request_id, call.span, name)
+            call.add_cleanup(lambda: sharing.exit(usage))
+        return call
+
+    def succeed(self, call: Call, result: Any) -> Any:
+        if not call.borrowed:
+            self.record_result(call, result)
+        return result
+
+    def fail(self, call: Call, exc: BaseException) -> None:
+        record: ToolCallRecord = call.data
+        if not call.borrowed:
+            super().fail(call, exc)
+            return
+        # The dispatcher will turn this into text for the model: the error starts here and is
+        # recovered from the run's point of view.
+        self.runtime.errors.record(call.span, exc, self.operation, recovered=record.swallows_errors)
+        record.error_type = a.error_type(exc)
+
+
+def _native_call_info(tool_call: Any) -> tuple[object, object, object]:
+    """(call ID, function name, arguments) of an OpenAI/Anthropic/Gemini/dict tool call."""
+    function = getattr(tool_call, "function", None)
+    if function is not None:
+        return (
+            getattr(tool_call, "id", None),
+            getattr(function, "name", None),
+            getattr(function, "arguments", None),
+        )
+    if isinstance(tool_call, dict):
+        function = tool_call.get("function") or {}
+        return (
+            tool_call.get("call_id") or tool_call.get("id") or tool_call.get("toolUseId"),
+            function.get("name") or tool_call.get("name"),
+            function.get("arguments") or tool_call.get("arguments") or tool_call.get("input"),
+        )
+    return getattr(tool_call, "id", None), getattr(tool_call, "name", None), None
