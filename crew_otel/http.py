@@ -20,8 +20,7 @@ whichever instrumentation was installed first - that:
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import baggage, trace
@@ -38,17 +37,20 @@ from opentelemetry.propagators.textmap import (
 
 from crew_otel import attributes as a
 from crew_otel.context import LLM_CALL_KEY
+from crew_otel.diagnosis.retries import (
+    RATE_LIMIT_MAX_RETRIES,
+    agent_will_retry,
+    sdk_will_retry_status,
+)
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
-from crew_otel.wrappers.llm import RATE_LIMIT_MAX_RETRIES, LlmCallState
+from crew_otel.wrappers.llm import LlmCallState
 
 _logger = logging.getLogger("crew_otel")
 
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 CREWAI_BAGGAGE_KEYS = frozenset({"crew_context", "flow_inputs", "flow_input_files"})
 _HTTP_SCOPE_PREFIX = "opentelemetry.instrumentation.httpx"
-_MAX_RETRY_AFTER_SECONDS = 120.0  # the Stainless SDKs do not retry when asked to wait longer
-
 #: (HTTP client module, its instrumentor class, connection-pool module, sync and async pools)
 HTTP_CLIENTS = (
     ("httpx", "HTTPXClientInstrumentor", "httpcore", "ConnectionPool", "AsyncConnectionPool"),
@@ -84,50 +86,19 @@ def _resend_count(request: Any) -> int:
         return 0
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    raw = headers.get("retry-after-ms")
-    if raw is not None:
-        try:
-            return float(raw) / 1000
-        except ValueError:
-            return None
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        return None  # an HTTP date: the SDK honours it; treat as a normal retry
-
-
-def sdk_will_retry(status: int, headers: Mapping[str, str]) -> bool:
-    """Whether the OpenAI/Anthropic (Stainless) SDKs retry a response with this status."""
-    retry_after = _retry_after(headers)
-    if (
-        retry_after is not None
-        and math.isfinite(retry_after)
-        and retry_after > _MAX_RETRY_AFTER_SECONDS
-    ):
-        return False
-    should = headers.get("x-should-retry")
-    if should == "true":
-        return True
-    if should == "false":
-        return False
-    return status in (408, 409, 429) or status >= 500
-
-
 def attempt_recovered(
     state: LlmCallState, resend: int, status: int | None, retryable: bool
 ) -> bool:
-    """Whether a retry layer of the model call will retry this failed attempt."""
+    """Whether a retry layer will retry this failed HTTP attempt (see diagnosis.retries)."""
     if retryable and resend < state.max_retries:
-        return True
-    return (
+        return True  # the SDK retries
+    if (
         state.rate_limit_layer
         and status == 429
         and state.rate_limit_retries < RATE_LIMIT_MAX_RETRIES
-    )
+    ):
+        return True  # CrewAI's rate-limit wrapper retries
+    return agent_will_retry()  # the SDK's error propagates; the agent may re-run
 
 
 class HttpAttemptObserver:
@@ -180,7 +151,7 @@ class HttpAttemptObserver:
             state.note_http_success()
             return
         headers = header_map(getattr(response, "headers", None))
-        recovered = attempt_recovered(state, resend, status, sdk_will_retry(status, headers))
+        recovered = attempt_recovered(state, resend, status, sdk_will_retry_status(status, headers))
         error_type = str(status)
         state.note_http_failure(error_type)
         self.runtime.errors.record_status(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from crew_otel.diagnosis.context_window import ContextLengthObserver
 from crew_otel.runtime import Runtime
 from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
 from crew_otel.wrappers.kickoff import KIND_OF_AGENT, KIND_OF_CREW, KIND_OF_FLOW, KickoffWrapper
@@ -177,6 +178,16 @@ TARGETS: tuple[Target, ...] = (
         )
         for module in _STEP_MODULES
         for function in ("get_llm_response", "aget_llm_response")
+    ),
+    *(
+        Target(
+            module,
+            "handle_context_length",
+            ContextLengthObserver,
+            LAYER_AGENT,
+            note="context window exceeded: summarise or SystemExit",
+        )
+        for module in _STEP_MODULES
     ),
     # --- tools ----------------------------------------------------------------------------
     *(

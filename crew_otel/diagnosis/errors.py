@@ -21,6 +21,7 @@ from crew_otel import attributes as a
 from crew_otel.metrics import CrewOtelMetrics
 
 _MARK = "_crew_otel_error_origin"
+_RECORDED_ON = "_crew_otel_recorded_on"
 _MAX_CHAIN = 32
 _MAX_STATUS_DESCRIPTION = 256
 
@@ -73,9 +74,13 @@ class ErrorRecorder:
         ``origin=None`` decides by the exception chain; ``True``/``False`` force it (the model
         call passes ``False`` when a failed HTTP attempt inside it is already the origin).
         """
+        if exc.__dict__.get(_RECORDED_ON) == id(span):
+            return False  # already recorded on this span (by an inner hook of the same call)
         error_type = a.error_type(exc)
         is_origin = (not is_marked(exc)) if origin is None else origin
         mark(exc)
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.__dict__[_RECORDED_ON] = id(span)
         if span.is_recording():
             span.set_status(Status(StatusCode.ERROR, describe(exc)))
             span.set_attribute(a.ERROR_TYPE, error_type)

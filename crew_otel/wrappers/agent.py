@@ -18,6 +18,8 @@ from opentelemetry import trace
 
 from crew_otel import attributes as a
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY
+from crew_otel.diagnosis.context_window import is_no_final_output
+from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.sharing import KIND_AGENT
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
@@ -130,6 +132,15 @@ class AgentAttemptWrapper(SpanWrapper):
 
     def succeed(self, call: Call, result: Any) -> Any:
         scope: AgentScope = call.data
+        if is_no_final_output(result) and call.span.is_recording():
+            call.span.set_attribute(a.CONTEXT_NO_FINAL_OUTPUT, True)
+            call.span.add_event(
+                "crew_otel.context.no_final_output",
+                {
+                    "message": "CrewAI summarised an overflowing context and the agent ended "
+                    "without a final answer; the task output is a placeholder"
+                },
+            )
         self.runtime.metrics.agent_duration.record(call.elapsed, {a.GEN_AI_AGENT_NAME: scope.role})
         return result
 
@@ -194,7 +205,7 @@ class AgentStepWrapper(SpanWrapper):
         return result
 
     def fail(self, call: Call, exc: BaseException) -> None:
-        self.runtime.errors.record(call.span, exc, a.ORIGIN_STEP)
+        self.runtime.errors.record(call.span, exc, a.ORIGIN_STEP, recovered=agent_will_retry(exc))
 
 
 def start_scope_for_standalone_agent(runtime: Runtime, agent: Any, call: Call) -> AgentScope:

@@ -11,6 +11,7 @@ nest as child spans with the same request ID.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,6 +137,9 @@ class KickoffWrapper(SpanWrapper):
             if iterator is not None:
                 result._sync_iterator = self._traced_stream(call, iterator)
                 call.deferred = True
+                # A stream that is never iterated never runs its generator's cleanup: end the
+                # kickoff (and its count in flight) when the output object goes away.
+                weakref.finalize(result, call.end)
                 return result
         self._record_duration(call, None)
         return result

@@ -22,13 +22,13 @@ from opentelemetry.trace import SpanKind
 from crew_otel import attributes as a
 from crew_otel import content
 from crew_otel.context import LLM_CALL_KEY, REQUEST_ID_KEY
+from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.sharing import KIND_LLM
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, SpanWrapper
 
 DEFAULT_SDK_MAX_RETRIES = 2
-RATE_LIMIT_MAX_RETRIES = 2  # CrewAI's rate-limit wrapper: 3 attempts
 
 
 class LlmCallState:
@@ -149,7 +149,9 @@ class ChatWrapper(SpanWrapper):
         # A failed last HTTP attempt is the origin; otherwise decide by the exception chain
         # (e.g. CrewAI rejecting an empty response makes the model call itself the origin).
         origin = False if state.last_http_failed else None
-        self.runtime.errors.record(call.span, exc, self.operation, origin=origin)
+        self.runtime.errors.record(
+            call.span, exc, self.operation, origin=origin, recovered=agent_will_retry(exc)
+        )
         attrs = self._metric_attributes(state)
         attrs[a.ERROR_TYPE] = a.error_type(exc)
         self.runtime.metrics.operation_duration.record(call.elapsed, attrs)

@@ -1,0 +1,75 @@
+"""Will a retry layer take over after this error? (for ``crew_otel.error.recovered``)
+
+CrewAI stacks three retry layers: the provider SDK's HTTP retries (``max_retries``, default 2),
+CrewAI's rate-limit retry wrapper (3 attempts, 429/throttling only, crewai >= 1.15.25) and the
+agent re-running the whole ``execute_task`` (``max_retry_limit``, default 2, counted over the
+Agent's lifetime). A span is ended before anyone knows whether a later attempt succeeds, so the
+origin span records whether one of these layers *will retry* after its error: ``recovered=true``
+means the error did not end the operation there. When every layer gives up, exactly one origin
+of the failure is ``recovered=false``: the one whose error reached the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+
+from crew_otel.context import ATTEMPT_KEY
+
+#: CrewAI's rate-limit wrapper makes 3 attempts, i.e. 2 retries.
+RATE_LIMIT_MAX_RETRIES = 2
+#: The Stainless SDKs (OpenAI, Anthropic) do not retry when asked to wait longer than this.
+MAX_RETRY_AFTER_SECONDS = 120.0
+#: Exceptions ``Agent.execute_task`` passes through without re-running the agent.
+_AGENT_PASSTHROUGH = frozenset({"ToolExecutionFailedError", "HookAborted"})
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            return float(raw) / scale
+        except ValueError:
+            return None  # an HTTP date: the SDK honours it like a normal retry
+    return None
+
+
+def sdk_will_retry_status(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether the provider SDK retries a response with this status (if retries are left)."""
+    retry_after = _retry_after(headers)
+    if (
+        retry_after is not None
+        and math.isfinite(retry_after)
+        and retry_after > MAX_RETRY_AFTER_SECONDS
+    ):
+        return False
+    should = headers.get("x-should-retry")
+    if should == "true":
+        return True
+    if should == "false":
+        return False
+    return status in (408, 409, 429) or status >= 500
+
+
+def agent_will_retry(exc: BaseException | None = None) -> bool:
+    """Whether ``Agent.execute_task`` re-runs the agent after an error in this context."""
+    scope: Any = otel_context.get_value(ATTEMPT_KEY)
+    agent = getattr(scope, "agent", None)
+    if agent is None or not getattr(scope, "task_key", 0):
+        return False  # no agent attempt (a standalone Agent.kickoff does not retry)
+    if exc is not None:
+        if not isinstance(exc, Exception) or isinstance(exc, TimeoutError):
+            return False
+        cls = type(exc)
+        if cls.__name__ in _AGENT_PASSTHROUGH or cls.__module__.startswith("litellm"):
+            return False
+    limit = getattr(agent, "max_retry_limit", None)
+    used = getattr(agent, "_times_executed", None)
+    if not isinstance(limit, int) or not isinstance(used, int):
+        return False
+    return used < limit

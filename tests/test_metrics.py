@@ -1,0 +1,311 @@
+"""Metrics: every instrument after a concurrent mixed run, exact in-flight counts, exemplars."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import crew_otel
+from crew_otel import metrics as m
+from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults
+from crew_otel.testing.crews import make_agent, make_failing_tool, make_llm, research_crew
+from tests.spans import REQUEST_ID
+
+FAST = 0.01
+ALLOWED_METRIC_ATTRIBUTES = {
+    "gen_ai.operation.name",
+    "gen_ai.provider.name",
+    "gen_ai.request.model",
+    "gen_ai.token.type",
+    "gen_ai.workflow.name",
+    "gen_ai.agent.name",
+    "gen_ai.tool.name",
+    "error.type",
+    "crew_otel.retry.layer",
+    "crew_otel.origin.operation",
+    "crew_otel.error.recovered",
+    "crew_otel.shared_instance.kind",
+}
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list]:
+    """Data points by crew_otel instrument name (one collection)."""
+    data = reader.get_metrics_data()
+    found: dict[str, list] = defaultdict(list)
+    for resource_metrics in data.resource_metrics if data else ():
+        for scope in resource_metrics.scope_metrics:
+            if scope.scope.name != "crew_otel":
+                continue
+            for metric in scope.metrics:
+                found[metric.name].extend(metric.data.data_points)
+    return found
+
+
+def total(points_: list, **attributes: str) -> float:
+    """Sum of counter values / histogram counts over points matching the attributes."""
+    value = 0.0
+    for point in points_:
+        if all(point.attributes.get(k.replace("__", ".")) == v for k, v in attributes.items()):
+            value += getattr(point, "count", None) or getattr(point, "value", 0)
+    return value
+
+
+def mixed_run(provider: FakeOpenAIProvider) -> None:
+    """Successes, a persistent 500, a raising tool and a shared-instance conflict, at once."""
+    from crewai import Crew, Task
+
+    provider.script(*[Fault.error(500, FAST)] * 9, key="fail")
+    shared_agent = make_agent(make_llm(provider.base_url), "Support Analyst")
+    provider.script(Fault.delay(0.8), key="share0")
+
+    def ok(i: int) -> None:
+        research_crew(lambda: make_llm(provider.base_url)).kickoff(inputs={"topic": f"[[ok{i}]]"})
+
+    def persistent_500() -> None:
+        crew = research_crew(lambda: make_llm(provider.base_url))
+        try:
+            crew.kickoff(inputs={"topic": "[[fail]]"})
+        except Exception:
+            pass
+
+    def raising_tool() -> None:
+        research_crew(lambda: make_llm(provider.base_url), tools=[make_failing_tool()]).kickoff(
+            inputs={"topic": "[[tool]]"}
+        )
+
+    def shared(i: int) -> None:
+        time.sleep(0.3 * i)
+        task = Task(description="Triage {topic}", expected_output="x", agent=shared_agent)
+        try:
+            Crew(agents=[shared_agent], tasks=[task]).kickoff(inputs={"topic": f"[[share{i}]]"})
+        except RuntimeError:
+            pass
+
+    jobs = [
+        lambda: ok(0),
+        lambda: ok(1),
+        persistent_500,
+        raising_tool,
+        lambda: shared(0),
+        lambda: shared(1),
+    ]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
+
+def test_every_instrument_after_a_concurrent_mixed_run(otel, fake_provider, metric_reader):
+    mixed_run(fake_provider)
+    found = points(metric_reader)
+    assert set(m.INSTRUMENT_NAMES) - {m.KICKOFF_QUEUE_WAIT} <= set(found)
+
+    workflows = found[m.WORKFLOW_DURATION]
+    assert total(workflows) == 6
+    assert total(workflows, error__type="500") == 1
+    assert total(workflows, gen_ai__workflow__name="research") == 4
+
+    ops = found[m.OPERATION_DURATION]
+    assert total(ops, error__type="500") == 3, "one failed model call per agent attempt"
+    assert {p.attributes["gen_ai.provider.name"] for p in ops} == {"openai"}
+    assert {p.attributes["gen_ai.operation.name"] for p in ops} == {"chat"}
+    tokens = found[m.TOKEN_USAGE]
+    assert {p.attributes["gen_ai.token.type"] for p in tokens} == {"input", "output"}
+    assert total(tokens, gen_ai__token__type="input") == total(ops) - total(ops, error__type="500")
+
+    tools = found[m.TOOL_DURATION]
+    assert total(tools, gen_ai__tool__name="flaky_api", error__type="RuntimeError") == 1
+    assert total(tools, gen_ai__tool__name="lookup_facts") == 2, "the two successful runs"
+
+    agents = found[m.AGENT_DURATION]
+    assert total(agents, gen_ai__agent__name="Researcher", error__type="500") == 3
+
+    retries = found[m.RETRIES]
+    assert total(retries, crew_otel__retry__layer="http", error__type="500") == 6
+    assert total(retries, crew_otel__retry__layer="agent", error__type="500") == 2
+
+    origins = found[m.ERROR_ORIGINS]
+    assert total(origins, crew_otel__origin__operation="http", error__type="500") == 9
+    assert (
+        total(origins, crew_otel__origin__operation="http", crew_otel__error__recovered="false")
+        == 1
+    )
+    assert (
+        total(
+            origins,
+            crew_otel__origin__operation="execute_tool",
+            error__type="RuntimeError",
+            crew_otel__error__recovered="true",
+        )
+        == 1
+    )
+
+    conflicts = found[m.SHARED_INSTANCE_CONFLICTS]
+    assert total(conflicts, crew_otel__shared_instance__kind="agent") >= 1
+
+    active = found[m.KICKOFFS_ACTIVE]
+    assert sum(p.value for p in active) == 0, "nothing in flight afterwards"
+
+    # cardinality guard: only bounded attributes, no request IDs or user text
+    request_ids = {s.attributes.get(REQUEST_ID) for s in otel.get_finished_spans()}
+    for name, data_points in found.items():
+        for point in data_points:
+            assert set(point.attributes) <= ALLOWED_METRIC_ATTRIBUTES, (name, point.attributes)
+            for value in point.attributes.values():
+                assert value not in request_ids
+                assert "[[" not in str(value)
+
+
+def test_histograms_use_the_genai_bucket_boundaries(otel, fake_provider, metric_reader):
+    research_crew(lambda: make_llm(fake_provider.base_url)).kickoff(inputs={"topic": "[[b]]"})
+    found = points(metric_reader)
+    for name in (m.OPERATION_DURATION, m.WORKFLOW_DURATION, m.AGENT_DURATION, m.TOOL_DURATION):
+        assert tuple(found[name][0].explicit_bounds) == m.DURATION_BUCKETS
+    assert tuple(found[m.TOKEN_USAGE][0].explicit_bounds) == m.TOKEN_BUCKETS
+
+
+def test_exemplars_point_at_exported_traces(otel, fake_provider, metric_reader):
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(
+            pool.map(
+                lambda i: research_crew(lambda: make_llm(fake_provider.base_url)).kickoff(
+                    inputs={"topic": f"[[x{i}]]"}
+                ),
+                range(3),
+            )
+        )
+    spans = {(s.context.trace_id, s.context.span_id): s for s in otel.get_finished_spans()}
+    trace_ids = {trace_id for trace_id, _ in spans}
+    found = points(metric_reader)
+    exemplars = [e for p in found[m.OPERATION_DURATION] for e in p.exemplars]
+    assert exemplars, "duration points carry exemplars"
+    for exemplar in exemplars:
+        assert exemplar.trace_id in trace_ids
+        assert spans[(exemplar.trace_id, exemplar.span_id)].name.startswith("chat ")
+    workflow_exemplars = [e for p in found[m.WORKFLOW_DURATION] for e in p.exemplars]
+    assert {spans[(e.trace_id, e.span_id)].name for e in workflow_exemplars} == {
+        "invoke_workflow research"
+    }
+
+
+class ActiveSampler:
+    """Samples crew_otel.kickoffs.active through the metric reader while a run is going."""
+
+    def __init__(self, reader: InMemoryMetricReader) -> None:
+        self.reader = reader
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.current())
+            time.sleep(0.005)
+
+    def current(self) -> float:
+        return sum(p.value for p in points(self.reader).get(m.KICKOFFS_ACTIVE, []))
+
+    def __enter__(self) -> ActiveSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.parametrize("n", [1, 5, 12])
+def test_peak_in_flight_equals_concurrent_kickoffs_threads(otel, metric_reader, n):
+    with FakeOpenAIProvider(random_faults=RandomFaults(latency=0.3)) as provider:
+        barrier = threading.Barrier(n)
+
+        def run(i: int) -> None:
+            crew = research_crew(lambda: make_llm(provider.base_url))
+            barrier.wait()
+            crew.kickoff(inputs={"topic": f"[[n{i}]]"})
+
+        with ActiveSampler(metric_reader) as sampler, ThreadPoolExecutor(n) as pool:
+            list(pool.map(run, range(n)))
+        assert max(sampler.samples) == n
+        assert sampler.current() == 0
+
+
+def test_in_flight_returns_to_zero_after_cancellations_and_base_exceptions(otel, metric_reader):
+    with FakeOpenAIProvider(random_faults=RandomFaults(latency=0.3)) as provider:
+
+        async def main() -> None:
+            crews = [research_crew(lambda: make_llm(provider.base_url)) for _ in range(6)]
+            tasks = [
+                asyncio.create_task(c.akickoff(inputs={"topic": f"[[can{i}]]"}))
+                for i, c in enumerate(crews)
+            ]
+            await asyncio.sleep(0.5)
+            assert sampler.current() == 6
+            for task in tasks[:3]:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 3
+
+        def interrupted(inputs):
+            raise KeyboardInterrupt
+
+        with ActiveSampler(metric_reader) as sampler:
+            asyncio.run(main())
+            with pytest.raises(KeyboardInterrupt):
+                research_crew(
+                    lambda: make_llm(provider.base_url), before_kickoff_callbacks=[interrupted]
+                ).kickoff(inputs={"topic": "[[kb]]"})
+            assert sampler.current() == 0
+        assert max(sampler.samples) == 6
+        # let cancelled kickoffs' worker threads finish before the provider stops
+        time.sleep(1.0)
+    assert sampler.current() == 0
+
+
+def test_instruments_are_created_once_per_meter_provider(otel_tracer_provider):
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    crew_otel.uninstrument()
+    crew_otel.instrument(tracer_provider=otel_tracer_provider, meter_provider=provider)
+    first = crew_otel.CrewAIInstrumentor().runtime.metrics
+    crew_otel.uninstrument()
+    crew_otel.instrument(tracer_provider=otel_tracer_provider, meter_provider=provider)
+    assert crew_otel.CrewAIInstrumentor().runtime.metrics is first
+    crew_otel.uninstrument()
+
+
+def test_prometheus_exposition_uses_the_dashboard_names(otel_tracer_provider, fake_provider):
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import REGISTRY, generate_latest
+
+    reader = PrometheusMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    crew_otel.uninstrument()
+    crew_otel.instrument(tracer_provider=otel_tracer_provider, meter_provider=provider)
+    try:
+        mixed_run(fake_provider)
+        text = generate_latest(REGISTRY).decode()
+    finally:
+        crew_otel.uninstrument()
+        provider.shutdown()  # also unregisters the reader's collector
+    for name in (
+        "gen_ai_client_operation_duration_seconds_bucket",
+        "gen_ai_client_token_usage_bucket",
+        "gen_ai_workflow_duration_seconds_bucket",
+        "gen_ai_invoke_agent_duration_seconds_bucket",
+        "gen_ai_execute_tool_duration_seconds_bucket",
+        "crew_otel_kickoffs_active",
+        "crew_otel_retries_total",
+        "crew_otel_error_origins_total",
+        "crew_otel_shared_instance_conflicts_total",
+    ):
+        assert re.search(rf"^{name}\{{", text, re.MULTILINE), name
+    assert 'crew_otel_error_recovered="true"' in text
+    assert 'crew_otel_retry_layer="http"' in text
