@@ -147,6 +147,7 @@ class SharedInstanceDetector:
                 {
                     a.SHARED_INSTANCE_KIND: kind,
                     a.SHARED_INSTANCE_CLASS: class_name,
+                    a.SHARED_INSTANCE_NAME: label,
                     a.SHARED_INSTANCE_OTHER_REQUEST_IDS: other_ids,
                 },
             )

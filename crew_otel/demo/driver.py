@@ -1,0 +1,266 @@
+"""The demo: a faulty provider, the two example services, the article's load pattern, a report.
+
+1. Start the fault-injecting OpenAI-compatible provider on 127.0.0.1 (seeded random 500s,
+   429s, timeouts and latency).
+2. Serve the broken and the fixed example app, each in its own process with uvicorn, each
+   exporting its spans as OTLP/JSON lines.
+3. Drive each with the debugging procedure of the article: requests one at a time, then bursts
+   of ``--concurrency`` in parallel.
+4. Stop the services (which flushes their spans), merge the span files and print the report
+   (the same analysis as ``crew-otel report FILE``), plus a consistency check against what the
+   provider saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from crew_otel.otlp_json import OtlpJsonError, read_file
+from crew_otel.report.analysis import analyse, summary
+from crew_otel.report.render import print_reports, save_timeline_svg
+from crew_otel.testing.provider import FakeOpenAIProvider, RandomFaults
+
+SERVICES = ("broken", "fixed")
+STARTUP_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+class DemoError(RuntimeError):
+    """The demo itself broke (not the services under test)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    requests: int = 20
+    concurrency: int = 8
+    error_rate: float = 0.1
+    rate_limit_rate: float = 0.0
+    timeout_rate: float = 0.0
+    latency: float = 0.05
+    seed: int | None = 1
+    otlp_endpoint: str | None = None
+    out: Path | None = None
+    svg: Path | None = None
+    summary_json: Path | None = None
+
+
+@dataclasses.dataclass
+class ClientResult:
+    service: str
+    index: int
+    phase: str
+    status: int | None
+    error: str | None
+    seconds: float
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """One example service served by ``python -m crew_otel.demo.serve``."""
+
+    def __init__(self, service: str, provider_url: str, workdir: Path, otlp: str | None) -> None:
+        self.service = service
+        self.port = _free_port()
+        self.trace_file = workdir / f"{service}.jsonl"
+        self.log_file = workdir / f"{service}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "crew_otel.demo.serve",
+            "--service",
+            service,
+            "--port",
+            str(self.port),
+            "--provider-url",
+            provider_url,
+            "--trace-file",
+            str(self.trace_file),
+        ]
+        if otlp:
+            command += ["--otlp-endpoint", otlp]
+        self._log = self.log_file.open("w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, deadline: float) -> None:
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise DemoError(f"{self.service} service exited: {self.tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                time.sleep(0.2)
+        raise DemoError(f"{self.service} service did not start in {STARTUP_TIMEOUT_S:.0f}s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def tail(self) -> str:
+        lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "(no output)"
+
+
+def _drive(service: str, url: str, options: DemoOptions) -> list[ClientResult]:
+    """One at a time first, then bursts of ``concurrency`` (the article's procedure)."""
+    sequential = max(1, min(4, options.requests // 5))
+    results: list[ClientResult] = []
+
+    def send(client: httpx.Client, index: int, phase: str) -> ClientResult:
+        ticket = f"[[{service}-{index:03d}]]"
+        started = time.perf_counter()
+        try:
+            response = client.post(
+                f"{url}/tickets",
+                json={"ticket": ticket},
+                headers={"X-Request-ID": f"{service[0]}-{index:03d}"},
+            )
+            return ClientResult(
+                service, index, phase, response.status_code, None, time.perf_counter() - started
+            )
+        except httpx.HTTPError as exc:
+            return ClientResult(
+                service, index, phase, None, type(exc).__name__, time.perf_counter() - started
+            )
+
+    limits = httpx.Limits(max_connections=options.concurrency + 2)
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        for index in range(sequential):
+            results.append(send(client, index, "sequential"))
+        index = sequential
+        with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
+            while index < options.requests:
+                burst = range(index, min(index + options.concurrency, options.requests))
+                results.extend(pool.map(lambda i: send(client, i, "parallel"), burst))
+                index = burst.stop
+    return results
+
+
+def run(options: DemoOptions, console: Console) -> int:
+    """Run the demo; 0 when it ran (whatever the services did), 1 when the demo itself broke."""
+    workdir = Path(tempfile.mkdtemp(prefix="crew-otel-demo-"))
+    faults = RandomFaults(
+        error_rate=options.error_rate,
+        rate_limit_rate=options.rate_limit_rate,
+        timeout_rate=options.timeout_rate,
+        latency=options.latency,
+        timeout_seconds=3.0,
+        seed=options.seed,
+    )
+    try:
+        with FakeOpenAIProvider(random_faults=faults) as provider:
+            console.print(
+                f"[bold]crew-otel demo[/bold]: provider on {provider.base_url} "
+                f"(500s {options.error_rate:.0%}, 429s {options.rate_limit_rate:.0%}, "
+                f"timeouts {options.timeout_rate:.0%}, seed {options.seed}); "
+                f"{options.requests} requests per service, bursts of {options.concurrency}",
+                highlight=False,
+            )
+            processes = [
+                ServiceProcess(s, provider.base_url, workdir, options.otlp_endpoint)
+                for s in SERVICES
+            ]
+            try:
+                deadline = time.monotonic() + STARTUP_TIMEOUT_S
+                for process in processes:
+                    process.wait_ready(deadline)
+                client_results: list[ClientResult] = []
+                for process in processes:
+                    with console.status(f"driving the {process.service} service..."):
+                        client_results += _drive(process.service, process.url, options)
+            finally:
+                for process in processes:
+                    process.stop()
+            provider_requests = provider.stats()["requests"]
+        return _report(options, console, processes, client_results, provider_requests)
+    except DemoError as exc:
+        Console(stderr=True, soft_wrap=True).print(
+            f"crew-otel demo: error: {exc}", highlight=False, markup=False
+        )
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _report(
+    options: DemoOptions,
+    console: Console,
+    processes: list[ServiceProcess],
+    client_results: list[ClientResult],
+    provider_requests: int,
+) -> int:
+    lines: list[str] = []
+    for process in processes:
+        if process.trace_file.exists():
+            lines += process.trace_file.read_text().splitlines()
+    merged = process.trace_file.parent / "merged.jsonl"
+    merged.write_text("\n".join(lines) + "\n")
+    try:
+        spans = read_file(merged)
+    except OtlpJsonError as exc:
+        raise DemoError(f"no readable spans from the services ({exc})") from None
+    if options.out is not None:
+        options.out.write_text(merged.read_text())
+    reports = analyse(spans)
+    print_reports(reports, console)
+    if options.svg is not None:
+        save_timeline_svg(reports, options.svg)
+        console.print(f"timeline saved to {options.svg}", highlight=False)
+
+    traced_attempts = sum(r.http_attempts for r in reports)
+    client_status = Counter(str(r.status or r.error) for r in client_results)
+    traced_requests = sum(len(r.requests) for r in reports)
+    console.print(
+        f"Provider saw {provider_requests} requests; traces show {traced_attempts} HTTP "
+        f"attempts to it. Clients sent {len(client_results)} requests "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(client_status.items()))}); "
+        f"traces show {traced_requests}.",
+        highlight=False,
+    )
+    if options.summary_json is not None:
+        figures = summary(reports)
+        figures.update(
+            provider_requests=provider_requests,
+            client_requests=len(client_results),
+            client_results=[dataclasses.asdict(r) for r in client_results],
+        )
+        options.summary_json.write_text(json.dumps(figures, indent=2))
+    problems = []
+    if traced_attempts != provider_requests:
+        problems.append("HTTP attempts in the traces do not match the provider's count")
+    if traced_requests != len(client_results):
+        problems.append("requests in the traces do not match the requests sent")
+    if any(r.status is None for r in client_results):
+        problems.append("some requests got no HTTP response at all")
+    if problems:
+        raise DemoError("; ".join(problems))
+    return 0

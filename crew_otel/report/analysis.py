@@ -1,0 +1,319 @@
+"""From spans to a diagnosis: per service, what failed, where it began, and why.
+
+Works on :class:`~crew_otel.otlp_json.SpanRecord`s, so ``crew-otel demo`` and
+``crew-otel report FILE`` compute the same figures from the same data. A *request* is a trace:
+its root is the web framework's SERVER span when there is one (the HTTP status the client saw),
+else the outermost kickoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+from crew_otel import attributes as a
+from crew_otel.otlp_json import SpanRecord
+
+LAYERS = (a.RETRY_LAYER_HTTP, a.RETRY_LAYER_RATE_LIMIT, a.RETRY_LAYER_AGENT)
+
+
+@dataclasses.dataclass
+class Conflict:
+    """One object used by several requests at once."""
+
+    kind: str
+    class_name: str
+    name: str
+    request_ids: set[str]
+    events: int = 0
+
+    @property
+    def label(self) -> str:
+        short = self.class_name.rsplit(".", 1)[-1]
+        return f"{short} {self.name!r}" if self.name else short
+
+
+@dataclasses.dataclass
+class Request:
+    """One request (trace) of a service."""
+
+    trace_id: str
+    start: int
+    end: int
+    status_code: int | None
+    failed: bool
+    request_id: str | None
+    error_type: str | None
+    cause: str | None = None
+    concurrency: int = 1
+
+
+@dataclasses.dataclass
+class OriginCount:
+    span: str
+    error_type: str
+    recovered: bool
+    count: int
+
+
+@dataclasses.dataclass
+class ServiceReport:
+    """Everything the report says about one service."""
+
+    service: str
+    requests: list[Request]
+    failures_by_status: dict[str, int]
+    origins: list[OriginCount]
+    retries: dict[str, int]
+    model_calls: int
+    http_attempts: int
+    conflicts: list[Conflict]
+    by_concurrency: dict[int, tuple[int, int]]
+    causes: Counter[str]
+    conclusion: str
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.requests if r.failed)
+
+    @property
+    def amplification(self) -> float:
+        """HTTP attempts sent to the provider per model call CrewAI made."""
+        return self.http_attempts / self.model_calls if self.model_calls else 0.0
+
+
+def _status_code(span: SpanRecord) -> int | None:
+    for key in (a.HTTP_STATUS_CODE, a.HTTP_STATUS_CODE_OLD):
+        value = span.attributes.get(key)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _is_http_attempt(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+    parent = by_id.get(span.parent_id or "")
+    return span.kind == "CLIENT" and parent is not None and parent.name.startswith("chat ")
+
+
+def _shared_events(span: SpanRecord) -> list[dict[str, object]]:
+    return [attrs for name, _, attrs in span.events if name == a.EVENT_SHARED_INSTANCE]
+
+
+def analyse(spans: Iterable[SpanRecord]) -> list[ServiceReport]:
+    """One :class:`ServiceReport` per ``service.name``, in name order."""
+    by_service: dict[str, list[SpanRecord]] = defaultdict(list)
+    for span in spans:
+        by_service[span.service].append(span)
+    return [_service(name, by_service[name]) for name in sorted(by_service)]
+
+
+def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
+    by_id = {s.span_id: s for s in spans}
+    traces: dict[str, list[SpanRecord]] = defaultdict(list)
+    for span in spans:
+        traces[span.trace_id].append(span)
+
+    conflicts: dict[tuple[str, str, str], Conflict] = {}
+    for span in spans:
+        for event in _shared_events(span):
+            key = (
+                str(event.get(a.SHARED_INSTANCE_KIND, "")),
+                str(event.get(a.SHARED_INSTANCE_CLASS, "")),
+                str(event.get(a.SHARED_INSTANCE_NAME, "")),
+            )
+            conflict = conflicts.setdefault(key, Conflict(*key, request_ids=set()))
+            conflict.events += 1
+            own = span.attributes.get(a.REQUEST_ID)
+            if isinstance(own, str):
+                conflict.request_ids.add(own)
+            others = event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ()
+            conflict.request_ids.update(str(o) for o in others if o != "unknown")  # type: ignore[attr-defined]
+
+    requests = []
+    for trace_id, members in traces.items():
+        request = _request(trace_id, members, by_id)
+        if request is not None:
+            requests.append(request)
+    requests.sort(key=lambda r: r.start)
+    for request in requests:
+        request.concurrency = sum(
+            1 for other in requests if other.start < request.end and other.end > request.start
+        )
+
+    origin_counts: Counter[tuple[str, str, bool]] = Counter()
+    retries = dict.fromkeys(LAYERS, 0)
+    model_calls = http_attempts = 0
+    for span in spans:
+        if span.attributes.get(a.ERROR_ORIGIN):
+            label = "HTTP attempt" if _is_http_attempt(span, by_id) else span.name
+            origin_counts[
+                (
+                    label,
+                    str(span.attributes.get(a.ERROR_TYPE, "?")),
+                    bool(span.attributes.get(a.ERROR_RECOVERED)),
+                )
+            ] += 1
+        if span.name.startswith("chat "):
+            model_calls += 1
+            retries[a.RETRY_LAYER_RATE_LIMIT] += sum(
+                1
+                for name, _, attrs in span.events
+                if name == a.EVENT_RETRY and attrs.get(a.RETRY_LAYER) == a.RETRY_LAYER_RATE_LIMIT
+            )
+        if _is_http_attempt(span, by_id):
+            http_attempts += 1
+            resend = span.attributes.get(a.HTTP_RESEND_COUNT)
+            if isinstance(resend, int) and resend > 0:
+                retries[a.RETRY_LAYER_HTTP] += 1
+        attempt = span.attributes.get(a.ATTEMPT)
+        if isinstance(attempt, int) and attempt > 1:
+            retries[a.RETRY_LAYER_AGENT] += 1
+
+    by_concurrency: dict[int, tuple[int, int]] = {}
+    for request in requests:
+        total, failed = by_concurrency.get(request.concurrency, (0, 0))
+        by_concurrency[request.concurrency] = (total + 1, failed + int(request.failed))
+
+    causes: Counter[str] = Counter(r.cause for r in requests if r.failed and r.cause)
+    failures = Counter(str(r.status_code or r.error_type or "error") for r in requests if r.failed)
+    report = ServiceReport(
+        service=service,
+        requests=requests,
+        failures_by_status=dict(failures.most_common()),
+        origins=[OriginCount(k[0], k[1], k[2], n) for k, n in origin_counts.most_common()],
+        retries=retries,
+        model_calls=model_calls,
+        http_attempts=http_attempts,
+        conflicts=sorted(conflicts.values(), key=lambda c: -c.events),
+        by_concurrency=dict(sorted(by_concurrency.items())),
+        causes=causes,
+        conclusion="",
+    )
+    report.conclusion = conclude(report)
+    return report
+
+
+def _request(
+    trace_id: str, members: list[SpanRecord], by_id: dict[str, SpanRecord]
+) -> Request | None:
+    roots = [s for s in members if not s.parent_id or s.parent_id not in by_id]
+    servers = [s for s in roots if s.kind == "SERVER"]
+    kickoffs = [s for s in roots if s.name.startswith(a.SPAN_WORKFLOW)]
+    candidates = servers or kickoffs
+    if not candidates:
+        return None
+    root = candidates[0]
+    status = _status_code(root)
+    failed = status >= 500 if status is not None else root.status == "ERROR"
+    request_id = next(
+        (
+            s.attributes[a.REQUEST_ID]
+            for s in members
+            if isinstance(s.attributes.get(a.REQUEST_ID), str)
+        ),
+        None,
+    )
+    error_type = root.attributes.get(a.ERROR_TYPE)
+    request = Request(
+        trace_id=trace_id,
+        start=root.start,
+        end=root.end,
+        status_code=status,
+        failed=failed,
+        request_id=request_id,
+        error_type=str(error_type) if error_type is not None else None,
+    )
+    if failed:
+        request.cause = _cause(members, by_id)
+    return request
+
+
+def _cause(members: list[SpanRecord], by_id: dict[str, SpanRecord]) -> str:
+    """Where a failed request's error began, in words (the fatal origin, else the last one)."""
+    origins = sorted((s for s in members if s.attributes.get(a.ERROR_ORIGIN)), key=lambda s: s.end)
+    fatal = [s for s in origins if not s.attributes.get(a.ERROR_RECOVERED)]
+    if not origins:
+        return "an error with no origin span (not instrumented)"
+    origin = (fatal or origins)[-1]
+    chain = [origin]
+    while chain[-1].parent_id and chain[-1].parent_id in by_id:
+        chain.append(by_id[chain[-1].parent_id])
+    for span in chain:
+        events = _shared_events(span)
+        if events or span.attributes.get(a.SHARED_INSTANCE):
+            event = events[0] if events else {}
+            kind = str(event.get(a.SHARED_INSTANCE_KIND, "object"))
+            cls = str(event.get(a.SHARED_INSTANCE_CLASS, "")).rsplit(".", 1)[-1]
+            name = str(event.get(a.SHARED_INSTANCE_NAME, ""))
+            users = 1 + len(event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ())  # type: ignore[arg-type]
+            what = f"{cls or kind.title()} {name!r}" if name else (cls or kind)
+            return f"a shared {what} used by {users} requests at once"
+    error_type = str(origin.attributes.get(a.ERROR_TYPE, "error"))
+    if _is_http_attempt(origin, by_id):
+        retried = sum(
+            1 for s in origins if _is_http_attempt(s, by_id) and s.attributes.get(a.ERROR_RECOVERED)
+        )
+        what = f"provider {error_type}s" if error_type.isdigit() else f"provider {error_type}"
+        return f"{what} after {retried} retries"
+    operation = origin.name.split(" ", 1)
+    where = f"{operation[0]} {operation[1]!r}" if len(operation) == 2 else origin.name
+    return f"{error_type} in {where}"
+
+
+def conclude(report: ServiceReport) -> str:
+    """The diagnosis in one sentence."""
+    total = len(report.requests)
+    if not total:
+        return "No requests were traced."
+    if not report.failed:
+        text = f"All {total} requests succeeded"
+        if report.conflicts:
+            text += (
+                f", but {len(report.conflicts)} shared object(s) were used by concurrent requests"
+            )
+        return text + "."
+    parts = [f"{report.failed} of {total} requests failed"]
+    for cause, count in report.causes.most_common():
+        verb = (
+            "began in"
+            if cause.startswith("a shared")
+            else "began as"
+            if cause.startswith("provider")
+            else "began with"
+        )
+        parts.append(f"{count} {'failure' if count == 1 else 'failures'} {verb} {cause}")
+    levels = [level for level, (_, failed) in report.by_concurrency.items() if failed]
+    if levels and min(levels) > 1 and 1 in report.by_concurrency:
+        parts.append("no request failed while running alone: suspect concurrency")
+    return "; ".join(parts) + "."
+
+
+def summary(reports: list[ServiceReport]) -> dict[str, object]:
+    """The report's figures as plain data (``--summary-json``)."""
+    return {
+        "services": {
+            r.service: {
+                "requests": len(r.requests),
+                "failed": r.failed,
+                "failures_by_status": r.failures_by_status,
+                "http_attempts": r.http_attempts,
+                "model_calls": r.model_calls,
+                "retries": r.retries,
+                "origins": [dataclasses.asdict(o) for o in r.origins],
+                "conflicts": [
+                    {
+                        "kind": c.kind,
+                        "class": c.class_name,
+                        "name": c.name,
+                        "request_ids": sorted(c.request_ids),
+                    }
+                    for c in r.conflicts
+                ],
+                "by_concurrency": {str(k): list(v) for k, v in r.by_concurrency.items()},
+                "causes": dict(r.causes.most_common()),
+                "conclusion": r.conclusion,
+            }
+            for r in reports
+        }
+    }

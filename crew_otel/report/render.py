@@ -1,0 +1,139 @@
+"""The report in the terminal (``rich``), and the overlap timeline as an SVG image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from crew_otel.report.analysis import ServiceReport
+
+TIMELINE_WIDTH = 60
+MAX_TIMELINE_ROWS = 60
+
+
+def timeline(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Text:
+    """One row per request: a bar over the service's time range, failures in red."""
+    text = Text()
+    requests = report.requests[:MAX_TIMELINE_ROWS]
+    if not requests:
+        return text
+    t0 = min(r.start for r in requests)
+    span = max(max(r.end for r in requests) - t0, 1)
+    text.append(f"{'':>10}  0s{' ' * (width - 8)}{span / 1e9:5.1f}s\n", style="dim")
+    for index, request in enumerate(requests, 1):
+        begin = int((request.start - t0) / span * width)
+        end = max(int((request.end - t0) / span * width), begin + 1)
+        label = (request.request_id or request.trace_id)[:10]
+        text.append(f"{label:>10} ", style="dim")
+        text.append("|" + " " * begin)
+        style = "bold red" if request.failed else "green"
+        text.append("█" * (end - begin), style=style)
+        text.append(" " * (width - end) + "| ")
+        outcome = str(request.status_code or ("error" if request.failed else "ok"))
+        text.append(outcome + (" ✗" if request.failed else ""), style=style)
+        text.append(f"  x{request.concurrency}\n", style="dim")
+        if index == MAX_TIMELINE_ROWS and len(report.requests) > MAX_TIMELINE_ROWS:
+            text.append(f"... {len(report.requests) - MAX_TIMELINE_ROWS} more\n", style="dim")
+    return text
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
+    """Everything about one service, as one panel (timeline ``width`` columns wide)."""
+    parts: list[object] = []
+    failures = ", ".join(
+        f"{status}: {count}" for status, count in report.failures_by_status.items()
+    )
+    parts.append(
+        Text.assemble(
+            ("Requests ", "bold"),
+            f"{len(report.requests)}   ",
+            ("failed ", "bold"),
+            (f"{report.failed}", "red" if report.failed else "green"),
+            f"  ({failures})" if failures else "",
+        )
+    )
+
+    if report.origins:
+        origins = _table(
+            "Error origins (where each error began)",
+            "origin span",
+            "error.type",
+            "recovered",
+            "count",
+        )
+        for origin in report.origins:
+            origins.add_row(
+                origin.span,
+                origin.error_type,
+                "recovered" if origin.recovered else "[red]fatal[/red]",
+                str(origin.count),
+            )
+        parts.append(origins)
+
+    retries = _table("Retries", "layer", "retries")
+    for layer, count in report.retries.items():
+        retries.add_row(layer, str(count))
+    retries.add_row(
+        "amplification",
+        f"{report.http_attempts} HTTP attempts / "
+        f"{report.model_calls} model calls = {report.amplification:.2f}",
+    )
+    parts.append(retries)
+
+    if report.conflicts:
+        conflicts = _table(
+            "Shared instances (one object, several requests at once)",
+            "kind",
+            "object",
+            "requests involved",
+        )
+        for conflict in report.conflicts:
+            conflicts.add_row(
+                conflict.kind,
+                conflict.label,
+                ", ".join(sorted(conflict.request_ids)[:6])
+                + (" ..." if len(conflict.request_ids) > 6 else ""),
+            )
+        parts.append(conflicts)
+    else:
+        parts.append(Text("Shared instances: none", style="green"))
+
+    ratio = _table(
+        "Error ratio by concurrency", "requests in flight", "requests", "failed", "ratio"
+    )
+    for level, (total, failed) in report.by_concurrency.items():
+        ratio.add_row(str(level), str(total), str(failed), f"{failed / total:.0%}")
+    parts.append(ratio)
+    parts.append(Text("Overlap timeline", style="bold"))
+    parts.append(timeline(report, width))
+    parts.append(Text(report.conclusion, style="bold red" if report.failed else "bold green"))
+    return Panel(Group(*parts), title=f"[bold]{report.service}[/bold]", expand=False)  # type: ignore[arg-type]
+
+
+def print_reports(reports: list[ServiceReport], console: Console) -> None:
+    # label, bars and outcome must fit on one line inside the panel
+    width = max(20, min(TIMELINE_WIDTH, console.width - 34))
+    for report in reports:
+        console.print(service_panel(report, width))
+
+
+def save_timeline_svg(reports: list[ServiceReport], path: str | Path) -> None:
+    """Save the overlap timelines of all services as one SVG image."""
+    console = Console(record=True, width=TIMELINE_WIDTH + 40, file=io.StringIO())
+    for report in reports:
+        console.print(Text(report.service, style="bold"))
+        console.print(timeline(report))
+        console.print(Text(report.conclusion))
+    console.save_svg(str(path), title="crew-otel: overlap of requests")

@@ -1,0 +1,171 @@
+"""The ``crew-otel`` command: demo, report, doctor, --version (run as subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crew_otel.version import __version__
+
+CLI = shutil.which("crew-otel") or "crew-otel"
+
+
+def crew_otel_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "crew_otel.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_version():
+    result = crew_otel_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"crew-otel {__version__}"
+
+
+def test_doctor_lists_versions_and_hooks():
+    result = crew_otel_cli("doctor")
+    assert result.returncode == 0, result.stderr
+    assert "crewai" in result.stdout
+    assert "opentelemetry-sdk" in result.stdout
+    assert "crewai.crew:Crew.kickoff" in result.stdout
+    assert "installed" in result.stdout
+    # rows that do not apply to the installed CrewAI say why
+    assert "skipped" in result.stdout
+    assert "not importable" in result.stdout or "not defined" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("demo")
+    out, summary, svg = workdir / "spans.jsonl", workdir / "summary.json", workdir / "t.svg"
+    result = crew_otel_cli(
+        "demo",
+        "--requests",
+        "20",
+        "--concurrency",
+        "8",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--summary-json",
+        str(summary),
+        "--svg",
+        str(svg),
+    )
+    return {"result": result, "out": out, "summary": summary, "svg": svg}
+
+
+def test_demo_runs_offline_and_names_the_shared_agent(demo_run):
+    result = demo_run["result"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(demo_run["summary"].read_text())
+    broken = figures["services"]["support-api-broken"]
+    fixed = figures["services"]["support-api-fixed"]
+    assert broken["requests"] == fixed["requests"] == 20
+    assert figures["client_requests"] == 40
+
+    # the broken service shares its Agent between requests; the fixed one shares nothing
+    assert broken["conflicts"], "shared-instance conflicts named for the broken service"
+    agent_conflicts = [c for c in broken["conflicts"] if c["kind"] == "agent"]
+    assert agent_conflicts
+    assert agent_conflicts[0]["name"] == "Support Analyst"
+    assert len(agent_conflicts[0]["request_ids"]) >= 2
+    assert fixed["conflicts"] == []
+    # CrewAI >= 1.14 refuses the concurrent use ("Executor is already running": HTTP 500s);
+    # older versions let the requests interleave silently. Failures, when there are any, are
+    # attributed to the shared Agent.
+    if broken["failed"]:
+        assert any(c.startswith("a shared Agent 'Support Analyst'") for c in broken["causes"])
+    # one request at a time never failed
+    assert broken["by_concurrency"]["1"][1] == 0
+
+    # provider 500s appear as origins, and the traces account for every provider request
+    origins = [o for s in figures["services"].values() for o in s["origins"]]
+    assert any(o["span"] == "HTTP attempt" and o["error_type"] == "500" for o in origins)
+    assert figures["provider_requests"] == broken["http_attempts"] + fixed["http_attempts"]
+
+    text = result.stdout
+    assert "support-api-broken" in text
+    assert "support-api-fixed" in text
+    assert "Overlap timeline" in text
+    if broken["failed"]:
+        assert "requests failed; " in text
+        assert "began in a shared Agent 'Support Analyst'" in text
+        assert "✗" in text
+    else:
+        assert "shared object(s) were used by concurrent requests" in text
+    assert demo_run["svg"].read_text().lstrip().startswith("<svg")
+
+
+def test_report_on_the_demo_file_reproduces_the_same_figures(demo_run, tmp_path):
+    summary = tmp_path / "report.json"
+    result = crew_otel_cli("report", str(demo_run["out"]), "--summary-json", str(summary))
+    assert result.returncode == 0, result.stderr
+    from_demo = json.loads(demo_run["summary"].read_text())["services"]
+    from_report = json.loads(summary.read_text())["services"]
+    assert from_report == from_demo
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "empty file"),
+        ('{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "ab"', "not valid JSON"),
+        ('{"resourceMetrics": []}\n', "not OTLP trace data"),
+        ("hello world\n", "not valid JSON"),
+        ('{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 5}]}]}]}\n', "ID"),
+        ('{"resourceSpans": []}\n', "no spans"),
+        (b"\xff\xfe\x00binary", "not a text file"),
+    ],
+)
+def test_report_on_bad_input_is_one_line_and_exit_2(tmp_path, content, message):
+    path = tmp_path / "input.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    result = crew_otel_cli("report", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("crew-otel report: error: ")
+    assert message in lines[0]
+
+
+def test_report_on_a_missing_file(tmp_path):
+    result = crew_otel_cli("report", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "No such file" in result.stderr
+
+
+def test_report_reads_collector_style_base64_and_pretty_printed_files(tmp_path, demo_run):
+    """The Collector file exporter writes one request per line; tools differ in ID encoding."""
+    import base64
+
+    first = json.loads(Path(demo_run["out"]).read_text().splitlines()[0])
+    for resource in first["resourceSpans"]:
+        for scope in resource["scopeSpans"]:
+            for span in scope["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps(first, indent=2))
+    result = crew_otel_cli("report", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "support-api-" in result.stdout

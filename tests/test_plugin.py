@@ -1,0 +1,44 @@
+"""The pytest plugin, used the way a user's test suite would use it (pytester)."""
+
+from __future__ import annotations
+
+pytest_plugins = ["pytester"]
+
+
+def test_plugin_fixtures_in_a_user_test_suite(pytester):
+    pytester.makeconftest(
+        """
+        from crew_otel.testing.crews import prepare_offline_environment
+        prepare_offline_environment()
+        """
+    )
+    pytester.makepyfile(
+        """
+        import openai
+        import pytest
+        from concurrent.futures import ThreadPoolExecutor
+        from crew_otel.testing import Fault
+        from crew_otel.testing.crews import make_llm, research_crew
+
+        def test_provider_500s_are_traced(fake_provider, span_exporter, instrumented_crewai):
+            for i in range(3):
+                fake_provider.script(*[Fault.error(500, 0.01)] * 9, key=f"u{i}")
+
+            def run(i):
+                crew = research_crew(lambda: make_llm(fake_provider.base_url))
+                with pytest.raises(openai.InternalServerError):
+                    crew.kickoff(inputs={"topic": f"[[u{i}]]"})
+
+            with ThreadPoolExecutor(3) as pool:
+                list(pool.map(run, range(3)))
+            origins = [s for s in span_exporter.get_finished_spans()
+                       if s.attributes.get("crew_otel.error.origin")]
+            assert len(origins) == 27
+            assert fake_provider.stats()["by_status"] == {"500": 27}
+
+        def test_exporter_is_emptied_between_tests(span_exporter):
+            assert span_exporter.get_finished_spans() == ()
+        """
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
