@@ -29,6 +29,7 @@ import logging
 import os
 from typing import Any
 
+from crew_otel import logs
 from crew_otel.context import request
 from crew_otel.instrumentor import CrewAIInstrumentor
 from crew_otel.sdk import configure
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "configure",
     "instrument",
+    "logs",
     "request",
     "uninstrument",
 ]

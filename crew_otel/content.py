@@ -27,7 +27,7 @@ _REDACTION_MARGIN = 512
 
 _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # OpenAI (sk-..., sk-proj-...), Anthropic (sk-ant-...) and similar "sk-" keys.
-    (re.compile(r"\bsk-[A-Za-z0-9_\-]{12,}"), REDACTED),
+    (re.compile(r"(?<![A-Za-z])sk-[A-Za-z0-9_\-]{12,}"), REDACTED),
     # Google API keys, AWS access key IDs, GitHub and Slack tokens.
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), REDACTED),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),

@@ -15,6 +15,7 @@ Honoured variables include ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -31,30 +32,44 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-)
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
+
+from crew_otel.export import DROPPED_SPANS, CountingBatchSpanProcessor
 
 _logger = logging.getLogger("crew_otel")
 
 DEFAULT_SERVICE_NAME = "crewai-service"
 #: Upper bound for flushing at shutdown, so a dead collector cannot hang process exit.
 DEFAULT_SHUTDOWN_TIMEOUT_MS = 5000
+#: Export timeout when OTEL_EXPORTER_OTLP_TIMEOUT is not set (the SDK's default is 10 s).
+DEFAULT_EXPORT_TIMEOUT_S = 5.0
 
 
 @dataclasses.dataclass
 class Setup:
-    """What :func:`configure` built; :meth:`shutdown` flushes with a bounded wait."""
+    """What :func:`configure` built; :meth:`shutdown` flushes with a bounded wait.
+
+    ``shutdown`` is also registered to run at interpreter exit (with the default limit).
+    """
 
     tracer_provider: TracerProvider | None
     meter_provider: MeterProvider | None
+    span_processor: CountingBatchSpanProcessor | None = None
+    _done: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def dropped_spans(self) -> int:
+        """Spans dropped because the export queue was full (the collector was unreachable)."""
+        return self.span_processor.dropped if self.span_processor is not None else 0
 
     def shutdown(self, timeout_millis: int = DEFAULT_SHUTDOWN_TIMEOUT_MS) -> None:
-        """Flush and stop both providers, waiting at most about ``timeout_millis``."""
+        """Flush and stop both providers, waiting at most about ``timeout_millis`` for each."""
+        if self._done:
+            return
+        self._done = True
+        if self.span_processor is not None:
+            self.span_processor.shutdown(timeout_millis=timeout_millis)
         if self.tracer_provider is not None:
-            self.tracer_provider.force_flush(timeout_millis)
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown(timeout_millis=timeout_millis)
@@ -78,13 +93,21 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
     ).strip()
 
 
+def _timeout(environ: Mapping[str, str], signal: str) -> dict[str, Any]:
+    if environ.get(f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT") or environ.get(
+        "OTEL_EXPORTER_OTLP_TIMEOUT"
+    ):
+        return {}  # the exporter reads the variable itself
+    return {"timeout": DEFAULT_EXPORT_TIMEOUT_S}
+
+
 def _span_exporter(environ: Mapping[str, str], endpoint: str | None) -> SpanExporter | None:
     choice = _exporter_choice("OTEL_TRACES_EXPORTER", environ)
     if choice == "none":
         return None
     if choice == "console":
         return ConsoleSpanExporter()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = _timeout(environ, "TRACES")
     if _protocol(environ, "TRACES") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -106,7 +129,7 @@ def _metric_exporter(environ: Mapping[str, str], endpoint: str | None) -> Metric
         return None
     if choice == "console":
         return ConsoleMetricExporter()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = _timeout(environ, "METRICS")
     if _protocol(environ, "METRICS") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
@@ -159,16 +182,29 @@ def configure(
     attributes["service.name"] = name
     resource = Resource.create(attributes)
 
-    tracer_provider = TracerProvider(resource=resource)
-    span_exporter = _span_exporter(environ, endpoint)
-    if span_exporter is not None:
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
-
     readers: list[MetricReader] = list(metric_readers or [])
     metric_exporter = _metric_exporter(environ, endpoint)
     if metric_exporter is not None:
-        readers.append(PeriodicExportingMetricReader(metric_exporter))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        readers.append(
+            PeriodicExportingMetricReader(
+                metric_exporter, export_timeout_millis=DEFAULT_EXPORT_TIMEOUT_S * 1000
+            )
+        )
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=readers, shutdown_on_exit=False
+    )
+
+    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    span_exporter = _span_exporter(environ, endpoint)
+    processor = None
+    if span_exporter is not None:
+        dropped = meter_provider.get_meter("crew_otel").create_counter(
+            DROPPED_SPANS, unit="{span}", description="Spans dropped on a full export queue."
+        )
+        processor = CountingBatchSpanProcessor(span_exporter, dropped_counter=dropped)
+        tracer_provider.add_span_processor(processor)
+    setup = Setup(tracer_provider, meter_provider, processor)
+    atexit.register(setup.shutdown)
 
     if set_global:
         trace.set_tracer_provider(tracer_provider)
@@ -177,4 +213,4 @@ def configure(
         from crew_otel import instrument as instrument_crewai
 
         instrument_crewai(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
-    return Setup(tracer_provider, meter_provider)
+    return setup

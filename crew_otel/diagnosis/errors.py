@@ -14,16 +14,20 @@ returned to the model as text), so it did not propagate from there.
 from __future__ import annotations
 
 import contextlib
+import traceback
 
 from opentelemetry.trace import Span, Status, StatusCode
 
 from crew_otel import attributes as a
+from crew_otel.content import redact
 from crew_otel.metrics import CrewOtelMetrics
 
 _MARK = "_crew_otel_error_origin"
 _RECORDED_ON = "_crew_otel_recorded_on"
 _MAX_CHAIN = 32
 _MAX_STATUS_DESCRIPTION = 256
+#: Longest exception message / stack trace recorded (the end of a long trace is kept).
+MAX_EXCEPTION_TEXT = 16384
 
 
 def is_marked(exc: BaseException) -> bool:
@@ -42,6 +46,23 @@ def mark(exc: BaseException) -> None:
     """Record on the exception object that its origin span has been marked."""
     with contextlib.suppress(AttributeError, TypeError):  # a type without a __dict__
         exc.__dict__[_MARK] = True
+
+
+def exception_attributes(exc: BaseException) -> dict[str, str]:
+    """The exception event's message and stack trace (whole chain), with secrets redacted.
+
+    Error texts are not content, but they can carry an API key (a provider rejecting it) or
+    a connection string: they go through the same redaction as captured content.
+    """
+    try:
+        message = str(exc)
+    except Exception:
+        message = ""
+    stacktrace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {
+        "exception.message": redact(message[:MAX_EXCEPTION_TEXT]),
+        "exception.stacktrace": redact(stacktrace[-MAX_EXCEPTION_TEXT:]),
+    }
 
 
 def describe(exc: BaseException) -> str:
@@ -82,9 +103,9 @@ class ErrorRecorder:
         with contextlib.suppress(AttributeError, TypeError):
             exc.__dict__[_RECORDED_ON] = id(span)
         if span.is_recording():
-            span.set_status(Status(StatusCode.ERROR, describe(exc)))
+            span.set_status(Status(StatusCode.ERROR, redact(describe(exc))))
             span.set_attribute(a.ERROR_TYPE, error_type)
-            span.record_exception(exc, escaped=not recovered)
+            span.record_exception(exc, attributes=exception_attributes(exc), escaped=not recovered)
             if is_origin:
                 span.set_attributes({a.ERROR_ORIGIN: True, a.ERROR_RECOVERED: recovered})
         if is_origin:
