@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 LOWEST_VENV ?= .venv-lowest
+OPENAI3_VENV ?= .venv-openai3
 UV = $(VENV)/bin/uv
 # The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
-.PHONY: demo test setup setup-lowest lint typecheck unit test-lowest bench clean
+.PHONY: demo test setup setup-lowest lint typecheck unit test-lowest test-openai3 bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +41,21 @@ setup-lowest: $(LOWEST_VENV)/.installed
 test-lowest: setup-lowest
 	$(LOWEST_VENV)/bin/python -m pytest -q
 
-test: lint typecheck unit test-lowest
+# openai 3.x talks to providers through httpx2 (crewai pins openai 2.x; this checks both paths).
+$(OPENAI3_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	$(PYTHON) -m venv $(OPENAI3_VENV)
+	$(UV) pip install -q --python $(OPENAI3_VENV)/bin/python -e ".[test]"
+	$(UV) pip install -q --python $(OPENAI3_VENV)/bin/python "openai>=3,<4"
+	touch $@
+
+test-openai3: $(OPENAI3_VENV)/.installed
+	$(OPENAI3_VENV)/bin/python -m pytest -q tests/test_spans.py tests/test_runs.py \
+		tests/test_errors.py tests/test_compat.py
+
+test: lint typecheck unit test-lowest test-openai3
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(OPENAI3_VENV) .pytest_cache .mypy_cache .ruff_cache
