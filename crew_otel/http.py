@@ -42,8 +42,8 @@ from crew_otel.diagnosis.retries import (
     agent_will_retry,
     sdk_will_retry_status,
 )
-from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
+from crew_otel.wrappers.base import Observer
 from crew_otel.wrappers.llm import LlmCallState
 
 _logger = logging.getLogger("crew_otel")
@@ -101,11 +101,8 @@ def attempt_recovered(
     return agent_will_retry()  # the SDK's error propagates; the agent may re-run
 
 
-class HttpAttemptObserver:
+class HttpAttemptObserver(Observer):
     """Runs inside each HTTP attempt span (sync connection pools)."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
 
     def __call__(
         self,

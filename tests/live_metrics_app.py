@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 from crew_otel.testing.crews import prepare_offline_environment
 
@@ -21,50 +19,20 @@ from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.resources import Resource  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from prometheus_client import start_http_server  # noqa: E402
+from workloads import mixed_workload  # noqa: E402 - this script's directory is on sys.path
 
 import crew_otel  # noqa: E402
 from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults  # noqa: E402
-from crew_otel.testing.crews import (  # noqa: E402
-    make_agent,
-    make_failing_tool,
-    make_llm,
-    research_crew,
-)
+from crew_otel.testing.crews import make_llm, research_crew  # noqa: E402
 
 
 def workload(provider: FakeOpenAIProvider) -> None:
-    from crewai import Crew, Task
-
-    provider.script(*[Fault.error(500, 0.01)] * 9, key="fail")
+    """The shared mixed workload, plus a 429 the rate-limit layer retries and async kickoffs."""
     provider.script(Fault.error(429, 0.01), key="limited")
-    provider.script(Fault.delay(1.0), key="share0")
-    shared_agent = make_agent(make_llm(provider.base_url), "Support Analyst")
-
-    def ok(i: int) -> None:
-        research_crew(lambda: make_llm(provider.base_url)).kickoff(inputs={"topic": f"[[ok{i}]]"})
-
-    def failing() -> None:
-        try:
-            research_crew(lambda: make_llm(provider.base_url)).kickoff(inputs={"topic": "[[fail]]"})
-        except Exception:
-            pass
 
     def rate_limited() -> None:
         crew = research_crew(lambda: make_llm(provider.base_url, max_retries=0))
         crew.kickoff(inputs={"topic": "[[limited]]"})
-
-    def tool_error() -> None:
-        research_crew(lambda: make_llm(provider.base_url), tools=[make_failing_tool()]).kickoff(
-            inputs={"topic": "[[tool]]"}
-        )
-
-    def shared(i: int) -> None:
-        time.sleep(0.3 * i)
-        task = Task(description="Triage {topic}", expected_output="x", agent=shared_agent)
-        try:
-            Crew(agents=[shared_agent], tasks=[task]).kickoff(inputs={"topic": f"[[share{i}]]"})
-        except RuntimeError:
-            pass
 
     async def async_kickoffs() -> None:
         crews = [research_crew(lambda: make_llm(provider.base_url)) for _ in range(4)]
@@ -73,19 +41,7 @@ def workload(provider: FakeOpenAIProvider) -> None:
             research_crew(lambda: make_llm(provider.base_url)).akickoff(inputs={"topic": "[[ak]]"}),
         )
 
-    jobs = [
-        lambda: ok(0),
-        lambda: ok(1),
-        failing,
-        rate_limited,
-        tool_error,
-        lambda: shared(0),
-        lambda: shared(1),
-        lambda: asyncio.run(async_kickoffs()),
-    ]
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()
+    mixed_workload(provider, extra_jobs=[rate_limited, lambda: asyncio.run(async_kickoffs())])
 
 
 def main() -> None:

@@ -15,9 +15,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import crew_otel
 from crew_otel import metrics as m
-from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults
-from crew_otel.testing.crews import make_agent, make_failing_tool, make_llm, research_crew
+from crew_otel.testing import FakeOpenAIProvider, RandomFaults
+from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID
+from tests.workloads import mixed_workload
 
 FAST = 0.01
 ALLOWED_METRIC_ATTRIBUTES = {
@@ -58,52 +59,8 @@ def total(points_: list, **attributes: str) -> float:
     return value
 
 
-def mixed_run(provider: FakeOpenAIProvider) -> None:
-    """Successes, a persistent 500, a raising tool and a shared-instance conflict, at once."""
-    from crewai import Crew, Task
-
-    provider.script(*[Fault.error(500, FAST)] * 9, key="fail")
-    shared_agent = make_agent(make_llm(provider.base_url), "Support Analyst")
-    provider.script(Fault.delay(0.8), key="share0")
-
-    def ok(i: int) -> None:
-        research_crew(lambda: make_llm(provider.base_url)).kickoff(inputs={"topic": f"[[ok{i}]]"})
-
-    def persistent_500() -> None:
-        crew = research_crew(lambda: make_llm(provider.base_url))
-        try:
-            crew.kickoff(inputs={"topic": "[[fail]]"})
-        except Exception:
-            pass
-
-    def raising_tool() -> None:
-        research_crew(lambda: make_llm(provider.base_url), tools=[make_failing_tool()]).kickoff(
-            inputs={"topic": "[[tool]]"}
-        )
-
-    def shared(i: int) -> None:
-        time.sleep(0.3 * i)
-        task = Task(description="Triage {topic}", expected_output="x", agent=shared_agent)
-        try:
-            Crew(agents=[shared_agent], tasks=[task]).kickoff(inputs={"topic": f"[[share{i}]]"})
-        except RuntimeError:
-            pass
-
-    jobs = [
-        lambda: ok(0),
-        lambda: ok(1),
-        persistent_500,
-        raising_tool,
-        lambda: shared(0),
-        lambda: shared(1),
-    ]
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()
-
-
 def test_every_instrument_after_a_concurrent_mixed_run(otel, fake_provider, metric_reader):
-    mixed_run(fake_provider)
+    mixed_workload(fake_provider)
     found = points(metric_reader)
     assert set(m.INSTRUMENT_NAMES) - {m.KICKOFF_QUEUE_WAIT} <= set(found)
 
@@ -290,7 +247,7 @@ def test_prometheus_exposition_uses_the_dashboard_names(otel_tracer_provider, fa
     crew_otel.uninstrument()
     crew_otel.instrument(tracer_provider=otel_tracer_provider, meter_provider=provider)
     try:
-        mixed_run(fake_provider)
+        mixed_workload(fake_provider)
         text = generate_latest(REGISTRY).decode()
     finally:
         crew_otel.uninstrument()

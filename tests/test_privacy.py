@@ -4,15 +4,14 @@ CrewAI's baggage never reaches the provider."""
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import crew_otel
-from crew_otel.testing import Fault
-from crew_otel.testing.crews import make_agent, make_failing_tool, make_llm, research_crew
+from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import Spans
+from tests.workloads import mixed_workload
 
 SENTINEL = "SENTINEL-7f3a9c"
 
@@ -36,59 +35,13 @@ def every_text(spans, reader) -> list[str]:
     return texts
 
 
-def mixed_content_run(fake_provider) -> None:
-    """Successes, a raising tool, a provider error and a shared agent, all carrying SENTINEL."""
-    from crewai import Crew, Task
-
-    shared = make_agent(make_llm(fake_provider.base_url), "Support Analyst")
-    fake_provider.script(*[Fault.error(500, 0.01)] * 9, key=f"{SENTINEL}-fail")
-
-    def ok(i: int) -> None:
-        research_crew(lambda: make_llm(fake_provider.base_url)).kickoff(
-            inputs={"topic": f"[[{SENTINEL}-{i}]] password {SENTINEL}"}
-        )
-
-    def failing_tool() -> None:
-        research_crew(
-            lambda: make_llm(fake_provider.base_url), tools=[make_failing_tool()]
-        ).kickoff(inputs={"topic": f"[[{SENTINEL}-tool]]"})
-
-    def provider_error() -> None:
-        with pytest.raises(Exception):
-            research_crew(lambda: make_llm(fake_provider.base_url)).kickoff(
-                inputs={"topic": f"[[{SENTINEL}-fail]]"}
-            )
-
-    fake_provider.script(Fault.delay(0.8), key=f"{SENTINEL}-s0")
-
-    def sharing(i: int) -> None:
-        time.sleep(0.3 * i)  # the second request starts while the first holds the agent
-        task = Task(description="Triage {topic}", expected_output="x", agent=shared)
-        try:
-            Crew(agents=[shared], tasks=[task]).kickoff(inputs={"topic": f"[[{SENTINEL}-s{i}]]"})
-        except RuntimeError:
-            pass
-
-    jobs = [
-        lambda: ok(0),
-        lambda: ok(1),
-        failing_tool,
-        provider_error,
-        lambda: sharing(0),
-        lambda: sharing(1),
-    ]
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()
-
-
 def test_no_content_by_default_in_spans_events_metrics_and_logs(
     otel, fake_provider, metric_reader, caplog
 ):
     crew_otel.logs.install()
     try:
         with caplog.at_level(logging.DEBUG):
-            mixed_content_run(fake_provider)
+            mixed_workload(fake_provider, prefix=SENTINEL)
     finally:
         crew_otel.logs.uninstall()
     assert any(SENTINEL in m for r in fake_provider.requests for m in r.markers), "it was sent"

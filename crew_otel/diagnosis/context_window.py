@@ -17,8 +17,8 @@ from opentelemetry import trace
 
 from crew_otel import attributes as a
 from crew_otel.context import ATTEMPT_KEY
-from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
+from crew_otel.wrappers.base import Observer
 
 NO_FINAL_OUTPUT = "Agent completed execution but produced no final output."
 
@@ -30,11 +30,9 @@ def agent_span() -> trace.Span:
     return call.span if call is not None else trace.get_current_span()
 
 
-class ContextLengthObserver:
-    """``handle_context_length`` as bound in CrewAI's executor modules."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+class ContextLengthObserver(Observer):
+    """``handle_context_length`` as bound in CrewAI's executor modules (notes before the call,
+    and the ``SystemExit`` it may raise)."""
 
     def __call__(
         self,

@@ -191,6 +191,34 @@ class SpanWrapper:
         return runner
 
 
+class Observer:
+    """Base of the hooks that make no span: they run the call, then note something about it.
+
+    Subclasses implement :meth:`observe`, which runs (through ``safe_call``) after the wrapped
+    call returned, in the caller's context, with the call's result.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        result = wrapped(*args, **kwargs)
+        if self.runtime.active:
+            safe_call(self.observe, instance, args, kwargs, result, default=None)
+        return result
+
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        raise NotImplementedError
+
+
 def _end_abandoned(call: Call) -> None:
     call.end()
 

@@ -12,7 +12,6 @@ failures there, so the model-call span knows whether a failed HTTP attempt is th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -25,8 +24,7 @@ from crew_otel.context import LLM_CALL_KEY, REQUEST_ID_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.sharing import KIND_LLM
 from crew_otel.runtime import Runtime
-from crew_otel.safety import safe_call
-from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.wrappers.base import Call, Observer, SpanWrapper
 
 DEFAULT_SDK_MAX_RETRIES = 2
 
@@ -157,7 +155,7 @@ class ChatWrapper(SpanWrapper):
         self.runtime.metrics.operation_duration.record(call.elapsed, attrs)
 
 
-class LlmResponseObserver:
+class LlmResponseObserver(Observer):
     """CrewAI's per-response hooks (token usage, finish reason, response ID) -> the chat span.
 
     Wraps ``BaseLLM._track_token_usage_internal(usage)`` and
@@ -166,25 +164,18 @@ class LlmResponseObserver:
     """
 
     def __init__(self, runtime: Runtime, fields: tuple[str, ...], take_usage: bool) -> None:
-        self.runtime = runtime
+        super().__init__(runtime)
         #: Parameter names of the wrapped method, to read positional arguments.
         self.fields = fields
         #: Only one of the two hooks counts tokens (CrewAI calls both for one response).
         self.take_usage = take_usage
 
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        result = wrapped(*args, **kwargs)
-        if self.runtime.active:
-            state = otel_context.get_value(LLM_CALL_KEY)
-            if isinstance(state, LlmCallState):
-                safe_call(self._note, state, args, kwargs, default=None)
-        return result
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        state = otel_context.get_value(LLM_CALL_KEY)
+        if isinstance(state, LlmCallState):
+            self._note(state, args, kwargs)
 
     def _note(self, state: LlmCallState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         values = dict(zip(self.fields, args, strict=False))
@@ -209,30 +200,20 @@ class LlmResponseObserver:
         state.span.set_attributes(attrs)
 
 
-class RateLimitRetryObserver:
+class RateLimitRetryObserver(Observer):
     """``crewai.llms.retry.get_retry_delay_seconds``: called once per rate-limit retry.
 
     Adds a ``crew_otel.retry`` event (layer ``rate_limit``, retry number, delay) to the model
     call's span and counts the retry.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        delay = wrapped(*args, **kwargs)
-        if self.runtime.active:
-            state = otel_context.get_value(LLM_CALL_KEY)
-            if isinstance(state, LlmCallState):
-                retry_number = kwargs.get("retry_number", args[0] if args else None)
-                safe_call(self._note, state, retry_number, delay, default=None)
-        return delay
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        state = otel_context.get_value(LLM_CALL_KEY)
+        if isinstance(state, LlmCallState):
+            retry_number = kwargs.get("retry_number", args[0] if args else None)
+            self._note(state, retry_number, result)
 
     def _note(self, state: LlmCallState, retry_number: object, delay: object) -> None:
         state.rate_limit_retries += 1

@@ -8,7 +8,6 @@ observed so a Task run with inputs that *another* request interpolated into it i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -18,9 +17,7 @@ from crew_otel import attributes as a
 from crew_otel import content
 from crew_otel.context import REQUEST_ID_KEY
 from crew_otel.diagnosis.sharing import KIND_TASK
-from crew_otel.runtime import Runtime
-from crew_otel.safety import safe_call
-from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.wrappers.base import Call, Observer, SpanWrapper
 
 
 class TaskWrapper(SpanWrapper):
@@ -58,27 +55,12 @@ class TaskWrapper(SpanWrapper):
         return result
 
 
-class InterpolationObserver:
+class InterpolationObserver(Observer):
     """``Crew._interpolate_inputs``: remember which request put its inputs into which Tasks."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        result = wrapped(*args, **kwargs)
-        if self.runtime.active and self.runtime.config.detect_shared_instances:
-            request_id = otel_context.get_value(REQUEST_ID_KEY)
-            if isinstance(request_id, str):
-                safe_call(
-                    self.runtime.sharing.note_interpolation,
-                    getattr(instance, "tasks", None),
-                    request_id,
-                    default=None,
-                )
-        return result
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        request_id = otel_context.get_value(REQUEST_ID_KEY)
+        if self.runtime.config.detect_shared_instances and isinstance(request_id, str):
+            self.runtime.sharing.note_interpolation(getattr(instance, "tasks", None), request_id)
