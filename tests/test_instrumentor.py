@@ -62,6 +62,7 @@ def test_uninstrument_restores_the_original_functions(
     crew_otel.uninstrument()
     before = originals()
     crew_otel.instrument(tracer_provider=otel_tracer_provider)
+    CrewAIInstrumentor().runtime.wait_for_http()  # the HTTP hooks are installed in background
     during = originals()
     changed = [key for key in before if during[key] is not before[key]]
     assert len(changed) == len(before), "every resolvable target is hooked"
