@@ -159,7 +159,8 @@ def test_outages_do_not_slow_or_break_the_application(outage_env, fake_provider,
             with caplog.at_level(logging.WARNING):
                 setup, reader = outage_env(endpoint)
                 latency = statistics.median(kickoff_latencies(fake_provider))
-            assert latency < baseline * 1.5 + 0.2, (name, latency, baseline)
+            # a blocked export path would add seconds per kickoff; allow for machine noise
+            assert latency < baseline * 2 + 0.25, (name, latency, baseline)
             started = time.perf_counter()
             setup.shutdown(timeout_millis=1500)
             assert time.perf_counter() - started < 4.0, f"{name}: shutdown is bounded"
