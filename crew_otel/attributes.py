@@ -228,12 +228,20 @@ def tool_attributes(name: str, call_id: object = None) -> dict[str, AttributeVal
     return attrs
 
 
-def provider_name(llm: Any) -> str:
-    """``gen_ai.provider.name`` of a CrewAI LLM object."""
-    for cls in type(llm).__mro__:
+def class_provider_name(llm_class: type) -> str | None:
+    """``gen_ai.provider.name`` implied by a native provider class (or one it derives from)."""
+    for cls in llm_class.__mro__:
         known = _PROVIDER_BY_CLASS.get(cls.__name__)
         if known:
             return known
+    return None
+
+
+def provider_name(llm: Any) -> str:
+    """``gen_ai.provider.name`` of a CrewAI LLM object."""
+    known = class_provider_name(type(llm))
+    if known:
+        return known
     provider = getattr(llm, "provider", None)
     if not isinstance(provider, str) or not provider:
         model = getattr(llm, "model", None)

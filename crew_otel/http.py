@@ -76,8 +76,23 @@ def header_map(headers: Any) -> dict[str, str]:
     return result
 
 
+_RETRY_COUNT_HEADER_BYTES = RETRY_COUNT_HEADER.encode()
+
+
+def _header(headers: Any, name: bytes) -> str | None:
+    """One header of httpcore's ``[(b"Name", b"value"), ...]`` list, without building a dict."""
+    for key, value in headers or ():
+        if len(key) == len(name) and key.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None
+
+
 def _resend_count(request: Any) -> int:
-    raw = header_map(getattr(request, "headers", None)).get(RETRY_COUNT_HEADER)
+    headers: Any = getattr(request, "headers", None)
+    if hasattr(headers, "get"):  # a mapping (httpx-style), not httpcore's list
+        raw = headers.get(RETRY_COUNT_HEADER)
+    else:
+        raw = _header(headers, _RETRY_COUNT_HEADER_BYTES)
     if raw is None:
         return 0
     try:

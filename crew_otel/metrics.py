@@ -12,9 +12,9 @@ Metric attributes are bounded: operation, provider, model, workflow/agent/tool n
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
@@ -116,8 +116,14 @@ class CrewOtelMetrics:
             description="Duration of tool calls.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.kickoffs_active = meter.create_up_down_counter(
+        # Kickoffs in flight are counted exactly in-process (the count also goes on each
+        # kickoff span) and observed at collection time: no SDK work per kickoff.
+        self._in_flight = 0
+        self._in_flight_by_workflow: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        self.kickoffs_active = meter.create_observable_up_down_counter(
             KICKOFFS_ACTIVE,
+            callbacks=[self._observe_in_flight],
             unit="{kickoff}",
             description="Kickoffs in flight in this process.",
         )
@@ -142,28 +148,32 @@ class CrewOtelMetrics:
             unit="{conflict}",
             description="Objects used by two requests at the same time.",
         )
-        self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
 
     # --- kickoffs in flight --------------------------------------------------------------
     def kickoff_started(self, workflow: str) -> int:
         """Count a kickoff in; returns the number in flight including this one."""
         with self._in_flight_lock:
             self._in_flight += 1
-            count = self._in_flight
-        self.kickoffs_active.add(1, {a.GEN_AI_WORKFLOW_NAME: workflow})
-        return count
+            by_workflow = self._in_flight_by_workflow
+            by_workflow[workflow] = by_workflow.get(workflow, 0) + 1
+            return self._in_flight
 
     def kickoff_ended(self, workflow: str) -> None:
         """Count a kickoff out (called exactly once per :meth:`kickoff_started`)."""
         with self._in_flight_lock:
             self._in_flight -= 1
-        self.kickoffs_active.add(-1, {a.GEN_AI_WORKFLOW_NAME: workflow})
+            self._in_flight_by_workflow[workflow] -= 1
 
     @property
     def in_flight(self) -> int:
         """Kickoffs in flight in this process right now."""
         return self._in_flight
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Workflows seen once keep reporting (0 when idle): a bounded, code-defined set.
+        with self._in_flight_lock:
+            counts = list(self._in_flight_by_workflow.items())
+        return [Observation(count, {a.GEN_AI_WORKFLOW_NAME: name}) for name, count in counts]
 
     # --- recording helpers -----------------------------------------------------------------
     def retry(self, layer: str, error_type: str, provider: str | None = None) -> None:

@@ -215,6 +215,8 @@ def test_in_flight_returns_to_zero_after_cancellations_and_base_exceptions(otel,
 
         with ActiveSampler(metric_reader) as sampler:
             asyncio.run(main())
+            with pytest.raises(TypeError):  # bad arguments to an async entry point
+                asyncio.run(research_crew(lambda: make_llm(provider.base_url)).akickoff(bogus=1))
             with pytest.raises(KeyboardInterrupt):
                 research_crew(
                     lambda: make_llm(provider.base_url), before_kickoff_callbacks=[interrupted]

@@ -159,12 +159,16 @@ class SpanWrapper:
         call = safe_call(self.begin, instance, args, kwargs, default=None)
         if call is None:
             return await wrapped(*args, **kwargs)
-        return await self._run_awaitable(call, wrapped(*args, **kwargs), attached=False)
+        try:
+            awaitable = wrapped(*args, **kwargs)  # raises here on bad arguments
+        except BaseException as exc:
+            safe_call(self.fail, call, exc, default=None)
+            call.end()
+            raise
+        return await self._run_awaitable(call, awaitable)
 
-    async def _run_awaitable(
-        self, call: Call, awaitable: Coroutine[Any, Any, Any], attached: bool
-    ) -> Any:
-        token = None if attached else _attach(call.ctx)
+    async def _run_awaitable(self, call: Call, awaitable: Coroutine[Any, Any, Any]) -> Any:
+        token = _attach(call.ctx)
         try:
             try:
                 result = await awaitable
@@ -177,8 +181,7 @@ class SpanWrapper:
                 call.end()
             return result
         finally:
-            if token is not None:
-                _detach(token)
+            _detach(token)
 
     def _defer_to_await(self, call: Call, coro: Coroutine[Any, Any, Any]) -> Any:
         """The target returned a coroutine (e.g. ``Agent.kickoff`` inside a running loop).
@@ -186,7 +189,7 @@ class SpanWrapper:
         Keep the span open until the coroutine finishes; if it is never awaited, end the span
         when the coroutine is garbage collected so nothing stays open (or counted) forever.
         """
-        runner = self._run_awaitable(call, coro, attached=False)
+        runner = self._run_awaitable(call, coro)
         weakref.finalize(runner, _end_abandoned, call)
         return runner
 

@@ -81,6 +81,7 @@ class ChatWrapper(SpanWrapper):
     def __init__(self, runtime: Runtime, rate_limit_layer: bool) -> None:
         super().__init__(runtime)
         self.rate_limit_layer = rate_limit_layer
+        self._providers: dict[type, str | None] = {}
 
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         ctx = otel_context.get_current()
@@ -90,7 +91,10 @@ class ChatWrapper(SpanWrapper):
         if self.runtime.http_ready is not None:
             self.runtime.wait_for_http()  # a model call right after instrument()
         model = a.model_name(instance)
-        provider = a.provider_name(instance)
+        cls = type(instance)
+        if cls not in self._providers:  # the class decides for native providers: look once
+            self._providers[cls] = a.class_provider_name(cls)
+        provider = self._providers[cls] or a.provider_name(instance)
         messages = kwargs.get("messages", args[0] if args else None)
         attrs = a.llm_attributes(instance, model, provider, messages)
         if self.config.capture_content and messages is not None:

@@ -1,0 +1,500 @@
+"""The results table (Markdown) from the raw files of one run: ``python -m benchmarks.report``.
+
+``python -m benchmarks.report [DIR]`` re-renders ``summary.md`` from ``DIR``
+(default ``benchmarks/results``) without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+from benchmarks.hooks import FLOORS, HOOKS
+
+# The targets the benchmarks are compared with.
+TARGET_E2E_RATIO = 1.03
+TARGET_HOOK_RATIO = 1.5
+TARGET_INSTRUMENT_S = 0.050
+
+_FLOOR = "SDK span"
+_BARE = "bare call"
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_hooks(path: Path) -> dict[str, Any]:
+    """{name: {"median": s, "values": n, "spans_per_call": x}} from pyperf's or smoke output."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("mode") == "smoke":
+        return {
+            name: {
+                "median": entry["value"],
+                "values": 1,
+                "spans_per_call": entry["spans_per_call"],
+                "tool": "smoke (one timing, no pyperf)",
+            }
+            for name, entry in data["benchmarks"].items()
+        }
+    import pyperf
+
+    suite = pyperf.BenchmarkSuite.load(str(path))
+    result = {}
+    for bench in suite.get_benchmarks():
+        spans = bench.get_metadata().get("spans_per_call")
+        if spans is None:  # per-run metadata
+            runs = [run for run in bench.get_runs() if "spans_per_call" in run.get_metadata()]
+            spans = runs[0].get_metadata()["spans_per_call"] if runs else None
+        result[bench.get_name()] = {
+            "median": bench.median(),
+            "stdev": bench.stdev() if bench.get_nvalue() > 1 else 0.0,
+            "values": bench.get_nvalue(),
+            "processes": bench.get_nrun(),
+            "spans_per_call": spans,
+            "tool": "pyperf",
+        }
+    return result
+
+
+def _read(directory: Path, name: str) -> Any:
+    path = directory / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _soak_file(directory: Path) -> Any:
+    files = sorted(
+        directory.glob("soak-*.json"), key=lambda p: int(p.stem.split("-")[1]), reverse=True
+    )
+    return json.loads(files[0].read_text(encoding="utf-8")) if files else None
+
+
+# --- statistics ----------------------------------------------------------------------------------
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def paired_ratios(rows: list[dict[str, Any]], variant: str, metric: str, key: tuple[str, ...]):
+    """Ratio variant/baseline of ``metric`` for each group of ``key`` (same round)."""
+    groups: dict[tuple[Any, ...], dict[str, float]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in key), {})[row["variant"]] = row[metric]
+    return [
+        g[variant] / g[common.BASELINE]
+        for g in groups.values()
+        if variant in g and common.BASELINE in g
+    ]
+
+
+def quiet_rows(
+    rows: list[dict[str, Any]], key: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Rows of the groups (rounds) in which other processes stayed under DISTURBED cores.
+
+    Falls back to every row when fewer than half of the groups were quiet. Returns (rows,
+    groups set aside, groups in all).
+    """
+    worst: dict[tuple[Any, ...], float] = {}
+    for row in rows:
+        group = tuple(row[k] for k in key)
+        worst[group] = max(worst.get(group, 0.0), row.get("other_cores", 0.0))
+    quiet = {group for group, cores in worst.items() if cores <= common.DISTURBED}
+    if len(quiet) * 2 < len(worst):
+        return rows, 0, len(worst)
+    kept = [row for row in rows if tuple(row[k] for k in key) in quiet]
+    return kept, len(worst) - len(quiet), len(worst)
+
+
+def _set_aside(dropped: int, total: int) -> str:
+    if not dropped:
+        return ""
+    return (
+        f" {dropped} of {total} rounds, measured while other processes on the machine used "
+        f"more than {common.DISTURBED} cores, are left out."
+    )
+
+
+def _fmt_ratio(ratios: Sequence[float]) -> str:
+    if not ratios:
+        return "n/a"
+    low, high = _quartiles(ratios)
+    median = statistics.median(ratios)
+    if len(ratios) < 2:
+        return f"{median:.3f}"
+    return f"{median:.3f} ({low:.3f}-{high:.3f})"
+
+
+def _status(ok: bool | None) -> str:
+    if ok is None:
+        return "not measured"
+    return "met" if ok else "**missed**"
+
+
+# --- rendering -----------------------------------------------------------------------------------
+def render(directory: Path, system: dict[str, Any] | None = None) -> str:
+    system = system or _read(directory, "system.json") or {}
+    hooks_path = directory / "hooks.json"
+    if not hooks_path.is_file():
+        hooks_path = directory / "hooks-smoke.json"
+    hooks = load_hooks(hooks_path) if hooks_path.is_file() else None
+    hooks_other = (_read(directory, "hooks-interference.json") or {}).get("other_cores", 0.0)
+    e2e = _read(directory, "e2e-raw.json")
+    concurrency = _read(directory, "concurrency.json")
+    soak = _soak_file(directory)
+    startup = _read(directory, "startup.json")
+    profile = _read(directory, "profile.json")
+
+    targets: list[tuple[str, str, str]] = []
+    sections: list[str] = []
+
+    e2e_lines, e2e_targets = _render_e2e(e2e)
+    targets += e2e_targets
+    hook_lines, hook_targets = _render_hooks(hooks, hooks_other)
+    targets += hook_targets
+    conc_lines, conc_targets = _render_concurrency(concurrency)
+    targets += conc_targets
+    soak_lines, soak_targets = _render_soak(soak)
+    targets += soak_targets
+    start_lines, start_targets = _render_startup(startup)
+    targets += start_targets
+    for block in (e2e_lines, hook_lines, conc_lines, soak_lines, start_lines):
+        if block:
+            sections.append("\n".join(block))
+    if profile:
+        sections.append(
+            f"cProfile of {profile['kickoffs']} instrumented kickoffs: crew_otel's own code "
+            f"(self time) is {profile['crew_otel_self_us_per_kickoff']:.0f} µs per kickoff, "
+            f"{100 * profile['crew_otel_share_of_cpu']:.2f} % of the process CPU under the "
+            "profiler; the hot spots are in `profile.txt`."
+        )
+
+    versions = system.get("versions", {})
+    competitor_versions = _competitor_versions(e2e)
+    header = [
+        "## Performance",
+        "",
+        f"Measured {system.get('date', '?')[:10]} on {system.get('cpu_model', '?')} "
+        f"({system.get('cpu_count', '?')} cores), Python {system.get('python', '?')}, "
+        f"crewai {versions.get('crewai', '?')}, OpenTelemetry SDK "
+        f"{versions.get('opentelemetry-sdk', '?')}, crew_otel {versions.get('crew-otel', '?')}"
+        + (f"; {competitor_versions}" if competitor_versions else "")
+        + f". `{system.get('command', 'python -m benchmarks.run')}` "
+        f"({system.get('runtime_s', 0) / 60:.0f} min)"
+        + "".join(
+            f", then `{extra['command']}` ({extra['runtime_s'] / 60:.0f} min)"
+            for extra in system.get("additional_runs", [])
+        )
+        + "; method and raw data in [`benchmarks/`](benchmarks/README.md).",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        *[f"| {target} | {measured} | {status} |" for target, measured, status in targets],
+    ]
+    load = system.get("machine_load")
+    if load:
+        header += [
+            "",
+            f"During the run, processes other than the benchmark's used "
+            f"{100 * load['other_share_of_machine']:.1f} % of the machine's CPU "
+            f"({load['other_cpu_s']:.0f} s); the hypervisor took {load['steal_s']:.0f} s.",
+        ]
+    if system.get("skipped"):
+        header += [
+            "",
+            "Not measured: " + "; ".join(f"{k}: {v}" for k, v in system["skipped"].items()),
+        ]
+    return "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _competitor_versions(e2e: Any) -> str:
+    if not e2e:
+        return ""
+    parts = []
+    for variant in (common.OPENINFERENCE, common.OPENLLMETRY):
+        workers = e2e.get("workers", {}).get(variant)
+        if workers:
+            packages = workers[0].get("versions", {})
+            parts.append(
+                f"{common.LABELS[variant]}: "
+                + ", ".join(f"{name} {version}" for name, version in packages.items())
+            )
+    return "; ".join(parts)
+
+
+def _render_e2e(e2e: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
+    if not e2e:
+        return [], [(f"end-to-end CPU ≤ {TARGET_E2E_RATIO} x uninstrumented", "-", _status(None))]
+    rows, dropped, total = quiet_rows(e2e["rounds"], ("block", "round"))
+    variants = [v for v in common.VARIANTS if any(r["variant"] == v for r in rows)]
+    settings = e2e["settings"]
+    n_rounds = settings["blocks"] * settings["rounds_per_block"]
+    lines = [
+        f"**End to end**: one kickoff of a new 2-agent, 2-task crew with a tool (3 model calls "
+        f"to a loopback provider in another process), sequential; {n_rounds} interleaved rounds "
+        f"of {settings['kickoffs_per_round']} kickoffs per variant, each variant in its own "
+        "process; BatchSpanProcessor + OTLP protobuf encoding (discarded) inside the timing. "
+        "Ratios: median of the per-round ratios to the uninstrumented run of the same round "
+        "(interquartile range)." + _set_aside(dropped, total),
+        "",
+        "| | CPU ms / kickoff | Δ CPU ms | CPU vs none | wall ms / kickoff | wall vs none "
+        "| spans / kickoff | OTLP kB / kickoff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    medians: dict[str, float] = {}
+    cpu_ratios: dict[str, list[float]] = {}
+    base_cpu = statistics.median(r["cpu"] for r in rows if r["variant"] == common.BASELINE)
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        cpu = statistics.median(r["cpu"] for r in mine)
+        wall = statistics.median(r["wall"] for r in mine)
+        medians[variant] = cpu
+        cpu_ratios[variant] = paired_ratios(rows, variant, "cpu", ("block", "round"))
+        wall_ratios = paired_ratios(rows, variant, "wall", ("block", "round"))
+        spans = statistics.median(r["spans"] for r in mine)
+        otlp = statistics.median(r["otlp_bytes"] for r in mine) / 1000
+        base = variant == common.BASELINE
+        delta = "" if base else f"{(cpu - base_cpu) * 1e3:+.1f}"
+        lines.append(
+            f"| {common.LABELS[variant]} | {cpu * 1e3:.1f} | {delta} | "
+            f"{'1' if base else _fmt_ratio(cpu_ratios[variant])} | {wall * 1e3:.1f} | "
+            f"{'1' if base else _fmt_ratio(wall_ratios)} | {spans:.0f} | {otlp:.1f} |"
+        )
+    targets = []
+    ours = cpu_ratios.get(common.CREW_OTEL)
+    if ours:
+        ratio = statistics.median(ours)
+        delta = (medians[common.CREW_OTEL] - medians[common.BASELINE]) * 1e3
+        targets.append(
+            (
+                f"end-to-end CPU per kickoff ≤ {TARGET_E2E_RATIO} x uninstrumented",
+                f"{ratio:.3f} x ({delta:+.1f} ms per kickoff)",
+                _status(ratio <= TARGET_E2E_RATIO),
+            )
+        )
+        competitors = [v for v in (common.OPENINFERENCE, common.OPENLLMETRY) if v in cpu_ratios]
+        if competitors:
+            theirs = ", ".join(
+                f"{common.LABELS[v]} {statistics.median(cpu_ratios[v]):.3f} x" for v in competitors
+            )
+            below = all(ratio < statistics.median(cpu_ratios[v]) for v in competitors)
+            low, high = _quartiles(ours)
+            overlap = all(low <= statistics.median(cpu_ratios[v]) <= high for v in competitors)
+            targets.append(
+                (
+                    "end-to-end CPU below both competitors",
+                    f"crew_otel {ratio:.3f} x; {theirs}"
+                    + ("" if len(competitors) == 2 else " (one competitor not measured)")
+                    + (
+                        " (their medians lie within crew_otel's interquartile range)"
+                        if overlap
+                        else ""
+                    ),
+                    _status(below if len(competitors) == 2 else None),
+                )
+            )
+    return lines, targets
+
+
+def _busy_note(cores: float) -> str:
+    if cores <= common.DISTURBED:
+        return ""
+    return f" Other processes on the machine used {cores:.2f} cores meanwhile."
+
+
+def _render_hooks(hooks: Any, other: float = 0.0) -> tuple[list[str], list[tuple[str, str, str]]]:
+    if not hooks or _FLOOR not in hooks:
+        return [], [(f"per-hook cost ≤ {TARGET_HOOK_RATIO} x a bare SDK span", "-", _status(None))]
+    bare = hooks[_BARE]["median"] if _BARE in hooks else 0.0
+    floor = hooks[_FLOOR]["median"] - bare
+    tool = next(iter(hooks.values()))["tool"]
+    lines = [
+        "**Per hook**: process CPU per call above the unwrapped call (a plain method call, "
+        f"{bare * 1e9:.0f} ns), each wrapper around a target that returns at once, on real "
+        "CrewAI objects in the context a run gives it; each call's span encoded to OTLP "
+        f"protobuf in batches of 512 inside the timing ({tool})." + _busy_note(other),
+        "",
+        "| hook | µs / call | x bare SDK span |",
+        "|---|---:|---:|",
+    ]
+    worst = 0.0
+    for name in (*FLOORS, *HOOKS):
+        if name not in hooks or name == _BARE:
+            continue
+        cost = hooks[name]["median"] - bare
+        ratio = cost / floor
+        label = name if name in HOOKS else f"*{name}*"
+        if name in HOOKS:
+            worst = max(worst, ratio)
+        lines.append(f"| {label} | {cost * 1e6:.1f} | {ratio:.2f} |")
+    present = [name for name in HOOKS if name in hooks]
+    costs = sorted((hooks[name]["median"] - bare) / floor for name in present)
+    targets = [
+        (
+            f"per-hook cost ≤ {TARGET_HOOK_RATIO} x a bare SDK span ({floor * 1e6:.0f} µs here)",
+            f"{costs[0]:.1f}-{costs[-1]:.1f} x",
+            _status(worst <= TARGET_HOOK_RATIO),
+        )
+    ]
+    return lines, targets
+
+
+def _render_concurrency(data: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
+    if not data or not data.get("runs"):
+        return [], [("overhead ratio not growing with concurrency", "-", _status(None))]
+    runs, dropped, total = quiet_rows(data["runs"], ("round", "level"))
+    levels = [level[0] for level in data["levels"]]
+    lines = [
+        "**Concurrency**: the same kickoffs, N at a time in one process (threads, or "
+        "`akickoff`s gathered on one event loop); crew_otel vs uninstrumented, interleaved "
+        "rounds. CPU is per kickoff; wall is the batch's wall time per kickoff."
+        + _set_aside(dropped, total),
+        "",
+        "| load | CPU ms / kickoff, none | crew_otel | CPU ratio | wall ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ratios = {}
+    spread: dict[str, list[float]] = {}
+    for level in levels:
+        rows = [r for r in runs if r["level"] == level]
+        base = [r["cpu"] for r in rows if r["variant"] == common.BASELINE]
+        ours = [r["cpu"] for r in rows if r["variant"] == common.CREW_OTEL]
+        cpu_ratios = paired_ratios(rows, common.CREW_OTEL, "cpu", ("round",))
+        wall_ratios = paired_ratios(rows, common.CREW_OTEL, "wall", ("round",))
+        ratios[level] = statistics.median(cpu_ratios)
+        spread[level] = cpu_ratios
+        lines.append(
+            f"| {level} | {statistics.median(base) * 1e3:.1f} | "
+            f"{statistics.median(ours) * 1e3:.1f} | {_fmt_ratio(cpu_ratios)} | "
+            f"{_fmt_ratio(wall_ratios)} |"
+        )
+    # Growing = a level whose ratios lie clearly above the one-thread ratios: its lower
+    # quartile above their upper quartile (medians alone move by several % between runs).
+    _, first_high = _quartiles(spread[levels[0]])
+    grown = [level for level in levels[1:] if _quartiles(spread[level])[0] > first_high]
+    measured = ", ".join(f"{level} {ratio:.3f}" for level, ratio in ratios.items())
+    if grown:
+        measured += f" ({', '.join(grown)} clearly above 1 thread)"
+    else:
+        measured += " (interquartile ranges overlap the 1-thread one)"
+    return lines, [("overhead ratio not growing with concurrency", measured, _status(not grown))]
+
+
+def _render_soak(soak: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
+    if not soak:
+        return [], [("no RSS growth beyond uninstrumented", "-", _status(None))]
+    kickoffs = soak["kickoffs"]
+    every = soak["every"]
+    lines = [
+        f"**Memory**: {kickoffs} sequential kickoffs per variant after "
+        f"{soak.get('warmup_kickoffs', 0)} warm-up kickoffs; RSS and live objects sampled "
+        f"after a full GC and `malloc_trim` every {every} ({soak['elapsed_s'] / 60:.0f} min, "
+        "both variants at once). Lazily created caches and classes still grow in the first "
+        f"interval, so growth is shown in all and from kickoff {every} on (steady state); "
+        "slope: Theil-Sen (median of pairwise slopes) over the steady-state samples."
+        + _busy_note(soak.get("other_cores", 0.0)),
+        "",
+        f"| | RSS at 0, MB | at {kickoffs}, MB | growth, MB | from {every}, MB "
+        "| slope, MB / 1000 kickoffs | live objects: growth | from "
+        f"{every} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    steady: dict[str, float] = {}
+    for variant in (common.BASELINE, common.CREW_OTEL):
+        result = soak["variants"].get(variant)
+        if not result:
+            continue
+        samples = result["samples"]
+        first, second, last = samples[0], samples[min(1, len(samples) - 1)], samples[-1]
+        later = samples[1:] if len(samples) > 2 else samples
+        slope = _theil_sen([s["kickoffs"] for s in later], [s["rss"] for s in later])
+        steady[variant] = last["rss"] - second["rss"]
+        lines.append(
+            f"| {common.LABELS[variant]} | {first['rss'] / 1e6:.1f} | {last['rss'] / 1e6:.1f} | "
+            f"{(last['rss'] - first['rss']) / 1e6:+.1f} | {steady[variant] / 1e6:+.1f} | "
+            f"{slope * 1000 / 1e6:+.2f} | {last['objects'] - first['objects']:+d} | "
+            f"{last['objects'] - second['objects']:+d} |"
+        )
+    if len(steady) < 2:
+        return lines, [("no RSS growth beyond uninstrumented", "-", _status(None))]
+    ours, base = steady[common.CREW_OTEL], steady[common.BASELINE]
+    # Pages and allocator arenas: within 1 MB of the uninstrumented growth counts as none.
+    ok = ours <= base + 1_000_000
+    scope = f"{kickoffs:,} kickoffs" + ("" if kickoffs >= 5000 else " (not 5,000: see README)")
+    return lines, [
+        (
+            f"no RSS growth beyond uninstrumented over {scope}",
+            f"{ours / 1e6:+.1f} MB vs {base / 1e6:+.1f} MB from kickoff {every} on",
+            _status(ok),
+        )
+    ]
+
+
+def _theil_sen(xs: Sequence[float], ys: Sequence[float]) -> float:
+    slopes = [
+        (ys[j] - ys[i]) / (xs[j] - xs[i])
+        for i in range(len(xs))
+        for j in range(i + 1, len(xs))
+        if xs[j] != xs[i]
+    ]
+    return statistics.median(slopes) if slopes else 0.0
+
+
+def _render_startup(startup: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
+    if not startup:
+        return [], [(f"`instrument()` < {TARGET_INSTRUMENT_S * 1e3:.0f} ms", "-", _status(None))]
+    probes = startup["probes"]
+    lines = [
+        "**Start-up**: fresh processes, after `import crewai` and the SDK set-up; median.",
+        "",
+        "| | import, ms | instrument, ms | processes |",
+        "|---|---:|---:|---:|",
+    ]
+    targets = []
+    for variant in (common.CREW_OTEL, common.OPENINFERENCE, common.OPENLLMETRY):
+        runs = [p for p in probes.get(variant, []) if p.get("kind", "measured") == "measured"]
+        calm = [p for p in runs if p.get("other_cores", 0.0) <= common.DISTURBED]
+        if len(calm) * 2 >= len(runs):
+            runs = calm
+        if not runs:
+            continue
+        imported = statistics.median(p["import_instrumentation"] for p in runs)
+        instrument = statistics.median(p["instrument"] for p in runs)
+        label = common.LABELS[variant]
+        if variant == common.CREW_OTEL:
+            lines.append(
+                f"| {label}: `import crew_otel`, `crew_otel.instrument()` | {imported * 1e3:.0f} | "
+                f"{instrument * 1e3:.0f} | {len(runs)} |"
+            )
+            targets.append(
+                (
+                    f"`instrument()` < {TARGET_INSTRUMENT_S * 1e3:.0f} ms",
+                    f"{instrument * 1e3:.0f} ms (median of {len(runs)})",
+                    _status(instrument < TARGET_INSTRUMENT_S),
+                )
+            )
+        else:
+            lines.append(
+                f"| {label}: CrewAI + OpenAI instrumentors (import included) | - | "
+                f"{instrument * 1e3:.0f} | {len(runs)} |"
+            )
+    return lines, targets
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    directory = Path(args[0]) if args else common.BENCH_DIR / "results"
+    from benchmarks import deps
+
+    deps.ensure_tools()  # pyperf reads hooks.json
+    text = render(directory)
+    (directory / "summary.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

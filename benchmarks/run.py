@@ -1,0 +1,699 @@
+"""Run every benchmark and print the results table: ``python -m benchmarks.run [--quick]``.
+
+Run it from the repository root with the environment crew_otel is installed in (``make bench``
+does). It installs what it needs that the environment lacks (pyperf, the two competitors) into
+``benchmarks/.deps/`` (see :mod:`benchmarks.deps`), writes the raw results to
+``benchmarks/results/`` (``--quick``: ``benchmarks/results-quick/``) and prints the Markdown
+table that is also written to ``summary.md`` there. See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from benchmarks import common, deps, report
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How much of everything to run."""
+
+    startup_probes: int
+    competitor_startup_probes: int
+    hooks_pyperf: bool
+    hooks_processes: int
+    hooks_values: int
+    e2e_blocks: int
+    e2e_rounds: int
+    e2e_kickoffs: int
+    warmup_kickoffs: int
+    concurrency_rounds: int
+    concurrency_warmup: bool
+    #: (label, mode, concurrency, kickoffs per measurement)
+    concurrency_levels: tuple[tuple[str, str, int, int], ...]
+    profile_kickoffs: int
+    soak_kickoffs: int
+    soak_warmup: int
+    #: Seconds the whole run may spend waiting for other processes to calm down.
+    quiet_budget: float
+
+
+FULL = Settings(
+    startup_probes=5,
+    competitor_startup_probes=2,
+    hooks_pyperf=True,
+    hooks_processes=2,
+    hooks_values=5,
+    e2e_blocks=2,
+    e2e_rounds=30,
+    e2e_kickoffs=2,
+    warmup_kickoffs=10,
+    concurrency_rounds=8,
+    concurrency_warmup=True,
+    concurrency_levels=(
+        ("1 thread", "threads", 1, 4),
+        ("8 threads", "threads", 8, 8),
+        ("32 threads", "threads", 32, 32),
+        ("32 akickoff", "async", 32, 32),
+    ),
+    profile_kickoffs=20,
+    soak_kickoffs=1000,
+    soak_warmup=50,
+    quiet_budget=600.0,
+)
+QUICK = Settings(
+    startup_probes=1,
+    competitor_startup_probes=0,
+    hooks_pyperf=False,
+    hooks_processes=1,
+    hooks_values=1,
+    e2e_blocks=1,
+    e2e_rounds=2,
+    e2e_kickoffs=2,
+    warmup_kickoffs=1,
+    concurrency_rounds=1,
+    concurrency_warmup=False,
+    concurrency_levels=(
+        ("1 thread", "threads", 1, 2),
+        ("8 threads", "threads", 8, 8),
+        ("32 threads", "threads", 32, 32),
+        ("32 akickoff", "async", 32, 32),
+    ),
+    profile_kickoffs=5,
+    soak_kickoffs=100,
+    soak_warmup=5,
+    quiet_budget=20.0,
+)
+SECTIONS = ("startup", "hooks", "e2e", "soak")
+QUIET = common.QUIET
+DISTURBED = common.DISTURBED
+#: Longest wait for a quiet machine before one round.
+MAX_WAIT = 60.0
+#: How many times a disturbed measurement is made again.
+RETRIES = 3
+
+
+class Log:
+    """Progress on stderr and in ``run.log``."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.start:7.1f}s] {message}"
+        print(line, file=sys.stderr, flush=True)
+        self.handle.write(line + "\n")
+        self.handle.flush()
+
+
+class Worker:
+    """A ``benchmarks.worker`` process: one variant, commands over a pipe."""
+
+    def __init__(self, variant: str, base_url: str, env: dict[str, str], stderr: IO[str]) -> None:
+        self.variant = variant
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.worker",
+                "--variant",
+                variant,
+                "--base-url",
+                base_url,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            cwd=common.REPO_ROOT,
+        )
+        self.ready: dict[str, Any] = {}
+
+    def wait_ready(self) -> dict[str, Any]:
+        self.ready = self._read()
+        return self.ready
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.variant} exited (status {self.process.wait()})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"worker {self.variant}: {reply['error']}")
+        return reply
+
+    def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def request(self, **command: Any) -> dict[str, Any]:
+        self.send(**command)
+        return self._read()
+
+    def run(self, mode: str, concurrency: int, kickoffs: int) -> dict[str, Any]:
+        reply = self.request(op="run", mode=mode, concurrency=concurrency, kickoffs=kickoffs)
+        if reply.get("errors"):
+            raise RuntimeError(
+                f"{self.variant}: {reply['errors']} kickoffs failed:\n{reply['first_error']}"
+            )
+        return reply
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(RuntimeError, OSError, ValueError):
+                self.request(op="exit")
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Bench:
+    """Everything one invocation shares: settings, environment, provider, output."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.settings = QUICK if args.quick else FULL
+        if args.soak_kickoffs:
+            self.settings = dataclasses.replace(self.settings, soak_kickoffs=args.soak_kickoffs)
+        default_out = "results-quick" if args.quick else "results"
+        self.out = Path(args.out) if args.out else common.BENCH_DIR / default_out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = Log(self.out / "run.log")
+        self.worker_log = open(self.out / "workers.log", "a", encoding="utf-8")  # noqa: SIM115
+        self.quick = args.quick
+        self.sections = tuple(args.only) if args.only else SECTIONS
+        self.variants: list[str] = [common.BASELINE, common.CREW_OTEL]
+        self.overlays: dict[str, Path] = {}
+        self.skipped: dict[str, str] = {}
+        self.env: dict[str, str] = {}
+        self.provider: subprocess.Popen[str] | None = None
+        self.base_url = ""
+        self.system: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self._tempdirs: list[str] = []
+        self.interference = common.Interference()
+        self.waited = 0.0
+        #: Whether the last measurement saw a quiet machine (then the next needs no check).
+        self.was_quiet = False
+
+    def quiet(self, what: str) -> None:
+        """Wait for other processes to calm down (within the run's budget)."""
+        budget = self.settings.quiet_budget - self.waited
+        if budget <= 0 or self.was_quiet:
+            return
+        waited, cores = self.interference.wait_until_quiet(QUIET, min(MAX_WAIT, budget))
+        self.waited += waited
+        if waited > 1.5:
+            self.log(
+                f"waited {waited:.0f} s for other processes before {what} "
+                f"(now {cores:.2f} cores busy with them)"
+            )
+
+    def measure(
+        self, worker: Worker, mode: str, concurrency: int, kickoffs: int, what: str
+    ) -> dict[str, Any]:
+        """``worker.run`` plus the cores other processes used meanwhile.
+
+        A measurement during which other processes used more than DISTURBED cores is made
+        again (after waiting for a quiet machine), up to RETRIES times while the run's
+        waiting budget lasts; the discarded attempts are kept in the reply.
+        """
+        discarded: list[dict[str, Any]] = []
+        while True:
+            before = self.interference.sample()
+            reply = worker.run(mode, concurrency, kickoffs)
+            reply["other_cores"] = self.interference.other_cores(before, self.interference.sample())
+            self.was_quiet = reply["other_cores"] <= QUIET
+            if (
+                reply["other_cores"] <= DISTURBED
+                or len(discarded) >= RETRIES
+                or self.waited >= self.settings.quiet_budget
+            ):
+                break
+            discarded.append(reply)
+            self.log(
+                f"{what}, {worker.variant}: other processes used "
+                f"{reply['other_cores']:.2f} cores; measuring again"
+            )
+            self.quiet(f"{what} again")
+        if discarded:
+            reply["discarded_attempts"] = discarded
+        return reply
+
+    def _tempdir(self, prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=f"crew-otel-bench-{prefix}")
+        self._tempdirs.append(path)
+        return path
+
+    # --- set-up ------------------------------------------------------------------------------
+    def prepare(self, competitors: bool) -> None:
+        tools = deps.ensure_tools()
+        self.log("pyperf: " + ("found" if tools is None else "installed in benchmarks/.deps/tools"))
+        for name in (common.OPENINFERENCE, common.OPENLLMETRY):
+            if not competitors:
+                self.skipped[name] = "--no-competitors"
+                continue
+            try:
+                self.overlays[name] = deps.ensure_competitor(name)
+                self.variants.append(name)
+                self.log(f"{name}: ready ({', '.join(deps.COMPETITORS[name])})")
+            except deps.DependencyError as exc:
+                self.skipped[name] = str(exc)
+                self.log(f"{name}: SKIPPED: {exc}")
+
+        from crew_otel.testing.crews import prepare_offline_environment
+
+        # A temporary HOME etc. (CrewAI writes there), inherited by every child.
+        prepare_offline_environment(self._tempdir("home-"))
+        if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+            # Imports would compile every module from source in every process; a deployed
+            # service has bytecode caches. Keep them in a temporary tree, not the environment.
+            os.environ["PYTHONPYCACHEPREFIX"] = self._tempdir("pycache-")
+            self.notes.append(
+                "the environment set PYTHONDONTWRITEBYTECODE; the benchmark processes cached "
+                "bytecode in a temporary PYTHONPYCACHEPREFIX instead"
+            )
+        self.env = common.overlay_env(dict(os.environ))
+        self.provider = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.provider"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.worker_log,
+            text=True,
+            env=self.env,
+            cwd=common.REPO_ROOT,
+        )
+        assert self.provider.stdout is not None
+        self.base_url = self.provider.stdout.readline().strip()
+        if not self.base_url:
+            raise RuntimeError("the loopback provider did not start")
+        self.log(f"loopback provider ready (separate process, pid {self.provider.pid})")
+
+    def env_for(self, variant: str) -> dict[str, str]:
+        overlay = self.overlays.get(variant)
+        return common.overlay_env(self.env, overlay) if overlay else self.env
+
+    def spawn(self, variants: Sequence[str]) -> dict[str, Worker]:
+        """Start one worker per variant (in parallel) and wait until all are ready."""
+        workers = {v: Worker(v, self.base_url, self.env_for(v), self.worker_log) for v in variants}
+        for worker in workers.values():
+            worker.wait_ready()
+        return workers
+
+    def close(self) -> None:
+        if self.provider is not None and self.provider.poll() is None:
+            assert self.provider.stdin is not None
+            self.provider.stdin.close()
+            try:
+                self.provider.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.provider.kill()
+        self.worker_log.close()
+        for path in self._tempdirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def write(self, name: str, data: Any) -> Path:
+        path = self.out / name
+        path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+        return path
+
+    # --- 5. start-up -------------------------------------------------------------------------
+    def startup(self) -> dict[str, Any]:
+        plan = [(common.CREW_OTEL, self.settings.startup_probes)]
+        plan += [
+            (v, self.settings.competitor_startup_probes)
+            for v in self.variants
+            if v not in (common.BASELINE, common.CREW_OTEL)
+        ]
+        probes: dict[str, list[dict[str, Any]]] = {}
+        for variant, count in plan:
+            if count <= 0:
+                continue
+            # One unmeasured process first (bytecode caches), and for crew_otel one under
+            # cProfile; then the measured ones.
+            kinds = ["warm-up"] + (["profiled"] if variant == common.CREW_OTEL else [])
+            queue = [*kinds, *["measured"] * count]
+            retries = 0
+            while queue:
+                kind = queue.pop(0)
+                if kind == "measured":
+                    self.quiet(f"a start-up probe of {variant}")
+                before = self.interference.sample()
+                command = [sys.executable, "-m", "benchmarks.startup", "--variant", variant]
+                if kind == "profiled":
+                    command += ["--profile", str(self.out / "startup-profile.txt")]
+                completed = subprocess.run(
+                    command,
+                    capture_output=True,
+                    text=True,
+                    env=self.env_for(variant),
+                    cwd=common.REPO_ROOT,
+                    check=False,
+                )
+                self.worker_log.write(completed.stderr)
+                if completed.returncode != 0:
+                    raise RuntimeError(f"start-up probe failed:\n{completed.stderr[-3000:]}")
+                probe = json.loads(completed.stdout.strip().splitlines()[-1])
+                probe["kind"] = kind
+                probe["other_cores"] = self.interference.other_cores(
+                    before, self.interference.sample()
+                )
+                if (
+                    kind == "measured"
+                    and probe["other_cores"] > DISTURBED
+                    and retries < RETRIES * count
+                    and self.waited < self.settings.quiet_budget
+                ):
+                    probe["kind"] = "disturbed"
+                    retries += 1
+                    queue.append("measured")
+                probes.setdefault(variant, []).append(probe)
+            self.log(f"start-up: {count} measured fresh processes of {variant}")
+        result = {"probes": probes}
+        self.write("startup.json", result)
+        return result
+
+    # --- 1. per-hook cost --------------------------------------------------------------------
+    def hooks(self) -> dict[str, Any]:
+        settings = self.settings
+        if settings.hooks_pyperf:
+            path = self.out / "hooks.json"
+            path.unlink(missing_ok=True)
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.hooks",
+                "-o",
+                str(path),
+                "--processes",
+                str(settings.hooks_processes),
+                "--values",
+                str(settings.hooks_values),
+                "--copy-env",
+                "--quiet",
+            ]
+        else:
+            path = self.out / "hooks-smoke.json"
+            command = [sys.executable, "-m", "benchmarks.hooks", "--smoke", "-o", str(path)]
+        attempts: list[float] = []
+        while True:
+            self.quiet("the per-hook benchmarks")
+            if settings.hooks_pyperf:
+                path.unlink(missing_ok=True)
+            before = self.interference.sample()
+            completed = subprocess.run(
+                command,
+                env=self.env,
+                cwd=common.REPO_ROOT,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            other = self.interference.other_cores(before, self.interference.sample())
+            self.worker_log.write(completed.stdout + completed.stderr)
+            if completed.returncode != 0:
+                raise RuntimeError(f"hooks benchmark failed:\n{completed.stderr[-3000:]}")
+            attempts.append(other)
+            if other <= DISTURBED or len(attempts) > 1 or self.waited >= settings.quiet_budget:
+                break
+            self.log(f"per-hook benchmarks: other processes used {other:.2f} cores; again")
+        self.write("hooks-interference.json", {"other_cores": other, "attempts": attempts})
+        self.log(f"per-hook microbenchmarks done ({path.name}; other processes: {other:.2f} cores)")
+        return report.load_hooks(path)
+
+    # --- 2.-4. end-to-end, concurrency, profile -------------------------------------------------
+    def e2e(self) -> dict[str, Any]:
+        s = self.settings
+        rounds: list[dict[str, Any]] = []
+        ready: dict[str, list[dict[str, Any]]] = {}
+        concurrency: list[dict[str, Any]] = []
+        profile: dict[str, Any] = {}
+        spans: dict[str, Any] = {}
+        for block in range(s.e2e_blocks):
+            workers = self.spawn(self.variants)
+            try:
+                for variant, worker in workers.items():
+                    ready.setdefault(variant, []).append(worker.ready)
+                for worker in workers.values():
+                    worker.run("threads", 1, s.warmup_kickoffs)
+                self.log(f"e2e block {block + 1}/{s.e2e_blocks}: {len(workers)} workers warm")
+                for index in range(s.e2e_rounds):
+                    order = _rotation(self.variants, index, reverse=block % 2 == 1)
+                    self.quiet(f"e2e round {index + 1}")
+                    for variant in order:
+                        reply = self.measure(
+                            workers[variant], "threads", 1, s.e2e_kickoffs, f"e2e round {index + 1}"
+                        )
+                        rounds.append({"block": block, "round": index, "variant": variant, **reply})
+                    if (index + 1) % 5 == 0 or index + 1 == s.e2e_rounds:
+                        self.log(f"e2e block {block + 1} round {index + 1}/{s.e2e_rounds}")
+                if block == s.e2e_blocks - 1:
+                    concurrency = self._concurrency(workers)
+                    profile = self._profile(workers[common.CREW_OTEL])
+                for variant, worker in workers.items():
+                    counts = worker.request(op="spans")
+                    spans.setdefault(variant, []).append(counts)
+            finally:
+                for worker in workers.values():
+                    worker.close()
+        raw = {
+            "settings": {
+                "blocks": s.e2e_blocks,
+                "rounds_per_block": s.e2e_rounds,
+                "kickoffs_per_round": s.e2e_kickoffs,
+                "warmup_kickoffs": s.warmup_kickoffs,
+            },
+            "workers": ready,
+            "rounds": rounds,
+            "span_names": spans,
+        }
+        self.write("e2e-raw.json", raw)
+        self.write("concurrency.json", {"levels": s.concurrency_levels, "runs": concurrency})
+        self._pyperf_files(rounds)
+        return {"raw": raw, "concurrency": concurrency, "profile": profile}
+
+    def _concurrency(self, workers: dict[str, Worker]) -> list[dict[str, Any]]:
+        s = self.settings
+        pair = [common.BASELINE, common.CREW_OTEL]
+        runs = []
+        if s.concurrency_warmup:  # once per level, unmeasured
+            for _label, mode, level, _kickoffs in s.concurrency_levels:
+                for variant in pair:
+                    workers[variant].run(mode, level, level)
+        for index in range(s.concurrency_rounds):
+            for label, mode, level, kickoffs in s.concurrency_levels:
+                self.quiet(f"concurrency round {index + 1} ({label})")
+                for variant in _rotation(pair, index):
+                    reply = self.measure(
+                        workers[variant], mode, level, kickoffs, f"concurrency {label}"
+                    )
+                    runs.append(
+                        {
+                            "round": index,
+                            "level": label,
+                            "mode": mode,
+                            "concurrency": level,
+                            "variant": variant,
+                            **reply,
+                        }
+                    )
+            self.log(f"concurrency round {index + 1}/{s.concurrency_rounds}")
+        return runs
+
+    def _profile(self, worker: Worker) -> dict[str, Any]:
+        reply = worker.request(
+            op="profile", kickoffs=self.settings.profile_kickoffs, out=str(self.out / "profile.txt")
+        )
+        self.write("profile.json", reply)
+        self.log("profile written (profile.txt)")
+        return reply
+
+    def _pyperf_files(self, rounds: list[dict[str, Any]]) -> None:
+        """One pyperf file per variant (values = per-round means), and pyperf's comparison."""
+        import pyperf
+
+        paths = []
+        for variant in self.variants:
+            benchmarks = []
+            for metric in ("cpu", "wall"):
+                runs = []
+                for block in sorted({r["block"] for r in rounds}):
+                    values = [
+                        r[metric] for r in rounds if r["variant"] == variant and r["block"] == block
+                    ]
+                    if not values:
+                        continue
+                    metadata = {
+                        "name": f"e2e {metric} per kickoff",
+                        "unit": "second",
+                        "loops": self.settings.e2e_kickoffs,
+                        "description": f"{common.LABELS[variant]}: research_crew kickoff",
+                    }
+                    runs.append(pyperf.Run(values, metadata=metadata, collect_metadata=False))
+                if runs:
+                    benchmarks.append(pyperf.Benchmark(runs))
+            path = self.out / f"e2e-{variant}.json"
+            path.unlink(missing_ok=True)
+            pyperf.BenchmarkSuite(benchmarks).dump(str(path))
+            paths.append(str(path))
+        if len(paths) > 1 and len(rounds) >= 2 * len(paths):
+            completed = subprocess.run(
+                [sys.executable, "-m", "pyperf", "compare_to", *paths],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                cwd=common.REPO_ROOT,
+                check=False,
+            )
+            (self.out / "e2e-compare.txt").write_text(
+                completed.stdout + completed.stderr, encoding="utf-8"
+            )
+
+    # --- 4. memory soak ----------------------------------------------------------------------
+    def soak(self) -> dict[str, Any]:
+        kickoffs = self.settings.soak_kickoffs
+        every = max(kickoffs // 10, 1)
+        pair = [common.BASELINE, common.CREW_OTEL]
+        workers = self.spawn(pair)
+        started = time.perf_counter()
+        try:
+            for worker in workers.values():
+                worker.run("threads", 1, self.settings.soak_warmup)
+            self.quiet("the soak")
+            before = self.interference.sample()
+            for worker in workers.values():  # both at once: one per core
+                worker.send(op="soak", kickoffs=kickoffs, every=every)
+            results = {variant: workers[variant]._read() for variant in pair}
+            other = self.interference.other_cores(before, self.interference.sample())
+        finally:
+            for worker in workers.values():
+                worker.close()
+        elapsed = time.perf_counter() - started
+        for variant, result in results.items():
+            if result.get("errors"):
+                raise RuntimeError(f"soak {variant}: {result['errors']} kickoffs failed")
+        data = {
+            "kickoffs": kickoffs,
+            "every": every,
+            "elapsed_s": elapsed,
+            "warmup_kickoffs": self.settings.soak_warmup,
+            "other_cores": other,
+            "note": "both variants ran at the same time, one process each; sample 0 is after "
+            "the warm-up kickoffs",
+            "variants": results,
+        }
+        self.write(f"soak-{kickoffs}.json", data)
+        self.log(f"soak: {kickoffs} kickoffs per variant in {elapsed:.0f} s")
+        return data
+
+
+def _previous_system(directory: Path) -> dict[str, Any] | None:
+    path = directory / "system.json"
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _rotation(items: Sequence[str], index: int, reverse: bool = False) -> list[str]:
+    """A different order each round (each variant runs first equally often)."""
+    ordered = list(reversed(items)) if reverse else list(items)
+    shift = index % len(ordered)
+    return ordered[shift:] + ordered[:shift]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run, under 2 minutes")
+    parser.add_argument("--out", help="results directory (default benchmarks/results[-quick])")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--soak-kickoffs", type=int, help="kickoffs per variant in the memory soak")
+    parser.add_argument(
+        "--no-competitors", action="store_true", help="skip OpenInference and OpenLLMetry"
+    )
+    args = parser.parse_args(argv)
+
+    bench = Bench(args)
+    started = time.perf_counter()
+    cpu_at_start = common.machine_cpu()
+    results: dict[str, Any] = {}
+    try:
+        bench.prepare(competitors=not args.no_competitors)
+        for section in SECTIONS:
+            if section in bench.sections:
+                bench.log(f"--- {section}")
+                bench.was_quiet = False
+                results[section] = getattr(bench, section)()
+    finally:
+        bench.close()
+    load = common.machine_load(cpu_at_start, common.machine_cpu())
+    system = {
+        **common.system_info(),
+        "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
+        "sections": list(bench.sections),
+        "settings": dataclasses.asdict(bench.settings),
+        "runtime_s": round(time.perf_counter() - started, 1),
+        "versions": common.versions(),
+        "competitors": {
+            name: {"packages": list(deps.COMPETITORS[name]), "installed": name in bench.overlays}
+            for name in deps.COMPETITORS
+        },
+        "skipped": bench.skipped,
+        "machine_load": load,
+        "waited_for_quiet_s": round(bench.waited, 1),
+        "quiet_threshold_cores": QUIET,
+        "disturbed_threshold_cores": DISTURBED,
+        "notes": bench.notes,
+    }
+    previous = _previous_system(bench.out) if args.only else None
+    if previous is not None:
+        # A partial run adds to the results of a full one instead of replacing its record.
+        previous.setdefault("additional_runs", []).append(
+            {
+                key: system[key]
+                for key in (
+                    "date",
+                    "command",
+                    "sections",
+                    "settings",
+                    "runtime_s",
+                    "skipped",
+                    "machine_load",
+                    "notes",
+                )
+            }
+        )
+        previous["additional_runs"][-1]["command"] += " --only " + " ".join(args.only)
+        if args.soak_kickoffs:
+            previous["additional_runs"][-1]["command"] += f" --soak-kickoffs {args.soak_kickoffs}"
+        system = previous
+    bench.write("system.json", system)
+    table = report.render(bench.out, system)
+    (bench.out / "summary.md").write_text(table, encoding="utf-8")
+    common.scrub_tree(bench.out)
+    print(common.scrub(table))
+    bench.log(f"done in {system['runtime_s']:.0f} s; results in {bench.out.name}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""One variant of the end-to-end workload, in a process of its own.
+
+``python -m benchmarks.worker --variant NAME --base-url URL`` imports crewai, sets up the export
+pipeline (:class:`benchmarks.common.Pipeline`), installs the variant's instrumentation, prints
+one JSON line (``ready``, with its start-up timings) and then answers JSON commands, one per
+line on standard input, with one JSON line each:
+
+``{"op": "run", "mode": "threads"|"async", "concurrency": C, "kickoffs": N}``
+    N kickoffs, C at a time, each building its own crew (``research_crew``); the spans are
+    flushed (encoded) before the clock stops. Answers CPU and wall seconds per kickoff.
+``{"op": "soak", "kickoffs": N, "every": E}``
+    N sequential kickoffs, RSS and live objects sampled (after a GC) every E.
+``{"op": "profile", "kickoffs": N, "out": PATH}``
+    N kickoffs under cProfile, in every thread; writes crew_otel's top self-time functions.
+``{"op": "exit"}``
+
+Instrumentations cannot be removed cleanly, so each variant lives in its own process; the
+parent interleaves the variants' rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from benchmarks import common
+
+
+def setup_variant(variant: str, pipeline: common.Pipeline) -> dict[str, Any]:
+    """Install the variant's instrumentation the way its documentation says; return versions."""
+    if variant == common.BASELINE:
+        return {}
+    if variant == common.CREW_OTEL:
+        import crew_otel
+
+        crew_otel.instrument()  # the global providers set by the pipeline
+        return common.versions(("crew-otel",))
+    if variant == common.OPENINFERENCE:
+        from openinference.instrumentation.crewai import CrewAIInstrumentor
+        from openinference.instrumentation.openai import OpenAIInstrumentor
+
+        CrewAIInstrumentor().instrument(tracer_provider=pipeline.tracer_provider)
+        OpenAIInstrumentor().instrument(tracer_provider=pipeline.tracer_provider)
+        return common.versions(
+            (
+                "openinference-instrumentation-crewai",
+                "openinference-instrumentation-openai",
+                "openinference-instrumentation",
+                "openinference-semantic-conventions",
+            )
+        )
+    if variant == common.OPENLLMETRY:
+        from opentelemetry.instrumentation.crewai import CrewAIInstrumentor
+        from opentelemetry.instrumentation.openai import OpenAIInstrumentor
+
+        kwargs = {
+            "tracer_provider": pipeline.tracer_provider,
+            "meter_provider": pipeline.meter_provider,
+        }
+        CrewAIInstrumentor().instrument(**kwargs)
+        OpenAIInstrumentor().instrument(**kwargs)
+        return common.versions(
+            (
+                "opentelemetry-instrumentation-crewai",
+                "opentelemetry-instrumentation-openai",
+                "opentelemetry-semantic-conventions-ai",
+            )
+        )
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+class Workload:
+    """Build a crew per request and kick it off, sync or async."""
+
+    def __init__(self, base_url: str, pipeline: common.Pipeline) -> None:
+        from crew_otel.testing.crews import make_llm, research_crew
+
+        self.pipeline = pipeline
+        self._make_crew = lambda: research_crew(lambda: make_llm(base_url))
+        self.errors = 0
+        self.first_error: str | None = None
+
+    def _note_error(self) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = traceback.format_exc(limit=8)
+
+    def kickoff(self) -> None:
+        try:
+            result = self._make_crew().kickoff(inputs=dict(common.INPUTS))
+            if not getattr(result, "raw", None):
+                raise RuntimeError("empty crew output")
+        except Exception:
+            self._note_error()
+
+    async def akickoff(self) -> None:
+        try:
+            result = await self._make_crew().akickoff(inputs=dict(common.INPUTS))
+            if not getattr(result, "raw", None):
+                raise RuntimeError("empty crew output")
+        except Exception:
+            self._note_error()
+
+    def run(self, mode: str, concurrency: int, kickoffs: int) -> None:
+        if mode == "async":
+            asyncio.run(self._run_async(concurrency, kickoffs))
+        elif concurrency <= 1:
+            for _ in range(kickoffs):
+                self.kickoff()
+        else:
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                for future in [pool.submit(self.kickoff) for _ in range(kickoffs)]:
+                    future.result()
+
+    async def _run_async(self, concurrency: int, kickoffs: int) -> None:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with semaphore:
+                await self.akickoff()
+
+        await asyncio.gather(*(one() for _ in range(kickoffs)))
+
+
+def measure(workload: Workload, mode: str, concurrency: int, kickoffs: int) -> dict[str, Any]:
+    """CPU (all threads of this process) and wall time per kickoff, span export included."""
+    exporter = workload.pipeline.span_exporter
+    spans_before, bytes_before = exporter.spans, exporter.bytes
+    errors_before = workload.errors
+    times0 = os.times()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    workload.run(mode, concurrency, kickoffs)
+    workload.pipeline.flush()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    times = os.times()
+    return {
+        "cpu": cpu / kickoffs,
+        "wall": wall / kickoffs,
+        "user": (times.user - times0.user) / kickoffs,
+        "sys": (times.system - times0.system) / kickoffs,
+        "kickoffs": kickoffs,
+        "spans": (exporter.spans - spans_before) / kickoffs,
+        "otlp_bytes": (exporter.bytes - bytes_before) / kickoffs,
+        "errors": workload.errors - errors_before,
+        "first_error": workload.first_error,
+        "rss": common.rss_bytes(),
+    }
+
+
+def soak(workload: Workload, variant: str, kickoffs: int, every: int) -> dict[str, Any]:
+    """Sequential kickoffs; RSS and live objects (after a full GC) every ``every``."""
+    samples: list[dict[str, Any]] = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+
+    def sample(done: int) -> None:
+        workload.pipeline.flush()  # no spans waiting in the batch queue
+        gc.collect()
+        common.release_free_memory()
+        entry: dict[str, Any] = {
+            "kickoffs": done,
+            "rss": common.rss_bytes(),
+            "objects": len(gc.get_objects()),
+            "wall": time.perf_counter() - wall0,
+            "cpu": time.process_time() - cpu0,
+        }
+        tracked = _crew_otel_tracked_objects() if variant == common.CREW_OTEL else None
+        if tracked is not None:
+            entry["crew_otel_tracked_objects"] = tracked
+        samples.append(entry)
+
+    sample(0)
+    types_at_start = _live_types()
+    types_after_first = types_at_start
+    for done in range(1, kickoffs + 1):
+        workload.kickoff()
+        if done % every == 0 or done == kickoffs:
+            sample(done)
+            if done == every:
+                types_after_first = _live_types()
+    types_at_end = _live_types()
+    return {
+        "samples": samples,
+        "live_type_growth": dict((types_at_end - types_at_start).most_common(20)),
+        "live_type_growth_after_first_interval": dict(
+            (types_at_end - types_after_first).most_common(20)
+        ),
+        "errors": workload.errors,
+        "first_error": workload.first_error,
+    }
+
+
+def _live_types() -> collections.Counter[str]:
+    """Live GC-tracked objects by type (after the GC the caller ran)."""
+    return collections.Counter(
+        f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
+    )
+
+
+def _crew_otel_tracked_objects() -> int | None:
+    try:
+        import crew_otel
+
+        runtime = crew_otel.CrewAIInstrumentor().runtime
+        return int(runtime.sharing.tracked_objects) if runtime is not None else None
+    except Exception:
+        return None
+
+
+def profile(
+    workload: Workload, kickoffs: int, out: str, top: int, dump: str | None = None
+) -> dict[str, Any]:
+    """Run ``kickoffs`` under cProfile in every thread and write the crew_otel hot spots."""
+    import cProfile
+    import pstats
+    import threading
+
+    from benchmarks import profiling
+
+    profiles: list[cProfile.Profile] = []
+
+    def start_thread_profiler(*_: Any) -> None:
+        thread_profile = cProfile.Profile()
+        profiles.append(thread_profile)
+        thread_profile.enable()  # replaces this hook in the new thread
+
+    main_profile = cProfile.Profile()
+    profiles.append(main_profile)
+    threading.setprofile(start_thread_profiler)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    main_profile.enable()
+    try:
+        workload.run("threads", 1, kickoffs)
+        workload.pipeline.flush()
+    finally:
+        main_profile.disable()
+        threading.setprofile(None)  # type: ignore[arg-type]
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    stats = pstats.Stats(main_profile)
+    for thread_profile in profiles[1:]:
+        try:
+            stats.add(thread_profile)
+        except (TypeError, ValueError):  # a thread that never ran Python code
+            continue
+    if dump:
+        stats.dump_stats(dump)
+    text, summary = profiling.render(stats, kickoffs=kickoffs, top=top, wall=wall, cpu=cpu)
+    with open(out, "w", encoding="utf-8") as handle:
+        handle.write(common.scrub(text))
+    summary["threads_profiled"] = len(profiles)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True, choices=common.VARIANTS)
+    parser.add_argument("--base-url", required=True)
+    args = parser.parse_args()
+
+    # The protocol gets the real stdout; anything CrewAI prints goes to stderr.
+    protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+
+    def send(message: dict[str, Any]) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    import crewai  # noqa: F401  (after the parent prepared the offline environment)
+
+    timings["import_crewai"] = time.perf_counter() - start
+    # CrewAI warns on every call that it estimates tokens for a non-OpenAI base URL.
+    logging.getLogger("crewai.llms.base_llm").setLevel(logging.ERROR)
+    pipeline = common.Pipeline()
+    start = time.perf_counter()
+    instrumentation_versions = setup_variant(args.variant, pipeline)
+    timings["instrument"] = time.perf_counter() - start
+    workload = Workload(args.base_url, pipeline)
+    send(
+        {
+            "ready": True,
+            "variant": args.variant,
+            "pid": os.getpid(),
+            "timings": timings,
+            "versions": instrumentation_versions,
+            "rss": common.rss_bytes(),
+        }
+    )
+
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command.get("op")
+        try:
+            if op == "run":
+                reply = measure(
+                    workload,
+                    command.get("mode", "threads"),
+                    int(command.get("concurrency", 1)),
+                    int(command["kickoffs"]),
+                )
+            elif op == "soak":
+                reply = soak(workload, args.variant, int(command["kickoffs"]), command["every"])
+            elif op == "profile":
+                reply = profile(
+                    workload,
+                    int(command["kickoffs"]),
+                    command["out"],
+                    int(command.get("top", 40)),
+                    command.get("dump"),
+                )
+            elif op == "spans":
+                exporter = pipeline.span_exporter
+                reply = {"spans": exporter.spans, "bytes": exporter.bytes, "names": exporter.names}
+            elif op == "exit":
+                send({"ok": True})
+                break
+            else:
+                reply = {"error": f"unknown op {op!r}"}
+        except Exception:
+            reply = {"error": traceback.format_exc()}
+        send(reply)
+    pipeline.tracer_provider.shutdown()
+
+
+if __name__ == "__main__":
+    main()
