@@ -73,7 +73,9 @@ FULL = Settings(
     soak_warmup=50,
     quiet_budget=600.0,
 )
-QUICK = Settings(
+#: A smoke run: the same sections, a fraction of the repetitions (numbers, not statistics).
+QUICK = dataclasses.replace(
+    FULL,
     startup_probes=1,
     competitor_startup_probes=0,
     hooks_pyperf=False,
@@ -81,16 +83,10 @@ QUICK = Settings(
     hooks_values=1,
     e2e_blocks=1,
     e2e_rounds=2,
-    e2e_kickoffs=2,
     warmup_kickoffs=1,
     concurrency_rounds=1,
     concurrency_warmup=False,
-    concurrency_levels=(
-        ("1 thread", "threads", 1, 2),
-        ("8 threads", "threads", 8, 8),
-        ("32 threads", "threads", 32, 32),
-        ("32 akickoff", "async", 32, 32),
-    ),
+    concurrency_levels=(("1 thread", "threads", 1, 2), *FULL.concurrency_levels[1:]),
     profile_kickoffs=5,
     soak_kickoffs=100,
     soak_warmup=5,

@@ -94,7 +94,6 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._baggage_filter: CrewAIBaggageFilter | None = None
             self._llm_lock = threading.Lock()
             self._wrapped_llm_methods: set[tuple[int, str]] = set()
-            self._http_setup: threading.Thread | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -128,17 +127,10 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         safe_call(runtime.on_kickoff, default=None)
 
         if config.http:
-            # Importing the HTTP instrumentation (and httpx2/httpcore2 where installed) is most
-            # of instrument()'s cost: do it in the background; the first kickoff or model call
-            # waits for it, so no HTTP attempt goes untraced.
-            runtime.http_ready = threading.Event()
-            self._http_setup = threading.Thread(
-                target=self._install_http_in_background,
-                args=(runtime, tracer_provider, meter_provider),
-                name="crew-otel-http-setup",
-                daemon=True,
-            )
-            self._http_setup.start()
+            # In this thread, never in the background: importing the HTTP instrumentation
+            # imports httpx2/httpcore2, and an import racing the application's own import of
+            # the same modules can hand one of them a partially initialised module.
+            safe_call(self._install_http, runtime, tracer_provider, meter_provider, default=None)
         if config.threading:
             self._install_threading(tracer_provider)
         if config.strip_crewai_baggage:
@@ -198,15 +190,6 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 self._reports.append(
                     HookReport(key, t.LAYER_LLM, STATUS_INSTALLED, "provider class")
                 )
-
-    def _install_http_in_background(
-        self, runtime: Runtime, tracer_provider: Any, meter_provider: Any
-    ) -> None:
-        try:
-            safe_call(self._install_http, runtime, tracer_provider, meter_provider, default=None)
-        finally:
-            if runtime.http_ready is not None:
-                runtime.http_ready.set()
 
     def _install_http(self, runtime: Runtime, tracer_provider: Any, meter_provider: Any) -> None:
         try:
@@ -296,9 +279,6 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     # --- remove --------------------------------------------------------------------------
     def _uninstrument(self, **kwargs: Any) -> None:
-        if self._http_setup is not None:
-            self._http_setup.join()  # never leave a hook installed behind our back
-            self._http_setup = None
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             runtime.active = False

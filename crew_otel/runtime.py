@@ -8,7 +8,6 @@ swap.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 
 from opentelemetry.trace import Tracer
@@ -17,9 +16,6 @@ from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis.errors import ErrorRecorder
 from crew_otel.diagnosis.sharing import SharedInstanceDetector
 from crew_otel.metrics import CrewOtelMetrics
-
-#: Longest a first kickoff waits for the HTTP instrumentation to be installed.
-HTTP_SETUP_TIMEOUT_S = 10.0
 
 
 @dataclasses.dataclass
@@ -39,20 +35,10 @@ class Runtime:
     attach_processor: Callable[[], bool] | None = None
     #: Wraps LLM classes defined since the last call (provider modules load on first use).
     refresh_llm_classes: Callable[[], None] | None = None
-    #: Set once the HTTP instrumentation (installed in the background) is in place.
-    http_ready: threading.Event | None = None
-
-    def wait_for_http(self) -> None:
-        """Block until the background HTTP set-up is done (a no-op once it is)."""
-        ready = self.http_ready
-        if ready is not None:
-            ready.wait(HTTP_SETUP_TIMEOUT_S)
-            self.http_ready = None
 
     def on_kickoff(self) -> None:
         """Per-run housekeeping: attach the span processor if it is still pending, wrap
-        LLM classes that appeared since the last kickoff, and make sure HTTP is instrumented."""
-        self.wait_for_http()
+        LLM classes that appeared since the last kickoff."""
         attach = self.attach_processor
         if attach is not None and attach():
             self.attach_processor = None

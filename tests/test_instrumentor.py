@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -62,7 +63,6 @@ def test_uninstrument_restores_the_original_functions(
     crew_otel.uninstrument()
     before = originals()
     crew_otel.instrument(tracer_provider=otel_tracer_provider)
-    CrewAIInstrumentor().runtime.wait_for_http()  # the HTTP hooks are installed in background
     during = originals()
     changed = [key for key in before if during[key] is not before[key]]
     assert len(changed) == len(before), "every resolvable target is hooked"
@@ -176,3 +176,24 @@ def test_instrument_before_the_sdk_provider_is_set_attaches_at_first_kickoff(
     finally:
         crew_otel.uninstrument()
     assert runtime.attach_processor is None
+
+
+def test_http_is_instrumented_when_instrument_returns_and_no_thread_is_started(
+    otel_tracer_provider,
+):
+    """instrument() imports and installs everything in the calling thread: an import in a
+    background thread racing the application's own imports of httpx2 once handed the
+    application a partially initialised module."""
+    import httpcore
+    import wrapt
+
+    crew_otel.uninstrument()
+    threads_before = set(threading.enumerate())
+    crew_otel.instrument(tracer_provider=otel_tracer_provider)
+    try:
+        assert set(threading.enumerate()) <= threads_before
+        assert isinstance(httpcore.ConnectionPool.__dict__["handle_request"], wrapt.FunctionWrapper)
+        http_reports = [r for r in CrewAIInstrumentor().reports if r.layer == "http"]
+        assert any(r.status == STATUS_INSTALLED for r in http_reports)
+    finally:
+        crew_otel.uninstrument()

@@ -88,8 +88,6 @@ class ChatWrapper(SpanWrapper):
         existing: LlmCallState | None = ctx.get(LLM_CALL_KEY)  # type: ignore[assignment]
         if existing is not None and trace.get_current_span(ctx) is existing.span:
             return None  # a provider delegating to another call of its own
-        if self.runtime.http_ready is not None:
-            self.runtime.wait_for_http()  # a model call right after instrument()
         model = a.model_name(instance)
         cls = type(instance)
         if cls not in self._providers:  # the class decides for native providers: look once
