@@ -1,0 +1,35 @@
+"""The committed performance figures are what the raw benchmark results say.
+
+``benchmarks/results/summary.md`` must be exactly what ``python -m benchmarks.report`` renders
+from the raw files next to it, and every ratio quoted in the README's Performance section must
+appear in that summary: no figure is typed in by hand or left behind by a newer run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks import report
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _performance_section() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Performance")
+    end = readme.index("\n## ", start + 1)
+    return readme[start:end]
+
+
+def test_committed_summary_is_rendered_from_the_raw_results():
+    assert report.render(RESULTS) == (RESULTS / "summary.md").read_text(encoding="utf-8")
+
+
+def test_readme_ratios_come_from_the_committed_summary():
+    summary = (RESULTS / "summary.md").read_text(encoding="utf-8")
+    quoted = re.findall(r"\b\d\.\d{3} x", _performance_section())
+    assert quoted, "the README quotes the end-to-end ratios"
+    missing = [ratio for ratio in quoted if ratio not in summary]
+    assert missing == [], f"README ratios not in benchmarks/results/summary.md: {missing}"
