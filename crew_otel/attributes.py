@@ -239,9 +239,11 @@ def class_provider_name(llm_class: type) -> str | None:
 
 def provider_name(llm: Any) -> str:
     """``gen_ai.provider.name`` of a CrewAI LLM object."""
-    known = class_provider_name(type(llm))
-    if known:
-        return known
+    return class_provider_name(type(llm)) or configured_provider_name(llm)
+
+
+def configured_provider_name(llm: Any) -> str:
+    """``gen_ai.provider.name`` from the object's ``provider`` or ``provider/model`` (litellm)."""
     provider = getattr(llm, "provider", None)
     if not isinstance(provider, str) or not provider:
         model = getattr(llm, "model", None)

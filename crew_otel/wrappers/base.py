@@ -132,8 +132,7 @@ class SpanWrapper:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
             try:
-                safe_call(self.fail, call, exc, default=None)
-                call.end()
+                self._end_failed(call, exc)
             finally:
                 _detach(token)
             raise
@@ -162,8 +161,7 @@ class SpanWrapper:
         try:
             awaitable = wrapped(*args, **kwargs)  # raises here on bad arguments
         except BaseException as exc:
-            safe_call(self.fail, call, exc, default=None)
-            call.end()
+            self._end_failed(call, exc)
             raise
         return await self._run_awaitable(call, awaitable)
 
@@ -173,8 +171,7 @@ class SpanWrapper:
             try:
                 result = await awaitable
             except BaseException as exc:
-                safe_call(self.fail, call, exc, default=None)
-                call.end()
+                self._end_failed(call, exc)
                 raise
             result = safe_call(self.succeed, call, result, default=result)
             if not call.deferred:
@@ -182,6 +179,11 @@ class SpanWrapper:
             return result
         finally:
             _detach(token)
+
+    def _end_failed(self, call: Call, exc: BaseException) -> None:
+        """Record the call's exception and end it (never raises)."""
+        safe_call(self.fail, call, exc, default=None)
+        call.end()
 
     def _defer_to_await(self, call: Call, coro: Coroutine[Any, Any, Any]) -> Any:
         """The target returned a coroutine (e.g. ``Agent.kickoff`` inside a running loop).

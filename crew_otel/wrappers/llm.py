@@ -92,7 +92,7 @@ class ChatWrapper(SpanWrapper):
         cls = type(instance)
         if cls not in self._providers:  # the class decides for native providers: look once
             self._providers[cls] = a.class_provider_name(cls)
-        provider = self._providers[cls] or a.provider_name(instance)
+        provider = self._providers[cls] or a.configured_provider_name(instance)
         messages = kwargs.get("messages", args[0] if args else None)
         attrs = a.llm_attributes(instance, model, provider, messages)
         if self.config.capture_content and messages is not None:
