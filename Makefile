@@ -7,7 +7,7 @@ UV = $(VENV)/bin/uv
 # The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
-.PHONY: demo test setup setup-lowest lint typecheck unit test-lowest test-openai3 bench clean
+.PHONY: demo test setup setup-lowest setup-openai3 lint typecheck unit test-lowest test-openai3 bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,11 +48,19 @@ $(OPENAI3_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(UV) pip install -q --python $(OPENAI3_VENV)/bin/python "openai>=3,<4"
 	touch $@
 
+setup-openai3: $(OPENAI3_VENV)/.installed
+
 test-openai3: $(OPENAI3_VENV)/.installed
 	$(OPENAI3_VENV)/bin/python -m pytest -q tests/test_spans.py tests/test_runs.py \
 		tests/test_errors.py tests/test_compat.py
 
-test: lint typecheck unit test-lowest test-openai3
+# The three environments are independent: set them up and test them in parallel (each
+# suite's output is printed whole when it ends).
+test:
+	./scripts/system-deps.sh
+	$(MAKE) --no-print-directory -j3 --output-sync=target setup setup-lowest setup-openai3
+	$(MAKE) --no-print-directory lint typecheck
+	$(MAKE) --no-print-directory -k -j3 --output-sync=target unit test-lowest test-openai3
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run

@@ -76,6 +76,8 @@ SHARED_INSTANCE_KIND = "crew_otel.shared_instance.kind"
 SHARED_INSTANCE_CLASS = "crew_otel.shared_instance.class"
 SHARED_INSTANCE_NAME = "crew_otel.shared_instance.name"
 SHARED_INSTANCE_OTHER_REQUEST_IDS = "crew_otel.shared_instance.other_request_ids"
+#: The SQLite database (path) a tool call failed on with "database is locked".
+DATABASE_LOCKED = "crew_otel.database.locked"
 SYNC_IN_EVENT_LOOP = "crew_otel.sync_in_event_loop"
 QUEUE_WAIT = "crew_otel.kickoff.queue_wait"
 EXECUTOR_QUEUE_DEPTH = "crew_otel.executor.queue_depth"
@@ -87,6 +89,8 @@ CONTEXT_OVERFLOW = "crew_otel.context.overflow"
 EVENT_SHARED_INSTANCE = "crew_otel.shared_instance"
 EVENT_RETRY = "crew_otel.retry"
 EVENT_CONTEXT_SUMMARIZED = "crew_otel.context.summarized"
+#: The caller stopped waiting for a kickoff (cancelled, timed out) while its work went on.
+EVENT_CALLER_CANCELLED = "crew_otel.kickoff.caller_cancelled"
 
 # Values of crew_otel.retry.layer.
 RETRY_LAYER_HTTP = "http"

@@ -3,25 +3,30 @@
 Values live in the OTel Context (a contextvar), never in thread-locals: CrewAI copies the context
 into its worker threads (``asyncio.to_thread``, ``copy_context().run``), so the request ID follows
 the run wherever its work goes. Threads started without a copy are covered by the threading
-instrumentation that :func:`crew_otel.instrument` installs.
+hooks that :func:`crew_otel.instrument` installs.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+import logging
+import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Generator
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
+_logger = logging.getLogger("crew_otel")
+
 REQUEST_ID_KEY = otel_context.create_key("crew_otel.request_id")
 """Context key of the current request ID (a ``str``)."""
 
 KICKOFF_KEY = otel_context.create_key("crew_otel.kickoff")
-"""Context key of the innermost active kickoff (:class:`crew_otel.wrappers.base.ActiveKickoff`)."""
+"""Context key of the innermost active kickoff (``wrappers.kickoff.ActiveKickoff``)."""
 
 ATTEMPT_KEY = otel_context.create_key("crew_otel.agent_attempt")
 """Context key of the innermost agent execution attempt (its step tracker)."""
@@ -33,8 +38,17 @@ TOOL_CALL_KEY = otel_context.create_key("crew_otel.tool_call")
 """Context key of the tool call in progress (so the tool's own ``run`` adds no second span)."""
 
 MAX_REQUEST_ID_LENGTH = 256
+"""Longer request IDs are cut to this many characters."""
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+#: The ``request`` scopes entered in this context (thread or task), innermost last: each entry
+#: is the entering ``request`` object's id and the token that restores what was current before.
+#: A contextvar, so one ``request`` object entered by several threads or tasks at once gives
+#: each of them back its own previous context.
+_ENTERED: contextvars.ContextVar[tuple[tuple[int, object], ...]] = contextvars.ContextVar(
+    "crew_otel.request_scopes", default=()
+)
 
 
 def new_request_id() -> str:
@@ -48,35 +62,89 @@ def current_request_id() -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _validated(request_id: object) -> str:
-    if not isinstance(request_id, str):
-        raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-    if not request_id:
-        raise ValueError("request_id must not be empty")
-    return request_id[:MAX_REQUEST_ID_LENGTH]
+def normalize_request_id(value: object) -> str | None:
+    """A usable request ID made from ``value`` (a client's header, say), or ``None``.
+
+    Never raises, whatever ``value`` is. ``str`` values are stripped of surrounding whitespace
+    and of control characters and cut to :data:`MAX_REQUEST_ID_LENGTH`; ``bytes`` are decoded
+    as UTF-8; other values (an ``int``, a ``UUID``) are converted with ``str()``. ``None``, an
+    empty or whitespace-only value, undecodable bytes and objects whose ``str()`` fails give
+    ``None`` (the caller then generates an ID). One debug line says what was done to a value
+    that was not used as given.
+    """
+    if value is None:
+        return None
+    try:
+        text = _as_text(value)
+    except Exception as exc:  # a hostile __str__, undecodable bytes: never the app's problem
+        _logger.debug(
+            "crew_otel: request ID of type %s unusable (%s); a new one is generated",
+            type(value).__name__,
+            type(exc).__name__,
+        )
+        return None
+    cleaned = _clean(text)
+    if cleaned != text or not isinstance(value, str):
+        _logger.debug(
+            "crew_otel: request ID of type %s and %d characters %s",
+            type(value).__name__,
+            len(text),
+            "normalised" if cleaned else "empty after normalising; a new one is generated",
+        )
+    return cleaned or None
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, str):
+        return str.__str__(value)  # a str subclass's own __str__ is not trusted
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value[: MAX_REQUEST_ID_LENGTH * 4]).decode("utf-8")
+    text = str(value)
+    if not isinstance(text, str):
+        raise TypeError("__str__ returned a non-str")
+    return text
+
+
+def _clean(text: str) -> str:
+    text = text[: MAX_REQUEST_ID_LENGTH * 4].strip()
+    if not text.isprintable():
+        text = "".join(c for c in text if unicodedata.category(c)[0] != "C").strip()
+    return text[:MAX_REQUEST_ID_LENGTH]
 
 
 class request:
     """Run the enclosed code as one request: every kickoff inside uses ``request_id``.
 
-    Use it as a context manager (``with crew_otel.request(request.headers["X-Request-ID"]):``)
-    or as a decorator on a sync or ``async`` function. Without an argument a new ID is
-    generated on every entry. The ID is used verbatim (cut to 256 characters).
+    Use it as a context manager (``with crew_otel.request(request.headers.get("X-Request-ID")):``)
+    or as a decorator on a sync or ``async`` function, a generator or an async generator (the
+    request then holds for the whole iteration). Without a usable ID (``None``, empty, blank,
+    undecodable) a new one is generated on every entry; the ID is never a reason to fail, so a
+    client's header can be passed as it came. IDs are stripped of surrounding whitespace and
+    control characters and cut to 256 characters; ``bytes`` are decoded as UTF-8 and other
+    values converted with ``str()``.
 
     The ``with`` statement returns the request ID::
 
         with crew_otel.request() as request_id:
             crew.kickoff(inputs)
+
+    One ``request`` object may be entered by several threads or tasks at once (a module-level
+    ``JOB = crew_otel.request("batch-7")`` used as ``with JOB:`` in workers): each restores its
+    own previous context on exit.
     """
 
-    def __init__(self, request_id: str | None = None) -> None:
-        self._request_id = None if request_id is None else _validated(request_id)
-        self._tokens: list[object] = []
+    def __init__(self, request_id: object = None) -> None:
+        self._request_id = normalize_request_id(request_id)
+
+    @property
+    def request_id(self) -> str | None:
+        """The normalised ID given, or ``None`` when each entry generates a new one."""
+        return self._request_id
 
     def __enter__(self) -> str:
         request_id = self._request_id or new_request_id()
-        ctx = otel_context.set_value(REQUEST_ID_KEY, request_id)
-        self._tokens.append(otel_context.attach(ctx))
+        token = otel_context.attach(otel_context.set_value(REQUEST_ID_KEY, request_id))
+        _ENTERED.set((*_ENTERED.get(), (id(self), token)))
         return request_id
 
     def __exit__(
@@ -85,10 +153,31 @@ class request:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(cast(Any, self._tokens.pop()))
+        entered = _ENTERED.get()
+        for index in range(len(entered) - 1, -1, -1):
+            owner, token = entered[index]
+            if owner == id(self):
+                _ENTERED.set(entered[:index] + entered[index + 1 :])
+                otel_context.detach(cast(Any, token))
+                return
+        _logger.debug("crew_otel: request scope exited in a context that did not enter it")
 
     def __call__(self, func: _F) -> _F:
         request_id = self._request_id
+        if inspect.isasyncgenfunction(func):
+
+            @functools.wraps(func)
+            def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return _iterate_async_in_request(func(*args, **kwargs), request_id)
+
+            return cast(_F, async_gen_wrapper)
+        if inspect.isgeneratorfunction(func):
+
+            @functools.wraps(func)
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return _iterate_in_request(func(*args, **kwargs), request_id)
+
+            return cast(_F, gen_wrapper)
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
@@ -104,3 +193,72 @@ class request:
                 return func(*args, **kwargs)
 
         return cast(_F, wrapper)
+
+
+def _step_context(request_id: str) -> object:
+    """Attach the request ID onto whatever context is current at this step of an iteration."""
+    return otel_context.attach(otel_context.set_value(REQUEST_ID_KEY, request_id))
+
+
+def _iterate_in_request(
+    gen: Generator[Any, Any, Any], request_id: str | None
+) -> Generator[Any, Any, Any]:
+    """Run every step of ``gen`` (``send``, ``throw``, ``close``) inside one request.
+
+    The ID is fixed at the first step; the context is attached only while ``gen`` runs, never
+    across a ``yield``, so the consumer's own context is untouched between steps.
+    """
+    rid = request_id or new_request_id()
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
+        token = _step_context(rid)
+        try:
+            item = gen.send(sent) if thrown is None else gen.throw(thrown)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            thrown = None
+            otel_context.detach(cast(Any, token))
+        try:
+            sent = yield item
+        except GeneratorExit:
+            token = _step_context(rid)
+            try:
+                gen.close()
+            finally:
+                otel_context.detach(cast(Any, token))
+            raise
+        except BaseException as exc:  # thrown in by the consumer: hand it to the body
+            thrown = exc
+            sent = None
+
+
+async def _iterate_async_in_request(
+    agen: AsyncGenerator[Any, Any], request_id: str | None
+) -> AsyncGenerator[Any, Any]:
+    """The async-generator counterpart of :func:`_iterate_in_request`."""
+    rid = request_id or new_request_id()
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
+        token = _step_context(rid)
+        try:
+            item = await (agen.asend(sent) if thrown is None else agen.athrow(thrown))
+        except StopAsyncIteration:
+            return
+        finally:
+            thrown = None
+            otel_context.detach(cast(Any, token))
+        try:
+            sent = yield item
+        except GeneratorExit:
+            token = _step_context(rid)
+            try:
+                await agen.aclose()
+            finally:
+                otel_context.detach(cast(Any, token))
+            raise
+        except BaseException as exc:
+            thrown = exc
+            sent = None

@@ -14,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
 import logging
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Collection
@@ -28,6 +31,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 
 from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
+from crew_otel.diagnosis import shared_state
 from crew_otel.http import (
     HTTP_CLIENTS,
     AsyncHttpAttemptObserver,
@@ -47,6 +51,10 @@ _logger = logging.getLogger("crew_otel")
 
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 CREWAI_TELEMETRY_SERVICE = "crewAI-telemetry"
+
+_AUTO_INSTRUMENTATION_LOADER = "opentelemetry.instrumentation.auto_instrumentation._load"
+_ENTRY_POINT_GROUP = "opentelemetry_instrumentor"
+_OWN_ENTRY_POINT = "crew_otel"
 
 STATUS_INSTALLED = "installed"
 STATUS_SKIPPED = "skipped"
@@ -117,7 +125,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         runtime = Runtime.create(tracer, config, _metrics_for(meter_provider))
         self._runtime = runtime
         self._reports = []
-        runtime.attach_processor = _processor_attacher(tracer_provider)
+        runtime.attach_processor = _processor_attacher(tracer_provider, runtime)
         _warn_if_crewai_owns_global_provider(tracer_provider)
 
         for target in t.TARGETS:
@@ -135,6 +143,8 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._install_threading(tracer_provider)
         if config.strip_crewai_baggage:
             self._install_baggage_filter()
+        if config.detect_shared_instances:
+            shared_state.activate(runtime.shared_state)
 
     def _install(self, target: t.Target, runtime: Runtime) -> None:
         try:
@@ -178,11 +188,15 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if not pending:
             return
         with self._llm_lock:
+            # A kickoff that began before ``uninstrument()`` may get here after it: wrapping
+            # then would leave hooks nothing removes (and a later instrument() would skip them).
+            if not runtime.active or self._runtime is not runtime:
+                return
             for cls, name in pending:
                 if (id(cls), name) in self._wrapped_llm_methods:
                     continue
                 self._wrapped_llm_methods.add((id(cls), name))
-                if isinstance(cls.__dict__[name], wrapt.FunctionWrapper):
+                if any(h.owner is cls and h.name == name for h in self._hooks):
                     continue  # a table row wrapped it already
                 resolved = t.resolve_attribute(cls, name)
                 key = f"{cls.__module__}:{cls.__qualname__}.{name}"
@@ -236,6 +250,10 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             instrumentor = instrumentor_cls()
             if instrumentor.is_instrumented_by_opentelemetry:
                 detail = "already instrumented by the application; crew_otel adds its observers"
+            elif _left_to_auto_instrumentation(client):
+                # opentelemetry-instrument loads that instrumentor next: instrumenting it here
+                # would make its own instrument() call warn "already instrumented".
+                detail = f"{instrumentor_name}, loaded by opentelemetry-instrument"
             else:
                 instrumentor.instrument(
                     tracer_provider=tracer_provider, meter_provider=meter_provider
@@ -257,12 +275,24 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 )
             )
             return
+        from crew_otel.threads import ThreadContextHooks
+
         instrumentor = ThreadingInstrumentor()
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument(tracer_provider=tracer_provider)
-            self._owned_instrumentors.append(instrumentor)
+        owned = not instrumentor.is_instrumented_by_opentelemetry and not (
+            _left_to_auto_instrumentation("threading")
+        )
+        # The threading instrumentation (when crew_otel installs it) and, around its hooks, what
+        # a new thread carries: a run's context only while the run is in flight.
+        thread_hooks = ThreadContextHooks(instrumentor if owned else None)
+        self._thread_hooks: ThreadContextHooks | None = thread_hooks
+        thread_hooks.install(tracer_provider)
         self._reports.append(
-            HookReport("threading", "context", STATUS_INSTALLED, "context carried into new threads")
+            HookReport(
+                "threading",
+                "context",
+                STATUS_INSTALLED,
+                "a run's context carried into new threads while the run is in flight",
+            )
         )
 
     def _install_baggage_filter(self) -> None:
@@ -279,15 +309,28 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     # --- remove --------------------------------------------------------------------------
     def _uninstrument(self, **kwargs: Any) -> None:
-        runtime, self._runtime = self._runtime, None
-        if runtime is not None:
-            runtime.active = False
-        for processor in list(_processors.values()):
-            processor.enabled = False
+        # Under the locks the kickoff-time refreshes take, so none of them can re-wrap a class
+        # or re-enable a processor after this point.
+        with self._llm_lock:
+            runtime, self._runtime = self._runtime, None
+            if runtime is not None:
+                runtime.active = False
+                shared_state.deactivate(runtime.shared_state)
+        with _processors_lock:
+            for processor in list(_processors.values()):
+                processor.enabled = False
+        # The thread hooks and the threading instrumentation crew_otel installed under them.
+        thread_hooks = getattr(self, "_thread_hooks", None)
+        self._thread_hooks = None
+        if thread_hooks is not None:
+            safe_call(thread_hooks.uninstall, default=None)
         for instrumentor in reversed(self._owned_instrumentors):
             safe_call(instrumentor.uninstrument, default=None)
         self._owned_instrumentors = []
-        for hook in reversed(self._hooks):
+        with self._llm_lock:
+            hooks, self._hooks = self._hooks, []
+            self._wrapped_llm_methods = set()
+        for hook in reversed(hooks):
             current = hook.owner.__dict__.get(hook.name)
             if current is hook.wrapper:
                 setattr(hook.owner, hook.name, hook.original)
@@ -295,12 +338,55 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 # Someone wrapped on top of ours: leave the chain intact; ours passes through
                 # because the runtime is inactive.
                 _logger.debug("crew_otel: %s was re-wrapped by another library", hook.key)
-        self._hooks = []
-        self._wrapped_llm_methods = set()
         if self._baggage_filter is not None:
             if propagate.get_global_textmap() is self._baggage_filter:
                 propagate.set_global_textmap(self._baggage_filter.inner)
             self._baggage_filter = None
+
+
+def _left_to_auto_instrumentation(entry_point_name: str) -> bool:
+    """Whether ``opentelemetry-instrument`` is loading instrumentors and will load this one next.
+
+    The auto-instrumentation calls every ``opentelemetry_instrumentor`` entry point in turn;
+    one that comes after ``crew_otel``, is not disabled and has no dependency conflict is
+    instrumented by it, so crew_otel must leave it alone.
+    """
+    loader = sys.modules.get(_AUTO_INSTRUMENTATION_LOADER)
+    if loader is None or not _called_from(loader.__dict__.get("_load_instrumentors")):
+        return False
+    disabled = {
+        name.strip()
+        for name in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
+    }
+    if entry_point_name in disabled or "*" in disabled:
+        return False
+    names = [ep.name for ep in importlib.metadata.entry_points(group=_ENTRY_POINT_GROUP)]
+    if _OWN_ENTRY_POINT not in names or entry_point_name not in names:
+        return False
+    if names.index(entry_point_name) < names.index(_OWN_ENTRY_POINT):
+        return False  # already loaded (or skipped) before crew_otel
+    return not _has_dependency_conflict(entry_point_name)
+
+
+def _called_from(function: Any) -> bool:
+    code = getattr(function, "__code__", None)
+    frame = sys._getframe(1)
+    while code is not None and frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _has_dependency_conflict(entry_point_name: str) -> bool:
+    try:
+        from opentelemetry.instrumentation.dependencies import get_dist_dependency_conflicts
+    except ImportError:  # older opentelemetry-instrumentation: no per-distribution check
+        return False
+    for entry_point in importlib.metadata.entry_points(group=_ENTRY_POINT_GROUP):
+        if entry_point.name == entry_point_name and entry_point.dist is not None:
+            return get_dist_dependency_conflicts(entry_point.dist) is not None
+    return False
 
 
 def _find_class(module: str, name: str) -> type | None:
@@ -346,8 +432,12 @@ def _metrics_for(meter_provider: Any) -> CrewOtelMetrics:
     return created
 
 
-def _processor_attacher(tracer_provider: Any) -> Callable[[], bool]:
-    """A callable that adds the request processor to the provider once it is a real one."""
+def _processor_attacher(tracer_provider: Any, runtime: Runtime) -> Callable[[], bool]:
+    """A callable that adds the request processor to the provider once it is a real one.
+
+    It does nothing once ``runtime`` is switched off: a kickoff that began before
+    ``uninstrument()`` must not re-enable the processor after it.
+    """
 
     def attach() -> bool:
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
@@ -362,6 +452,8 @@ def _processor_attacher(tracer_provider: Any) -> Callable[[], bool]:
             )
             return True
         with _processors_lock:
+            if not runtime.active:
+                return True
             processor = _processors.get(provider)
             if processor is None:
                 processor = RequestSpanProcessor()

@@ -11,8 +11,12 @@ Metric attributes are bounded: operation, provider, model, workflow/agent/tool n
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.util.types import AttributeValue
@@ -81,6 +85,39 @@ TOKEN_BUCKETS = (
 
 Attributes = Mapping[str, AttributeValue]
 
+_logger = logging.getLogger("crew_otel")
+
+
+class ForkAware(Protocol):
+    """Holds per-process state that a forked child must not inherit."""
+
+    def _reset_after_fork(self) -> None: ...
+
+
+# Objects to reset in a forked child; weakly held, so registering never keeps one alive.
+_reset_in_child: weakref.WeakSet[ForkAware] = weakref.WeakSet()
+
+
+def reset_in_forked_children(obj: ForkAware) -> None:
+    """Call ``obj._reset_after_fork()`` in every child process forked from now on.
+
+    A child starts with a copy of the parent's in-flight bookkeeping (and possibly a lock some
+    other parent thread held at the fork), but none of the parent's runs continue in it.
+    """
+    _reset_in_child.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_reset_in_child):
+        try:
+            obj._reset_after_fork()
+        except Exception:  # never let bookkeeping break the child
+            _logger.debug("crew_otel: reset after fork failed", exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class CrewOtelMetrics:
     """The instruments, plus the exact in-process count of kickoffs in flight."""
@@ -148,6 +185,13 @@ class CrewOtelMetrics:
             unit="{conflict}",
             description="Objects used by two requests at the same time.",
         )
+        reset_in_forked_children(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: none of the parent's kickoffs are in flight here."""
+        self._in_flight_lock = threading.Lock()
+        self._in_flight = 0
+        self._in_flight_by_workflow = dict.fromkeys(self._in_flight_by_workflow, 0)
 
     # --- kickoffs in flight --------------------------------------------------------------
     def kickoff_started(self, workflow: str) -> int:
@@ -161,8 +205,11 @@ class CrewOtelMetrics:
     def kickoff_ended(self, workflow: str) -> None:
         """Count a kickoff out (called exactly once per :meth:`kickoff_started`)."""
         with self._in_flight_lock:
+            count = self._in_flight_by_workflow.get(workflow, 0)
+            if count <= 0:
+                return  # started in the parent before this process was forked
+            self._in_flight_by_workflow[workflow] = count - 1
             self._in_flight -= 1
-            self._in_flight_by_workflow[workflow] -= 1
 
     @property
     def in_flight(self) -> int:

@@ -14,6 +14,7 @@ from opentelemetry.trace import Tracer
 
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis.errors import ErrorRecorder
+from crew_otel.diagnosis.shared_state import SharedStateWatcher
 from crew_otel.diagnosis.sharing import SharedInstanceDetector
 from crew_otel.metrics import CrewOtelMetrics
 
@@ -27,6 +28,8 @@ class Runtime:
     metrics: CrewOtelMetrics
     errors: ErrorRecorder
     sharing: SharedInstanceDetector
+    #: Globals, files, databases and resources touched by tool code (reports to ``sharing``).
+    shared_state: SharedStateWatcher
     #: Switched off by ``uninstrument()``: wrappers still in flight call straight through.
     active: bool = True
     #: Attaches the request-stamping span processor once the tracer provider is a real SDK
@@ -49,10 +52,12 @@ class Runtime:
     @classmethod
     def create(cls, tracer: Tracer, config: CrewOtelConfig, metrics: CrewOtelMetrics) -> Runtime:
         """Build the runtime and its diagnosis components."""
+        sharing = SharedInstanceDetector(metrics)
         return cls(
             tracer=tracer,
             config=config,
             metrics=metrics,
             errors=ErrorRecorder(metrics),
-            sharing=SharedInstanceDetector(metrics),
+            sharing=sharing,
+            shared_state=SharedStateWatcher(sharing),
         )

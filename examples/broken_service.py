@@ -21,11 +21,11 @@ from contextlib import asynccontextmanager
 from crewai import LLM, Agent, Crew, Task
 from crewai.tools import tool
 from fastapi import FastAPI
-from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel
 
 import crew_otel
+from crew_otel.sdk import Setup
 
 crew_otel.instrument()  # the SDK is set up by the process that serves the app
 
@@ -55,14 +55,17 @@ agent = Agent(
 )
 
 
+telemetry: Setup | None = None  # set by configure() below when run as a script
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     # Flush telemetry here: uvicorn re-raises SIGTERM after its graceful shutdown, so atexit
-    # handlers (and code after uvicorn.run) never run and the last spans would be lost.
-    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if callable(force_flush):
-        force_flush()
+    # handlers (and code after uvicorn.run) never run and the last spans and metric points
+    # (kickoffs in flight back at 0, the last runs counted) would be lost.
+    if telemetry is not None:
+        telemetry.shutdown(timeout_millis=5000)  # traces and metrics, 5 s at most in total
 
 
 app = FastAPI(title="support-api (broken)", lifespan=lifespan)
@@ -93,5 +96,5 @@ async def investigate(ticket: Ticket) -> dict[str, str]:
 if __name__ == "__main__":
     import uvicorn
 
-    crew_otel.configure(service_name="support-api-broken")
+    telemetry = crew_otel.configure(service_name="support-api-broken")
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

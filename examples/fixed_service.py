@@ -20,7 +20,6 @@ import openai
 from crewai import LLM, Agent, Crew, Task
 from crewai.tools import tool
 from fastapi import FastAPI, Header
-from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from pydantic import BaseModel
 from tenacity import (
@@ -31,6 +30,7 @@ from tenacity import (
 )
 
 import crew_otel
+from crew_otel.sdk import Setup
 
 crew_otel.instrument()  # the SDK is set up by the process that serves the app
 
@@ -80,14 +80,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (openai.APIConnectionError, ConnectionError))
 
 
+telemetry: Setup | None = None  # set by configure() below when run as a script
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     # Flush telemetry here: uvicorn re-raises SIGTERM after its graceful shutdown, so atexit
-    # handlers (and code after uvicorn.run) never run and the last spans would be lost.
-    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if callable(force_flush):
-        force_flush()
+    # handlers (and code after uvicorn.run) never run and the last spans and metric points
+    # (kickoffs in flight back at 0, the last runs counted) would be lost.
+    if telemetry is not None:
+        telemetry.shutdown(timeout_millis=5000)  # traces and metrics, 5 s at most in total
 
 
 app = FastAPI(title="support-api (fixed)", lifespan=lifespan)
@@ -120,5 +123,5 @@ async def investigate(ticket: Ticket, x_request_id: str | None = Header(default=
 if __name__ == "__main__":
     import uvicorn
 
-    crew_otel.configure(service_name="support-api-fixed")
+    telemetry = crew_otel.configure(service_name="support-api-fixed")
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

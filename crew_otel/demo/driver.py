@@ -1,11 +1,12 @@
-"""The demo: a faulty provider, the two example services, the article's load pattern, a report.
+"""The demo: a faulty provider, the example services, the article's load pattern, a report.
 
 1. Start the fault-injecting OpenAI-compatible provider on 127.0.0.1 (seeded random 500s,
    429s, timeouts and latency).
-2. Serve the broken and the fixed example app, each in its own process with uvicorn, each
-   exporting its spans as OTLP/JSON lines.
+2. Serve the broken, the half-fixed and the fixed example app, each in its own process with
+   uvicorn, each exporting its spans as OTLP/JSON lines.
 3. Drive each with the debugging procedure of the article: requests one at a time, then bursts
-   of ``--concurrency`` in parallel.
+   of ``--concurrency`` in parallel. Each request's ticket is a ``[[marker]]`` the provider
+   echoes, so an answer that carries another request's ticket (silent cross-talk) is counted.
 4. Stop the services (which flushes their spans), merge the span files and print the report
    (the same analysis as ``crew-otel report FILE``), plus a consistency check against what the
    provider saw.
@@ -29,12 +30,12 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
+from crew_otel.demo.services import SERVICES
 from crew_otel.otlp_json import OtlpJsonError, read_file
 from crew_otel.report.analysis import analyse, summary
 from crew_otel.report.render import print_reports, save_timeline_svg
-from crew_otel.testing.provider import FakeOpenAIProvider, RandomFaults
+from crew_otel.testing.provider import MARKER, FakeOpenAIProvider, RandomFaults
 
-SERVICES = ("broken", "fixed")
 STARTUP_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 60.0
 
@@ -66,6 +67,8 @@ class ClientResult:
     status: int | None
     error: str | None
     seconds: float
+    foreign_ticket: bool = False
+    """The answer carries another request's ticket (cross-talk between requests)."""
 
 
 def _free_port() -> int:
@@ -144,9 +147,9 @@ def _drive(service: str, url: str, options: DemoOptions) -> list[ClientResult]:
                 json={"ticket": ticket},
                 headers={"X-Request-ID": f"{service[0]}-{index:03d}"},
             )
-            return ClientResult(
-                service, index, phase, response.status_code, None, time.perf_counter() - started
-            )
+            seconds = time.perf_counter() - started
+            foreign = response.status_code == 200 and _foreign_ticket(response, ticket)
+            return ClientResult(service, index, phase, response.status_code, None, seconds, foreign)
         except httpx.HTTPError as exc:
             return ClientResult(
                 service, index, phase, None, type(exc).__name__, time.perf_counter() - started
@@ -163,6 +166,16 @@ def _drive(service: str, url: str, options: DemoOptions) -> list[ClientResult]:
                 results.extend(pool.map(lambda i: send(client, i, "parallel"), burst))
                 index = burst.stop
     return results
+
+
+def _foreign_ticket(response: httpx.Response, ticket: str) -> bool:
+    """Whether the answer names a ticket other than the request's own."""
+    try:
+        answer = str(response.json().get("result", ""))
+    except (ValueError, AttributeError):
+        return False
+    own = ticket.strip("[]")
+    return any(marker not in (own, "none") for marker in MARKER.findall(answer))
 
 
 def run(options: DemoOptions, console: Console) -> int:
@@ -230,7 +243,8 @@ def _report(
         raise DemoError(f"no readable spans from the services ({exc})") from None
     if options.out is not None:
         options.out.write_text(merged.read_text())
-    reports = analyse(spans)
+    order = {f"support-api-{service}": i for i, service in enumerate(SERVICES)}
+    reports = sorted(analyse(spans), key=lambda r: order.get(r.service, len(order)))
     print_reports(reports, console)
     if options.svg is not None:
         save_timeline_svg(reports, options.svg)
@@ -244,6 +258,14 @@ def _report(
         f"attempts to it. Clients sent {len(client_results)} requests "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(client_status.items()))}); "
         f"traces show {traced_requests}.",
+        highlight=False,
+    )
+    crosstalk = Counter(r.service for r in client_results if r.foreign_ticket)
+    sent = Counter(r.service for r in client_results)
+    console.print(
+        "Successful answers carrying another request's ticket (silent cross-talk): "
+        + ", ".join(f"{s} {crosstalk[s]} of {sent[s]}" for s in sent)
+        + ".",
         highlight=False,
     )
     if options.summary_json is not None:

@@ -4,7 +4,8 @@
 
 Sets CrewAI up offline, an SDK tracer provider whose spans go to ``--trace-file`` (OTLP/JSON
 lines) and optionally to an OTLP endpoint, then serves the example app with uvicorn on
-127.0.0.1 until SIGTERM, and flushes the spans before exiting.
+127.0.0.1 until SIGTERM, and flushes the spans before exiting. The example runs from a copy in
+``--workdir`` (the trace file's directory by default), where it also writes its files.
 """
 
 from __future__ import annotations
@@ -13,23 +14,28 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from crew_otel.demo.services import SERVICES
 from crew_otel.testing.crews import prepare_offline_environment
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m crew_otel.demo.serve")
-    parser.add_argument("--service", choices=("broken", "fixed"), required=True)
+    parser.add_argument("--service", choices=tuple(SERVICES), required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--provider-url", required=True)
     parser.add_argument("--trace-file", required=True)
     parser.add_argument("--otlp-endpoint")
     parser.add_argument("--llm-timeout", type=float, default=2.0)
+    parser.add_argument("--workdir", type=Path, help="default: the trace file's directory")
     args = parser.parse_args(argv)
+    workdir: Path = args.workdir or Path(args.trace_file).resolve().parent
 
     prepare_offline_environment()
     os.environ["OPENAI_BASE_URL"] = args.provider_url
     os.environ["LLM_TIMEOUT"] = str(args.llm_timeout)
+    os.environ["REPORT_DIR"] = str(workdir)  # where the half-fixed service writes report.json
 
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from crew_otel.demo.services import load_service
 
-    app = load_service(args.service).app
+    app = load_service(args.service, workdir).app
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

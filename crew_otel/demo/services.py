@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
-SERVICES = {"broken": "broken_service.py", "fixed": "fixed_service.py"}
+#: The demo's services, in the order it drives them: the article's broken pattern, the
+#: half-fixed one (CrewAI objects per request, tool state still shared), and the fixed one.
+SERVICES = {
+    "broken": "broken_service.py",
+    "halffixed": "halffixed_service.py",
+    "fixed": "fixed_service.py",
+}
 
 
 def example_path(service: str) -> Path:
-    """Path of the example file for ``service`` (``broken`` or ``fixed``)."""
+    """Path of the example file for ``service`` (a key of :data:`SERVICES`)."""
     filename = SERVICES[service]
     package_dir = Path(__file__).resolve().parent.parent
     for candidate in (
@@ -23,10 +30,18 @@ def example_path(service: str) -> Path:
     raise FileNotFoundError(f"example service {filename} not found next to crew_otel")
 
 
-def load_service(service: str) -> ModuleType:
-    """Import the example module (this imports crewai: prepare the environment first)."""
+def load_service(service: str, workdir: Path | None = None) -> ModuleType:
+    """Import the example module under its file's name (``halffixed_service``, ...).
+
+    With ``workdir``, the module is loaded from a copy there: installed from a wheel, the
+    examples sit inside an installed package, and crew_otel (rightly) does not watch the state
+    that installed packages' code keeps; a copy is the application's own code, as the example
+    is in a real service. This imports crewai: prepare the environment first.
+    """
     path = example_path(service)
-    name = f"crew_otel_demo_{service}_service"
+    if workdir is not None:
+        path = Path(shutil.copy2(path, workdir / path.name))
+    name = path.stem
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")

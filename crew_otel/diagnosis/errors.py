@@ -9,10 +9,19 @@ span to record an exception marks the exception object; ancestors that see the s
 ``crew_otel.error.recovered=true`` on an origin means a retry layer took over after this error
 (the HTTP client's retries, CrewAI's rate-limit retry) or CrewAI handled it (a tool error
 returned to the model as text), so it did not propagate from there.
+
+A cancellation (``asyncio.CancelledError``: ``wait_for`` timing out, a task cancelled, asyncio
+cancelling the loop's other tasks after a ``KeyboardInterrupt``/``SystemExit`` stopped it) is
+not a failure inside the run: a span it ends gets status ERROR, ``error.type="CancelledError"``
+and the exception event (the run did not complete, and the event's time is when it was
+cancelled), but never ``crew_otel.error.origin`` and no count in ``crew_otel.error.origins``. So
+a caller's timeout invents no origin, and a ``BaseException`` that stopped the loop keeps its
+one origin (where it was raised) however many tasks asyncio cancelled because of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import traceback
 
@@ -40,6 +49,11 @@ def is_marked(exc: BaseException) -> bool:
         seen += 1
         current = current.__cause__ or current.__context__
     return False
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` cancels the work rather than reports a failure of it."""
+    return isinstance(exc, asyncio.CancelledError)
 
 
 def mark(exc: BaseException) -> None:
@@ -93,13 +107,17 @@ class ErrorRecorder:
         """Mark ``span`` as failed by ``exc``; returns whether it is the error's origin.
 
         ``origin=None`` decides by the exception chain; ``True``/``False`` force it (the model
-        call passes ``False`` when a failed HTTP attempt inside it is already the origin).
+        call passes ``False`` when a failed HTTP attempt inside it is already the origin). A
+        cancellation is never an origin (see the module docstring).
         """
         if exc.__dict__.get(_RECORDED_ON) == id(span):
             return False  # already recorded on this span (by an inner hook of the same call)
         error_type = a.error_type(exc)
-        is_origin = (not is_marked(exc)) if origin is None else origin
-        mark(exc)
+        if is_cancellation(exc):
+            is_origin = False
+        else:
+            is_origin = (not is_marked(exc)) if origin is None else origin
+            mark(exc)
         with contextlib.suppress(AttributeError, TypeError):
             exc.__dict__[_RECORDED_ON] = id(span)
         if span.is_recording():

@@ -6,7 +6,9 @@ so two requests running through the same object corrupt each other.
 
 Bookkeeping holds no strong references: objects in use are keyed by ``id()`` only while a call
 on them is running (the caller keeps the object alive meanwhile) and the entry is removed when
-the last call ends; the warn-once set is a ``WeakSet``. Memory does not grow with the number of
+the last call ends; the warn-once set is a ``WeakSet``. Things that are not one object (a file
+path, a database, a module global; see :mod:`crew_otel.diagnosis.shared_state`) are keyed the
+same way by :meth:`SharedInstanceDetector.enter_key`. Memory does not grow with the number of
 runs.
 """
 
@@ -15,12 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Hashable
 from typing import Any
 
 from opentelemetry.trace import Span
 
 from crew_otel import attributes as a
-from crew_otel.metrics import CrewOtelMetrics
+from crew_otel.metrics import CrewOtelMetrics, reset_in_forked_children
 
 _logger = logging.getLogger("crew_otel")
 
@@ -30,6 +33,11 @@ KIND_TASK = "task"
 KIND_TOOL = "tool"
 KIND_LLM = "llm"
 KIND_TASK_INPUTS = "task_inputs"
+# Shared state outside CrewAI objects (see crew_otel.diagnosis.shared_state).
+KIND_GLOBAL = "global"
+KIND_FILE = "file"
+KIND_DATABASE = "database"
+KIND_RESOURCE = "resource"
 
 _ADVICE = {
     KIND_CREW: "build the Crew per request (or use kickoff_for_each, which copies it)",
@@ -39,20 +47,32 @@ _ADVICE = {
     KIND_LLM: "build the LLM per request (its usage counters are shared otherwise)",
     KIND_TASK_INPUTS: "another request interpolated its inputs into this Task: build Tasks per "
     "request",
+    KIND_GLOBAL: "tool code keeps state in a module or class: keep it per request (pass it in, "
+    "or build the tool in a function that creates its state)",
+    KIND_FILE: "give each request its own path (tempfile.mkstemp, or the request ID in the name)",
+    KIND_DATABASE: "write per-request rows in one transaction, or give each request its own "
+    "database; SQLite serialises writers",
+    KIND_RESOURCE: "open the connection, session or file per request (or per call), not once "
+    "for every tool",
 }
 
 MAX_OTHER_IDS = 8
+#: Things named by a key (paths, globals) warned about once each; beyond this many, again.
+MAX_WARNED_KEYS = 4096
 
 
 class Usage:
     """A release token: the object and request that entered, and whether it conflicted."""
 
-    __slots__ = ("conflicted", "key", "request_id")
+    __slots__ = ("conflicted", "generation", "key", "request_id")
 
-    def __init__(self, key: int, request_id: str, conflicted: bool) -> None:
+    def __init__(
+        self, key: Hashable, request_id: str, conflicted: bool, generation: int = 0
+    ) -> None:
         self.key = key
         self.request_id = request_id
         self.conflicted = conflicted
+        self.generation = generation
 
 
 class SharedInstanceDetector:
@@ -61,14 +81,49 @@ class SharedInstanceDetector:
     def __init__(self, metrics: CrewOtelMetrics) -> None:
         self._metrics = metrics
         self._lock = threading.Lock()
-        self._in_use: dict[int, dict[str, int]] = {}
+        self._in_use: dict[Hashable, dict[str, int]] = {}
         self._warned: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._warned_lock = threading.Lock()
+        self._warned_keys: set[tuple[str, Hashable]] = set()
         self._interpolated_by: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        #: Bumped in a forked child: uses that began in the parent are released as no-ops.
+        self._generation = 0
+        reset_in_forked_children(self)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: the parent's requests are not running here."""
+        self._lock = threading.Lock()
+        self._warned_lock = threading.Lock()
+        self._in_use = {}
+        self._interpolated_by = weakref.WeakKeyDictionary()
+        self._generation += 1
 
     def enter(self, obj: object, kind: str, request_id: str, span: Span, label: str) -> Usage:
         """Note that ``request_id`` started using ``obj``; flag ``span`` if another request is."""
-        key = id(obj)
+        usage, others = self._enter(id(obj), request_id)
+        if others:
+            self.report(obj, kind, request_id, others, span, label)
+        return usage
+
+    def enter_key(
+        self,
+        key: Hashable,
+        kind: str,
+        request_id: str,
+        span: Span,
+        label: str,
+        class_name: str,
+    ) -> Usage:
+        """:meth:`enter` for a thing that is not one object: a file path, a database, a global
+        (``key`` identifies it; ``label`` names it, ``class_name`` says what it is)."""
+        usage, others = self._enter(key, request_id)
+        if others:
+            self._report(kind, request_id, others, span, label, class_name)
+            if self._first_key_warning(kind, key):
+                self._warn(kind, class_name.rsplit(".", 1)[-1], label, request_id, others)
+        return usage
+
+    def _enter(self, key: Hashable, request_id: str) -> tuple[Usage, list[str]]:
         with self._lock:
             users = self._in_use.get(key)
             if users is None:
@@ -77,12 +132,12 @@ class SharedInstanceDetector:
             else:
                 others = [rid for rid in users if rid != request_id]
                 users[request_id] = users.get(request_id, 0) + 1
-        if others:
-            self.report(obj, kind, request_id, others, span, label)
-        return Usage(key, request_id, bool(others))
+        return Usage(key, request_id, bool(others), self._generation), others
 
     def exit(self, usage: Usage) -> None:
         """Release what :meth:`enter` recorded (exactly once per enter)."""
+        if usage.generation != self._generation:
+            return  # entered in the parent process before a fork
         with self._lock:
             users = self._in_use.get(usage.key)
             if users is None:
@@ -138,8 +193,20 @@ class SharedInstanceDetector:
         label: str,
     ) -> None:
         """Event + attribute on ``span``, a counter increment, and a warning once per object."""
-        other_ids = tuple(sorted(others)[:MAX_OTHER_IDS])
         class_name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        self._report(kind, request_id, others, span, label, class_name)
+        if self._first_warning(obj, kind):
+            self._warn(kind, type(obj).__name__, label, request_id, others)
+
+    def _report(
+        self,
+        kind: str,
+        request_id: str,
+        others: list[str],
+        span: Span,
+        label: str,
+        class_name: str,
+    ) -> None:
         if span.is_recording():
             span.set_attribute(a.SHARED_INSTANCE, True)
             span.add_event(
@@ -148,20 +215,22 @@ class SharedInstanceDetector:
                     a.SHARED_INSTANCE_KIND: kind,
                     a.SHARED_INSTANCE_CLASS: class_name,
                     a.SHARED_INSTANCE_NAME: label,
-                    a.SHARED_INSTANCE_OTHER_REQUEST_IDS: other_ids,
+                    a.SHARED_INSTANCE_OTHER_REQUEST_IDS: tuple(sorted(others)[:MAX_OTHER_IDS]),
                 },
             )
         self._metrics.shared_conflict(kind)
-        if self._first_warning(obj, kind):
-            _logger.warning(
-                "crew_otel: %s %s %r is used by request %s while request(s) %s use it: %s.",
-                kind.replace("_", " "),
-                type(obj).__name__,
-                label,
-                request_id,
-                ", ".join(other_ids),
-                _ADVICE.get(kind, "build it per request"),
-            )
+
+    @staticmethod
+    def _warn(kind: str, what: str, label: str, request_id: str, others: list[str]) -> None:
+        _logger.warning(
+            "crew_otel: %s %s %r is used by request %s while request(s) %s use it: %s.",
+            kind.replace("_", " "),
+            what,
+            label,
+            request_id,
+            ", ".join(sorted(others)[:MAX_OTHER_IDS]),
+            _ADVICE.get(kind, "build it per request"),
+        )
 
     def _first_warning(self, obj: object, kind: str) -> bool:
         with self._warned_lock:
@@ -175,4 +244,14 @@ class SharedInstanceDetector:
             if kind in kinds:
                 return False
             kinds.add(kind)
+            return True
+
+    def _first_key_warning(self, kind: str, key: Hashable) -> bool:
+        """Once per thing named by a key; the memory of what was warned about is bounded."""
+        with self._warned_lock:
+            if (kind, key) in self._warned_keys:
+                return False
+            if len(self._warned_keys) >= MAX_WARNED_KEYS:
+                self._warned_keys.clear()
+            self._warned_keys.add((kind, key))
             return True

@@ -17,21 +17,71 @@ from crew_otel.otlp_json import SpanRecord
 
 LAYERS = (a.RETRY_LAYER_HTTP, a.RETRY_LAYER_RATE_LIMIT, a.RETRY_LAYER_AGENT)
 
+#: Shared state outside CrewAI objects: one thing is its kind and name (a global, a path, the
+#: attribute holding a resource), whatever class the event saw.
+STATE_KINDS = ("global", "file", "database", "resource")
+#: How many shared things the conclusion names before "and N more".
+MAX_NAMED_STATE = 3
+
+_STATE_WHAT = {
+    "global": "module global",
+    "file": "file",
+    "database": "SQLite database",
+    "resource": "",
+}
+_STATE_VERB = {
+    "global": "written by the tool code of",
+    "file": "written by the tool code of",
+    "database": "written by the tool code of",
+    "resource": "held by the tools of",
+}
+_STATE_ADVICE = {
+    "global": "keep tool state per request",
+    "file": "give each request its own path",
+    "database": "give each request its own database or serialise the writes",
+    "resource": "open connections, sessions and files per request",
+}
+
+
+def describe(kind: str, class_name: str, name: str) -> str:
+    """What a shared thing is, in words: ``module global 'app.CACHE'``, ``Agent 'Analyst'``."""
+    short = class_name.rsplit(".", 1)[-1]
+    if kind in STATE_KINDS:
+        what = _STATE_WHAT[kind]
+        if kind == "resource":
+            return name or short or "resource"
+        return f"{what} {name!r}" if name else what
+    return f"{short or kind} {name!r}" if name else (short or kind)
+
 
 @dataclasses.dataclass
 class Conflict:
-    """One object used by several requests at once."""
+    """One thing (object, global, file, database, resource) used by several requests at once."""
 
     kind: str
     class_name: str
     name: str
     request_ids: set[str]
     events: int = 0
+    at_once: int = 0
+    """The most requests seen using it at the same time."""
 
     @property
     def label(self) -> str:
-        short = self.class_name.rsplit(".", 1)[-1]
-        return f"{short} {self.name!r}" if self.name else short
+        return describe(self.kind, self.class_name, self.name)
+
+    @property
+    def is_state(self) -> bool:
+        """Shared state outside CrewAI objects (kinds global, file, database, resource)."""
+        return self.kind in STATE_KINDS
+
+    def sentence(self) -> str:
+        """``module global 'x' written by the tool code of 3 requests at once; advice``."""
+        verb = _STATE_VERB.get(self.kind, "used by")
+        text = f"{'a ' if self.kind != 'resource' else 'a shared '}{self.label} {verb} "
+        text += f"{self.at_once} requests at once"
+        advice = _STATE_ADVICE.get(self.kind)
+        return f"{text}; {advice}" if advice else text
 
 
 @dataclasses.dataclass
@@ -100,6 +150,13 @@ def _shared_events(span: SpanRecord) -> list[dict[str, object]]:
     return [attrs for name, _, attrs in span.events if name == a.EVENT_SHARED_INSTANCE]
 
 
+def _other_ids(event: dict[str, object]) -> list[str]:
+    others = event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ()
+    if isinstance(others, str):
+        return [others]
+    return [str(o) for o in others] if isinstance(others, (list, tuple)) else []
+
+
 def analyse(spans: Iterable[SpanRecord]) -> list[ServiceReport]:
     """One :class:`ServiceReport` per ``service.name``, in name order."""
     by_service: dict[str, list[SpanRecord]] = defaultdict(list)
@@ -117,18 +174,20 @@ def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
     conflicts: dict[tuple[str, str, str], Conflict] = {}
     for span in spans:
         for event in _shared_events(span):
-            key = (
-                str(event.get(a.SHARED_INSTANCE_KIND, "")),
-                str(event.get(a.SHARED_INSTANCE_CLASS, "")),
-                str(event.get(a.SHARED_INSTANCE_NAME, "")),
+            kind = str(event.get(a.SHARED_INSTANCE_KIND, ""))
+            class_name = str(event.get(a.SHARED_INSTANCE_CLASS, ""))
+            name = str(event.get(a.SHARED_INSTANCE_NAME, ""))
+            key = (kind, "" if kind in STATE_KINDS else class_name, name)
+            conflict = conflicts.setdefault(
+                key, Conflict(kind, class_name, name, request_ids=set())
             )
-            conflict = conflicts.setdefault(key, Conflict(*key, request_ids=set()))
             conflict.events += 1
             own = span.attributes.get(a.REQUEST_ID)
             if isinstance(own, str):
                 conflict.request_ids.add(own)
-            others = event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ()
-            conflict.request_ids.update(str(o) for o in others if o != "unknown")  # type: ignore[attr-defined]
+            others = _other_ids(event)
+            conflict.request_ids.update(o for o in others if o != "unknown")
+            conflict.at_once = max(conflict.at_once, 1 + len(others))
 
     requests = []
     for trace_id, members in traces.items():
@@ -244,11 +303,14 @@ def _cause(members: list[SpanRecord], by_id: dict[str, SpanRecord]) -> str:
         if events or span.attributes.get(a.SHARED_INSTANCE):
             event = events[0] if events else {}
             kind = str(event.get(a.SHARED_INSTANCE_KIND, "object"))
-            cls = str(event.get(a.SHARED_INSTANCE_CLASS, "")).rsplit(".", 1)[-1]
-            name = str(event.get(a.SHARED_INSTANCE_NAME, ""))
-            users = 1 + len(event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ())  # type: ignore[arg-type]
-            what = f"{cls or kind.title()} {name!r}" if name else (cls or kind)
-            return f"a shared {what} used by {users} requests at once"
+            what = describe(
+                kind,
+                str(event.get(a.SHARED_INSTANCE_CLASS, "")) or kind.title(),
+                str(event.get(a.SHARED_INSTANCE_NAME, "")),
+            )
+            users = 1 + len(_other_ids(event))
+            verb = _STATE_VERB.get(kind, "used by").replace(" the tool code of", "")
+            return f"a shared {what} {verb} {users} requests at once"
     error_type = str(origin.attributes.get(a.ERROR_TYPE, "error"))
     if _is_http_attempt(origin, by_id):
         retried = sum(
@@ -266,12 +328,14 @@ def conclude(report: ServiceReport) -> str:
     total = len(report.requests)
     if not total:
         return "No requests were traced."
+    objects = [c for c in report.conflicts if not c.is_state]
+    state = _shared_state(report.conflicts)
     if not report.failed:
         text = f"All {total} requests succeeded"
-        if report.conflicts:
-            text += (
-                f", but {len(report.conflicts)} shared object(s) were used by concurrent requests"
-            )
+        if objects:
+            text += f", but {len(objects)} shared object(s) were used by concurrent requests"
+        if state:
+            text += ("; " if objects else ", but ") + state
         return text + "."
     parts = [f"{report.failed} of {total} requests failed"]
     for cause, count in report.causes.most_common():
@@ -283,10 +347,23 @@ def conclude(report: ServiceReport) -> str:
             else "began with"
         )
         parts.append(f"{count} {'failure' if count == 1 else 'failures'} {verb} {cause}")
+    if state:
+        parts.append(state)
     levels = [level for level, (_, failed) in report.by_concurrency.items() if failed]
     if levels and min(levels) > 1 and 1 in report.by_concurrency:
         parts.append("no request failed while running alone: suspect concurrency")
     return "; ".join(parts) + "."
+
+
+def _shared_state(conflicts: list[Conflict]) -> str:
+    """The clause naming the state tool code shares between requests, with what to change."""
+    state = [c for c in conflicts if c.is_state]
+    if not state:
+        return ""
+    named = [c.sentence() for c in state[:MAX_NAMED_STATE]]
+    if len(state) > MAX_NAMED_STATE:
+        named.append(f"and {len(state) - MAX_NAMED_STATE} more shared thing(s)")
+    return "the tool code shares state between concurrent requests: " + "; ".join(named)
 
 
 def summary(reports: list[ServiceReport]) -> dict[str, object]:
@@ -307,6 +384,7 @@ def summary(reports: list[ServiceReport]) -> dict[str, object]:
                         "class": c.class_name,
                         "name": c.name,
                         "request_ids": sorted(c.request_ids),
+                        "at_once": c.at_once,
                     }
                     for c in r.conflicts
                 ],

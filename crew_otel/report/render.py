@@ -94,9 +94,9 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
 
     if report.conflicts:
         conflicts = _table(
-            "Shared instances (one object, several requests at once)",
+            "Shared instances and state (one thing, several requests at once)",
             "kind",
-            "object",
+            "what",
             "requests involved",
         )
         for conflict in report.conflicts:
@@ -108,7 +108,7 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
             )
         parts.append(conflicts)
     else:
-        parts.append(Text("Shared instances: none", style="green"))
+        parts.append(Text("Shared instances and state: none", style="green"))
 
     ratio = _table(
         "Error ratio by concurrency", "requests in flight", "requests", "failed", "ratio"

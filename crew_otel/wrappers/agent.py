@@ -35,6 +35,7 @@ class AgentScope:
         "agent",
         "agent_key",
         "call",
+        "closed",
         "iteration",
         "number",
         "role",
@@ -54,6 +55,16 @@ class AgentScope:
         self.iteration = 0
         self.step: Call | None = None
         self.shared_flagged = False
+        #: The execution ended (a step finishing later, in an abandoned worker thread, ends
+        #: its span at once instead of waiting for a next step).
+        self.closed = False
+
+    def keep_step_open(self, step: Call) -> None:
+        """The step's model call returned: keep its span open for the tools it asked for."""
+        step.deferred = True
+        self.step = step
+        if self.closed:  # the execution ended (was cancelled) while the step ran
+            self.close_step()
 
     def close_step(self) -> None:
         """End the open step span (its tools have finished)."""
@@ -63,6 +74,7 @@ class AgentScope:
 
     def close(self) -> None:
         """The execution ended: end the open step and drop the reference to the agent."""
+        self.closed = True
         self.close_step()
         self.agent = None
 
@@ -114,7 +126,7 @@ class AgentAttemptWrapper(SpanWrapper):
         scope = AgentScope(instance, id(task), number, role, call)
         call.data = scope
         call.ctx = otel_context.set_value(ATTEMPT_KEY, scope, trace.set_span_in_context(span, ctx))
-        call.add_cleanup(scope.close)
+        call.add_closer(scope.close)
         if self.config.detect_shared_instances and isinstance(request_id, str):
             sharing = self.runtime.sharing
             usage = sharing.enter(instance, KIND_AGENT, request_id, span, role)
@@ -200,8 +212,7 @@ class AgentStepWrapper(SpanWrapper):
         if scope is not None:
             # Keep the step open while the tools it asked for run; the next step or the end of
             # the attempt closes it.
-            call.deferred = True
-            scope.step = call
+            scope.keep_step_open(call)
         return result
 
     def fail(self, call: Call, exc: BaseException) -> None:
@@ -212,5 +223,5 @@ def start_scope_for_standalone_agent(runtime: Runtime, agent: Any, call: Call) -
     """Standalone ``Agent.kickoff``: steps nest under the kickoff span (no task, no attempt)."""
     role = safe_call(a.agent_role, agent, default=a.DEFAULT_AGENT_NAME)
     scope = AgentScope(agent, 0, 1, role, call)
-    call.add_cleanup(scope.close)
+    call.add_closer(scope.close)
     return scope

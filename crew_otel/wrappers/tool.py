@@ -23,7 +23,8 @@ from opentelemetry import trace
 
 from crew_otel import attributes as a
 from crew_otel import content
-from crew_otel.context import ATTEMPT_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
+from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
+from crew_otel.diagnosis.shared_state import RunHoldings, is_locked_database_error
 from crew_otel.diagnosis.sharing import KIND_TOOL
 from crew_otel.wrappers.base import Call, SpanWrapper
 
@@ -45,13 +46,11 @@ class ToolCallRecord:
         self.error_type: str | None = None
 
 
-def _parent_context(ctx: otel_context.Context) -> otel_context.Context:
-    """Tools run after their step's model call returned: parent them on the open step span."""
+def _open_step(ctx: otel_context.Context) -> Call | None:
+    """Tools run after their step's model call returned: the open step is their parent."""
     scope: Any = ctx.get(ATTEMPT_KEY)
     step = getattr(scope, "step", None)
-    if step is not None:
-        return trace.set_span_in_context(step.span, ctx)
-    return ctx
+    return step if isinstance(step, Call) else None
 
 
 class _ToolSpanWrapper(SpanWrapper):
@@ -68,14 +67,18 @@ class _ToolSpanWrapper(SpanWrapper):
             attrs[a.GEN_AI_TOOL_CALL_ARGUMENTS] = content.render(
                 arguments, self.config.max_attribute_length, self.config.redact
             )
+        step = _open_step(ctx)
+        parent_ctx = trace.set_span_in_context(step.span, ctx) if step is not None else ctx
         span = self.tracer.start_span(
-            a.span_name(a.SPAN_TOOL, name), context=_parent_context(ctx), attributes=attrs
+            a.span_name(a.SPAN_TOOL, name), context=parent_ctx, attributes=attrs
         )
         record = ToolCallRecord(span, name, self.swallows_errors)
         call_ctx = otel_context.set_value(
             TOOL_CALL_KEY, record, trace.set_span_in_context(span, ctx)
         )
-        return Call(span, call_ctx, data=record)
+        call = Call(span, call_ctx, data=record)
+        call.parent = step  # the step's span waits for the tool's
+        return call
 
     def record_result(self, call: Call, result: object) -> None:
         record: ToolCallRecord = call.data
@@ -177,7 +180,22 @@ class ToolRunWrapper(_ToolSpanWrapper):
             sharing = self.runtime.sharing
             usage = sharing.enter(tool, KIND_TOOL, request_id, call.span, name)
             call.add_cleanup(lambda: sharing.exit(usage))
+            self._watch_shared_state(call, tool, request_id)
         return call
+
+    def _watch_shared_state(self, call: Call, tool: object, request_id: str) -> None:
+        """Note the globals, files, databases and resources this tool call touches; they stay
+        the run's until it ends (or until the call ends, for a tool called outside a run)."""
+        kickoff = call.ctx.get(KICKOFF_KEY)
+        holdings = getattr(kickoff, "holdings", None)
+        if not isinstance(holdings, RunHoldings):
+            holdings = RunHoldings()
+            release = holdings.release
+            exit_usage = self.runtime.sharing.exit
+            call.add_cleanup(lambda: release(exit_usage))
+        call.ctx = self.runtime.shared_state.enter_tool(
+            tool, request_id, call.span, holdings, call.ctx
+        )
 
     def succeed(self, call: Call, result: Any) -> Any:
         if not call.borrowed:
@@ -186,12 +204,16 @@ class ToolRunWrapper(_ToolSpanWrapper):
 
     def fail(self, call: Call, exc: BaseException) -> None:
         record: ToolCallRecord = call.data
+        if is_locked_database_error(exc):
+            self.runtime.shared_state.database_locked(call.ctx, call.span)
         if not call.borrowed:
             super().fail(call, exc)
             return
-        # The dispatcher will turn this into text for the model: the error starts here and is
-        # recovered from the run's point of view.
-        self.runtime.errors.record(call.span, exc, self.operation, recovered=record.swallows_errors)
+        # The dispatcher turns an Exception into text for the model: the error starts here and
+        # is recovered from the run's point of view. A BaseException (KeyboardInterrupt,
+        # SystemExit) goes past it to the caller.
+        recovered = record.swallows_errors and isinstance(exc, Exception)
+        self.runtime.errors.record(call.span, exc, self.operation, recovered=recovered)
         record.error_type = a.error_type(exc)
 
 

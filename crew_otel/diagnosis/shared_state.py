@@ -1,0 +1,394 @@
+"""Shared state outside CrewAI objects: globals, files, SQLite databases and resources that the
+tool code of two requests touches at once.
+
+Building every Crew, Agent, Task and tool per request is not enough when the tool code keeps
+state elsewhere. While a tool runs, this module notes what the tool code writes and holds:
+
+``global``
+    module-level or class-level objects the tool's function (and the user's own functions it
+    calls, a few levels deep) mutates, found once per code object in its bytecode
+    (:mod:`crew_otel.diagnosis.mutations`) and resolved to the object at each call;
+``file``
+    paths opened for writing (``open`` in a write mode, ``os.open`` with write flags,
+    ``Path.write_text``), seen by a Python audit hook;
+``database``
+    SQLite database files written (a statement that is not a read), seen through the
+    connection's trace callback, which crew_otel sets on connections that ``sqlite3.connect``
+    opens while instrumented;
+``resource``
+    non-thread-safe objects (a ``sqlite3.Connection`` or ``Cursor``, an open file, a SQLAlchemy
+    ``Session``) held by the tool instance's attributes or its function's closure.
+
+A thing counts as used by a request from the first time its tool code touches it until that
+request's run ends (the state a tool writes is the run's until the run is over: the article's
+``shared_context["ticket"]`` is written by one tool call and read by the next). When a second
+request touches a thing another request in flight holds, the span of that tool call gets a
+``crew_otel.shared_instance`` event naming the thing, as for a shared Agent. Reads are never
+noted; per-request state (closures, unique paths, per-call connections) never collides.
+
+Cost: the audit hook returns after one string comparison for events that are not file opens,
+and after one context look-up for opens outside tool calls; a SQLite statement outside tool
+calls costs its connection's trace callback one context look-up. ``uninstrument()`` turns the
+hook into a no-op (an audit hook cannot be removed) and restores ``sqlite3.connect``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span
+
+from crew_otel.attributes import DATABASE_LOCKED
+from crew_otel.diagnosis.mutations import GlobalWrite, global_writes
+from crew_otel.diagnosis.sharing import (
+    KIND_DATABASE,
+    KIND_FILE,
+    KIND_GLOBAL,
+    KIND_RESOURCE,
+    SharedInstanceDetector,
+)
+
+_logger = logging.getLogger("crew_otel")
+
+TOOL_STATE_KEY = otel_context.create_key("crew_otel.tool_state")
+"""Context key of the :class:`ToolScope` of the tool call in progress."""
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+_READ_STATEMENTS = ("SELECT", "PRAGMA", "EXPLAIN", "BEGIN", "COMMIT", "END", "ROLLBACK")
+_IMMUTABLE = (int, float, complex, str, bytes, tuple, frozenset, bool, type(None), range)
+_MEMORY_DATABASES = ("", ":memory:")
+
+
+class RunHoldings:
+    """What one run's tool code has touched so far; released when the run ends."""
+
+    __slots__ = ("_lock", "_usages", "closed")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._usages: dict[Hashable, Any] = {}
+        self.closed = False
+
+    def holds(self, key: Hashable) -> bool:
+        return key in self._usages
+
+    def add(self, key: Hashable, usage: Any) -> bool:
+        """Keep ``usage`` until the run ends; False if the run already ended."""
+        with self._lock:
+            if self.closed:
+                return False
+            self._usages[key] = usage
+            return True
+
+    def release(self, exit_usage: Callable[[Any], None]) -> None:
+        """End the run: hand every usage to ``exit_usage`` (once)."""
+        with self._lock:
+            self.closed = True
+            usages, self._usages = list(self._usages.values()), {}
+        for usage in usages:
+            exit_usage(usage)
+
+
+class ToolScope:
+    """The tool call in progress, as the audit hook and trace callbacks see it."""
+
+    __slots__ = ("databases", "holdings", "request_id", "span", "watcher")
+
+    def __init__(
+        self, watcher: SharedStateWatcher, request_id: str, span: Span, holdings: RunHoldings
+    ) -> None:
+        self.watcher = watcher
+        self.request_id = request_id
+        self.span = span
+        self.holdings = holdings
+        #: SQLite databases this tool call connected to or wrote (to name a locked one).
+        self.databases: list[str] = []
+
+    def note(self, key: Hashable, kind: str, label: str, class_name: str) -> None:
+        """This request's tool code touched ``key``: hold it for the run, flag a collision."""
+        if self.holdings.holds(key):
+            return
+        sharing = self.watcher.sharing
+        usage = sharing.enter_key(key, kind, self.request_id, self.span, label, class_name)
+        if not self.holdings.add(key, usage):
+            sharing.exit(usage)
+
+
+class SharedStateWatcher:
+    """Finds the shared state of tool calls for one instrumentation (see the module doc)."""
+
+    def __init__(self, sharing: SharedInstanceDetector) -> None:
+        #: Where collisions are reported (the same detector as for shared Agents).
+        self.sharing = sharing
+        self._writes: weakref.WeakKeyDictionary[Any, list[GlobalWrite]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._writes_lock = threading.Lock()
+
+    # --- at each tool call -----------------------------------------------------------------
+    def enter_tool(
+        self,
+        tool: object,
+        request_id: str,
+        span: Span,
+        holdings: RunHoldings,
+        ctx: otel_context.Context,
+    ) -> otel_context.Context:
+        """Note what ``tool`` writes and holds; return ``ctx`` with the scope for the hook."""
+        scope = ToolScope(self, request_id, span, holdings)
+        for write in self._global_writes_of(tool):
+            target = write.target()
+            if target is None:
+                continue
+            if write.rebinds:
+                key: Hashable = (KIND_GLOBAL, id(target), write.path)
+                class_name = "module"
+            elif isinstance(target, _IMMUTABLE):
+                continue
+            else:
+                key = (KIND_GLOBAL, id(target))
+                class_name = _class_name(target)
+            scope.note(key, KIND_GLOBAL, write.label, class_name)
+        for label, resource in _held_resources(tool):
+            scope.note((KIND_RESOURCE, id(resource)), KIND_RESOURCE, label, _class_name(resource))
+        return otel_context.set_value(TOOL_STATE_KEY, scope, ctx)
+
+    def _global_writes_of(self, tool: object) -> list[GlobalWrite]:
+        function, owner = _tool_function(tool)
+        if function is None:
+            return []
+        cache_key: Any = owner if owner is not None else function
+        try:
+            cached = self._writes.get(cache_key)
+        except TypeError:
+            return []
+        if cached is None:
+            cached = global_writes(function, owner)
+            with self._writes_lock:
+                self._writes[cache_key] = cached
+        return cached
+
+    # --- what the audit hook and the trace callbacks report -----------------------------------
+    @staticmethod
+    def file_opened(path: object, mode: object, flags: object) -> None:
+        scope = _current_scope()
+        if scope is None or not _is_write(mode, flags) or isinstance(path, int):
+            return
+        name = os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
+        scope.note((KIND_FILE, name), KIND_FILE, name, "file")
+
+    @staticmethod
+    def database_connected(database: str) -> None:
+        scope = _current_scope()
+        if scope is not None and database not in scope.databases:
+            scope.databases.append(database)
+
+    @staticmethod
+    def database_written(database: str) -> None:
+        scope = _current_scope()
+        if scope is not None:
+            if database not in scope.databases:
+                scope.databases.append(database)
+            scope.note((KIND_DATABASE, database), KIND_DATABASE, database, "sqlite3.Connection")
+
+    @staticmethod
+    def database_locked(ctx: otel_context.Context, span: Span) -> None:
+        """A tool call failed on "database is locked": name the database on its span (the
+        requests holding it in this process are named by the shared-instance events)."""
+        scope = ctx.get(TOOL_STATE_KEY)
+        if isinstance(scope, ToolScope) and scope.databases and span.is_recording():
+            span.set_attribute(DATABASE_LOCKED, scope.databases[-1])
+
+
+def _current_scope() -> ToolScope | None:
+    scope = otel_context.get_value(TOOL_STATE_KEY)
+    return scope if isinstance(scope, ToolScope) else None
+
+
+def _is_write(mode: object, flags: object) -> bool:
+    if isinstance(mode, str):
+        return any(c in mode for c in "wax+")
+    return isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
+
+
+def _class_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tool_function(tool: object) -> tuple[Callable[..., Any] | None, type | None]:
+    """The code behind a tool: ``@tool``'s function, or the ``_run`` of a BaseTool subclass."""
+    original = getattr(tool, "_original_tool", None)
+    if original is not None:
+        tool = original
+    func = getattr(tool, "func", None)
+    if callable(func):
+        return func, None
+    cls = type(tool)
+    run = cls.__dict__.get("_run") or getattr(cls, "_run", None)
+    if callable(run) and not getattr(run, "__isabstractmethod__", False):
+        return run, cls
+    return None, None
+
+
+# --- resources held by tools ------------------------------------------------------------------
+def _resource_types() -> tuple[type, ...]:
+    types: list[type] = [sqlite3.Connection, sqlite3.Cursor, io.IOBase]
+    orm = sys.modules.get("sqlalchemy.orm")
+    session = getattr(orm, "Session", None)
+    if isinstance(session, type):
+        types.append(session)
+    engine = sys.modules.get("sqlalchemy.engine")
+    connection = getattr(engine, "Connection", None)
+    if isinstance(connection, type):
+        types.append(connection)
+    return tuple(types)
+
+
+def _held_resources(tool: object) -> Iterator[tuple[str, object]]:
+    """(``Class at Tool.attribute``, object) for each non-thread-safe object the tool holds."""
+    original = getattr(tool, "_original_tool", None)
+    if original is not None:
+        tool = original
+    kinds = _resource_types()
+    owner = type(tool).__name__
+    for attribute, value in _attributes(tool):
+        if isinstance(value, kinds) and not _closed(value):
+            yield (
+                f"{type(value).__module__}.{type(value).__qualname__} at {owner}.{attribute}",
+                value,
+            )
+    func = getattr(tool, "func", None)
+    closure = getattr(func, "__closure__", None) or ()
+    names = getattr(getattr(func, "__code__", None), "co_freevars", ())
+    for name, cell in zip(names, closure, strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, kinds) and not _closed(value):
+            label = getattr(func, "__qualname__", owner)
+            yield f"{type(value).__module__}.{type(value).__qualname__} at {label}.{name}", value
+
+
+def _attributes(tool: object) -> Iterator[tuple[str, object]]:
+    values = getattr(tool, "__dict__", None)
+    if isinstance(values, dict):
+        yield from list(values.items())
+    private = getattr(tool, "__pydantic_private__", None)
+    if isinstance(private, dict):
+        yield from list(private.items())
+
+
+def _closed(value: object) -> bool:
+    closed = getattr(value, "closed", False)
+    return closed is True
+
+
+# --- the process-wide audit hook ------------------------------------------------------------
+class _AuditHook:
+    """The one audit hook of the process; a no-op while no watcher is set."""
+
+    def __init__(self) -> None:
+        self.watcher: SharedStateWatcher | None = None
+        self.installed = False
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if event != "open" or self.watcher is None:
+            return
+        if otel_context.get_value(TOOL_STATE_KEY) is None:
+            return
+        try:
+            SharedStateWatcher.file_opened(*args[:3])
+        except Exception:  # an audit hook that raises would fail the application's open()
+            _logger.debug("crew_otel: file write not noted", exc_info=True)
+
+
+def _traced_connect(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``sqlite3.connect``: the connection as made, with a trace callback that notes writes
+    made by tool code (the audit event comes too early in the connection's set-up for that)."""
+    connection = wrapped(*args, **kwargs)
+    if _HOOK.watcher is not None:
+        try:
+            _trace_writes(connection, args[0] if args else kwargs.get("database"))
+        except Exception:
+            _logger.debug("crew_otel: SQLite connection not watched", exc_info=True)
+    return connection
+
+
+def _trace_writes(connection: Any, database: object) -> None:
+    """Note writes on ``connection`` made by tool code (the callback checks the context)."""
+    if not isinstance(database, (str, bytes, os.PathLike)):
+        return
+    name = os.fsdecode(database)
+    if name in _MEMORY_DATABASES or name.startswith("file::memory:") or "mode=memory" in name:
+        return
+    if name.startswith("file:"):
+        name = name[len("file:") :].split("?", 1)[0]
+    path = os.path.abspath(name)
+    SharedStateWatcher.database_connected(path)
+
+    def on_statement(statement: str) -> None:
+        if _HOOK.watcher is None or otel_context.get_value(TOOL_STATE_KEY) is None:
+            return
+        try:
+            if statement.lstrip()[:8].upper().startswith(_READ_STATEMENTS):
+                return
+            SharedStateWatcher.database_written(path)
+        except Exception:
+            _logger.debug("crew_otel: SQLite write not noted", exc_info=True)
+
+    connection.set_trace_callback(on_statement)
+
+
+_HOOK = _AuditHook()
+_SQLITE_MODULES = ("sqlite3", "sqlite3.dbapi2")
+
+
+def activate(watcher: SharedStateWatcher) -> None:
+    """Make ``watcher`` receive file opens and SQLite writes: installs the audit hook (once
+    per process) and wraps ``sqlite3.connect``."""
+    _HOOK.watcher = watcher
+    if not _HOOK.installed:
+        sys.addaudithook(_HOOK)
+        _HOOK.installed = True
+    for module_name in _SQLITE_MODULES:
+        module = sys.modules.get(module_name)
+        current = getattr(module, "connect", None)
+        if current is not None and not isinstance(current, wrapt.FunctionWrapper):
+            module.connect = wrapt.FunctionWrapper(current, _traced_connect)  # type: ignore[union-attr]
+
+
+def deactivate(watcher: SharedStateWatcher) -> None:
+    """Turn the audit hook into a no-op (it cannot be removed) and restore ``sqlite3.connect``
+    (connections made meanwhile keep a callback that returns at once)."""
+    if _HOOK.watcher is not watcher:
+        return
+    _HOOK.watcher = None
+    for module_name in _SQLITE_MODULES:
+        module = sys.modules.get(module_name)
+        current = getattr(module, "connect", None)
+        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is _traced_connect:
+            module.connect = current.__wrapped__  # type: ignore[union-attr]
+
+
+def is_locked_database_error(exc: BaseException) -> bool:
+    """SQLite's "database is locked" (a writer elsewhere holds the database)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    try:
+        return "locked" in str.__str__(str(exc.args[0])) if exc.args else False
+    except Exception:
+        return False

@@ -1,0 +1,143 @@
+"""Streaming kickoffs: iterate CrewAI's chunk iterators inside the kickoff's context.
+
+``Crew(stream=True).kickoff*()`` (and a streaming ``Flow.kickoff*``) returns an output object at
+once; CrewAI starts the run's thread (sync) or task (async) at the *first* ``next()`` /
+``__anext__()``, with a copy of the context current then. Running every step of the iterator
+under the kickoff's context puts the run in the kickoff's trace, with its request ID.
+
+The iterators here replace the output's ``_sync_iterator`` / ``_async_iterator`` (checked on
+crewai 1.12 and 1.15: ``CrewStreamingOutput``, ``FlowStreamingOutput``, ``StreamSession``,
+``AsyncStreamSession``). They are classes, not generators, so that ``close()`` / ``aclose()``
+of a stream that was never iterated still tells the owner the stream is over. They never
+swallow or replace what the inner iterator raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
+
+from opentelemetry import context as otel_context
+
+from crew_otel.safety import safe_call
+
+_attach = otel_context.attach
+_detach = otel_context.detach
+
+#: Output classes whose ``_sync_iterator`` / ``_async_iterator`` carry a streaming run.
+STREAMING_OUTPUT_CLASSES = frozenset(
+    {"CrewStreamingOutput", "FlowStreamingOutput", "StreamSession", "AsyncStreamSession"}
+)
+
+
+class StreamOwner(Protocol):
+    """What a traced stream reports to the kickoff that returned it."""
+
+    def stream_failed(self, exc: BaseException) -> None:
+        """Iterating raised ``exc`` (the run's error, or the consumer's cancellation)."""
+
+    def stream_done(self) -> None:
+        """The stream is over: exhausted, failed, closed or collected (called at least once)."""
+
+
+def is_streaming_output(result: Any) -> bool:
+    """Whether ``result`` is one of CrewAI's streaming outputs."""
+    return type(result).__name__ in STREAMING_OUTPUT_CLASSES
+
+
+class TracedStream:
+    """A sync chunk iterator whose every step runs in the kickoff's context."""
+
+    __slots__ = ("_ctx", "_inner", "_owner")
+
+    def __init__(self, inner: Iterator[Any], ctx: otel_context.Context, owner: StreamOwner) -> None:
+        self._inner = inner
+        self._ctx = ctx
+        self._owner = owner
+
+    def __iter__(self) -> TracedStream:
+        return self
+
+    def __next__(self) -> Any:
+        token = _attach(self._ctx)
+        try:
+            return next(self._inner)
+        except StopIteration:
+            safe_call(self._owner.stream_done, default=None)
+            raise
+        except BaseException as exc:
+            safe_call(self._owner.stream_failed, exc, default=None)
+            safe_call(self._owner.stream_done, default=None)
+            raise
+        finally:
+            _detach(token)
+
+    def close(self) -> None:
+        """Close the inner iterator (CrewAI waits for the run there), then end the stream."""
+        try:
+            close = getattr(self._inner, "close", None)
+            if callable(close):
+                close()
+        finally:
+            safe_call(self._owner.stream_done, default=None)
+
+
+class TracedAsyncStream:
+    """An async chunk iterator whose every step runs in the kickoff's context."""
+
+    __slots__ = ("_ctx", "_inner", "_owner")
+
+    def __init__(
+        self, inner: AsyncIterator[Any], ctx: otel_context.Context, owner: StreamOwner
+    ) -> None:
+        self._inner = inner
+        self._ctx = ctx
+        self._owner = owner
+
+    def __aiter__(self) -> TracedAsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        # The context is attached and detached in the same task (the consumer's): CrewAI's
+        # ``asyncio.create_task`` at the first step copies it into the run's task.
+        token = _attach(self._ctx)
+        try:
+            return await self._inner.__anext__()
+        except StopAsyncIteration:
+            safe_call(self._owner.stream_done, default=None)
+            raise
+        except BaseException as exc:
+            # Also a cancellation of the consumer: CrewAI's generator is finished after it.
+            safe_call(self._owner.stream_failed, exc, default=None)
+            safe_call(self._owner.stream_done, default=None)
+            raise
+        finally:
+            _detach(token)
+
+    async def aclose(self) -> None:
+        """Close the inner iterator (CrewAI cancels or awaits the run), then end the stream."""
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if callable(aclose):
+                await aclose()
+        finally:
+            safe_call(self._owner.stream_done, default=None)
+
+
+def trace_stream(result: Any, ctx: otel_context.Context, owner: StreamOwner) -> bool:
+    """Swap ``result``'s chunk iterator for a traced one; False if it has none to swap."""
+    sync_iterator = getattr(result, "_sync_iterator", None)
+    if sync_iterator is not None:
+        result._sync_iterator = TracedStream(sync_iterator, ctx, owner)
+        return True
+    async_iterator = getattr(result, "_async_iterator", None)
+    if async_iterator is not None:
+        result._async_iterator = TracedAsyncStream(async_iterator, ctx, owner)
+        return True
+    return False
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """The caller stopped waiting (task cancelled, ``wait_for`` timed out)."""
+    return isinstance(exc, asyncio.CancelledError)

@@ -1,0 +1,342 @@
+"""Shared state outside CrewAI objects: module globals, files, SQLite databases and resources
+held by tools, touched by the tool code of two requests at once, are named like a shared Agent.
+
+Every CrewAI object is built per request here: the state the tool code keeps elsewhere is the
+only thing shared. A barrier inside the tools makes the requests' tool calls overlap for sure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from pydantic import ConfigDict
+
+import crew_otel
+from crew_otel.testing.crews import make_llm, research_crew
+from tests.spans import REQUEST_ID, Spans, attr
+from tests.test_metrics import points, total
+
+EVENT = "crew_otel.shared_instance"
+N = 6
+
+# --- the article's half-fixed tool code: module state, one fixed path, one database -------------
+SHARED_CONTEXT: dict[str, Any] = {"attempts": 0, "ticket": None}
+CONFIG = {"greeting": "hello", "limit": 3}
+PATHS: dict[str, str] = {}
+_gate: dict[str, threading.Barrier] = {}
+
+
+def _meet() -> None:
+    """Wait until every request of the test is inside its tool call (bounded)."""
+    barrier = _gate.get("barrier")
+    if barrier is not None:
+        try:
+            barrier.wait(timeout=20)
+        except threading.BrokenBarrierError:
+            pass
+
+
+def remember_ticket(query: str) -> str:
+    """Remember the ticket being handled."""
+    SHARED_CONTEXT["attempts"] += 1
+    SHARED_CONTEXT["ticket"] = query
+    _meet()
+    return f"ticket {SHARED_CONTEXT['ticket']}"
+
+
+def write_report(query: str) -> str:
+    """Write the report file."""
+    with open(PATHS["report"], "w", encoding="utf-8") as handle:
+        json.dump({"ticket": query}, handle)
+    _meet()
+    return f"report for {query}"
+
+
+def save_to_database(query: str) -> str:
+    """Save the ticket in the database."""
+    connection = sqlite3.connect(PATHS["database"], timeout=30)
+    try:
+        connection.execute("INSERT INTO tickets VALUES (?)", (query,))
+        connection.commit()
+    finally:
+        connection.close()
+    _meet()
+    return f"saved {query}"
+
+
+def read_only(query: str) -> str:
+    """Read shared configuration and a template; log; change nothing."""
+    with open(PATHS["template"], encoding="utf-8") as handle:
+        template = handle.read()
+    limit = CONFIG["limit"] + len(CONFIG)
+    os.environ.get("HOME")
+    _meet()
+    return f"{template} {query} {limit}"
+
+
+def make_per_request_tool(request_index: int) -> Callable[[str], str]:
+    """The article's fixed pattern: state in a closure, a path of the request's own."""
+    state = {"attempts": 0}
+    own_path = os.path.join(PATHS["dir"], f"report-{request_index}.json")
+    own_db = os.path.join(PATHS["dir"], f"db-{request_index}.sqlite")
+
+    def handle_ticket(query: str) -> str:
+        """Handle the ticket with per-request state."""
+        state["attempts"] += 1
+        with open(own_path, "w", encoding="utf-8") as handle:
+            handle.write(query)
+        connection = sqlite3.connect(own_db)
+        try:
+            connection.execute("CREATE TABLE IF NOT EXISTS t (q TEXT)")
+            connection.execute("INSERT INTO t VALUES (?)", (query,))
+            connection.commit()
+        finally:
+            connection.close()
+        _meet()
+        return f"handled {query}"
+
+    return handle_ticket
+
+
+def ledger_tool_class() -> type:
+    from crewai.tools import BaseTool
+
+    class LedgerTool(BaseTool):
+        name: str = "ledger"
+        description: str = "Record the ticket in the ledger."
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        connection: Any = None
+
+        def _run(self, query: str) -> str:
+            self.connection.execute("SELECT 1").fetchall()
+            _meet()
+            return f"ledger {query}"
+
+    return LedgerTool
+
+
+# --- fixtures and helpers -------------------------------------------------------------------------
+@pytest.fixture
+def paths(tmp_path):
+    PATHS.clear()
+    PATHS.update(
+        dir=str(tmp_path),
+        report=str(tmp_path / "report.json"),
+        database=str(tmp_path / "tickets.sqlite"),
+        template=str(tmp_path / "template.txt"),
+    )
+    (tmp_path / "template.txt").write_text("Dear customer,", encoding="utf-8")
+    with sqlite3.connect(PATHS["database"]) as connection:
+        connection.execute("CREATE TABLE tickets (q TEXT)")
+    SHARED_CONTEXT.update(attempts=0, ticket=None)
+    yield PATHS
+    _gate.clear()
+
+
+def function_tool(function: Callable[[str], str]) -> Any:
+    from crewai.tools import tool
+
+    return tool(function.__name__)(function)
+
+
+def run_threads(fake_provider, make_tools: Callable[[int], list], n: int = N) -> list[str]:
+    _gate["barrier"] = threading.Barrier(n)
+
+    def run(i: int) -> str:
+        with crew_otel.request(f"req-{i}"):
+            crew = research_crew(lambda: make_llm(fake_provider.base_url), tools=make_tools(i))
+            return crew.kickoff(inputs={"topic": f"[[t{i}]]"}).raw
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def run_async(fake_provider, make_tools: Callable[[int], list], n: int = N) -> list[str]:
+    _gate["barrier"] = threading.Barrier(n)
+
+    async def one(i: int) -> str:
+        with crew_otel.request(f"req-{i}"):
+            crew = research_crew(lambda: make_llm(fake_provider.base_url), tools=make_tools(i))
+            return (await crew.akickoff(inputs={"topic": f"[[t{i}]]"})).raw
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    return asyncio.run(main())
+
+
+def events(spans: Spans, kind: str | None = None) -> list[tuple[Any, dict]]:
+    found = [
+        (span, dict(event.attributes or {}))
+        for span in spans.all
+        for event in span.events
+        if event.name == EVENT
+    ]
+    if kind is None:
+        return found
+    return [(s, e) for s, e in found if e["crew_otel.shared_instance.kind"] == kind]
+
+
+def assert_named(spans: Spans, kind: str, name: str, n: int = N) -> None:
+    found = events(spans, kind)
+    assert found, f"no {kind} conflict reported"
+    request_ids = {f"req-{i}" for i in range(n)}
+    for span, event in found:
+        assert span.name.startswith("execute_tool"), span.name
+        assert attr(span, "crew_otel.shared_instance") is True
+        assert event["crew_otel.shared_instance.name"] == name
+        others = set(event["crew_otel.shared_instance.other_request_ids"])
+        assert others, "the other requests are named"
+        assert attr(span, REQUEST_ID) not in others
+        assert others <= request_ids
+    # every request but the first to touch it collided with another
+    assert len({attr(s, REQUEST_ID) for s, _ in found}) == n - 1
+
+
+# --- the broken patterns are named ---------------------------------------------------------------
+@pytest.mark.parametrize("runner", [run_threads, run_async], ids=["threads", "akickoff"])
+def test_module_global_mutated_by_tools_of_concurrent_requests(
+    otel, fake_provider, metric_reader, paths, runner
+):
+    answers = runner(fake_provider, lambda i: [function_tool(remember_ticket)])
+    assert len(answers) == N
+    spans = Spans(otel.get_finished_spans())
+    assert_named(spans, "global", f"{__name__}.SHARED_CONTEXT")
+    assert {e["crew_otel.shared_instance.class"] for _, e in events(spans, "global")} == {
+        "builtins.dict"
+    }
+    found = points(metric_reader)["crew_otel.shared_instance.conflicts"]
+    assert total(found, crew_otel__shared_instance__kind="global") == N - 1
+    assert total(found) == N - 1, "nothing else is reported"
+
+
+@pytest.mark.parametrize("runner", [run_threads, run_async], ids=["threads", "akickoff"])
+def test_one_fixed_file_path_written_by_concurrent_requests(
+    otel, fake_provider, metric_reader, paths, runner
+):
+    runner(fake_provider, lambda i: [function_tool(write_report)])
+    spans = Spans(otel.get_finished_spans())
+    assert_named(spans, "file", paths["report"])
+    found = points(metric_reader)["crew_otel.shared_instance.conflicts"]
+    assert total(found, crew_otel__shared_instance__kind="file") == N - 1
+    assert total(found) == N - 1
+
+
+def test_one_sqlite_database_written_by_concurrent_requests(
+    otel, fake_provider, metric_reader, paths
+):
+    run_threads(fake_provider, lambda i: [function_tool(save_to_database)])
+    spans = Spans(otel.get_finished_spans())
+    assert_named(spans, "database", paths["database"])
+    found = points(metric_reader)["crew_otel.shared_instance.conflicts"]
+    assert total(found, crew_otel__shared_instance__kind="database") == N - 1
+    # every insert arrived: the outcome is the application's own
+    with sqlite3.connect(paths["database"]) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM tickets").fetchone() == (N,)
+
+
+def test_one_connection_held_by_per_request_tool_instances(
+    otel, fake_provider, metric_reader, paths
+):
+    ledger = ledger_tool_class()
+    connection = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        run_threads(fake_provider, lambda i: [ledger(connection=connection)])
+    finally:
+        connection.close()
+    spans = Spans(otel.get_finished_spans())
+    assert_named(spans, "resource", "sqlite3.Connection at LedgerTool.connection")
+    found = points(metric_reader)["crew_otel.shared_instance.conflicts"]
+    assert total(found, crew_otel__shared_instance__kind="resource") == N - 1
+    assert total(found, crew_otel__shared_instance__kind="tool") == 0, "tools are per request"
+
+
+# --- per-request state and reads are never reported --------------------------------------------
+@pytest.mark.parametrize("runner", [run_threads, run_async], ids=["threads", "akickoff"])
+def test_per_request_state_and_shared_reads_report_nothing(
+    otel, fake_provider, metric_reader, paths, runner
+):
+    ledger = ledger_tool_class()
+
+    def tools(i: int) -> list:
+        own = sqlite3.connect(":memory:", check_same_thread=False)
+        return [
+            function_tool(make_per_request_tool(i)),
+            function_tool(read_only),
+            ledger(connection=own),
+        ]
+
+    runner(fake_provider, tools)
+    spans = Spans(otel.get_finished_spans())
+    assert len(spans.named("execute_tool")) >= N
+    assert events(spans) == []
+    assert total(points(metric_reader)["crew_otel.shared_instance.conflicts"]) == 0
+
+
+def test_one_request_at_a_time_reports_nothing(otel, fake_provider, metric_reader, paths):
+    for i in range(3):
+        with crew_otel.request(f"seq-{i}"):
+            crew = research_crew(
+                lambda: make_llm(fake_provider.base_url),
+                tools=[function_tool(remember_ticket)],
+            )
+            crew.kickoff(inputs={"topic": f"[[s{i}]]"})
+    spans = Spans(otel.get_finished_spans())
+    assert len(spans.named("execute_tool")) == 3
+    assert events(spans) == []
+    assert total(points(metric_reader)["crew_otel.shared_instance.conflicts"]) == 0
+
+
+# --- the application sees the same outcome; switched off means off ------------------------------
+def test_outcomes_identical_to_uninstrumented_runs(fake_provider, paths, otel):
+    def tools(i: int) -> list:
+        return [function_tool(save_to_database), function_tool(write_report)]
+
+    instrumented = sorted(run_threads(fake_provider, tools, n=4))
+    crew_otel.uninstrument()
+    uninstrumented = sorted(run_threads(fake_provider, tools, n=4))
+    assert [a.split(" based on ")[0] for a in instrumented] == [
+        a.split(" based on ")[0] for a in uninstrumented
+    ]
+    with sqlite3.connect(paths["database"]) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM tickets").fetchone() == (8,)
+
+
+def test_detect_shared_instances_false_turns_it_all_off(
+    otel_tracer_provider, span_exporter, meter_provider, metric_reader, fake_provider, paths
+):
+    crew_otel.uninstrument()
+    crew_otel.instrument(
+        tracer_provider=otel_tracer_provider,
+        meter_provider=meter_provider,
+        detect_shared_instances=False,
+    )
+    try:
+        run_threads(
+            fake_provider, lambda i: [function_tool(remember_ticket), function_tool(write_report)]
+        )
+    finally:
+        crew_otel.uninstrument()
+    spans = Spans(span_exporter.get_finished_spans())
+    assert len(spans.named("execute_tool")) >= N
+    assert events(spans) == []
+    assert total(points(metric_reader)["crew_otel.shared_instance.conflicts"]) == 0
+
+
+def test_audit_hook_is_a_no_op_after_uninstrument(otel, fake_provider, paths):
+    from crew_otel.diagnosis import shared_state
+
+    assert shared_state._HOOK.watcher is not None
+    crew_otel.uninstrument()
+    assert shared_state._HOOK.watcher is None
+    with tempfile.TemporaryFile("w") as handle:  # opens go straight through
+        handle.write("x")
