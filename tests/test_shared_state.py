@@ -340,3 +340,36 @@ def test_audit_hook_is_a_no_op_after_uninstrument(otel, fake_provider, paths):
     assert shared_state._HOOK.watcher is None
     with tempfile.TemporaryFile("w") as handle:  # opens go straight through
         handle.write("x")
+
+
+def hold_the_database_lock(query: str) -> str:
+    """Write while holding the database's write lock until every request arrived."""
+    connection = sqlite3.connect(PATHS["database"], timeout=0.05, isolation_level=None)
+    try:
+        if query.endswith("0]]"):
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("INSERT INTO tickets VALUES (?)", (query,))
+            _meet()  # the others write now, and find the database locked
+            _meet()
+            connection.execute("COMMIT")
+            return "written first"
+        _meet()
+        try:
+            connection.execute("INSERT INTO tickets VALUES (?)", (query,))
+        finally:
+            _meet()
+        return "written"
+    finally:
+        connection.close()
+
+
+def test_database_is_locked_is_attributed_to_the_shared_database(otel, fake_provider, paths):
+    n = 3
+    run_threads(fake_provider, lambda i: [function_tool(hold_the_database_lock)], n=n)
+    spans = Spans(otel.get_finished_spans())
+    locked = [s for s in spans.named("execute_tool") if attr(s, "crew_otel.database.locked")]
+    assert len(locked) == n - 1, "each writer that found the database locked names it"
+    for span in locked:
+        assert attr(span, "crew_otel.database.locked") == paths["database"]
+        assert attr(span, "error.type") == "OperationalError"
+    assert {attr(s, REQUEST_ID) for s in locked} == {"req-1", "req-2"}
