@@ -36,13 +36,25 @@ _gate: dict[str, threading.Barrier] = {}
 
 
 def _meet() -> None:
-    """Wait until every request of the test is inside its tool call (bounded)."""
+    """Wait until every request of the test is inside its tool call (bounded).
+
+    Not on an event loop's thread (CrewAI 1.12 runs ``akickoff`` tools there): waiting would
+    stop the other runs; they are all in flight in that loop anyway.
+    """
     barrier = _gate.get("barrier")
-    if barrier is not None:
+    if barrier is not None and not _on_event_loop():
         try:
             barrier.wait(timeout=20)
         except threading.BrokenBarrierError:
             pass
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def remember_ticket(query: str) -> str:

@@ -17,6 +17,8 @@ OFFLINE_ENVIRONMENT = {
     "CREWAI_DISABLE_TRACKING": "true",
     "CREWAI_TRACING_ENABLED": "false",
     "CREWAI_TESTING": "true",
+    # CrewAI's console output (streaming flows) would otherwise look up its latest version.
+    "CREWAI_DISABLE_VERSION_CHECK": "true",
     "CREWAI_STORAGE_DIR": "crew_otel_offline",
     "OPENAI_API_KEY": "sk-fake-key-for-the-loopback-provider",
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",

@@ -30,13 +30,14 @@ from opentelemetry import trace
 from crew_otel import attributes as a
 from crew_otel import content
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, new_request_id
+from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.shared_state import RunHoldings
 from crew_otel.diagnosis.sharing import KIND_AGENT, KIND_CREW
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.agent import start_scope_for_standalone_agent
 from crew_otel.wrappers.base import Call, SpanWrapper, running_loop
-from crew_otel.wrappers.streams import is_cancellation, is_streaming_output, trace_stream
+from crew_otel.wrappers.streams import is_streaming_output, trace_stream
 
 KIND_OF_CREW = "crew"
 KIND_OF_FLOW = "flow"

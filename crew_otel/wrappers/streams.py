@@ -14,7 +14,6 @@ swallow or replace what the inner iterator raises.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
@@ -136,8 +135,3 @@ def trace_stream(result: Any, ctx: otel_context.Context, owner: StreamOwner) -> 
         result._async_iterator = TracedAsyncStream(async_iterator, ctx, owner)
         return True
     return False
-
-
-def is_cancellation(exc: BaseException) -> bool:
-    """The caller stopped waiting (task cancelled, ``wait_for`` timed out)."""
-    return isinstance(exc, asyncio.CancelledError)
