@@ -34,6 +34,15 @@ LABELS = {
     OPENINFERENCE: "OpenInference",
     OPENLLMETRY: "OpenLLMetry",
 }
+#: crew_otel with ``detect_shared_instances=False`` (the shared-state detectors' benchmark).
+CREW_OTEL_NO_DETECT = "crew_otel_detect_off"
+WORKER_VARIANTS = (*VARIANTS, CREW_OTEL_NO_DETECT)
+
+#: The workloads a worker can run: ``research_crew`` as is, or with a tool doing file and
+#: SQLite I/O (a per-request file and a per-request database file).
+STANDARD = "standard"
+IO = "io"
+WORKLOADS = (STANDARD, IO)
 
 #: Other processes using more cores than QUIET make the machine "busy": a round waits until
 #: they use less (within the run's budget); rounds measured while they used more than

@@ -13,13 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, detectors
 from benchmarks.hooks import FLOORS, HOOKS
 
 # The targets the benchmarks are compared with.
 TARGET_E2E_RATIO = 1.03
 TARGET_HOOK_RATIO = 1.5
 TARGET_INSTRUMENT_S = 0.050
+#: Shared-state detectors on vs off, end to end; and outside runs, per operation.
+TARGET_DETECTORS_RATIO = 1.01
 
 _FLOOR = "SDK span"
 _BARE = "bare call"
@@ -57,6 +59,29 @@ def load_hooks(path: Path) -> dict[str, Any]:
             "tool": "pyperf",
         }
     return result
+
+
+def load_detectors(path: Path) -> dict[str, Any]:
+    """{name: {"median": s, "stdev": s, "values": n}} from pyperf's or smoke output."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("mode") == "smoke":
+        return {
+            name: {"median": entry["value"], "stdev": 0.0, "values": 1, "tool": "smoke"}
+            for name, entry in data["benchmarks"].items()
+        }
+    import pyperf
+
+    suite = pyperf.BenchmarkSuite.load(str(path))
+    return {
+        bench.get_name(): {
+            "median": bench.median(),
+            "stdev": bench.stdev() if bench.get_nvalue() > 1 else 0.0,
+            "values": bench.get_nvalue(),
+            "processes": bench.get_nrun(),
+            "tool": "pyperf",
+        }
+        for bench in suite.get_benchmarks()
+    }
 
 
 def _read(directory: Path, name: str) -> Any:
@@ -119,6 +144,19 @@ def _set_aside(dropped: int, total: int) -> str:
     )
 
 
+def median_ci(values: Sequence[float]) -> tuple[float, float] | None:
+    """A distribution-free 95 % confidence interval of the median (order statistics at
+    n/2 ± 0.98 √n), or None for fewer than 6 values."""
+    n = len(values)
+    if n < 6:
+        return None
+    ordered = sorted(values)
+    half = 0.98 * n**0.5
+    low = max(int(n / 2 - half), 0)
+    high = min(int(n / 2 + half + 0.999999), n - 1)
+    return ordered[low], ordered[high]
+
+
 def _fmt_ratio(ratios: Sequence[float]) -> str:
     if not ratios:
         return "n/a"
@@ -148,6 +186,12 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     soak = _soak_file(directory)
     startup = _read(directory, "startup.json")
     profile = _read(directory, "profile.json")
+    shared = _read(directory, "shared-state-raw.json")
+    detectors_path = directory / "detectors.json"
+    if not detectors_path.is_file():
+        detectors_path = directory / "detectors-smoke.json"
+    outside = load_detectors(detectors_path) if detectors_path.is_file() else None
+    outside_other = (_read(directory, "detectors-interference.json") or {}).get("other_cores", 0.0)
 
     targets: list[tuple[str, str, str]] = []
     sections: list[str] = []
@@ -162,7 +206,9 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     targets += soak_targets
     start_lines, start_targets = _render_startup(startup)
     targets += start_targets
-    for block in (e2e_lines, hook_lines, conc_lines, soak_lines, start_lines):
+    shared_lines, shared_targets = _render_shared_state(shared, outside, outside_other)
+    targets += shared_targets
+    for block in (e2e_lines, hook_lines, conc_lines, soak_lines, start_lines, shared_lines):
         if block:
             sections.append("\n".join(block))
     if profile:
@@ -483,6 +529,187 @@ def _render_startup(startup: Any) -> tuple[list[str], list[tuple[str, str, str]]
                 f"{instrument * 1e3:.0f} | {len(runs)} |"
             )
     return lines, targets
+
+
+def _render_shared_state(
+    raw: Any, outside: Any, outside_other: float = 0.0
+) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Detectors on vs off end to end, and their cost outside runs (None: not measured)."""
+    if not raw and not outside:
+        return [], []
+    lines: list[str] = []
+    targets: list[tuple[str, str, str]] = []
+    if raw:
+        e2e_lines, e2e_target = _render_shared_e2e(raw)
+        lines += e2e_lines
+        targets.append(e2e_target)
+    if outside:
+        if lines:
+            lines.append("")
+        outside_lines, outside_target = _render_outside(outside, outside_other)
+        lines += outside_lines
+        targets.append(outside_target)
+    estimate = _audit_estimate(raw, outside)
+    if estimate:
+        lines += ["", estimate]
+    return lines, targets
+
+
+def _audit_estimate(raw: Any, outside: Any) -> str:
+    """The audit hook's price per kickoff: events per kickoff x the measured price of one."""
+    counts = (raw or {}).get("audit_events") or {}
+    if not counts or not outside:
+        return ""
+
+    def delta(op: str) -> float | None:
+        base, on = outside.get(f"{op}: {detectors.NONE}"), outside.get(f"{op}: {detectors.ON}")
+        return on["median"] - base["median"] if base and on else None
+
+    per_event = delta("audit event")
+    if per_event is None:
+        return ""
+    cpu = {
+        workload: statistics.median(
+            r["cpu"]
+            for r in raw["rounds"]
+            if r.get("workload") == workload and r["variant"] == common.CREW_OTEL
+        )
+        for workload in counts
+    }
+    parts = []
+    for workload, data in counts.items():
+        events = data["per_kickoff"]
+        cost = events * per_event
+        top = ", ".join(f"`{name}` {n:.0f}" for name, n in list(data["by_event"].items())[:4])
+        parts.append(
+            f"{workload}: {events:.0f} audit events per kickoff ({top}), about "
+            f"{cost * 1e6:.0f} µs ({100 * cost / cpu[workload]:.2f} % of its CPU)"
+        )
+    return (
+        "**The audit hook's price per kickoff**, estimated from the events a kickoff raises "
+        "(counted in the detectors-on process) and the price of one event measured above "
+        f"({per_event * 1e9:.0f} ns; file opens and SQLite connections, a few per kickoff, "
+        "counted at that price too): " + "; ".join(parts) + "."
+    )
+
+
+_WORKLOAD_LABELS = {
+    common.STANDARD: "standard (tool returns a string)",
+    common.IO: "file + SQLite I/O in the tool",
+}
+
+
+def _render_shared_e2e(raw: Any) -> tuple[list[str], tuple[str, str, str]]:
+    on, off = common.CREW_OTEL, common.CREW_OTEL_NO_DETECT
+    rows, dropped, total = quiet_rows(raw["rounds"], ("block", "round"))
+    settings = raw["settings"]
+    n_rounds = settings["blocks"] * settings["rounds_per_block"]
+    lines = [
+        "**Shared-state detectors, end to end**: crew_otel with `detect_shared_instances=True` "
+        "(the default: CrewAI objects, plus module globals, files, SQLite databases and "
+        "resources of tool code) vs `False`, same build, each in its own process; "
+        f"{n_rounds} interleaved rounds of {settings['kickoffs_per_round']} sequential kickoffs, "
+        "the two variants of a workload back to back. The I/O workload's tool writes a file and "
+        "a SQLite database file of its own per request (connect, create, insert, commit, close). "
+        "Ratio: median of the per-round on / off ratios (interquartile range; 95 % confidence "
+        "interval of the median)." + _set_aside(dropped, total),
+        "",
+        "| workload | CPU ms / kickoff, off | on | Δ CPU ms | CPU on / off | 95 % CI "
+        "| wall on / off |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    measured: list[str] = []
+    intervals: list[tuple[float, float, float]] = []  # (lower, median, upper) per workload
+    for workload in common.WORKLOADS:
+        mine = [r for r in rows if r.get("workload") == workload]
+        cpu_on = [r["cpu"] for r in mine if r["variant"] == on]
+        cpu_off = [r["cpu"] for r in mine if r["variant"] == off]
+        if not cpu_on or not cpu_off:
+            continue
+        cpu_ratios = _pair_ratios(mine, on, off, "cpu")
+        wall_ratios = _pair_ratios(mine, on, off, "wall")
+        median_on, median_off = statistics.median(cpu_on), statistics.median(cpu_off)
+        ratio = statistics.median(cpu_ratios)
+        ci = median_ci(cpu_ratios)
+        ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
+        lines.append(
+            f"| {_WORKLOAD_LABELS[workload]} | {median_off * 1e3:.1f} | {median_on * 1e3:.1f} | "
+            f"{(median_on - median_off) * 1e3:+.1f} | {_fmt_ratio(cpu_ratios)} | {ci_text} | "
+            f"{_fmt_ratio(wall_ratios)} |"
+        )
+        measured.append(
+            f"{workload} workload {ratio:.3f} x (95 % CI {ci_text}; "
+            f"{(median_on - median_off) * 1e3:+.1f} ms per kickoff)"
+        )
+        intervals.append((ci[0], ratio, ci[1]) if ci else (ratio, ratio, ratio))
+    target = f"shared-state detectors on: end-to-end CPU ≤ {TARGET_DETECTORS_RATIO} x off"
+    if not intervals:
+        return lines, (target, "-", _status(None))
+    # Met when every confidence interval lies under the target, missed when one lies above
+    # it; otherwise this run cannot tell (its median is then said).
+    if all(upper <= TARGET_DETECTORS_RATIO for _, _, upper in intervals):
+        status = _status(True)
+    elif any(lower > TARGET_DETECTORS_RATIO for lower, _, _ in intervals):
+        status = _status(False)
+    elif any(median > TARGET_DETECTORS_RATIO for _, median, _ in intervals):
+        status = "not resolved (a median above, its confidence interval across the target)"
+    else:
+        status = "not resolved (medians below, a confidence interval across the target)"
+    return lines, (target, "; ".join(measured), status)
+
+
+def _pair_ratios(rows: list[dict[str, Any]], on: str, off: str, metric: str = "cpu"):
+    groups: dict[tuple[Any, ...], dict[str, float]] = {}
+    for row in rows:
+        groups.setdefault((row["block"], row["round"]), {})[row["variant"]] = row[metric]
+    return [g[on] / g[off] for g in groups.values() if on in g and off in g]
+
+
+def _render_outside(outside: Any, other: float) -> tuple[list[str], tuple[str, str, str]]:
+    tool = next(iter(outside.values()))["tool"]
+    lines = [
+        "**Shared-state detectors, outside runs**: process CPU per operation in code that "
+        "runs outside any crew (the audit hook sees every `open()` and `sqlite3.connect()` of "
+        "the process; the trace callback is set on every SQLite connection opened while "
+        "instrumented and stays after `uninstrument()`); crewai and crew_otel imported in "
+        f"every state ({tool})." + _busy_note(other),
+        "",
+        "| operation | none, µs | detectors off, µs | vs none | detectors on, µs | vs none "
+        "| after `uninstrument()`, µs | vs none |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    affected: list[str] = []
+    measured: list[str] = []
+    for op, (description, _estimate) in detectors.OPERATIONS.items():
+        base = outside.get(f"{op}: {detectors.NONE}")
+        if base is None:
+            continue
+        cells = [f"| {op}: {description} | {base['median'] * 1e6:.2f}"]
+        parts = []
+        for state in (detectors.OFF, detectors.ON, detectors.AFTER):
+            entry = outside.get(f"{op}: {state}")
+            if entry is None:
+                cells.append("- | -")
+                continue
+            delta = entry["median"] - base["median"]
+            ratio = entry["median"] / base["median"]
+            cells.append(f"{entry['median'] * 1e6:.2f} | {ratio:.3f} ({delta * 1e9:+.0f} ns)")
+            if state == detectors.OFF:
+                continue  # not the detectors: what instrumenting at all does
+            parts.append(f"{ratio:.3f} x")
+            noise = base["stdev"] + entry["stdev"]
+            if ratio > TARGET_DETECTORS_RATIO and delta > noise:
+                affected.append(f"{op} ({state})")
+        lines.append(" | ".join(cells) + " |")
+        measured.append(f"{op} {' / '.join(parts)}")
+    text = "on / after `uninstrument()`: " + "; ".join(measured)
+    if affected:
+        text += f" (above {TARGET_DETECTORS_RATIO} x and the noise: {', '.join(affected)})"
+    return lines, (
+        f"code outside tool calls unaffected by the detectors (≤ {TARGET_DETECTORS_RATIO} x)",
+        text,
+        _status(not affected),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

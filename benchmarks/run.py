@@ -46,6 +46,13 @@ class Settings:
     profile_kickoffs: int
     soak_kickoffs: int
     soak_warmup: int
+    #: Shared-state detectors: interleaved end-to-end blocks, rounds, kickoffs per measurement.
+    shared_blocks: int
+    shared_rounds: int
+    shared_kickoffs: int
+    #: Shared-state detectors outside runs: pyperf processes and values per benchmark.
+    detectors_processes: int
+    detectors_values: int
     #: Seconds the whole run may spend waiting for other processes to calm down.
     quiet_budget: float
 
@@ -71,6 +78,11 @@ FULL = Settings(
     profile_kickoffs=20,
     soak_kickoffs=1000,
     soak_warmup=50,
+    shared_blocks=2,
+    shared_rounds=30,
+    shared_kickoffs=3,
+    detectors_processes=2,
+    detectors_values=5,
     quiet_budget=600.0,
 )
 #: A smoke run: the same sections, a fraction of the repetitions (numbers, not statistics).
@@ -90,9 +102,12 @@ QUICK = dataclasses.replace(
     profile_kickoffs=5,
     soak_kickoffs=100,
     soak_warmup=5,
+    shared_blocks=1,
+    shared_rounds=2,
+    shared_kickoffs=2,
     quiet_budget=20.0,
 )
-SECTIONS = ("startup", "hooks", "e2e", "soak")
+SECTIONS = ("startup", "hooks", "e2e", "shared-state", "soak")
 QUIET = common.QUIET
 DISTURBED = common.DISTURBED
 #: Longest wait for a quiet machine before one round.
@@ -118,8 +133,16 @@ class Log:
 class Worker:
     """A ``benchmarks.worker`` process: one variant, commands over a pipe."""
 
-    def __init__(self, variant: str, base_url: str, env: dict[str, str], stderr: IO[str]) -> None:
+    def __init__(
+        self,
+        variant: str,
+        base_url: str,
+        env: dict[str, str],
+        stderr: IO[str],
+        workload: str = common.STANDARD,
+    ) -> None:
         self.variant = variant
+        self.workload = workload
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -129,6 +152,8 @@ class Worker:
                 variant,
                 "--base-url",
                 base_url,
+                "--workload",
+                workload,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -313,6 +338,18 @@ class Bench:
             worker.wait_ready()
         return workers
 
+    def spawn_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Worker]:
+        """One worker per (workload, variant), started in parallel; wait until all are ready."""
+        workers = {
+            (workload, variant): Worker(
+                variant, self.base_url, self.env_for(variant), self.worker_log, workload
+            )
+            for workload, variant in pairs
+        }
+        for worker in workers.values():
+            worker.wait_ready()
+        return workers
+
     def close(self) -> None:
         if self.provider is not None and self.provider.poll() is None:
             assert self.provider.stdin is not None
@@ -389,29 +426,39 @@ class Bench:
     # --- 1. per-hook cost --------------------------------------------------------------------
     def hooks(self) -> dict[str, Any]:
         settings = self.settings
-        if settings.hooks_pyperf:
-            path = self.out / "hooks.json"
+        path = self._microbenchmarks(
+            "hooks", "per-hook", settings.hooks_processes, settings.hooks_values
+        )
+        self.log(f"per-hook microbenchmarks done ({path.name})")
+        return report.load_hooks(path)
+
+    def _microbenchmarks(self, module: str, what: str, processes: int, values: int) -> Path:
+        """Run ``benchmarks.<module>`` under pyperf (``--smoke`` in a quick run) into
+        ``<module>.json`` (``<module>-smoke.json``), again once if other processes disturbed
+        it; the cores they used go to ``<module>-interference.json``."""
+        if self.settings.hooks_pyperf:
+            path = self.out / f"{module}.json"
             path.unlink(missing_ok=True)
             command = [
                 sys.executable,
                 "-m",
-                "benchmarks.hooks",
+                f"benchmarks.{module}",
                 "-o",
                 str(path),
                 "--processes",
-                str(settings.hooks_processes),
+                str(processes),
                 "--values",
-                str(settings.hooks_values),
+                str(values),
                 "--copy-env",
                 "--quiet",
             ]
         else:
-            path = self.out / "hooks-smoke.json"
-            command = [sys.executable, "-m", "benchmarks.hooks", "--smoke", "-o", str(path)]
+            path = self.out / f"{module}-smoke.json"
+            command = [sys.executable, "-m", f"benchmarks.{module}", "--smoke", "-o", str(path)]
         attempts: list[float] = []
         while True:
-            self.quiet("the per-hook benchmarks")
-            if settings.hooks_pyperf:
+            self.quiet(f"the {what} benchmarks")
+            if self.settings.hooks_pyperf:
                 path.unlink(missing_ok=True)
             before = self.interference.sample()
             completed = subprocess.run(
@@ -425,14 +472,14 @@ class Bench:
             other = self.interference.other_cores(before, self.interference.sample())
             self.worker_log.write(completed.stdout + completed.stderr)
             if completed.returncode != 0:
-                raise RuntimeError(f"hooks benchmark failed:\n{completed.stderr[-3000:]}")
+                raise RuntimeError(f"{what} benchmark failed:\n{completed.stderr[-3000:]}")
             attempts.append(other)
-            if other <= DISTURBED or len(attempts) > 1 or self.waited >= settings.quiet_budget:
+            if other <= DISTURBED or len(attempts) > 1 or self.waited >= self.settings.quiet_budget:
                 break
-            self.log(f"per-hook benchmarks: other processes used {other:.2f} cores; again")
-        self.write("hooks-interference.json", {"other_cores": other, "attempts": attempts})
-        self.log(f"per-hook microbenchmarks done ({path.name}; other processes: {other:.2f} cores)")
-        return report.load_hooks(path)
+            self.log(f"{what} benchmarks: other processes used {other:.2f} cores; again")
+        self.write(f"{module}-interference.json", {"other_cores": other, "attempts": attempts})
+        self.log(f"{what} benchmarks: other processes used {other:.2f} cores meanwhile")
+        return path
 
     # --- 2.-4. end-to-end, concurrency, profile -------------------------------------------------
     def e2e(self) -> dict[str, Any]:
@@ -562,6 +609,85 @@ class Bench:
                 completed.stdout + completed.stderr, encoding="utf-8"
             )
 
+    # --- 6. shared-state detectors -------------------------------------------------------------
+    def shared_state(self) -> dict[str, Any]:
+        """crew_otel with the shared-state detectors on vs off, end to end (the standard
+        workload and one whose tool does file and SQLite I/O), then their cost outside runs."""
+        s = self.settings
+        pair = [common.CREW_OTEL, common.CREW_OTEL_NO_DETECT]
+        pairs = [(workload, variant) for workload in common.WORKLOADS for variant in pair]
+        rounds: list[dict[str, Any]] = []
+        ready: list[dict[str, Any]] = []
+        profile: dict[str, Any] = {}
+        audit_events: dict[str, Any] = {}
+        for block in range(s.shared_blocks):
+            workers = self.spawn_pairs(pairs)
+            try:
+                for (workload, _variant), worker in workers.items():
+                    ready.append({"block": block, "workload": workload, **worker.ready})
+                for worker in workers.values():
+                    worker.run("threads", 1, s.warmup_kickoffs)
+                self.log(f"shared-state block {block + 1}/{s.shared_blocks}: workers warm")
+                for index in range(s.shared_rounds):
+                    self.quiet(f"shared-state round {index + 1}")
+                    workloads = _rotation(common.WORKLOADS, index, reverse=block % 2 == 1)
+                    for position, workload in enumerate(workloads):
+                        # The two variants of a workload back to back, each first equally often.
+                        for variant in _rotation(pair, index + position + block):
+                            reply = self.measure(
+                                workers[(workload, variant)],
+                                "threads",
+                                1,
+                                s.shared_kickoffs,
+                                f"shared-state round {index + 1} ({workload})",
+                            )
+                            rounds.append(
+                                {
+                                    "block": block,
+                                    "round": index,
+                                    "workload": workload,
+                                    "variant": variant,
+                                    **reply,
+                                }
+                            )
+                    if (index + 1) % 5 == 0 or index + 1 == s.shared_rounds:
+                        self.log(f"shared-state block {block + 1} round {index + 1}")
+                if block == s.shared_blocks - 1:
+                    profiled = workers[(common.IO, common.CREW_OTEL)]
+                    profile = profiled.request(
+                        op="profile",
+                        kickoffs=s.profile_kickoffs,
+                        out=str(self.out / "shared-state-profile.txt"),
+                    )
+                    # Last: the counting hook stays in the process.
+                    audit_events = {
+                        workload: workers[(workload, common.CREW_OTEL)].request(
+                            op="audit-events", kickoffs=s.shared_kickoffs
+                        )
+                        for workload in common.WORKLOADS
+                    }
+            finally:
+                for worker in workers.values():
+                    worker.close()
+        raw = {
+            "settings": {
+                "blocks": s.shared_blocks,
+                "rounds_per_block": s.shared_rounds,
+                "kickoffs_per_round": s.shared_kickoffs,
+                "warmup_kickoffs": s.warmup_kickoffs,
+            },
+            "workers": ready,
+            "rounds": rounds,
+            "profile": profile,
+            "audit_events": audit_events,
+        }
+        self.write("shared-state-raw.json", raw)
+        path = self._microbenchmarks(
+            "detectors", "shared-state detectors", s.detectors_processes, s.detectors_values
+        )
+        self.log(f"shared-state detectors done ({path.name})")
+        return raw
+
     # --- 4. memory soak ----------------------------------------------------------------------
     def soak(self) -> dict[str, Any]:
         kickoffs = self.settings.soak_kickoffs
@@ -619,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run, under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="smoke run, a few minutes")
     parser.add_argument("--out", help="results directory (default benchmarks/results[-quick])")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--soak-kickoffs", type=int, help="kickoffs per variant in the memory soak")
@@ -638,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if section in bench.sections:
                 bench.log(f"--- {section}")
                 bench.was_quiet = False
-                results[section] = getattr(bench, section)()
+                results[section] = getattr(bench, section.replace("-", "_"))()
     finally:
         bench.close()
     load = common.machine_load(cpu_at_start, common.machine_cpu())

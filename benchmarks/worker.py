@@ -1,17 +1,22 @@
 """One variant of the end-to-end workload, in a process of its own.
 
-``python -m benchmarks.worker --variant NAME --base-url URL`` imports crewai, sets up the export
-pipeline (:class:`benchmarks.common.Pipeline`), installs the variant's instrumentation, prints
-one JSON line (``ready``, with its start-up timings) and then answers JSON commands, one per
-line on standard input, with one JSON line each:
+``python -m benchmarks.worker --variant NAME --base-url URL [--workload io]`` imports crewai, sets
+up the export pipeline (:class:`benchmarks.common.Pipeline`), installs the variant's
+instrumentation, prints one JSON line (``ready``, with its start-up timings) and then answers
+JSON commands, one per line on standard input, with one JSON line each:
 
 ``{"op": "run", "mode": "threads"|"async", "concurrency": C, "kickoffs": N}``
-    N kickoffs, C at a time, each building its own crew (``research_crew``); the spans are
-    flushed (encoded) before the clock stops. Answers CPU and wall seconds per kickoff.
+    N kickoffs, C at a time, each building its own crew (``research_crew``; with
+    ``--workload io`` its tool writes a file and a SQLite database, see :func:`make_io_tool`);
+    the spans are flushed (encoded) before the clock stops. Answers CPU and wall seconds per
+    kickoff.
 ``{"op": "soak", "kickoffs": N, "every": E}``
     N sequential kickoffs, RSS and live objects sampled (after a GC) every E.
 ``{"op": "profile", "kickoffs": N, "out": PATH}``
     N kickoffs under cProfile, in every thread; writes crew_otel's top self-time functions.
+``{"op": "audit-events", "kickoffs": N}``
+    N kickoffs with a counting audit hook: the audit events per kickoff, by name (the hook
+    stays installed: make it the process's last measurement).
 ``{"op": "exit"}``
 
 Instrumentations cannot be removed cleanly, so each variant lives in its own process; the
@@ -23,13 +28,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import gc
 import json
 import logging
 import os
+import shutil
+import sqlite3
 import sys
+import tempfile
 import time
 import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,10 +50,13 @@ def setup_variant(variant: str, pipeline: common.Pipeline) -> dict[str, Any]:
     """Install the variant's instrumentation the way its documentation says; return versions."""
     if variant == common.BASELINE:
         return {}
-    if variant == common.CREW_OTEL:
+    if variant in (common.CREW_OTEL, common.CREW_OTEL_NO_DETECT):
         import crew_otel
 
-        crew_otel.instrument()  # the global providers set by the pipeline
+        if variant == common.CREW_OTEL:
+            crew_otel.instrument()  # the global providers set by the pipeline
+        else:
+            crew_otel.instrument(detect_shared_instances=False)
         return common.versions(("crew-otel",))
     if variant == common.OPENINFERENCE:
         from openinference.instrumentation.crewai import CrewAIInstrumentor
@@ -79,16 +92,60 @@ def setup_variant(variant: str, pipeline: common.Pipeline) -> dict[str, Any]:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
+def make_io_tool(directory: str) -> Any:
+    """A fresh ``@tool`` tool that does a service's per-request I/O: it writes a file of its
+    own and a SQLite database file of its own (connect, create, insert, commit, close).
+
+    The paths are unique per call, so nothing is shared between requests (the detectors must
+    find nothing); the files are removed after each measurement, outside the tool.
+    """
+    from crewai.tools import tool
+
+    def record_facts(query: str) -> str:
+        """Record facts about a topic."""
+        stem = os.path.join(directory, uuid.uuid4().hex)
+        facts = f"FACTS about {query}"
+        with open(stem + ".txt", "w", encoding="utf-8") as handle:
+            handle.write(facts + "\n")
+        connection = sqlite3.connect(stem + ".db")
+        try:
+            connection.execute("CREATE TABLE facts (topic TEXT, fact TEXT)")
+            connection.execute("INSERT INTO facts VALUES (?, ?)", (query, facts))
+            connection.commit()
+        finally:
+            connection.close()
+        return facts
+
+    return tool("record_facts")(record_facts)
+
+
 class Workload:
     """Build a crew per request and kick it off, sync or async."""
 
-    def __init__(self, base_url: str, pipeline: common.Pipeline) -> None:
+    def __init__(
+        self, base_url: str, pipeline: common.Pipeline, workload: str = common.STANDARD
+    ) -> None:
         from crew_otel.testing.crews import make_llm, research_crew
 
         self.pipeline = pipeline
-        self._make_crew = lambda: research_crew(lambda: make_llm(base_url))
+        self.directory: str | None = None
+        if workload == common.IO:
+            directory = self.directory = tempfile.mkdtemp(prefix="crew-otel-bench-io-")
+            self._make_crew = lambda: research_crew(
+                lambda: make_llm(base_url), tools=[make_io_tool(directory)]
+            )
+        else:
+            self._make_crew = lambda: research_crew(lambda: make_llm(base_url))
         self.errors = 0
         self.first_error: str | None = None
+
+    def clean(self) -> None:
+        """Remove the files the I/O tool wrote (called between measurements, untimed)."""
+        if self.directory is None:
+            return
+        for entry in os.scandir(self.directory):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
     def _note_error(self) -> None:
         self.errors += 1
@@ -143,6 +200,7 @@ def measure(workload: Workload, mode: str, concurrency: int, kickoffs: int) -> d
     workload.pipeline.flush()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     times = os.times()
+    workload.clean()
     return {
         "cpu": cpu / kickoffs,
         "wall": wall / kickoffs,
@@ -196,6 +254,29 @@ def soak(workload: Workload, variant: str, kickoffs: int, every: int) -> dict[st
         ),
         "errors": workload.errors,
         "first_error": workload.first_error,
+    }
+
+
+def count_audit_events(workload: Workload, kickoffs: int) -> dict[str, Any]:
+    """Audit events raised per kickoff (by name), counted by an audit hook of its own."""
+    counts: collections.Counter[str] = collections.Counter()
+    counting = [True]
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if counting[0]:
+            counts[event] += 1
+
+    sys.addaudithook(hook)
+    try:
+        workload.run("threads", 1, kickoffs)
+        workload.pipeline.flush()
+    finally:
+        counting[0] = False
+    workload.clean()
+    return {
+        "kickoffs": kickoffs,
+        "per_kickoff": sum(counts.values()) / kickoffs,
+        "by_event": {name: n / kickoffs for name, n in counts.most_common()},
     }
 
 
@@ -262,8 +343,9 @@ def profile(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", required=True, choices=common.VARIANTS)
+    parser.add_argument("--variant", required=True, choices=common.WORKER_VARIANTS)
     parser.add_argument("--base-url", required=True)
+    parser.add_argument("--workload", default=common.STANDARD, choices=common.WORKLOADS)
     args = parser.parse_args()
 
     # The protocol gets the real stdout; anything CrewAI prints goes to stderr.
@@ -285,7 +367,7 @@ def main() -> None:
     start = time.perf_counter()
     instrumentation_versions = setup_variant(args.variant, pipeline)
     timings["instrument"] = time.perf_counter() - start
-    workload = Workload(args.base_url, pipeline)
+    workload = Workload(args.base_url, pipeline, args.workload)
     send(
         {
             "ready": True,
@@ -318,6 +400,8 @@ def main() -> None:
                     int(command.get("top", 40)),
                     command.get("dump"),
                 )
+            elif op == "audit-events":
+                reply = count_audit_events(workload, int(command["kickoffs"]))
             elif op == "spans":
                 exporter = pipeline.span_exporter
                 reply = {"spans": exporter.spans, "bytes": exporter.bytes, "names": exporter.names}
@@ -330,6 +414,8 @@ def main() -> None:
             reply = {"error": traceback.format_exc()}
         send(reply)
     pipeline.tracer_provider.shutdown()
+    if workload.directory is not None:
+        shutil.rmtree(workload.directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

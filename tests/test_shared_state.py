@@ -344,12 +344,17 @@ def test_detect_shared_instances_false_turns_it_all_off(
     assert total(points(metric_reader)["crew_otel.shared_instance.conflicts"]) == 0
 
 
-def test_audit_hook_is_a_no_op_after_uninstrument(otel, fake_provider, paths):
-    from crew_otel.diagnosis import shared_state
+def test_uninstrument_restores_the_file_and_sqlite_functions(otel, fake_provider, paths):
+    import builtins
+    import io
 
-    assert shared_state._HOOK.watcher is not None
+    def wrapped() -> list[bool]:
+        functions = (builtins.open, io.open, os.open, sqlite3.connect, sqlite3.dbapi2.connect)
+        return [type(f).__name__ == "FunctionWrapper" for f in functions]
+
+    assert wrapped() == [True] * 5
     crew_otel.uninstrument()
-    assert shared_state._HOOK.watcher is None
+    assert wrapped() == [False] * 5
     with tempfile.TemporaryFile("w") as handle:  # opens go straight through
         handle.write("x")
 

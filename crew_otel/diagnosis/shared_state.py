@@ -9,8 +9,9 @@ state elsewhere. While a tool runs, this module notes what the tool code writes 
     calls, a few levels deep) mutates, found once per code object in its bytecode
     (:mod:`crew_otel.diagnosis.mutations`) and resolved to the object at each call;
 ``file``
-    paths opened for writing (``open`` in a write mode, ``os.open`` with write flags,
-    ``Path.write_text``), seen by a Python audit hook;
+    paths opened for writing (``open``/``io.open`` in a write mode, ``os.open`` with write
+    flags, ``Path.write_text``/``write_bytes`` on Python >= 3.11), seen by wrappers that
+    crew_otel puts on those functions while instrumented;
 ``database``
     SQLite database files written (a statement that is not a read), seen through the
     connection's trace callback, which crew_otel sets on connections that ``sqlite3.connect``
@@ -26,10 +27,11 @@ request touches a thing another request in flight holds, the span of that tool c
 ``crew_otel.shared_instance`` event naming the thing, as for a shared Agent. Reads are never
 noted; per-request state (closures, unique paths, per-call connections) never collides.
 
-Cost: the audit hook returns after one string comparison for events that are not file opens,
-and after one context look-up for opens outside tool calls; a SQLite statement outside tool
-calls costs its connection's trace callback one context look-up. ``uninstrument()`` turns the
-hook into a no-op (an audit hook cannot be removed) and restores ``sqlite3.connect``.
+Cost: outside tool calls, an ``open``/``os.open``/``sqlite3.connect`` pays one wrapper call and
+one context look-up, and a SQLite statement on a connection opened while instrumented pays its
+trace callback's context look-up. ``uninstrument()`` restores every wrapped function. (A Python
+audit hook would see opens too, but it cannot be removed and makes every audited operation of
+the process, ``id()`` included, a Python call: ``copy.deepcopy`` ran 2.2 x slower with one.)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import os
 import sqlite3
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -65,7 +68,23 @@ TOOL_STATE_KEY = otel_context.create_key("crew_otel.tool_state")
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _READ_STATEMENTS = ("SELECT", "PRAGMA", "EXPLAIN", "BEGIN", "COMMIT", "END", "ROLLBACK")
-_IMMUTABLE = (int, float, complex, str, bytes, tuple, frozenset, bool, type(None), range)
+#: What a "write" found in bytecode cannot change: immutable values, and modules and functions
+#: whose methods (``os.remove``, ``json.dump``) the walker cannot tell from mutating ones.
+_NOT_STATE = (
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    tuple,
+    frozenset,
+    bool,
+    type(None),
+    range,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+)
 _MEMORY_DATABASES = ("", ":memory:")
 
 
@@ -100,7 +119,7 @@ class RunHoldings:
 
 
 class ToolScope:
-    """The tool call in progress, as the audit hook and trace callbacks see it."""
+    """The tool call in progress, as the file and SQLite wrappers see it."""
 
     __slots__ = ("databases", "holdings", "request_id", "span", "watcher")
 
@@ -153,8 +172,8 @@ class SharedStateWatcher:
             if write.rebinds:
                 key: Hashable = (KIND_GLOBAL, id(target), write.path)
                 class_name = "module"
-            elif isinstance(target, _IMMUTABLE):
-                continue
+            elif isinstance(target, _NOT_STATE):
+                continue  # ``os.remove(p)`` calls a module's function; it changes no state
             else:
                 key = (KIND_GLOBAL, id(target))
                 class_name = _class_name(target)
@@ -178,7 +197,7 @@ class SharedStateWatcher:
                 self._writes[cache_key] = cached
         return cached
 
-    # --- what the audit hook and the trace callbacks report -----------------------------------
+    # --- what the file and SQLite wrappers report -------------------------------------------
     @staticmethod
     def file_opened(path: object, mode: object, flags: object) -> None:
         scope = _current_scope()
@@ -295,32 +314,53 @@ def _closed(value: object) -> bool:
     return closed is True
 
 
-# --- the process-wide audit hook ------------------------------------------------------------
-class _AuditHook:
-    """The one audit hook of the process; a no-op while no watcher is set."""
+# --- the process-wide wrappers of the file and SQLite openers ---------------------------------
+class _Watching:
+    """Which watcher the process-wide wrappers report to (``None``: they call straight
+    through)."""
 
     def __init__(self) -> None:
         self.watcher: SharedStateWatcher | None = None
-        self.installed = False
 
-    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
-        if event != "open" or self.watcher is None:
-            return
-        if otel_context.get_value(TOOL_STATE_KEY) is None:
-            return
+
+def _traced_open(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``open``/``io.open``: note a file opened for writing by tool code."""
+    result = wrapped(*args, **kwargs)
+    if _WATCHING.watcher is not None and otel_context.get_value(TOOL_STATE_KEY) is not None:
         try:
-            SharedStateWatcher.file_opened(*args[:3])
-        except Exception:  # an audit hook that raises would fail the application's open()
+            path = args[0] if args else kwargs.get("file")
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            SharedStateWatcher.file_opened(path, mode, None)
+        except Exception:
             _logger.debug("crew_otel: file write not noted", exc_info=True)
+    return result
+
+
+def _traced_os_open(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``os.open``: note a path opened with write flags by tool code."""
+    result = wrapped(*args, **kwargs)
+    if _WATCHING.watcher is not None and otel_context.get_value(TOOL_STATE_KEY) is not None:
+        try:
+            path = args[0] if args else kwargs.get("path")
+            flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
+            SharedStateWatcher.file_opened(path, None, flags)
+        except Exception:
+            _logger.debug("crew_otel: file write not noted", exc_info=True)
+    return result
 
 
 def _traced_connect(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """``sqlite3.connect``: the connection as made, with a trace callback that notes writes
-    made by tool code (the audit event comes too early in the connection's set-up for that)."""
+    made by tool code (the ``sqlite3.connect/handle`` audit event comes before the connection
+    is set up, too early to set one)."""
     connection = wrapped(*args, **kwargs)
-    if _HOOK.watcher is not None:
+    if _WATCHING.watcher is not None:
         try:
             _trace_writes(connection, args[0] if args else kwargs.get("database"))
         except Exception:
@@ -341,7 +381,7 @@ def _trace_writes(connection: Any, database: object) -> None:
     SharedStateWatcher.database_connected(path)
 
     def on_statement(statement: str) -> None:
-        if _HOOK.watcher is None or otel_context.get_value(TOOL_STATE_KEY) is None:
+        if _WATCHING.watcher is None or otel_context.get_value(TOOL_STATE_KEY) is None:
             return
         try:
             if statement.lstrip()[:8].upper().startswith(_READ_STATEMENTS):
@@ -353,35 +393,40 @@ def _trace_writes(connection: Any, database: object) -> None:
     connection.set_trace_callback(on_statement)
 
 
-_HOOK = _AuditHook()
-_SQLITE_MODULES = ("sqlite3", "sqlite3.dbapi2")
+_WATCHING = _Watching()
+#: (module, attribute, wrapper) of every function crew_otel wraps to see files and databases.
+_WRAPPED: tuple[tuple[str, str, Callable[..., Any]], ...] = (
+    ("builtins", "open", _traced_open),
+    ("io", "open", _traced_open),
+    ("os", "open", _traced_os_open),
+    ("sqlite3", "connect", _traced_connect),
+    ("sqlite3.dbapi2", "connect", _traced_connect),
+)
 
 
 def activate(watcher: SharedStateWatcher) -> None:
-    """Make ``watcher`` receive file opens and SQLite writes: installs the audit hook (once
-    per process) and wraps ``sqlite3.connect``."""
-    _HOOK.watcher = watcher
-    if not _HOOK.installed:
-        sys.addaudithook(_HOOK)
-        _HOOK.installed = True
-    for module_name in _SQLITE_MODULES:
+    """Make ``watcher`` see file opens and SQLite writes: wraps ``open``, ``io.open``,
+    ``os.open`` and ``sqlite3.connect`` (outside tool calls the wrappers add one context
+    look-up to the call)."""
+    _WATCHING.watcher = watcher
+    for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
-        current = getattr(module, "connect", None)
+        current = getattr(module, name, None)
         if current is not None and not isinstance(current, wrapt.FunctionWrapper):
-            module.connect = wrapt.FunctionWrapper(current, _traced_connect)  # type: ignore[union-attr]
+            setattr(module, name, wrapt.FunctionWrapper(current, wrapper))
 
 
 def deactivate(watcher: SharedStateWatcher) -> None:
-    """Turn the audit hook into a no-op (it cannot be removed) and restore ``sqlite3.connect``
-    (connections made meanwhile keep a callback that returns at once)."""
-    if _HOOK.watcher is not watcher:
+    """Restore the wrapped functions (connections opened meanwhile keep a trace callback that
+    returns at once)."""
+    if _WATCHING.watcher is not watcher:
         return
-    _HOOK.watcher = None
-    for module_name in _SQLITE_MODULES:
+    _WATCHING.watcher = None
+    for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
-        current = getattr(module, "connect", None)
-        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is _traced_connect:
-            module.connect = current.__wrapped__  # type: ignore[union-attr]
+        current = getattr(module, name, None)
+        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
+            setattr(module, name, current.__wrapped__)
 
 
 def is_locked_database_error(exc: BaseException) -> bool:
