@@ -86,6 +86,7 @@ def prometheus(tmp_path_factory):
                 break
         else:
             raise AssertionError(f"the instrumented workload failed (exit {app.wait()})")
+        ready_at = time.time()
         with httpx.Client(timeout=10) as client:
 
             def query(expr: str) -> dict:
@@ -100,6 +101,14 @@ def prometheus(tmp_path_factory):
                 return bool(values) and min(values) >= 3
 
             wait_for(scraped, 60, "Prometheus to scrape the workload three times")
+
+            def scraped_twice_after_the_workload() -> bool:
+                # rate()/increase() need two samples of every series: a series made late in
+                # a slow workload (a run that failed after its retries) may have had only one.
+                result = query('timestamp(up{job="support-api"})')["data"]["result"]
+                return bool(result) and float(result[0]["value"][1]) >= ready_at + 2.5
+
+            wait_for(scraped_twice_after_the_workload, 60, "two scrapes after the workload")
             wait_for(
                 lambda: query("crew_otel:kickoff_concurrency_limit")["data"]["result"],
                 30,
