@@ -1,12 +1,13 @@
 """What the shared-state detectors cost code that runs outside tool calls: pyperf.
 
-With ``detect_shared_instances=True`` (the default) ``crew_otel.instrument()`` installs a
-process-wide audit hook (it sees every ``open()`` and every ``sqlite3.connect()`` of the
-process, in tool calls or not) and sets a trace callback on each SQLite connection opened
-while instrumented (called for every statement on it, in tool calls or not).
-``uninstrument()`` leaves the hook installed (an audit hook cannot be removed) as a no-op, and
-the trace callbacks on the connections opened before it. Each operation below runs outside
-any crew run, in three states:
+With ``detect_shared_instances=True`` (the default) ``crew_otel.instrument()`` wraps
+``builtins.open``, ``io.open``, ``os.open``, ``sqlite3.connect`` and ``sqlite3.dbapi2.connect``
+(wrapt ``FunctionWrapper``: outside tool calls, one wrapper call and one OpenTelemetry context
+look-up per call) and sets a trace callback on each SQLite database-file connection that the
+wrapped ``sqlite3.connect`` opens (called for every statement on it, in tool calls or not: one
+context look-up). ``uninstrument()`` restores every wrapped function; the connections opened
+meanwhile keep a trace callback that returns at once. Each operation below runs outside any
+crew run, in four states:
 
 ``none``
     crewai and crew_otel imported, the SDK providers set up, nothing instrumented;
@@ -16,16 +17,15 @@ any crew run, in three states:
 ``detectors on``
     ``crew_otel.instrument(detect_shared_instances=True)``;
 ``after uninstrument()``
-    ``instrument()`` then ``uninstrument()``: the hook installed but a no-op.
+    ``instrument()`` then ``uninstrument()``: every wrapped function restored, the trace
+    callback left on the database-file connection opened while instrumented.
 
-The operations: ``open(path, "w")`` + ``close()``; ``sqlite3.connect(":memory:")`` + a
-``CREATE TABLE`` + an ``INSERT`` + ``close()`` (the audit events of a connection; crew_otel
-sets no trace callback on in-memory databases); and one ``INSERT OR REPLACE`` on a connection
-to a database file kept open (opened, in the two instrumented states, while instrumented: so
-it carries the trace callback); and ``sys.audit()`` of an event nothing looks at (the price of
-every other audit event the process raises: ``id()``, ``object.__getattr__`` of frames and
-code objects, imports, ``socket.connect``...); and ``copy.deepcopy()`` of a small structure
-(which raises one ``builtins.id`` event per object).
+The operations: ``open(path, "w")`` + ``close()`` (the ``open`` wrapper);
+``sqlite3.connect(":memory:")`` + a ``CREATE TABLE`` + an ``INSERT`` + ``close()`` (the
+``connect`` wrapper; crew_otel sets no trace callback on in-memory databases); one
+``INSERT OR REPLACE`` on a connection to a database file kept open (opened, in the two
+instrumented states, while instrumented: so it carries the trace callback); and, as a
+control that nothing wrapped touches, ``copy.deepcopy()`` of a small structure.
 
 ``python -m benchmarks.detectors -o FILE [pyperf options]`` runs them under pyperf (a worker
 process per benchmark and run; each worker sets up its state alone). ``--smoke`` times each once
@@ -45,6 +45,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+import wrapt
 
 from benchmarks import common
 
@@ -66,11 +68,7 @@ OPERATIONS = {
         "one INSERT OR REPLACE on a database-file connection opened while instrumented",
         3e-6,
     ),
-    "audit event": ("sys.audit() of an event no hook looks at (any other audit event)", 3e-7),
-    "deepcopy": (
-        "copy.deepcopy() of 20 small dicts (it calls id(), an audit event, per object)",
-        1.5e-4,
-    ),
+    "deepcopy": ("copy.deepcopy() of 20 small dicts (control: nothing wrapped)", 1.5e-4),
 }
 #: What ``deepcopy`` copies.
 _DATA = [{"id": i, "tags": ["a", "b"], "meta": {"source": "bench"}} for i in range(20)]
@@ -167,13 +165,6 @@ class Fixtures:
                 deepcopy(_DATA)
 
             return copy_data
-        if op == "audit event":
-            audit = sys.audit
-
-            def event() -> None:
-                audit("crew_otel.benchmark")
-
-            return event
         if op == "sqlite statement":
             if self.connection is None:
                 self._reconnect()
@@ -200,11 +191,19 @@ class Fixtures:
         return time_calls
 
     def check(self) -> dict[str, Any]:
-        """Whether crew_otel's audit hook is installed, and active, in this state."""
+        """Which functions crew_otel has wrapped in this state, and whether its wrappers and
+        the file connection's trace callback report to a watcher."""
         from crew_otel.diagnosis import shared_state
 
-        hook = shared_state._HOOK
-        return {"hook_installed": hook.installed, "hook_active": hook.watcher is not None}
+        wrapped = []
+        for module_name, name, _wrapper in shared_state._WRAPPED:
+            current = getattr(sys.modules.get(module_name), name, None)
+            if isinstance(current, wrapt.FunctionWrapper):
+                wrapped.append(f"{module_name}.{name}")
+        return {
+            "wrapped": ", ".join(wrapped) or "none",
+            "watching": shared_state._WATCHING.watcher is not None,
+        }
 
 
 def smoke(seconds: float = 0.03) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pstats
 from typing import Any
 
 # Wrapper entry points: their cumulative time includes the instrumented CrewAI call itself.
-_PASS_THROUGH = {"__call__", "_call_async", "_run_awaitable", "_traced_stream", "_defer_to_await"}
+_PASS_THROUGH = {"__call__", "_call_async", "_run_awaitable", "_defer_to_await"}
 
 
 def _package_root() -> str:

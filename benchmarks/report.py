@@ -549,48 +549,7 @@ def _render_shared_state(
         outside_lines, outside_target = _render_outside(outside, outside_other)
         lines += outside_lines
         targets.append(outside_target)
-    estimate = _audit_estimate(raw, outside)
-    if estimate:
-        lines += ["", estimate]
     return lines, targets
-
-
-def _audit_estimate(raw: Any, outside: Any) -> str:
-    """The audit hook's price per kickoff: events per kickoff x the measured price of one."""
-    counts = (raw or {}).get("audit_events") or {}
-    if not counts or not outside:
-        return ""
-
-    def delta(op: str) -> float | None:
-        base, on = outside.get(f"{op}: {detectors.NONE}"), outside.get(f"{op}: {detectors.ON}")
-        return on["median"] - base["median"] if base and on else None
-
-    per_event = delta("audit event")
-    if per_event is None:
-        return ""
-    cpu = {
-        workload: statistics.median(
-            r["cpu"]
-            for r in raw["rounds"]
-            if r.get("workload") == workload and r["variant"] == common.CREW_OTEL
-        )
-        for workload in counts
-    }
-    parts = []
-    for workload, data in counts.items():
-        events = data["per_kickoff"]
-        cost = events * per_event
-        top = ", ".join(f"`{name}` {n:.0f}" for name, n in list(data["by_event"].items())[:4])
-        parts.append(
-            f"{workload}: {events:.0f} audit events per kickoff ({top}), about "
-            f"{cost * 1e6:.0f} µs ({100 * cost / cpu[workload]:.2f} % of its CPU)"
-        )
-    return (
-        "**The audit hook's price per kickoff**, estimated from the events a kickoff raises "
-        "(counted in the detectors-on process) and the price of one event measured above "
-        f"({per_event * 1e9:.0f} ns; file opens and SQLite connections, a few per kickoff, "
-        "counted at that price too): " + "; ".join(parts) + "."
-    )
 
 
 _WORKLOAD_LABELS = {
@@ -669,10 +628,13 @@ def _render_outside(outside: Any, other: float) -> tuple[list[str], tuple[str, s
     tool = next(iter(outside.values()))["tool"]
     lines = [
         "**Shared-state detectors, outside runs**: process CPU per operation in code that "
-        "runs outside any crew (the audit hook sees every `open()` and `sqlite3.connect()` of "
-        "the process; the trace callback is set on every SQLite connection opened while "
-        "instrumented and stays after `uninstrument()`); crewai and crew_otel imported in "
-        f"every state ({tool})." + _busy_note(other),
+        "runs outside any crew. While instrumented with the detectors on, `open`, `io.open`, "
+        "`os.open` and `sqlite3.connect` are wrapped (one wrapper call and one context "
+        "look-up per call outside tool calls) and every SQLite database-file connection they "
+        "open gets a trace callback (one context look-up per statement); `uninstrument()` "
+        "restores the functions, the callback stays on connections opened meanwhile and "
+        "returns at once. `copy.deepcopy` is a control nothing wrapped touches. crewai and "
+        f"crew_otel imported in every state ({tool})." + _busy_note(other),
         "",
         "| operation | none, µs | detectors off, µs | vs none | detectors on, µs | vs none "
         "| after `uninstrument()`, µs | vs none |",

@@ -213,6 +213,8 @@ class Bench:
         self.settings = QUICK if args.quick else FULL
         if args.soak_kickoffs:
             self.settings = dataclasses.replace(self.settings, soak_kickoffs=args.soak_kickoffs)
+        if args.shared_rounds:
+            self.settings = dataclasses.replace(self.settings, shared_rounds=args.shared_rounds)
         default_out = "results-quick" if args.quick else "results"
         self.out = Path(args.out) if args.out else common.BENCH_DIR / default_out
         self.out.mkdir(parents=True, exist_ok=True)
@@ -619,7 +621,6 @@ class Bench:
         rounds: list[dict[str, Any]] = []
         ready: list[dict[str, Any]] = []
         profile: dict[str, Any] = {}
-        audit_events: dict[str, Any] = {}
         for block in range(s.shared_blocks):
             workers = self.spawn_pairs(pairs)
             try:
@@ -659,13 +660,6 @@ class Bench:
                         kickoffs=s.profile_kickoffs,
                         out=str(self.out / "shared-state-profile.txt"),
                     )
-                    # Last: the counting hook stays in the process.
-                    audit_events = {
-                        workload: workers[(workload, common.CREW_OTEL)].request(
-                            op="audit-events", kickoffs=s.shared_kickoffs
-                        )
-                        for workload in common.WORKLOADS
-                    }
             finally:
                 for worker in workers.values():
                     worker.close()
@@ -679,7 +673,6 @@ class Bench:
             "workers": ready,
             "rounds": rounds,
             "profile": profile,
-            "audit_events": audit_events,
         }
         self.write("shared-state-raw.json", raw)
         path = self._microbenchmarks(
@@ -750,6 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--soak-kickoffs", type=int, help="kickoffs per variant in the memory soak")
     parser.add_argument(
+        "--shared-rounds", type=int, help="rounds per block in the shared-state section"
+    )
+    parser.add_argument(
         "--no-competitors", action="store_true", help="skip OpenInference and OpenLLMetry"
     )
     args = parser.parse_args(argv)
@@ -807,6 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous["additional_runs"][-1]["command"] += " --only " + " ".join(args.only)
         if args.soak_kickoffs:
             previous["additional_runs"][-1]["command"] += f" --soak-kickoffs {args.soak_kickoffs}"
+        if args.shared_rounds:
+            previous["additional_runs"][-1]["command"] += f" --shared-rounds {args.shared_rounds}"
         system = previous
     bench.write("system.json", system)
     table = report.render(bench.out, system)

@@ -14,9 +14,6 @@ JSON commands, one per line on standard input, with one JSON line each:
     N sequential kickoffs, RSS and live objects sampled (after a GC) every E.
 ``{"op": "profile", "kickoffs": N, "out": PATH}``
     N kickoffs under cProfile, in every thread; writes crew_otel's top self-time functions.
-``{"op": "audit-events", "kickoffs": N}``
-    N kickoffs with a counting audit hook: the audit events per kickoff, by name (the hook
-    stays installed: make it the process's last measurement).
 ``{"op": "exit"}``
 
 Instrumentations cannot be removed cleanly, so each variant lives in its own process; the
@@ -257,29 +254,6 @@ def soak(workload: Workload, variant: str, kickoffs: int, every: int) -> dict[st
     }
 
 
-def count_audit_events(workload: Workload, kickoffs: int) -> dict[str, Any]:
-    """Audit events raised per kickoff (by name), counted by an audit hook of its own."""
-    counts: collections.Counter[str] = collections.Counter()
-    counting = [True]
-
-    def hook(event: str, args: tuple[Any, ...]) -> None:
-        if counting[0]:
-            counts[event] += 1
-
-    sys.addaudithook(hook)
-    try:
-        workload.run("threads", 1, kickoffs)
-        workload.pipeline.flush()
-    finally:
-        counting[0] = False
-    workload.clean()
-    return {
-        "kickoffs": kickoffs,
-        "per_kickoff": sum(counts.values()) / kickoffs,
-        "by_event": {name: n / kickoffs for name, n in counts.most_common()},
-    }
-
-
 def _live_types() -> collections.Counter[str]:
     """Live GC-tracked objects by type (after the GC the caller ran)."""
     return collections.Counter(
@@ -400,8 +374,6 @@ def main() -> None:
                     int(command.get("top", 40)),
                     command.get("dump"),
                 )
-            elif op == "audit-events":
-                reply = count_audit_events(workload, int(command["kickoffs"]))
             elif op == "spans":
                 exporter = pipeline.span_exporter
                 reply = {"spans": exporter.spans, "bytes": exporter.bytes, "names": exporter.names}
