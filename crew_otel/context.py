@@ -37,6 +37,9 @@ LLM_CALL_KEY = otel_context.create_key("crew_otel.llm_call")
 TOOL_CALL_KEY = otel_context.create_key("crew_otel.tool_call")
 """Context key of the tool call in progress (so the tool's own ``run`` adds no second span)."""
 
+REQUEST_SCOPE_KEY = otel_context.create_key("crew_otel.request_scope")
+"""Context key of the innermost ``with crew_otel.request(...)`` entry (:class:`RequestScope`)."""
+
 MAX_REQUEST_ID_LENGTH = 256
 """Longer request IDs are cut to this many characters."""
 
@@ -46,9 +49,19 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 #: is the entering ``request`` object's id and the token that restores what was current before.
 #: A contextvar, so one ``request`` object entered by several threads or tasks at once gives
 #: each of them back its own previous context.
-_ENTERED: contextvars.ContextVar[tuple[tuple[int, object], ...]] = contextvars.ContextVar(
-    "crew_otel.request_scopes", default=()
+_ENTERED: contextvars.ContextVar[tuple[tuple[int, object, RequestScope], ...]] = (
+    contextvars.ContextVar("crew_otel.request_scopes", default=())
 )
+
+
+class RequestScope:
+    """One entry of :class:`request`; ``ended`` once it exited. A thread started inside the
+    scope (outside any kickoff) carries the request only until then."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self) -> None:
+        self.ended = False
 
 
 def new_request_id() -> str:
@@ -143,8 +156,10 @@ class request:
 
     def __enter__(self) -> str:
         request_id = self._request_id or new_request_id()
-        token = otel_context.attach(otel_context.set_value(REQUEST_ID_KEY, request_id))
-        _ENTERED.set((*_ENTERED.get(), (id(self), token)))
+        scope = RequestScope()
+        ctx = otel_context.set_value(REQUEST_ID_KEY, request_id)
+        token = otel_context.attach(otel_context.set_value(REQUEST_SCOPE_KEY, scope, ctx))
+        _ENTERED.set((*_ENTERED.get(), (id(self), token, scope)))
         return request_id
 
     def __exit__(
@@ -155,9 +170,10 @@ class request:
     ) -> None:
         entered = _ENTERED.get()
         for index in range(len(entered) - 1, -1, -1):
-            owner, token = entered[index]
+            owner, token, scope = entered[index]
             if owner == id(self):
                 _ENTERED.set(entered[:index] + entered[index + 1 :])
+                scope.ended = True
                 otel_context.detach(cast(Any, token))
                 return
         _logger.debug("crew_otel: request scope exited in a context that did not enter it")

@@ -34,7 +34,7 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context.context import Context
 
-from crew_otel.context import KICKOFF_KEY
+from crew_otel.context import KICKOFF_KEY, REQUEST_SCOPE_KEY
 from crew_otel.safety import safe_call
 
 if TYPE_CHECKING:
@@ -68,11 +68,14 @@ def _thread_target(thread: Any) -> Any:
 
 
 def _kickoff_ended(kickoff: Any) -> bool:
-    """Whether the kickoff (``wrappers.kickoff.ActiveKickoff``) has ended: its span has.
+    """Whether the kickoff (``wrappers.kickoff.ActiveKickoff``) has ended: its span has; or
+    the request scope (``context.RequestScope``) a thread was started in has exited.
 
     A kickoff whose span is not recording (sampled out) never reads as ended; its work is not
     recorded under a parent-based sampler either way.
     """
+    if getattr(kickoff, "ended", False) is True:
+        return True
     return getattr(getattr(kickoff, "span", None), "end_time", None) is not None
 
 
@@ -144,10 +147,11 @@ def carried_context(thread: Any) -> Context | None:
     current = otel_context.get_current()
     if isinstance(current, RunBoundContext):
         return None  # started from a thread that is itself bound to a run: same run, same end
-    kickoff = current.get(KICKOFF_KEY)
-    if kickoff is None:
+    # Bound to the innermost kickoff, else to the request scope the thread was started in.
+    bound = current.get(KICKOFF_KEY) or current.get(REQUEST_SCOPE_KEY)
+    if bound is None:
         return None
-    return RunBoundContext(current, kickoff)
+    return RunBoundContext(current, bound)
 
 
 #: Where the threading instrumentation keeps the context a thread runs in (0.55b0-0.66b1).

@@ -406,3 +406,30 @@ def test_thread_pools_imported_after_instrument_are_hooked_when_first_started(
     finally:
         crew_otel.uninstrument()
     assert Pool.__dict__["apply_async"] is original
+
+
+def test_a_thread_created_in_a_request_scope_carries_it_only_until_the_scope_exits(
+    otel, fake_provider
+):
+    worker = QueueWorker()
+    base = fake_provider.base_url
+    try:
+        with crew_otel.request("scope-A"):  # no kickoff: the handler's own helper thread
+            worker.fetch(f"{base}/queue-A/models")
+
+        def later(tag: str) -> None:
+            with crew_otel.request(f"scope-{tag}"):
+                worker.fetch(f"{base}/queue-{tag}/models")
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(later, ["B", "C"]))
+    finally:
+        worker.close()
+    spans = Spans(otel.get_finished_spans())
+    by_tag = {tag: span for _, tag, span in tagged_gets(spans)}
+    assert set(by_tag) == {"A", "B", "C"}
+    assert attr(by_tag["A"], REQUEST_ID) == "scope-A", "inside the scope it carries it"
+    for tag in ("B", "C"):
+        assert attr(by_tag[tag], REQUEST_ID) is None, "never the scope-A request's ID"
+        assert by_tag[tag].parent is None
+        assert by_tag[tag].context.trace_id != by_tag["A"].context.trace_id
