@@ -67,7 +67,7 @@ def _thread_target(thread: Any) -> Any:
     return getattr(thread, "_target", None)
 
 
-def _kickoff_ended(kickoff: Any) -> bool:
+def _bound_scope_ended(kickoff: Any) -> bool:
     """Whether the kickoff (``wrappers.kickoff.ActiveKickoff``) has ended: its span has; or
     the request scope (``context.RequestScope``) a thread was started in has exited.
 
@@ -97,7 +97,7 @@ class RunBoundContext(Context):
         """Whether the run this context belongs to is still in flight (once not, never again)."""
         if self._ended:
             return False
-        if _kickoff_ended(self._kickoff):
+        if _bound_scope_ended(self._kickoff):
             self._ended = True
             # A long-lived thread must not keep the ended run's objects alive.
             dict.clear(self)

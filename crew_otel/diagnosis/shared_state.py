@@ -89,11 +89,13 @@ _MEMORY_DATABASES = ("", ":memory:")
 
 
 class RunHoldings:
-    """What one run's tool code has touched so far; released when the run ends."""
+    """What one run's tool code has touched so far; released (each usage handed back to the
+    detector) when the run ends."""
 
-    __slots__ = ("_lock", "_usages", "closed")
+    __slots__ = ("_exit_usage", "_lock", "_usages", "closed")
 
-    def __init__(self) -> None:
+    def __init__(self, exit_usage: Callable[[Any], None]) -> None:
+        self._exit_usage = exit_usage
         self._lock = threading.Lock()
         self._usages: dict[Hashable, Any] = {}
         self.closed = False
@@ -109,13 +111,13 @@ class RunHoldings:
             self._usages[key] = usage
             return True
 
-    def release(self, exit_usage: Callable[[Any], None]) -> None:
-        """End the run: hand every usage to ``exit_usage`` (once)."""
+    def release(self) -> None:
+        """End the run: release every usage (once)."""
         with self._lock:
             self.closed = True
             usages, self._usages = list(self._usages.values()), {}
         for usage in usages:
-            exit_usage(usage)
+            self._exit_usage(usage)
 
 
 class ToolScope:
@@ -153,6 +155,10 @@ class SharedStateWatcher:
             weakref.WeakKeyDictionary()
         )
         self._writes_lock = threading.Lock()
+
+    def new_holdings(self) -> RunHoldings:
+        """What a run (or a tool called outside any run) holds; call ``release()`` at its end."""
+        return RunHoldings(self.sharing.exit)
 
     # --- at each tool call -----------------------------------------------------------------
     def enter_tool(

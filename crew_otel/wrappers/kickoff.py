@@ -270,9 +270,8 @@ class KickoffWrapper(SpanWrapper):
             usage = sharing.enter(instance, kind, request_id, span, name)
             cleanups.append(lambda: sharing.exit(usage))
         if self.config.detect_shared_instances:
-            holdings = record.holdings = RunHoldings()
-            exit_usage = self.runtime.sharing.exit
-            cleanups.append(lambda: holdings.release(exit_usage))
+            record.holdings = self.runtime.shared_state.new_holdings()
+            cleanups.append(record.holdings.release)
         if active is None:
             metrics = self.runtime.metrics
             in_flight = metrics.kickoff_started(name)

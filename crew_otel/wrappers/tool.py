@@ -189,10 +189,8 @@ class ToolRunWrapper(_ToolSpanWrapper):
         kickoff = call.ctx.get(KICKOFF_KEY)
         holdings = getattr(kickoff, "holdings", None)
         if not isinstance(holdings, RunHoldings):
-            holdings = RunHoldings()
-            release = holdings.release
-            exit_usage = self.runtime.sharing.exit
-            call.add_cleanup(lambda: release(exit_usage))
+            holdings = self.runtime.shared_state.new_holdings()
+            call.add_cleanup(holdings.release)
         call.ctx = self.runtime.shared_state.enter_tool(
             tool, request_id, call.span, holdings, call.ctx
         )
