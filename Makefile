@@ -1,5 +1,7 @@
 # crew-otel: `make demo` runs the offline demo, `make test` runs everything CI runs.
 PYTHON ?= python3
+# Extra pytest arguments for unit and test-lowest (e.g. a marker selection).
+SELECT ?=
 VENV ?= .venv
 LOWEST_VENV ?= .venv-lowest
 OPENAI3_VENV ?= .venv-openai3
@@ -29,7 +31,7 @@ typecheck: setup
 
 unit: setup
 	./scripts/system-deps.sh
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q $(SELECT)
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(LOWEST_VENV)
@@ -46,7 +48,7 @@ LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_result
 	--ignore=tests/test_readme.py
 
 test-lowest: setup-lowest
-	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP)
+	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP) $(SELECT)
 
 # openai 3.x talks to providers through httpx2 (crewai pins openai 2.x; this checks both paths).
 $(OPENAI3_VENV)/.installed: pyproject.toml $(VENV)/.installed
@@ -62,12 +64,16 @@ test-openai3: $(OPENAI3_VENV)/.installed
 		tests/test_errors.py tests/test_compat.py
 
 # The three environments are independent: set them up and test them in parallel (each
-# suite's output is printed whole when it ends).
+# suite's output is printed whole when it ends). The load test (marked slow: 300 concurrent
+# runs against one in-process provider) runs afterwards, one environment at a time, so the
+# other suites cannot starve its provider of CPU.
 test:
 	./scripts/system-deps.sh
 	$(MAKE) --no-print-directory -j3 --output-sync=target setup setup-lowest setup-openai3
 	$(MAKE) --no-print-directory lint typecheck
-	$(MAKE) --no-print-directory -k -j3 --output-sync=target unit test-lowest test-openai3
+	$(MAKE) --no-print-directory -k -j3 --output-sync=target unit test-lowest test-openai3 \
+		SELECT='-m "not slow"'
+	$(MAKE) --no-print-directory unit test-lowest SELECT='-m slow'
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run
