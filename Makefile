@@ -5,11 +5,13 @@ SELECT ?=
 VENV ?= .venv
 LOWEST_VENV ?= .venv-lowest
 OPENAI3_VENV ?= .venv-openai3
+COEXIST_VENV ?= .venv-coexist
 UV = $(VENV)/bin/uv
 # The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
-.PHONY: demo test setup setup-lowest setup-openai3 lint typecheck unit test-lowest test-openai3 bench clean
+.PHONY: demo test setup setup-lowest setup-openai3 setup-coexist lint typecheck unit test-lowest \
+	test-openai3 test-coexist test-packaging bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +47,8 @@ setup-lowest: $(LOWEST_VENV)/.installed
 # once, in `unit`.
 LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_results.py \
 	--ignore=tests/test_report_shared_state.py --ignore=tests/test_mutations.py \
-	--ignore=tests/test_readme.py
+	--ignore=tests/test_readme.py --ignore=tests/test_packaging.py \
+	--ignore=tests/test_assets_faults.py --ignore=tests/test_alerting.py
 
 test-lowest: setup-lowest
 	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP) $(SELECT)
@@ -63,17 +66,46 @@ test-openai3: $(OPENAI3_VENV)/.installed
 	$(OPENAI3_VENV)/bin/python -m pytest -q tests/test_spans.py tests/test_runs.py \
 		tests/test_errors.py tests/test_compat.py
 
-# The three environments are independent: set them up and test them in parallel (each
+# OpenInference's CrewAI instrumentation and the three OpenAI SDK instrumentations beside
+# crew_otel. They register opentelemetry_instrumentor entry points that opentelemetry-instrument
+# would load in the other suites, so they get their own environment.
+COEXIST_PINS = "openinference-instrumentation-crewai>=1.1.21,<2" \
+	"opentelemetry-instrumentation-openai-v2>=2.1b0,<2.5" "opentelemetry-util-genai<1.2" \
+	"opentelemetry-instrumentation-openai>=0.48.1,<0.63" \
+	"openinference-instrumentation-openai>=0.1.66,<0.2"
+$(COEXIST_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	$(PYTHON) -m venv $(COEXIST_VENV)
+	$(UV) pip install -q --python $(COEXIST_VENV)/bin/python -e ".[test]" $(COEXIST_PINS)
+	touch $@
+
+setup-coexist: $(COEXIST_VENV)/.installed
+
+# CREW_OTEL_TEST_COEXIST=1: a missing instrumentation package fails the tests instead of
+# skipping them.
+test-coexist: $(COEXIST_VENV)/.installed
+	CREW_OTEL_TEST_COEXIST=1 $(COEXIST_VENV)/bin/python -m pytest -q tests/test_coexistence.py
+
+# The built wheel, as pip users get it (fresh virtualenvs, PyPI): its own job.
+test-packaging: setup
+	$(VENV)/bin/python -m pytest -q tests/test_packaging.py
+
+# The environments are independent: set them up and test them in parallel (each
 # suite's output is printed whole when it ends). The load test (marked slow: 300 concurrent
 # runs against one in-process provider) runs afterwards, one environment at a time, so the
 # other suites cannot starve its provider of CPU.
 test:
 	./scripts/system-deps.sh
-	$(MAKE) --no-print-directory -j3 --output-sync=target setup setup-lowest setup-openai3
+	$(MAKE) --no-print-directory -j4 --output-sync=target setup setup-lowest setup-openai3 \
+		setup-coexist
 	$(MAKE) --no-print-directory lint typecheck
 	$(MAKE) --no-print-directory -k -j3 --output-sync=target unit test-lowest test-openai3 \
-		SELECT='-m "not slow"'
-	$(MAKE) --no-print-directory unit test-lowest SELECT='-m slow'
+		test-coexist SELECT='-m "not slow" --ignore=tests/test_packaging.py'
+	$(MAKE) --no-print-directory -k -j2 --output-sync=target test-packaging \
+		slow-latest
+	$(MAKE) --no-print-directory test-lowest SELECT='-m slow'
+
+slow-latest: setup
+	$(VENV)/bin/python -m pytest -q -m slow --ignore=tests/test_packaging.py
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run

@@ -32,6 +32,8 @@ class Settings:
 
     startup_probes: int
     competitor_startup_probes: int
+    #: Fresh processes that only ``import crew_otel`` (time, and the heavy modules it imports).
+    import_probes: int
     hooks_pyperf: bool
     hooks_processes: int
     hooks_values: int
@@ -58,8 +60,9 @@ class Settings:
 
 
 FULL = Settings(
-    startup_probes=5,
+    startup_probes=15,
     competitor_startup_probes=2,
+    import_probes=5,
     hooks_pyperf=True,
     hooks_processes=2,
     hooks_values=5,
@@ -90,6 +93,7 @@ QUICK = dataclasses.replace(
     FULL,
     startup_probes=1,
     competitor_startup_probes=0,
+    import_probes=1,
     hooks_pyperf=False,
     hooks_processes=1,
     hooks_values=1,
@@ -421,7 +425,26 @@ class Bench:
                     queue.append("measured")
                 probes.setdefault(variant, []).append(probe)
             self.log(f"start-up: {count} measured fresh processes of {variant}")
-        result = {"probes": probes}
+        imports = []
+        for _ in range(self.settings.import_probes):
+            self.quiet("an `import crew_otel` probe")
+            before = self.interference.sample()
+            completed = subprocess.run(
+                [sys.executable, "-m", "benchmarks.startup", "--imports"],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                cwd=common.REPO_ROOT,
+                check=False,
+            )
+            self.worker_log.write(completed.stderr)
+            if completed.returncode != 0:
+                raise RuntimeError(f"import probe failed:\n{completed.stderr[-3000:]}")
+            probe = json.loads(completed.stdout.strip().splitlines()[-1])
+            probe["other_cores"] = self.interference.other_cores(before, self.interference.sample())
+            imports.append(probe)
+        self.log(f"start-up: {len(imports)} fresh processes that only import crew_otel")
+        result = {"probes": probes, "imports": imports}
         self.write("startup.json", result)
         return result
 

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crew_otel import logs
 from crew_otel.context import request
 from crew_otel.instrumentor import CrewAIInstrumentor
-from crew_otel.sdk import configure
 from crew_otel.version import __version__
+
+if TYPE_CHECKING:
+    from crew_otel.sdk import configure
 
 __all__ = [
     "CrewAIInstrumentor",
@@ -48,6 +50,17 @@ __all__ = [
 _logger = logging.getLogger("crew_otel")
 
 ENTRY_POINT_NAME = "crew_otel"
+
+
+def __getattr__(name: str) -> Any:
+    # ``configure`` lives with the SDK set-up: importing it here would import the SDK and its
+    # exporters into every process that only instruments. It is loaded on first access.
+    if name == "configure":
+        from crew_otel.sdk import configure
+
+        globals()["configure"] = configure
+        return configure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _disabled_by_environment() -> bool:

@@ -12,11 +12,13 @@ Span names are low-cardinality by construction: they only ever contain code-defi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from opentelemetry.util.types import AttributeValue
 
 # --- GenAI semantic conventions --------------------------------------------------------------
+GEN_AI_PREFIX = "gen_ai."
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
 GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
@@ -59,10 +61,21 @@ CREWAI_TASK_DESCRIPTION = "crewai.task.description"
 CREWAI_TASK_OUTPUT = "crewai.task.output"
 CREWAI_AGENT_ITERATION = "crewai.agent.iteration"
 CREWAI_TOOL_CACHE_HIT = "crewai.tool.cache_hit"
+#: Where a tool comes from: ``mcp`` for tools of an MCP server (CrewAI's ``mcps=``).
+CREWAI_TOOL_SOURCE = "crewai.tool.source"
+#: The MCP server's label: the leading words of CrewAI's server name (never an argument).
+CREWAI_MCP_SERVER_NAME = "crewai.mcp.server.name"
+TOOL_SOURCE_MCP = "mcp"
 CREWAI_LLM_MESSAGES = "crewai.llm.messages"
+#: The model and provider of a model call whose inference span a provider SDK instrumentation
+#: makes (crew_otel's span then carries no gen_ai.* attributes; see crew_otel.coexistence).
+CREWAI_LLM_MODEL = "crewai.llm.model"
+CREWAI_LLM_PROVIDER = "crewai.llm.provider"
 
 # --- crew_otel's diagnosis --------------------------------------------------------------------
 REQUEST_ID = "crew_otel.request.id"
+#: Which provider SDK instrumentation(s) made the inference span under this model call.
+LLM_INFERENCE_BY = "crew_otel.llm.inference_by"
 KICKOFFS_IN_FLIGHT = "crew_otel.kickoffs.in_flight"
 ATTEMPT = "crew_otel.attempt"
 RETRY_BUDGET_REMAINING = "crew_otel.retry.budget_remaining"
@@ -117,6 +130,8 @@ SPAN_AGENT = OP_INVOKE_AGENT
 SPAN_STEP = "crewai.agent.step"
 SPAN_TOOL = OP_EXECUTE_TOOL
 SPAN_CHAT = OP_CHAT
+#: A model call whose inference span (``chat``) a provider SDK instrumentation makes.
+SPAN_LLM_CALL = "crewai.llm.call"
 
 # Provider class name -> gen_ai.provider.name (semantic-convention values where defined).
 _PROVIDER_BY_CLASS = {
@@ -151,6 +166,39 @@ def bounded_name(value: object, default: str) -> str:
         return default
     text = " ".join(value.split())
     return text[:MAX_NAME_LENGTH]
+
+
+# A word of an MCP server name that can be shown: letters (a command, a host, a package name),
+# no digits, no "=" and not a flag; tokens, keys and credentials fail it.
+_SAFE_SERVER_WORD = re.compile(r"[A-Za-z][A-Za-z.\-/@]*")
+_MAX_SERVER_WORDS = 3
+
+
+def mcp_tool_identity(tool: object) -> tuple[str, str] | None:
+    """``(tool name on its server, server label)`` of a CrewAI MCP tool, else ``None``.
+
+    CrewAI names an MCP tool ``{server}_{tool}`` where the server part is built from the
+    stdio command line (``command_arg1_arg2...``: tokens and keys included) or the URL. The
+    span uses the tool's own name on its server; the server label keeps only the leading
+    words that cannot be secrets (see ``_SAFE_SERVER_WORD``) and the command's base name.
+    """
+    if not isinstance(getattr(type(tool), "original_tool_name", None), property):
+        return None
+    name = bounded_name(getattr(tool, "original_tool_name", None), DEFAULT_TOOL_NAME)
+    server = getattr(tool, "server_name", None)
+    return name, mcp_server_label(server if isinstance(server, str) else "")
+
+
+def mcp_server_label(server_name: str) -> str:
+    """The safe leading words of CrewAI's MCP server name (``"mcp"`` when none is safe)."""
+    words: list[str] = []
+    command, *arguments = server_name.split("_")
+    # the command's base name without a version: /usr/bin/python3 -> python
+    for word in (command.rsplit("/", 1)[-1].rstrip("0123456789."), *arguments):
+        if len(words) == _MAX_SERVER_WORDS or not _SAFE_SERVER_WORD.fullmatch(word):
+            break
+        words.append(word)
+    return bounded_name("_".join(words), TOOL_SOURCE_MCP)
 
 
 def span_name(prefix: str, name: str) -> str:
@@ -317,12 +365,20 @@ def error_type(exc: BaseException) -> str:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        status = getattr(current, "status_code", None)
-        if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
-            return str(status)
-        response = getattr(current, "response", None)
-        status = getattr(response, "status_code", None)
-        if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
-            return str(status)
+        status = _http_status(current)
+        if status is not None:
+            return status
         current = current.__cause__
     return type(exc).__qualname__
+
+
+def _http_status(exc: BaseException) -> str | None:
+    """The HTTP status an SDK error carries (``status_code`` or ``response.status_code``)."""
+    try:
+        for holder in (exc, getattr(exc, "response", None)):
+            status = getattr(holder, "status_code", None)
+            if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+                return str(status)
+    except Exception:  # a hostile property on the exception
+        return None
+    return None

@@ -35,8 +35,20 @@ class CrewOtelConfig:
         strip_crewai_baggage: keep CrewAI's baggage entries (``crew_context``,
             ``flow_inputs``, ``flow_input_files``) out of outgoing ``baggage`` headers. Env:
             ``CREW_OTEL_STRIP_CREWAI_BAGGAGE``.
+        propagate_request_id: carry the request ID to other processes (a Celery worker, another
+            service) as the W3C baggage entry ``crew_otel.request.id``, and adopt it from
+            incoming requests and tasks. Never sent from inside a CrewAI run, so model
+            providers do not see it. Off by default. Env: ``CREW_OTEL_PROPAGATE_REQUEST_ID``.
         detect_shared_instances: flag Crew/Agent/Task/tool/LLM objects used by two requests at
             once. Env: ``CREW_OTEL_DETECT_SHARED_INSTANCES``.
+        defer_to_provider_instrumentation: when a provider SDK instrumentation
+            (``opentelemetry-instrumentation-openai-v2``, OpenLLMetry's or OpenInference's
+            openai instrumentation) hooks the SDK a model call goes through, leave the
+            inference span and the ``gen_ai.client.*`` points to it: crew_otel's model-call span
+            becomes ``crewai.llm.call {model}`` (still the parent of the SDK calls and HTTP
+            attempts, with the retries and error origins) without ``gen_ai.*`` attributes. On by
+            default; off keeps crew_otel's ``chat`` span and points beside the provider's. Env:
+            ``CREW_OTEL_DEFER_TO_PROVIDER_INSTRUMENTATION``.
         redact: extra redaction applied after the built-in one to captured content.
     """
 
@@ -45,7 +57,9 @@ class CrewOtelConfig:
     http: bool = True
     threading: bool = True
     strip_crewai_baggage: bool = True
+    propagate_request_id: bool = False
     detect_shared_instances: bool = True
+    defer_to_provider_instrumentation: bool = True
     redact: Callable[[str], str] | None = None
 
     @classmethod
@@ -120,8 +134,16 @@ class CrewOtelConfig:
             strip_crewai_baggage=flag(
                 "strip_crewai_baggage", "CREW_OTEL_STRIP_CREWAI_BAGGAGE", default=True
             ),
+            propagate_request_id=flag(
+                "propagate_request_id", "CREW_OTEL_PROPAGATE_REQUEST_ID", default=False
+            ),
             detect_shared_instances=flag(
                 "detect_shared_instances", "CREW_OTEL_DETECT_SHARED_INSTANCES", default=True
+            ),
+            defer_to_provider_instrumentation=flag(
+                "defer_to_provider_instrumentation",
+                "CREW_OTEL_DEFER_TO_PROVIDER_INSTRUMENTATION",
+                default=True,
             ),
             redact=redact,
         )

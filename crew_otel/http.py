@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
@@ -36,6 +36,7 @@ from opentelemetry.propagators.textmap import (
 )
 
 from crew_otel import attributes as a
+from crew_otel import propagation
 from crew_otel.context import LLM_CALL_KEY
 from crew_otel.diagnosis.retries import (
     RATE_LIMIT_MAX_RETRIES,
@@ -51,10 +52,32 @@ _logger = logging.getLogger("crew_otel")
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 CREWAI_BAGGAGE_KEYS = frozenset({"crew_context", "flow_inputs", "flow_input_files"})
 _HTTP_SCOPE_PREFIX = "opentelemetry.instrumentation.httpx"
-#: (HTTP client module, its instrumentor class, connection-pool module, sync and async pools)
+#: The module of ``opentelemetry-instrumentation-httpx`` (importing it imports httpx and httpx2).
+HTTP_INSTRUMENTATION = "opentelemetry.instrumentation.httpx"
+
+
+class HttpClient(NamedTuple):
+    """An HTTP client library, its instrumentor class and the connection pools it sends with."""
+
+    module: str
+    instrumentor: str
+    pool_module: str
+    sync_pool: str
+    async_pool: str
+
+    @property
+    def key(self) -> str:
+        """The row name in ``instrument()``'s reports and ``crew-otel doctor``."""
+        return f"{self.module} (HTTP attempts)"
+
+
 HTTP_CLIENTS = (
-    ("httpx", "HTTPXClientInstrumentor", "httpcore", "ConnectionPool", "AsyncConnectionPool"),
-    ("httpx2", "HTTPX2ClientInstrumentor", "httpcore2", "ConnectionPool", "AsyncConnectionPool"),
+    HttpClient(
+        "httpx", "HTTPXClientInstrumentor", "httpcore", "ConnectionPool", "AsyncConnectionPool"
+    ),
+    HttpClient(
+        "httpx2", "HTTPX2ClientInstrumentor", "httpcore2", "ConnectionPool", "AsyncConnectionPool"
+    ),
 )
 
 
@@ -210,10 +233,23 @@ class AsyncHttpAttemptObserver(HttpAttemptObserver):
 
 
 class CrewAIBaggageFilter(TextMapPropagator):
-    """A propagator that drops CrewAI's baggage entries before the wrapped one injects."""
+    """A propagator that drops CrewAI's baggage entries before the wrapped one injects.
 
-    def __init__(self, inner: TextMapPropagator) -> None:
+    It also carries the request ID across processes (see :mod:`crew_otel.propagation`): the
+    ``crew_otel.request.id`` entry is never injected inside a CrewAI run, added outside one
+    when ``propagate_request_id`` is on, and adopted as the request ID on extract.
+    """
+
+    def __init__(
+        self,
+        inner: TextMapPropagator,
+        *,
+        strip_crewai: bool = True,
+        propagate_request_id: bool = False,
+    ) -> None:
         self.inner = inner
+        self.strip_crewai = strip_crewai
+        self.propagate_request_id = propagate_request_id
 
     def extract(
         self,
@@ -221,7 +257,10 @@ class CrewAIBaggageFilter(TextMapPropagator):
         context: Context | None = None,
         getter: Getter[CarrierT] = default_getter,
     ) -> Context:
-        return self.inner.extract(carrier, context, getter)
+        ctx = self.inner.extract(carrier, context, getter)
+        if self.propagate_request_id:
+            ctx = safe_call(propagation.incoming, ctx, default=ctx)
+        return ctx
 
     def inject(
         self,
@@ -230,8 +269,9 @@ class CrewAIBaggageFilter(TextMapPropagator):
         setter: Setter[CarrierT] = default_setter,
     ) -> None:
         ctx = context if context is not None else otel_context.get_current()
+        ctx = safe_call(propagation.outgoing, ctx, self.propagate_request_id, default=ctx)
         entries = baggage.get_all(ctx)
-        if entries and not CREWAI_BAGGAGE_KEYS.isdisjoint(entries):
+        if self.strip_crewai and entries and not CREWAI_BAGGAGE_KEYS.isdisjoint(entries):
             for key in CREWAI_BAGGAGE_KEYS.intersection(entries):
                 ctx = baggage.remove_baggage(key, ctx)
         self.inner.inject(carrier, ctx, setter)

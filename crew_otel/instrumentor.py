@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wrapt
 from opentelemetry import metrics, propagate, trace
@@ -34,18 +36,22 @@ from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.http import (
     HTTP_CLIENTS,
+    HTTP_INSTRUMENTATION,
     AsyncHttpAttemptObserver,
     CrewAIBaggageFilter,
     HttpAttemptObserver,
+    HttpClient,
 )
 from crew_otel.metrics import CrewOtelMetrics
 from crew_otel.package import _instruments
-from crew_otel.processor import RequestSpanProcessor
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.version import __version__
 from crew_otel.wrappers.base import SpanWrapper
 from crew_otel.wrappers.llm import ChatWrapper
+
+if TYPE_CHECKING:
+    from crew_otel.processor import RequestSpanProcessor
 
 _logger = logging.getLogger("crew_otel")
 
@@ -58,6 +64,8 @@ _OWN_ENTRY_POINT = "crew_otel"
 
 STATUS_INSTALLED = "installed"
 STATUS_SKIPPED = "skipped"
+#: Installs when its module is first imported (see ``_defer`` and ``_install_http``).
+STATUS_PENDING = "pending"
 
 
 @dataclasses.dataclass
@@ -85,6 +93,11 @@ class HookReport:
 # to remove a processor).
 _processors: weakref.WeakKeyDictionary[Any, RequestSpanProcessor] = weakref.WeakKeyDictionary()
 _processors_lock = threading.Lock()
+# Modules with crew_otel's post-import hook. wrapt's hooks cannot be removed: one per module
+# per process, which installs only what the current instrumentation left pending (targets of
+# modules CrewAI imports on first use, the HTTP layer).
+_import_hooks: set[str] = set()
+_import_hooks_lock = threading.Lock()
 # Instruments are created once per meter provider.
 _metrics_by_provider: weakref.WeakKeyDictionary[Any, CrewOtelMetrics] = weakref.WeakKeyDictionary()
 
@@ -102,9 +115,25 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._baggage_filter: CrewAIBaggageFilter | None = None
             self._llm_lock = threading.Lock()
             self._wrapped_llm_methods: set[tuple[int, str]] = set()
+            self._http_pending: dict[str, _PendingHttp] = {}
+            self._pending_targets: dict[str, list[tuple[t.Target, Runtime]]] = {}
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
+
+    def _check_dependency_conflicts(self) -> Any:
+        # The base class reads crewai's distribution metadata (a large file, parsed as an
+        # e-mail message: a third of instrument()'s time); an imported crewai has its version.
+        version = getattr(sys.modules.get("crewai"), "__version__", None)
+        if not isinstance(version, str):
+            return super()._check_dependency_conflicts()
+        from opentelemetry.instrumentation.dependencies import DependencyConflict
+        from packaging.requirements import Requirement
+
+        for required in _instruments:
+            if not Requirement(required).specifier.contains(version, prereleases=True):
+                return DependencyConflict(required, f"crewai {version}")
+        return None
 
     @property
     def runtime(self) -> Runtime | None:
@@ -135,18 +164,18 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         safe_call(runtime.on_kickoff, default=None)
 
         if config.http:
-            # In this thread, never in the background: importing the HTTP instrumentation
-            # imports httpx2/httpcore2, and an import racing the application's own import of
-            # the same modules can hand one of them a partially initialised module.
             safe_call(self._install_http, runtime, tracer_provider, meter_provider, default=None)
         if config.threading:
             self._install_threading(tracer_provider)
-        if config.strip_crewai_baggage:
-            self._install_baggage_filter()
+        if config.strip_crewai_baggage or config.propagate_request_id:
+            self._install_baggage_filter(config)
         if config.detect_shared_instances:
             shared_state.activate(runtime.shared_state)
 
     def _install(self, target: t.Target, runtime: Runtime) -> None:
+        if target.module not in sys.modules and _findable(target.module):
+            self._defer(target, runtime)
+            return
         try:
             resolved = t.resolve(target)
         except t.Unresolved as reason:
@@ -161,6 +190,27 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrapper = target.factory(runtime)
         self._apply(target.key, resolved, wrapper)
         self._reports.append(HookReport(target.key, target.layer, STATUS_INSTALLED, target.note))
+
+    def _defer(self, target: t.Target, runtime: Runtime) -> None:
+        """Install ``target`` when its module is first imported, not import it now.
+
+        CrewAI imports some modules only on first use (e.g. the deprecated ``LiteAgent``'s):
+        importing them here would make every ``instrument()`` pay for them.
+        """
+        with self._llm_lock:
+            self._pending_targets.setdefault(target.module, []).append((target, runtime))
+        detail = f"installs when {target.module} is imported"
+        self._reports.append(HookReport(target.key, target.layer, STATUS_PENDING, detail))
+        _register_import_hook(target.module)
+
+    def _module_imported(self, name: str) -> None:
+        """Install what waited for ``name`` (its post-import hook runs)."""
+        with self._llm_lock:
+            for target, runtime in self._pending_targets.pop(name, []):
+                if runtime.active and self._runtime is runtime:
+                    self._reports = [r for r in self._reports if r.key != target.key]
+                    self._install(target, runtime)
+        self._http_modules_imported(name)
 
     def _apply(self, key: str, resolved: t.Resolved, wrapper: Callable[..., Any]) -> None:
         if isinstance(wrapper, SpanWrapper):
@@ -206,9 +256,16 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 )
 
     def _install_http(self, runtime: Runtime, tracer_provider: Any, meter_provider: Any) -> None:
-        try:
-            http_instrumentation = importlib.import_module("opentelemetry.instrumentation.httpx")
-        except ImportError:
+        """Install each HTTP client's layer now if it is imported, else when it is imported.
+
+        Importing the httpx instrumentation imports httpx, httpx2 and their connection pools
+        (most of what ``instrument()`` used to cost), and importing them in a background thread
+        could race the application's own import of the same modules and hand one of them a
+        partially initialised module. So nothing is imported here: a post-import hook installs
+        a client's layer in the thread that imports the client or its pool module, once both
+        are fully imported, before that import returns to anyone.
+        """
+        if importlib.util.find_spec(HTTP_INSTRUMENTATION) is None:
             self._reports.append(
                 HookReport(
                     "http",
@@ -218,49 +275,104 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 )
             )
             return
-        for client, instrumentor_name, pool_module, sync_pool, async_pool in HTTP_CLIENTS:
-            key = f"{client} (HTTP attempts)"
-            try:
-                importlib.import_module(client)
-                pools = importlib.import_module(pool_module)
-            except ImportError:
+        for client in HTTP_CLIENTS:
+            if importlib.util.find_spec(client.module) is None:
                 self._reports.append(
-                    HookReport(key, "http", STATUS_SKIPPED, f"{client} not installed")
+                    HookReport(client.key, "http", STATUS_SKIPPED, f"{client.module} not installed")
                 )
                 continue
-            instrumentor_cls = getattr(http_instrumentation, instrumentor_name, None)
+            pending = _PendingHttp(
+                client,
+                runtime,
+                tracer_provider,
+                meter_provider,
+                _left_to_auto_instrumentation(client.module),
+            )
+            with self._llm_lock:
+                self._http_pending[client.module] = pending
+            self._reports.append(
+                HookReport(
+                    client.key,
+                    "http",
+                    STATUS_PENDING,
+                    f"installs when {client.module} and {client.pool_module} are imported",
+                )
+            )
+            for name in (client.module, client.pool_module):
+                module = sys.modules.get(name)
+                if module is None:
+                    _register_import_hook(name)
+                elif _initializing(module):
+                    importlib.import_module(name)  # another thread imports it: wait for it
+        self._http_modules_imported(None)
+
+    def _http_modules_imported(self, imported: str | None) -> None:
+        """Install each pending HTTP client whose module and pool module are imported now.
+
+        ``imported`` is the module whose post-import hook runs (fully executed, though the
+        import system still marks it as initialising); ``None`` at ``instrument()``.
+        """
+        for pending in list(self._http_pending.values()):
+            client = pending.client
+            names = (client.module, client.pool_module)
+            if imported is not None and imported not in names:
+                continue
+            if all(_imported(name, imported) for name in names):
+                self._install_http_client(pending)
+
+    def _install_http_client(self, pending: _PendingHttp) -> None:
+        runtime, client = pending.runtime, pending.client
+        if not runtime.active or self._runtime is not runtime:
+            return
+        # Imports outside the lock: an import may wait for another thread's import.
+        http_instrumentation = importlib.import_module(HTTP_INSTRUMENTATION)
+        pools = sys.modules[client.pool_module]
+        instrumentor_cls = getattr(http_instrumentation, client.instrumentor, None)
+        with self._llm_lock:
+            # uninstrument() (or another hook) may have come first.
+            if self._http_pending.get(client.module) is not pending or not runtime.active:
+                return
+            del self._http_pending[client.module]
             if instrumentor_cls is None:
-                self._reports.append(
+                self._set_report(
                     HookReport(
-                        key,
+                        client.key,
                         "http",
                         STATUS_SKIPPED,
-                        f"this opentelemetry-instrumentation-httpx has no {instrumentor_name}",
+                        f"this opentelemetry-instrumentation-httpx has no {client.instrumentor}",
                     )
                 )
-                continue
+                return
             for cls_name, method, observer in (
-                (sync_pool, "handle_request", HttpAttemptObserver(runtime)),
-                (async_pool, "handle_async_request", AsyncHttpAttemptObserver(runtime)),
+                (client.sync_pool, "handle_request", HttpAttemptObserver(runtime)),
+                (client.async_pool, "handle_async_request", AsyncHttpAttemptObserver(runtime)),
             ):
                 cls = getattr(pools, cls_name, None)
                 if cls is not None and method in cls.__dict__:
                     resolved = t.resolve_attribute(cls, method)
-                    self._apply(f"{pool_module}:{cls_name}.{method}", resolved, observer)
+                    self._apply(f"{client.pool_module}:{cls_name}.{method}", resolved, observer)
             instrumentor = instrumentor_cls()
             if instrumentor.is_instrumented_by_opentelemetry:
                 detail = "already instrumented by the application; crew_otel adds its observers"
-            elif _left_to_auto_instrumentation(client):
-                # opentelemetry-instrument loads that instrumentor next: instrumenting it here
+            elif pending.left_to_auto_instrumentation:
+                # opentelemetry-instrument loads that instrumentor itself: instrumenting it here
                 # would make its own instrument() call warn "already instrumented".
-                detail = f"{instrumentor_name}, loaded by opentelemetry-instrument"
+                detail = f"{client.instrumentor}, loaded by opentelemetry-instrument"
             else:
                 instrumentor.instrument(
-                    tracer_provider=tracer_provider, meter_provider=meter_provider
+                    tracer_provider=pending.tracer_provider, meter_provider=pending.meter_provider
                 )
                 self._owned_instrumentors.append(instrumentor)
-                detail = instrumentor_name
-            self._reports.append(HookReport(key, "http", STATUS_INSTALLED, detail))
+                detail = client.instrumentor
+            self._set_report(HookReport(client.key, "http", STATUS_INSTALLED, detail))
+
+    def _set_report(self, report: HookReport) -> None:
+        """Replace the report of the same row (a pending one) or add it."""
+        for index, existing in enumerate(self._reports):
+            if existing.key == report.key:
+                self._reports[index] = report
+                return
+        self._reports.append(report)
 
     def _install_threading(self, tracer_provider: Any) -> None:
         try:
@@ -295,11 +407,17 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             )
         )
 
-    def _install_baggage_filter(self) -> None:
+    def _install_baggage_filter(self, config: CrewOtelConfig) -> None:
         current = propagate.get_global_textmap()
         if isinstance(current, CrewAIBaggageFilter):
+            current.strip_crewai = config.strip_crewai_baggage
+            current.propagate_request_id = config.propagate_request_id
             return
-        self._baggage_filter = CrewAIBaggageFilter(current)
+        self._baggage_filter = CrewAIBaggageFilter(
+            current,
+            strip_crewai=config.strip_crewai_baggage,
+            propagate_request_id=config.propagate_request_id,
+        )
         propagate.set_global_textmap(self._baggage_filter)
         self._reports.append(
             HookReport(
@@ -313,6 +431,9 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         # or re-enable a processor after this point.
         with self._llm_lock:
             runtime, self._runtime = self._runtime, None
+            # Their post-import hooks (wrapt's cannot be removed) now install nothing.
+            self._http_pending = {}
+            self._pending_targets = {}
             if runtime is not None:
                 runtime.active = False
                 shared_state.deactivate(runtime.shared_state)
@@ -342,6 +463,54 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if propagate.get_global_textmap() is self._baggage_filter:
                 propagate.set_global_textmap(self._baggage_filter.inner)
             self._baggage_filter = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingHttp:
+    """An HTTP client whose layer installs once the client and its pool module are imported."""
+
+    client: HttpClient
+    runtime: Runtime
+    tracer_provider: Any
+    meter_provider: Any
+    #: opentelemetry-instrument loads this client's instrumentor itself (decided at instrument()).
+    left_to_auto_instrumentation: bool
+
+
+def _register_import_hook(name: str) -> None:
+    """Tell the instrumentor when ``name`` is first imported (one hook per module per process).
+
+    wrapt runs the hook in the importing thread, once the module is executed and before the
+    import returns to anyone (other threads importing it wait until then).
+    """
+    with _import_hooks_lock:
+        if name in _import_hooks:
+            return
+        _import_hooks.add(name)
+    wrapt.register_post_import_hook(functools.partial(_module_imported, name), name)
+
+
+def _module_imported(name: str, module: Any) -> None:
+    # Runs inside the application's import: an exception here would fail that import.
+    safe_call(CrewAIInstrumentor()._module_imported, name, default=None)
+
+
+def _findable(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (its parents excepted)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _initializing(module: Any) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _imported(name: str, hooked: str | None) -> bool:
+    """Whether ``name`` is fully imported (``hooked``: the module whose post-import hook runs)."""
+    module = sys.modules.get(name)
+    return module is not None and (name == hooked or not _initializing(module))
 
 
 def _left_to_auto_instrumentation(entry_point_name: str) -> bool:
@@ -456,6 +625,10 @@ def _processor_attacher(tracer_provider: Any, runtime: Runtime) -> Callable[[], 
                 return True
             processor = _processors.get(provider)
             if processor is None:
+                # Imported here: it subclasses the SDK's SpanProcessor, and an SDK provider
+                # (hence the SDK) is present by now; ``import crew_otel`` needs only the API.
+                from crew_otel.processor import RequestSpanProcessor
+
                 processor = RequestSpanProcessor()
                 add(processor)
                 _processors[provider] = processor

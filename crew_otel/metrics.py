@@ -7,6 +7,16 @@ trace-based exemplar filter attaches the trace and span ID to each point.
 
 Metric attributes are bounded: operation, provider, model, workflow/agent/tool names (code-defined),
 ``error.type`` and crew_otel's enums. Never request IDs, trace IDs or user text.
+
+Names are code-defined but not always few (a Flow named ``ticket-{id}``, a tool per MCP server
+command), so every value of a name attribute (:data:`NAME_ATTRIBUTES`) passes through one
+:class:`NameCap` on its way into any instrument: the first :data:`MAX_NAME_VALUES` distinct
+values per attribute keep their name (cut to :data:`MAX_NAME_VALUE_LENGTH` characters), later
+ones are recorded as :data:`OVERFLOW_VALUE`. The in-flight count keeps no entry for a name with
+nothing in flight for long: an entry that returns to 0 reports 0 for
+:data:`IDLE_SERIES_SECONDS` (so dashboards and alerts see the count go back to 0, and a name
+that runs again soon keeps one series), then is dropped (so ``ticket-{id}`` flows cost nothing
+once idle).
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
@@ -85,6 +97,26 @@ TOKEN_BUCKETS = (
 
 Attributes = Mapping[str, AttributeValue]
 
+#: Metric attributes whose values come from names (code-defined, but unbounded in number).
+NAME_ATTRIBUTES = frozenset(
+    {
+        a.GEN_AI_WORKFLOW_NAME,
+        a.GEN_AI_AGENT_NAME,
+        a.GEN_AI_TOOL_NAME,
+        a.GEN_AI_REQUEST_MODEL,
+        a.GEN_AI_PROVIDER_NAME,
+    }
+)
+#: Distinct values per name attribute that keep their name, per process (meter provider).
+MAX_NAME_VALUES = 100
+#: Longest name value recorded (the same cut as span names).
+MAX_NAME_VALUE_LENGTH = a.MAX_NAME_LENGTH
+#: The value recorded instead of a name beyond :data:`MAX_NAME_VALUES`.
+OVERFLOW_VALUE = "_other"
+#: How long a workflow with nothing in flight keeps reporting 0 before its series is dropped
+#: (it is reported as 0 at least once either way).
+IDLE_SERIES_SECONDS = 300.0
+
 _logger = logging.getLogger("crew_otel")
 
 
@@ -119,35 +151,99 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class NameCap:
+    """Caps the values of name attributes: the first ``max_values`` distinct values of each
+    attribute keep their name (cut to ``max_length``), later ones become :data:`OVERFLOW_VALUE`.
+
+    A value once admitted stays admitted, so one name always maps to the same series.
+    """
+
+    def __init__(
+        self, max_values: int = MAX_NAME_VALUES, max_length: int = MAX_NAME_VALUE_LENGTH
+    ) -> None:
+        self._max_values = max_values
+        self._max_length = max_length
+        self._admitted: dict[str, set[str]] = {key: set() for key in NAME_ATTRIBUTES}
+        self._lock = threading.Lock()
+
+    def value(self, key: str, value: str) -> str:
+        """The value to record for name attribute ``key``."""
+        text = value[: self._max_length]
+        admitted = self._admitted.setdefault(key, set())
+        if text in admitted:
+            return text
+        with self._lock:
+            if text in admitted or len(admitted) < self._max_values:
+                admitted.add(text)
+                return text
+        return OVERFLOW_VALUE
+
+    def attributes(self, attributes: Attributes | None) -> Attributes | None:
+        """``attributes`` with every name attribute's value capped."""
+        if not attributes or NAME_ATTRIBUTES.isdisjoint(attributes):
+            return attributes
+        return {
+            key: self.value(key, val) if key in NAME_ATTRIBUTES and isinstance(val, str) else val
+            for key, val in attributes.items()
+        }
+
+    def reset_lock(self) -> None:
+        """In a forked child: another parent thread may have held the lock at the fork."""
+        self._lock = threading.Lock()
+
+
+class CappedHistogram:
+    """A histogram whose name attributes go through a :class:`NameCap` (the one door)."""
+
+    def __init__(self, histogram: Histogram, cap: NameCap) -> None:
+        self._histogram = histogram
+        self._cap = cap
+
+    def record(
+        self,
+        amount: float,
+        attributes: Attributes | None = None,
+        context: Context | None = None,
+    ) -> None:
+        """Record ``amount`` with capped name attributes."""
+        self._histogram.record(amount, self._cap.attributes(attributes), context)
+
+
 class CrewOtelMetrics:
     """The instruments, plus the exact in-process count of kickoffs in flight."""
 
     def __init__(self, meter: Meter) -> None:
-        self.operation_duration = meter.create_histogram(
+        self.names = NameCap()
+        self.operation_duration = self._histogram(
+            meter,
             OPERATION_DURATION,
             unit="s",
             description="Duration of GenAI operations (model calls).",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.token_usage = meter.create_histogram(
+        self.token_usage = self._histogram(
+            meter,
             TOKEN_USAGE,
             unit="{token}",
             description="Tokens used per model call, by token type.",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
         )
-        self.workflow_duration = meter.create_histogram(
+        self.workflow_duration = self._histogram(
+            meter,
             WORKFLOW_DURATION,
             unit="s",
             description="Duration of crew/flow/agent kickoffs.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.agent_duration = meter.create_histogram(
+        self.agent_duration = self._histogram(
+            meter,
             AGENT_DURATION,
             unit="s",
             description="Duration of agent execution attempts.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.tool_duration = meter.create_histogram(
+        self.tool_duration = self._histogram(
+            meter,
             TOOL_DURATION,
             unit="s",
             description="Duration of tool calls.",
@@ -157,6 +253,9 @@ class CrewOtelMetrics:
         # kickoff span) and observed at collection time: no SDK work per kickoff.
         self._in_flight = 0
         self._in_flight_by_workflow: dict[str, int] = {}
+        #: When each workflow's count last went to 0 (``time.monotonic``), once reported.
+        self._idle_since: dict[str, float] = {}
+        self.idle_series_seconds = IDLE_SERIES_SECONDS
         self._in_flight_lock = threading.Lock()
         self.kickoffs_active = meter.create_observable_up_down_counter(
             KICKOFFS_ACTIVE,
@@ -164,7 +263,8 @@ class CrewOtelMetrics:
             unit="{kickoff}",
             description="Kickoffs in flight in this process.",
         )
-        self.queue_wait = meter.create_histogram(
+        self.queue_wait = self._histogram(
+            meter,
             KICKOFF_QUEUE_WAIT,
             unit="s",
             description="Wait between an async kickoff being called and its work starting.",
@@ -187,28 +287,51 @@ class CrewOtelMetrics:
         )
         reset_in_forked_children(self)
 
+    def _histogram(
+        self,
+        meter: Meter,
+        name: str,
+        *,
+        unit: str,
+        description: str,
+        explicit_bucket_boundaries_advisory: tuple[float, ...],
+    ) -> CappedHistogram:
+        histogram = meter.create_histogram(
+            name,
+            unit=unit,
+            description=description,
+            explicit_bucket_boundaries_advisory=explicit_bucket_boundaries_advisory,
+        )
+        return CappedHistogram(histogram, self.names)
+
     def _reset_after_fork(self) -> None:
         """In a forked child: none of the parent's kickoffs are in flight here."""
         self._in_flight_lock = threading.Lock()
+        self.names.reset_lock()
         self._in_flight = 0
+        # reported as 0 once (the child's series start from the parent's names), then dropped
         self._in_flight_by_workflow = dict.fromkeys(self._in_flight_by_workflow, 0)
+        self._idle_since = {}
 
     # --- kickoffs in flight --------------------------------------------------------------
     def kickoff_started(self, workflow: str) -> int:
         """Count a kickoff in; returns the number in flight including this one."""
+        name = self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow)
         with self._in_flight_lock:
             self._in_flight += 1
             by_workflow = self._in_flight_by_workflow
-            by_workflow[workflow] = by_workflow.get(workflow, 0) + 1
+            by_workflow[name] = by_workflow.get(name, 0) + 1
             return self._in_flight
 
     def kickoff_ended(self, workflow: str) -> None:
         """Count a kickoff out (called exactly once per :meth:`kickoff_started`)."""
+        name = self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow)
         with self._in_flight_lock:
-            count = self._in_flight_by_workflow.get(workflow, 0)
+            count = self._in_flight_by_workflow.get(name, 0)
             if count <= 0:
                 return  # started in the parent before this process was forked
-            self._in_flight_by_workflow[workflow] = count - 1
+            # stays at 0 until the next collection reports it, so the series ends at 0
+            self._in_flight_by_workflow[name] = count - 1
             self._in_flight -= 1
 
     @property
@@ -217,17 +340,31 @@ class CrewOtelMetrics:
         return self._in_flight
 
     def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
-        # Workflows seen once keep reporting (0 when idle): a bounded, code-defined set.
+        # A workflow with nothing in flight reports 0 (at least once) until it has been idle
+        # for idle_series_seconds, then is forgotten: its series ends at 0 (not frozen at its
+        # last value) and names seen once cost nothing after.
+        now = time.monotonic()
+        reported: list[tuple[str, int]] = []
         with self._in_flight_lock:
-            counts = list(self._in_flight_by_workflow.items())
-        return [Observation(count, {a.GEN_AI_WORKFLOW_NAME: name}) for name, count in counts]
+            idle_since = self._idle_since
+            for name, count in list(self._in_flight_by_workflow.items()):
+                if count > 0:
+                    idle_since.pop(name, None)
+                elif name not in idle_since:
+                    idle_since[name] = now  # reported as 0 now; dropped once idle long enough
+                elif now - idle_since[name] >= self.idle_series_seconds:
+                    del self._in_flight_by_workflow[name]
+                    del idle_since[name]
+                    continue
+                reported.append((name, count))
+        return [Observation(count, {a.GEN_AI_WORKFLOW_NAME: name}) for name, count in reported]
 
     # --- recording helpers -----------------------------------------------------------------
     def retry(self, layer: str, error_type: str, provider: str | None = None) -> None:
         """Count one retry made by ``layer`` after an error of ``error_type``."""
         attrs: dict[str, AttributeValue] = {a.RETRY_LAYER: layer, a.ERROR_TYPE: error_type}
         if provider:
-            attrs[a.GEN_AI_PROVIDER_NAME] = provider
+            attrs[a.GEN_AI_PROVIDER_NAME] = self.names.value(a.GEN_AI_PROVIDER_NAME, provider)
         self.retries.add(1, attrs)
 
     def origin(self, operation: str, error_type: str, recovered: bool) -> None:

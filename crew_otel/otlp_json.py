@@ -13,14 +13,20 @@ import base64
 import binascii
 import dataclasses
 import json
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
+
+try:
+    import fcntl
+except ImportError:  # Windows: O_APPEND alone
+    fcntl = None  # type: ignore[assignment]
 
 _KIND = {
     SpanKind.INTERNAL: 1,
@@ -111,31 +117,66 @@ def encode(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
     return {"resourceSpans": resource_spans}
 
 
-class OTLPJsonFileExporter(SpanExporter):
-    """Appends each exported batch to a file as one OTLP/JSON line (Collector file format)."""
+#: Where :class:`OTLPJsonFileExporter` writes when no path is given (``OTEL_TRACES_EXPORTER=
+#: crew_otel_file`` under ``opentelemetry-instrument`` or ``configure()``).
+TRACES_FILE_ENV = "CREW_OTEL_TRACES_FILE"
+DEFAULT_TRACES_FILE = "crew-otel-traces.jsonl"
 
-    def __init__(self, path: str | Path) -> None:
-        self._path = Path(path)
+
+class OTLPJsonFileExporter(SpanExporter):
+    """Appends each exported batch to a file as one OTLP/JSON line (Collector file format).
+
+    Several processes (web server workers) may append to one file: each line is written with
+    one ``write`` on a file opened with ``O_APPEND``, under an exclusive ``flock`` where the
+    platform has it, so lines never interleave. Without ``path`` the file is
+    ``$CREW_OTEL_TRACES_FILE``, else ``crew-otel-traces.jsonl`` in the working directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self._path = Path(
+            path if path is not None else os.environ.get(TRACES_FILE_ENV) or DEFAULT_TRACES_FILE
+        )
         self._lock = threading.Lock()
-        self._file: IO[str] | None = self._path.open("a", encoding="utf-8")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd: int | None = os.open(self._path, flags, 0o644)
+
+    @property
+    def path(self) -> Path:
+        """The file the spans go to."""
+        return self._path
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        line = json.dumps(encode(spans), separators=(",", ":"))
+        line = (json.dumps(encode(spans), separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
-            if self._file is None:
+            if self._fd is None:
                 return SpanExportResult.FAILURE
-            self._file.write(line + "\n")
-            self._file.flush()
+            try:
+                _append(self._fd, line)
+            except OSError:
+                return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Append ``data`` as one record: one ``write`` under an exclusive lock where available."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it in one write; loop only on a short write
+            view = view[os.write(fd, view) :]
+    finally:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -156,6 +197,9 @@ class SpanRecord:
     attributes: dict[str, Any]
     events: list[tuple[str, int, dict[str, Any]]]
     service: str
+    #: The process that made the span (resource ``service.instance.id``, else ``process.pid``;
+    #: empty when the resource does not say).
+    process: str = ""
 
     @property
     def duration_s(self) -> float:
@@ -226,6 +270,7 @@ def _records(request: Any, where: str) -> Iterator[SpanRecord]:
     for resource_span in resource_spans:
         resource = _attrs((resource_span.get("resource") or {}).get("attributes"))
         service = str(resource.get("service.name", "unknown_service"))
+        process = str(resource.get("service.instance.id") or resource.get("process.pid") or "")
         for scope_span in (
             resource_span.get("scopeSpans")
             or resource_span.get("instrumentationLibrarySpans")
@@ -257,6 +302,7 @@ def _records(request: Any, where: str) -> Iterator[SpanRecord]:
                         for e in span.get("events") or []
                     ],
                     service=service,
+                    process=process,
                 )
 
 
@@ -269,6 +315,13 @@ def read_requests(lines: Iterable[str], source: str) -> list[SpanRecord]:
     text_lines = [line for line in lines if line.strip()]
     if not text_lines:
         raise OtlpJsonError(f"{source}: empty file, no spans")
+    if _is_console_output(text_lines):
+        raise OtlpJsonError(
+            f"{source}: this is the SDK's console exporter output (OTEL_TRACES_EXPORTER=console), "
+            "not OTLP/JSON; write a trace file with OTEL_TRACES_EXPORTER=crew_otel_file "
+            f"(file: ${TRACES_FILE_ENV}) or crew_otel.configure(trace_file=...), "
+            "or use the Collector's file exporter"
+        )
     records: list[SpanRecord] = []
     try:
         documents = [(f"{source}:{n}", json.loads(line)) for n, line in enumerate(text_lines, 1)]
@@ -291,6 +344,13 @@ def read_requests(lines: Iterable[str], source: str) -> list[SpanRecord]:
     if not records:
         raise OtlpJsonError(f"{source}: no spans in the file")
     return records
+
+
+def _is_console_output(text_lines: Sequence[str]) -> bool:
+    """``ConsoleSpanExporter`` prints each span as a pretty-printed JSON object with a
+    ``"context"`` holding ``0x``-prefixed IDs (``ReadableSpan.to_json()``)."""
+    head = "".join(text_lines[:12])
+    return head.lstrip().startswith("{") and '"context": {' in head and '"trace_id": "0x' in head
 
 
 def read_file(path: str | Path) -> list[SpanRecord]:

@@ -57,7 +57,7 @@ class Runtime:
             tracer=tracer,
             config=config,
             metrics=metrics,
-            errors=ErrorRecorder(metrics),
+            errors=ErrorRecorder(metrics, config.capture_content),
             sharing=sharing,
             shared_state=SharedStateWatcher(sharing),
         )

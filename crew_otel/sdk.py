@@ -8,21 +8,27 @@ instruments CrewAI. Nothing here runs on import. Applications that already confi
 Honoured variables include ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the per-signal ``..._TRACES_ENDPOINT`` /
 ``..._METRICS_ENDPOINT``), ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_PROTOCOL``
-(``http/protobuf``, default, or ``grpc`` with the ``crew-otel[grpc]`` extra),
-``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console`` or ``none``),
-``OTEL_BSP_*`` and ``OTEL_METRIC_EXPORT_INTERVAL``, and ``OTEL_SDK_DISABLED``.
+(``http/protobuf``, default, with the ``crew-otel[otlp]`` extra, which CrewAI's own
+dependencies include, or ``grpc`` with the ``crew-otel[grpc]`` extra),
+``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console`` or ``none``;
+for traces also ``crew_otel_file``: OTLP/JSON lines in the file ``CREW_OTEL_TRACES_FILE`` names,
+which ``crew-otel report`` reads), ``OTEL_BSP_*`` and ``OTEL_METRIC_EXPORT_INTERVAL``, and
+``OTEL_SDK_DISABLED``.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import importlib
 import logging
 import os
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -32,7 +38,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricReader,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
@@ -144,14 +150,83 @@ def _bounded(work: Callable[[float], None], timeout_millis: int) -> bool:
     return True
 
 
-def _exporter_choice(variable: str, environ: Mapping[str, str]) -> str:
+#: ``OTEL_TRACES_EXPORTER`` value (and ``opentelemetry_traces_exporter`` entry point) that writes
+#: OTLP/JSON lines to the file ``CREW_OTEL_TRACES_FILE`` names: no Collector needed.
+FILE_EXPORTER = "crew_otel_file"
+
+_E = TypeVar("_E", SpanExporter, MetricExporter)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Signal(Generic[_E]):
+    """What differs between the span and the metric exporter that :func:`configure` builds."""
+
+    name: str  # as in OTEL_{name}_EXPORTER and OTEL_EXPORTER_OTLP_{name}_*
+    path: str  # OTLP/HTTP path under the base endpoint
+    otlp_module: str  # module under opentelemetry.exporter.otlp.proto.{http,grpc}
+    otlp_class: str
+    console: Callable[[], _E]
+    file: Callable[[str | None], _E] | None = None
+
+
+def _trace_file_exporter(path: str | None) -> SpanExporter:
+    from crew_otel.otlp_json import OTLPJsonFileExporter
+
+    return OTLPJsonFileExporter(path)
+
+
+_TRACES = _Signal[SpanExporter](
+    "TRACES",
+    "v1/traces",
+    "trace_exporter",
+    "OTLPSpanExporter",
+    ConsoleSpanExporter,
+    _trace_file_exporter,
+)
+_METRICS = _Signal[MetricExporter](
+    "METRICS", "v1/metrics", "metric_exporter", "OTLPMetricExporter", ConsoleMetricExporter
+)
+
+
+def _exporter(
+    signal: _Signal[_E],
+    environ: Mapping[str, str],
+    endpoint: str | None,
+    file: str | None = None,
+) -> _E | None:
+    """The exporter ``OTEL_{signal}_EXPORTER`` selects (``file``, when given, wins for traces)."""
+    if file is not None and signal.file is not None:
+        return signal.file(file)
+    variable = f"OTEL_{signal.name}_EXPORTER"
+    supported = ("otlp", "console", "none") + ((FILE_EXPORTER,) if signal.file else ())
     value = environ.get(variable, "otlp").strip().lower() or "otlp"
-    first = value.split(",")[0].strip()
-    if first not in ("otlp", "console", "none"):
+    choice = value.split(",")[0].strip()
+    if choice not in supported:
         raise ValueError(
-            f"{variable}={value!r}: crew_otel.configure() supports otlp, console, none"
+            f"{variable}={value!r}: crew_otel.configure() supports {', '.join(supported)}"
         )
-    return first
+    if choice == "none":
+        return None
+    if choice == "console":
+        return signal.console()
+    if choice == FILE_EXPORTER and signal.file is not None:
+        return signal.file(None)
+    grpc = _protocol(environ, signal.name) == "grpc"
+    module_name = f"opentelemetry.exporter.otlp.proto.{'grpc' if grpc else 'http'}"
+    try:
+        module = importlib.import_module(f"{module_name}.{signal.otlp_module}")
+    except ImportError as exc:
+        extra = "grpc" if grpc else "otlp"
+        raise ModuleNotFoundError(
+            f"crew_otel.configure(): OTLP export needs {module_name} "
+            f'(pip install "crew-otel[{extra}]"), or set {variable} to one of '
+            f"{', '.join(s for s in supported if s != 'otlp')}"
+        ) from exc
+    kwargs: dict[str, Any] = _timeout(environ, signal.name)
+    if endpoint:
+        kwargs["endpoint"] = endpoint if grpc else f"{endpoint.rstrip('/')}/{signal.path}"
+    exporter: _E = getattr(module, signal.otlp_class)(**kwargs)
+    return exporter
 
 
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
@@ -170,50 +245,6 @@ def _timeout(environ: Mapping[str, str], signal: str) -> dict[str, Any]:
     return {"timeout": DEFAULT_EXPORT_TIMEOUT_S}
 
 
-def _span_exporter(environ: Mapping[str, str], endpoint: str | None) -> SpanExporter | None:
-    choice = _exporter_choice("OTEL_TRACES_EXPORTER", environ)
-    if choice == "none":
-        return None
-    if choice == "console":
-        return ConsoleSpanExporter()
-    kwargs: dict[str, Any] = _timeout(environ, "TRACES")
-    if _protocol(environ, "TRACES") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        if endpoint:
-            kwargs["endpoint"] = endpoint
-        return OTLPSpanExporter(**kwargs)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpSpanExporter,
-    )
-
-    if endpoint:
-        kwargs["endpoint"] = endpoint.rstrip("/") + "/v1/traces"
-    return HttpSpanExporter(**kwargs)
-
-
-def _metric_exporter(environ: Mapping[str, str], endpoint: str | None) -> MetricExporter | None:
-    choice = _exporter_choice("OTEL_METRICS_EXPORTER", environ)
-    if choice == "none":
-        return None
-    if choice == "console":
-        return ConsoleMetricExporter()
-    kwargs: dict[str, Any] = _timeout(environ, "METRICS")
-    if _protocol(environ, "METRICS") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-        if endpoint:
-            kwargs["endpoint"] = endpoint
-        return OTLPMetricExporter(**kwargs)
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-        OTLPMetricExporter as HttpMetricExporter,
-    )
-
-    if endpoint:
-        kwargs["endpoint"] = endpoint.rstrip("/") + "/v1/metrics"
-    return HttpMetricExporter(**kwargs)
-
-
 def configure(
     service_name: str | None = None,
     *,
@@ -222,6 +253,7 @@ def configure(
     metric_readers: list[MetricReader] | None = None,
     set_global: bool = True,
     instrument: bool = True,
+    trace_file: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> Setup:
     """Set up the OpenTelemetry SDK for a CrewAI service and instrument CrewAI.
@@ -237,6 +269,14 @@ def configure(
             ``/metrics`` endpoint instead of (or besides) OTLP.
         set_global: make the providers the global ones.
         instrument: call :func:`crew_otel.instrument` with the new providers and ``options``.
+        trace_file: write the spans to this file as OTLP/JSON lines (what ``crew-otel report``
+            reads) instead of exporting them over OTLP; several processes may append to one
+            file. Same as ``OTEL_TRACES_EXPORTER=crew_otel_file`` with
+            ``CREW_OTEL_TRACES_FILE``.
+
+    The resource gets a ``service.instance.id`` unique to the process (a random UUID unless
+    given): every worker of a multi-process server reports its own series, and a process
+    forked after ``configure()`` (``gunicorn --preload``) gets a new one.
 
     When the SDK is already configured (a real ``TracerProvider`` is the global one, e.g.
     under ``opentelemetry-instrument``), the arguments are ignored with one warning and CrewAI
@@ -256,10 +296,10 @@ def configure(
     attributes: dict[str, Any] = dict(resource_attributes or {})
     name = service_name or environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
     attributes["service.name"] = name
-    resource = Resource.create(attributes)
+    resource = _per_process_resource(Resource.create(attributes))
 
     readers: list[MetricReader] = list(metric_readers or [])
-    metric_exporter = _metric_exporter(environ, endpoint)
+    metric_exporter = _exporter(_METRICS, environ, endpoint)
     if metric_exporter is not None:
         readers.append(
             PeriodicExportingMetricReader(
@@ -271,7 +311,9 @@ def configure(
     )
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    span_exporter = _span_exporter(environ, endpoint)
+    span_exporter = _exporter(
+        _TRACES, environ, endpoint, os.fspath(trace_file) if trace_file is not None else None
+    )
     processor = None
     if span_exporter is not None:
         dropped = meter_provider.get_meter("crew_otel").create_counter(
@@ -290,6 +332,48 @@ def configure(
 
         instrument_crewai(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
     return setup
+
+
+class _PerProcessResource(Resource):
+    """A Resource whose ``service.instance.id`` is new in every forked child.
+
+    Providers and tracers hold this one object, so replacing its attributes in the child
+    (``os.register_at_fork``) relabels everything the child exports, on every SDK version:
+    older SDK releases (1.34 among them) neither set ``service.instance.id`` nor refresh it
+    after a fork; newer ones give their providers a fresh one after a fork themselves.
+    """
+
+    def __init__(self, attributes: Mapping[str, Any], schema_url: str | None = None) -> None:
+        super().__init__(dict(attributes), schema_url)
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+
+            def after_in_child() -> None:
+                resource = ref()
+                if resource is not None:
+                    resource._new_instance()
+
+            os.register_at_fork(after_in_child=after_in_child)
+
+    def _new_instance(self) -> None:
+        attributes = {**self.attributes, SERVICE_INSTANCE_ID: _new_instance_id()}
+        Resource.__init__(self, attributes, self.schema_url)
+
+
+def _new_instance_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _per_process_resource(resource: Resource) -> Resource:
+    """``resource`` with a ``service.instance.id`` unique to this process, also after a fork.
+
+    A ``service.instance.id`` given by the application (argument or
+    ``OTEL_RESOURCE_ATTRIBUTES``) is kept in this process; forked children get a new random one,
+    as newer SDK releases do.
+    """
+    attributes = dict(resource.attributes)
+    attributes.setdefault(SERVICE_INSTANCE_ID, _new_instance_id())
+    return _PerProcessResource(attributes, resource.schema_url)
 
 
 def _flush_at_exit(setup: Setup) -> None:

@@ -1,4 +1,4 @@
-"""Shared code for the checks on the bundled observability assets (no crewai, no crew_otel).
+"""Shared code for the checks on the bundled observability assets (no crewai).
 
 ``promql_expressions()`` returns every PromQL expression of the dashboards and alert rules,
 so that other tests (for example one that runs each against a live Prometheus) share one
@@ -22,28 +22,70 @@ DASHBOARD_DIR = ROOT / "dashboards"
 PROMETHEUS_DIR = COLLECTOR_DIR / "prometheus"
 RULE_FILES = (PROMETHEUS_DIR / "alerts.yml",)
 
-# Metric names the package emits (OTel names after the standard Prometheus translation) and
-# those made by the Collector's span_metrics connector and the HTTP client instrumentation.
-HISTOGRAMS = (
-    "gen_ai_client_operation_duration_seconds",
-    "gen_ai_client_token_usage",
-    "gen_ai_workflow_duration_seconds",
-    "gen_ai_invoke_agent_duration_seconds",
-    "gen_ai_execute_tool_duration_seconds",
-    "crew_otel_kickoff_queue_wait_seconds",
-    "traces_span_metrics_duration_milliseconds",
-    "http_client_request_duration_seconds",
+# Metric names the assets may read: crew_otel's own instruments, as the package creates them
+# (names and units from crew_otel.metrics, translated the Prometheus way), and those made by the
+# Collector's span_metrics connector and the httpx instrumentation (stable and old HTTP names).
+UNIT_SUFFIXES = {"s": "_seconds", "ms": "_milliseconds"}
+
+
+def prometheus_names(name: str, unit: str, kind: str) -> list[str]:
+    """The Prometheus series names of one OpenTelemetry instrument."""
+    base = name.replace(".", "_") + UNIT_SUFFIXES.get(unit, "")
+    if kind == "histogram":
+        return [f"{base}_{suffix}" for suffix in ("bucket", "sum", "count")]
+    return [base + "_total"] if kind == "counter" else [base]
+
+
+class _RecordingMeter:
+    """A real SDK meter that notes every instrument created through it (name, unit, kind)."""
+
+    def __init__(self, meter: Any) -> None:
+        self._meter = meter
+        self.created: list[tuple[str, str, str]] = []
+
+    def __getattr__(self, attr: str) -> Any:
+        real = getattr(self._meter, attr)
+        if not attr.startswith("create_"):
+            return real
+
+        def create(name: str, *args: Any, **kwargs: Any) -> Any:
+            kind = attr.removeprefix("create_").removeprefix("observable_")
+            self.created.append((name, kwargs.get("unit", ""), kind))
+            return real(name, *args, **kwargs)
+
+        return create
+
+
+def crew_otel_metric_names() -> frozenset[str]:
+    """The Prometheus names of every instrument crew_otel creates (read from the package)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from crew_otel.metrics import CrewOtelMetrics
+
+    provider = MeterProvider()
+    try:
+        meter = _RecordingMeter(provider.get_meter("assets"))
+        CrewOtelMetrics(meter)
+        names: list[str] = []
+        for name, unit, created in meter.created:
+            kind = created if created in ("histogram", "counter") else "gauge"
+            names += prometheus_names(name, unit, kind)
+        return frozenset(names)
+    finally:
+        provider.shutdown()
+
+
+OTHER_HISTOGRAMS = (
+    ("traces.span.metrics.duration", "ms"),  # span_metrics connector
+    ("http.client.request.duration", "s"),  # httpx, stable HTTP semantic conventions
+    ("http.client.duration", "ms"),  # httpx, old conventions (its default)
 )
-COUNTERS_AND_GAUGES = (
-    "crew_otel_kickoffs_active",
-    "crew_otel_retries_total",
-    "crew_otel_error_origins_total",
-    "crew_otel_shared_instance_conflicts_total",
-    "traces_span_metrics_calls_total",
-)
-EMITTED_METRIC_NAMES = frozenset(
-    [f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")]
-    + list(COUNTERS_AND_GAUGES)
+EMITTED_METRIC_NAMES = (
+    crew_otel_metric_names()
+    | frozenset(
+        n for name, unit in OTHER_HISTOGRAMS for n in prometheus_names(name, unit, "histogram")
+    )
+    | frozenset(prometheus_names("traces.span.metrics.calls", "", "counter"))
 )
 
 # Values for Grafana's variables, so a dashboard query can run against Prometheus as is.

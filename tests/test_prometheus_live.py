@@ -48,7 +48,9 @@ def prometheus(tmp_path_factory):
     assert binary, "the prometheus server is not installed (Debian package 'prometheus')"
     workdir = tmp_path_factory.mktemp("prometheus")
     app_port, prom_port = free_port(), free_port()
-    env = {**os.environ, "OTEL_SEMCONV_STABILITY_OPT_IN": "http"}
+    # http/dup: the httpx instrumentation records its default (old) HTTP metric names and the
+    # stable ones, so the dashboards' queries of both are evaluated against real series.
+    env = {**os.environ, "OTEL_SEMCONV_STABILITY_OPT_IN": "http/dup"}
     app = subprocess.Popen(
         [sys.executable, str(HERE / "live_metrics_app.py"), str(app_port)],
         stdin=subprocess.PIPE,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -10,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crew_otel import targets
-from crew_otel.http import HTTP_CLIENTS
+from crew_otel.http import HTTP_CLIENTS, HTTP_INSTRUMENTATION
 from crew_otel.version import __version__
 
 DISTRIBUTIONS = (
@@ -62,30 +64,46 @@ def hook_statuses() -> list[HookStatus]:
             statuses.append(HookStatus(target.key, target.layer, False, str(reason)))
         else:
             statuses.append(HookStatus(target.key, target.layer, True, target.note))
-    for client, instrumentor, pool_module, _, _ in HTTP_CLIENTS:
-        if installed_version(client) is None:
-            statuses.append(
-                HookStatus(f"{client} (HTTP attempts)", "http", False, f"{client} not installed")
-            )
+    statuses.extend(http_statuses())
+    return statuses
+
+
+def http_statuses() -> list[HookStatus]:
+    """The HTTP rows: each client's layer installs when the client and its pool are imported."""
+    statuses = []
+    for client in HTTP_CLIENTS:
+        missing = next(
+            (name for name in (client.module, client.pool_module) if not _findable(name)), None
+        )
+        if missing is not None:
+            statuses.append(HookStatus(client.key, "http", False, f"{missing} not installed"))
             continue
         try:
-            module = importlib.import_module("opentelemetry.instrumentation.httpx")
-            importlib.import_module(pool_module)
+            module = importlib.import_module(HTTP_INSTRUMENTATION)
         except ImportError as exc:
-            statuses.append(HookStatus(f"{client} (HTTP attempts)", "http", False, str(exc)))
+            statuses.append(HookStatus(client.key, "http", False, str(exc)))
             continue
-        has = hasattr(module, instrumentor)
+        if not hasattr(module, client.instrumentor):
+            detail = f"no {client.instrumentor} in this opentelemetry-instrumentation-httpx"
+            statuses.append(HookStatus(client.key, "http", False, detail))
+            continue
         statuses.append(
             HookStatus(
-                f"{client} (HTTP attempts)",
+                client.key,
                 "http",
-                has,
-                instrumentor
-                if has
-                else f"no {instrumentor} in this opentelemetry-instrumentation-httpx",
+                True,
+                f"{client.instrumentor}; installs when {client.module} and "
+                f"{client.pool_module} are imported (its first client)",
             )
         )
     return statuses
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def run(console: Console) -> int:

@@ -1,4 +1,4 @@
-"""Entry point of the ``crew-otel`` command: ``demo``, ``report`` and ``doctor``."""
+"""Entry point of the ``crew-otel`` command: ``demo``, ``report``, ``doctor`` and ``assets``."""
 
 from __future__ import annotations
 
@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--summary-json", type=Path, help="write the report's figures as JSON")
 
     commands.add_parser("doctor", help="show installed versions and which CrewAI hooks apply here")
+
+    assets = commands.add_parser(
+        "assets",
+        help="write the Collector stack, alert rules and Grafana dashboards into DIR",
+        description="Write DIR/collector (Collector configs, compose files, Prometheus alert "
+        "rules, Alertmanager and Grafana provisioning) and DIR/dashboards; then run "
+        "`docker compose up -d` in DIR/collector. Files you changed are not overwritten.",
+    )
+    assets.add_argument("dir", type=Path)
+    assets.add_argument(
+        "--force", action="store_true", help="overwrite files that differ from the bundled ones"
+    )
     return parser
 
 
@@ -112,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from crew_otel.cli import doctor
 
         return doctor.run(console)
+    if args.command == "assets":
+        from crew_otel.cli import assets as assets_command
+
+        return assets_command.run(args.dir, console, force=args.force)
     parser.print_help()
     return 2
 

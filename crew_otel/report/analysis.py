@@ -3,11 +3,14 @@
 Works on :class:`~crew_otel.otlp_json.SpanRecord`s, so ``crew-otel demo`` and
 ``crew-otel report FILE`` compute the same figures from the same data. A *request* is a trace:
 its root is the web framework's SERVER span when there is one (the HTTP status the client saw),
-else the outermost kickoff.
+else the outermost kickoff. A *process* is the resource's ``service.instance.id`` (else
+``process.pid``): requests in flight are counted per process when the spans name it, and an
+object (Agent, Crew, module global, ...) is one thing per process.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -22,6 +25,12 @@ LAYERS = (a.RETRY_LAYER_HTTP, a.RETRY_LAYER_RATE_LIMIT, a.RETRY_LAYER_AGENT)
 STATE_KINDS = ("global", "file", "database", "resource")
 #: How many shared things the conclusion names before "and N more".
 MAX_NAMED_STATE = 3
+#: Shared things that are the same thing in every process (a path), not one per process.
+MACHINE_WIDE_KINDS = ("file", "database")
+#: Async kickoffs waiting at least this long for an executor thread are worth a sentence.
+NOTABLE_QUEUE_WAIT_S = 0.1
+#: How many recovered-origin kinds the conclusion names before "and N more".
+MAX_NAMED_ORIGINS = 3
 
 _STATE_WHAT = {
     "global": "module global",
@@ -65,6 +74,8 @@ class Conflict:
     events: int = 0
     at_once: int = 0
     """The most requests seen using it at the same time."""
+    process: str = ""
+    """The process holding it (objects are per process; a file or database is not)."""
 
     @property
     def label(self) -> str:
@@ -97,6 +108,9 @@ class Request:
     error_type: str | None
     cause: str | None = None
     concurrency: int = 1
+    """The most requests in flight at once during this one (itself included), counted in its
+    process when the spans name the process, else in its service."""
+    process: str = ""
 
 
 @dataclasses.dataclass
@@ -122,6 +136,11 @@ class ServiceReport:
     by_concurrency: dict[int, tuple[int, int]]
     causes: Counter[str]
     conclusion: str
+    concurrency_scope: str = "service"
+    """What :attr:`Request.concurrency` counts in: ``process`` or ``service``."""
+    processes: list[str] = dataclasses.field(default_factory=list)
+    diagnoses: list[str] = dataclasses.field(default_factory=list)
+    """Findings the spans carry besides failures and sharing, one sentence each."""
 
     @property
     def failed(self) -> int:
@@ -171,15 +190,17 @@ def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
     for span in spans:
         traces[span.trace_id].append(span)
 
-    conflicts: dict[tuple[str, str, str], Conflict] = {}
+    conflicts: dict[tuple[str, str, str, str], Conflict] = {}
     for span in spans:
         for event in _shared_events(span):
             kind = str(event.get(a.SHARED_INSTANCE_KIND, ""))
             class_name = str(event.get(a.SHARED_INSTANCE_CLASS, ""))
             name = str(event.get(a.SHARED_INSTANCE_NAME, ""))
-            key = (kind, "" if kind in STATE_KINDS else class_name, name)
+            # an object (or a global) lives in one process: two workers' Agents are two things
+            process = "" if kind in MACHINE_WIDE_KINDS else span.process
+            key = (process, kind, "" if kind in STATE_KINDS else class_name, name)
             conflict = conflicts.setdefault(
-                key, Conflict(kind, class_name, name, request_ids=set())
+                key, Conflict(kind, class_name, name, request_ids=set(), process=process)
             )
             conflict.events += 1
             own = span.attributes.get(a.REQUEST_ID)
@@ -195,10 +216,8 @@ def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
         if request is not None:
             requests.append(request)
     requests.sort(key=lambda r: r.start)
-    for request in requests:
-        request.concurrency = sum(
-            1 for other in requests if other.start < request.end and other.end > request.start
-        )
+    scope = "process" if any(r.process for r in requests) else "service"
+    _peak_in_flight(requests)
 
     origin_counts: Counter[tuple[str, str, bool]] = Counter()
     retries = dict.fromkeys(LAYERS, 0)
@@ -248,9 +267,125 @@ def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
         by_concurrency=dict(sorted(by_concurrency.items())),
         causes=causes,
         conclusion="",
+        concurrency_scope=scope,
+        processes=sorted({r.process for r in requests if r.process}),
+        diagnoses=_diagnoses(traces, origin_counts),
     )
     report.conclusion = conclude(report)
     return report
+
+
+def _peak_in_flight(requests: list[Request]) -> None:
+    """Set each request's :attr:`~Request.concurrency`: the most requests of its process (one
+    group when no span names a process) in flight at one instant while it ran.
+
+    Counting the requests that overlapped it at any time would add up requests that ran one
+    after the other beside a long one (26 "in flight" where 8 ever were).
+    """
+    groups: dict[str, list[Request]] = defaultdict(list)
+    for request in requests:
+        groups[request.process].append(request)
+    for members in groups.values():
+        starts = sorted(r.start for r in members)
+        ends = sorted(r.end for r in members)
+        # in flight at each start: started at or before it and not yet ended (an end at that
+        # instant is over); the peak during a request is at one of the starts inside it
+        level = [bisect.bisect_right(starts, t) - bisect.bisect_right(ends, t) for t in starts]
+        for request in members:
+            first = bisect.bisect_left(starts, request.start)
+            last = max(bisect.bisect_left(starts, request.end), first + 1)
+            request.concurrency = max([1, *level[first:last]])
+
+
+def _diagnoses(
+    traces: dict[str, list[SpanRecord]], origins: Counter[tuple[str, str, bool]]
+) -> list[str]:
+    """One sentence per finding the spans carry beyond failures and sharing (when present)."""
+    found: dict[str, set[str]] = defaultdict(set)
+    longest_wait, deepest_queue = 0.0, 0
+    locked: set[str] = set()
+    for trace_id, members in traces.items():
+        for span in members:
+            attrs = span.attributes
+            for key in (
+                a.SYNC_IN_EVENT_LOOP,
+                a.CONTEXT_SUMMARIZED,
+                a.CONTEXT_NO_FINAL_OUTPUT,
+                a.CONTEXT_OVERFLOW,
+                a.RETRY_BUDGET_EXHAUSTED,
+            ):
+                if attrs.get(key) is True:
+                    found[key].add(trace_id)
+            wait = attrs.get(a.QUEUE_WAIT)
+            if isinstance(wait, (int, float)) and wait >= NOTABLE_QUEUE_WAIT_S:
+                found[a.QUEUE_WAIT].add(trace_id)
+                longest_wait = max(longest_wait, float(wait))
+            depth = attrs.get(a.EXECUTOR_QUEUE_DEPTH)
+            if isinstance(depth, int):
+                deepest_queue = max(deepest_queue, depth)
+            database = attrs.get(a.DATABASE_LOCKED)
+            if isinstance(database, str):
+                found[a.DATABASE_LOCKED].add(trace_id)
+                locked.add(database)
+            if any(name == a.EVENT_CALLER_CANCELLED for name, _, _ in span.events):
+                found[a.EVENT_CALLER_CANCELLED].add(trace_id)
+
+    def requests(key: str) -> str:
+        count = len(found[key])
+        return f"{count} request{'' if count == 1 else 's'}"
+
+    sentences = []
+    if found[a.SYNC_IN_EVENT_LOOP]:
+        sentences.append(
+            f"{requests(a.SYNC_IN_EVENT_LOOP)} kicked off a crew synchronously inside a running "
+            "event loop (crew_otel.sync_in_event_loop), blocking the loop for the whole run: "
+            "use kickoff_async or akickoff"
+        )
+    if found[a.QUEUE_WAIT]:
+        sentences.append(
+            f"async kickoffs of {requests(a.QUEUE_WAIT)} waited up to {longest_wait:.2f}s for "
+            f"a thread of the event loop's default executor (queue depth up to "
+            f"{deepest_queue}; crew_otel.kickoff.queue_wait): the executor is saturated"
+        )
+    context = [
+        (a.CONTEXT_SUMMARIZED, "CrewAI summarised the conversation"),
+        (a.CONTEXT_NO_FINAL_OUTPUT, "the agent ended without a final answer (placeholder output)"),
+        (a.CONTEXT_OVERFLOW, "CrewAI exited with SystemExit"),
+    ]
+    context_requests = set().union(*(found[key] for key, _ in context))
+    if context_requests:
+        what = ", ".join(f"{text} in {requests(key)}" for key, text in context if found[key])
+        sentences.append(
+            f"the context window overflowed in {len(context_requests)} "
+            f"request{'' if len(context_requests) == 1 else 's'}: {what}"
+        )
+    if found[a.RETRY_BUDGET_EXHAUSTED]:
+        sentences.append(
+            f"an Agent had used up its max_retry_limit in {requests(a.RETRY_BUDGET_EXHAUSTED)} "
+            "(crew_otel.retry.budget_exhausted; CrewAI never resets it): build Agents per request"
+        )
+    if found[a.DATABASE_LOCKED]:
+        sentences.append(
+            f"'database is locked' on {', '.join(repr(p) for p in sorted(locked))} in "
+            f"{requests(a.DATABASE_LOCKED)}"
+        )
+    if found[a.EVENT_CALLER_CANCELLED]:
+        sentences.append(
+            f"the caller stopped waiting for {requests(a.EVENT_CALLER_CANCELLED)} while the "
+            "work went on"
+        )
+    recovered = [(k, n) for k, n in origins.most_common() if k[2]]
+    fatal = sum(n for k, n in origins.items() if not k[2])
+    if recovered:
+        named = [f"{n} x {error} in {span}" for (span, error, _), n in recovered]
+        if len(named) > MAX_NAMED_ORIGINS:
+            named[MAX_NAMED_ORIGINS:] = [f"{len(named) - MAX_NAMED_ORIGINS} more"]
+        total = sum(n for _, n in recovered)
+        sentences.append(
+            f"{total} error{'' if total == 1 else 's'} recovered by a retry or CrewAI's own "
+            f"handling ({', '.join(named)}) and {fatal} fatal"
+        )
+    return sentences
 
 
 def _request(
@@ -282,6 +417,7 @@ def _request(
         failed=failed,
         request_id=request_id,
         error_type=str(error_type) if error_type is not None else None,
+        process=root.process,
     )
     if failed:
         request.cause = _cause(members, by_id)
@@ -336,7 +472,7 @@ def conclude(report: ServiceReport) -> str:
             text += f", but {len(objects)} shared object(s) were used by concurrent requests"
         if state:
             text += ("; " if objects else ", but ") + state
-        return text + "."
+        return "; ".join([text, *report.diagnoses]) + "."
     parts = [f"{report.failed} of {total} requests failed"]
     for cause, count in report.causes.most_common():
         verb = (
@@ -352,6 +488,7 @@ def conclude(report: ServiceReport) -> str:
     levels = [level for level, (_, failed) in report.by_concurrency.items() if failed]
     if levels and min(levels) > 1 and 1 in report.by_concurrency:
         parts.append("no request failed while running alone: suspect concurrency")
+    parts.extend(report.diagnoses)
     return "; ".join(parts) + "."
 
 
@@ -385,10 +522,14 @@ def summary(reports: list[ServiceReport]) -> dict[str, object]:
                         "name": c.name,
                         "request_ids": sorted(c.request_ids),
                         "at_once": c.at_once,
+                        "process": c.process,
                     }
                     for c in r.conflicts
                 ],
                 "by_concurrency": {str(k): list(v) for k, v in r.by_concurrency.items()},
+                "concurrency_scope": r.concurrency_scope,
+                "processes": r.processes,
+                "diagnoses": r.diagnoses,
                 "causes": dict(r.causes.most_common()),
                 "conclusion": r.conclusion,
             }

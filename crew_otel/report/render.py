@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -14,6 +15,47 @@ from crew_otel.report.analysis import ServiceReport
 
 TIMELINE_WIDTH = 60
 MAX_TIMELINE_ROWS = 60
+#: Width of a request's label on the timeline (what distinguishes it from the others).
+LABEL_WIDTH = 14
+_SEPARATORS = "-_.:/ "
+_ELLIPSIS = "…"
+
+
+def request_labels(names: Sequence[str], width: int = LABEL_WIDTH) -> list[str]:
+    """Short labels that keep what distinguishes requests: the prefix all ``names`` share is
+    elided (``C-halffixed-1w-07`` -> ``…-07``), cut back to a separator so the rest reads."""
+    prefix = _common_prefix(names) if len(set(names)) > 1 else ""
+    cut = max((prefix.rfind(c) for c in _SEPARATORS), default=-1)
+    cut = cut if cut > 0 else len(prefix)
+    if names:  # every label keeps at least one character of its own
+        cut = max(0, min(cut, min(len(name) for name in names) - 1))
+    labels = [_ELLIPSIS + name[cut:] if cut else name for name in names]
+    if all(len(label) <= width for label in labels):
+        return labels
+    heads = [label if len(label) <= width else label[: width - 1] + _ELLIPSIS for label in labels]
+    if len(set(heads)) == len(set(labels)):
+        return heads
+    # the distinguishing part is at the end: keep the tail
+    return [label if len(label) <= width else _ELLIPSIS + label[1 - width :] for label in labels]
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    first, last = min(names), max(names)  # the prefix they share is shared by all between
+    size = next((i for i, (x, y) in enumerate(zip(first, last, strict=False)) if x != y), None)
+    size = len(first) if size is None else size
+    return first[:size]
+
+
+def _process_tags(report: ServiceReport) -> dict[str, str]:
+    """``p1``, ``p2``... per process, when the service ran in more than one."""
+    if len(report.processes) < 2:
+        return {}
+    return {process: f"p{n}" for n, process in enumerate(report.processes, 1)}
+
+
+def concurrency_label(report: ServiceReport) -> str:
+    """What a request's concurrency figure counts, in words."""
+    return f"peak requests in flight (in its {report.concurrency_scope})"
 
 
 def timeline(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Text:
@@ -24,12 +66,17 @@ def timeline(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Text:
         return text
     t0 = min(r.start for r in requests)
     span = max(max(r.end for r in requests) - t0, 1)
-    text.append(f"{'':>10}  0s{' ' * (width - 8)}{span / 1e9:5.1f}s\n", style="dim")
+    labels = request_labels([r.request_id or r.trace_id for r in requests])
+    tags = _process_tags(report)
+    label_width = max(len(label) for label in labels)
+    pad = label_width + (4 if tags else 0)
+    text.append(f"{'':>{pad}}  0s{' ' * (width - 8)}{span / 1e9:5.1f}s\n", style="dim")
     for index, request in enumerate(requests, 1):
         begin = int((request.start - t0) / span * width)
         end = max(int((request.end - t0) / span * width), begin + 1)
-        label = (request.request_id or request.trace_id)[:10]
-        text.append(f"{label:>10} ", style="dim")
+        text.append(f"{labels[index - 1]:>{label_width}} ", style="dim")
+        if tags:
+            text.append(f"{tags.get(request.process, '?'):>3} ", style="dim")
         text.append("|" + " " * begin)
         style = "bold red" if request.failed else "green"
         text.append("█" * (end - begin), style=style)
@@ -39,6 +86,10 @@ def timeline(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Text:
         text.append(f"  x{request.concurrency}\n", style="dim")
         if index == MAX_TIMELINE_ROWS and len(report.requests) > MAX_TIMELINE_ROWS:
             text.append(f"... {len(report.requests) - MAX_TIMELINE_ROWS} more\n", style="dim")
+    legend = f"xN: {concurrency_label(report)}"
+    if tags:
+        legend += "; " + ", ".join(f"{tag} = process {p}" for p, tag in tags.items())
+    text.append(legend + "\n", style="dim")
     return text
 
 
@@ -99,10 +150,12 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
             "what",
             "requests involved",
         )
+        tags = _process_tags(report)
         for conflict in report.conflicts:
+            where = f" in {tags[conflict.process]}" if conflict.process in tags else ""
             conflicts.add_row(
                 conflict.kind,
-                conflict.label,
+                conflict.label + where,
                 ", ".join(sorted(conflict.request_ids)[:6])
                 + (" ..." if len(conflict.request_ids) > 6 else ""),
             )
@@ -111,7 +164,7 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
         parts.append(Text("Shared instances and state: none", style="green"))
 
     ratio = _table(
-        "Error ratio by concurrency", "requests in flight", "requests", "failed", "ratio"
+        "Error ratio by concurrency", concurrency_label(report), "requests", "failed", "ratio"
     )
     for level, (total, failed) in report.by_concurrency.items():
         ratio.add_row(str(level), str(total), str(failed), f"{failed / total:.0%}")
@@ -123,8 +176,8 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
 
 
 def print_reports(reports: list[ServiceReport], console: Console) -> None:
-    # label, bars and outcome must fit on one line inside the panel
-    width = max(20, min(TIMELINE_WIDTH, console.width - 34))
+    # label, process tag, bars, outcome and "xN" must fit on one line inside the panel
+    width = max(20, min(TIMELINE_WIDTH, console.width - LABEL_WIDTH - 28))
     for report in reports:
         console.print(service_panel(report, width))
 

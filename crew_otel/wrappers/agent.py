@@ -19,6 +19,7 @@ from opentelemetry import trace
 from crew_otel import attributes as a
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY
 from crew_otel.diagnosis.context_window import is_no_final_output
+from crew_otel.diagnosis.error_text import safe_str
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.sharing import KIND_AGENT
 from crew_otel.runtime import Runtime
@@ -139,7 +140,9 @@ class AgentAttemptWrapper(SpanWrapper):
         exc = sys.exc_info()[1]
         error_type = a.error_type(exc) if exc is not None else "unknown"
         if exc is not None:
-            self.runtime.errors.record(parent.call.span, exc, self.operation, recovered=True)
+            self.runtime.errors.record(
+                parent.call.span, exc, self.operation, recovered=True, since=parent.call.start
+            )
         self.runtime.metrics.retry(a.RETRY_LAYER_AGENT, error_type)
 
     def succeed(self, call: Call, result: Any) -> Any:
@@ -158,8 +161,12 @@ class AgentAttemptWrapper(SpanWrapper):
 
     def fail(self, call: Call, exc: BaseException) -> None:
         scope: AgentScope = call.data
-        self.runtime.errors.record(call.span, exc, self.operation)
-        if isinstance(exc, RuntimeError) and _EXECUTOR_BUSY_MARKER in str(exc):
+        # CrewAI re-runs the agent from this call's except block; an error escaping it was not
+        # retried, whatever an inner span expected.
+        self.runtime.errors.record(
+            call.span, exc, self.operation, since=call.start, expected_retry=True
+        )
+        if isinstance(exc, RuntimeError) and _EXECUTOR_BUSY_MARKER in safe_str(exc):
             self._attribute_busy_executor(call, scope)
         self.runtime.metrics.agent_duration.record(
             call.elapsed, {a.GEN_AI_AGENT_NAME: scope.role, a.ERROR_TYPE: a.error_type(exc)}
@@ -216,7 +223,9 @@ class AgentStepWrapper(SpanWrapper):
         return result
 
     def fail(self, call: Call, exc: BaseException) -> None:
-        self.runtime.errors.record(call.span, exc, a.ORIGIN_STEP, recovered=agent_will_retry(exc))
+        self.runtime.errors.record(
+            call.span, exc, a.ORIGIN_STEP, recovered=agent_will_retry(exc), since=call.start
+        )
 
 
 def start_scope_for_standalone_agent(runtime: Runtime, agent: Any, call: Call) -> AgentScope:

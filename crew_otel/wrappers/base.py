@@ -174,7 +174,7 @@ class SpanWrapper:
         return result
 
     def fail(self, call: Call, exc: BaseException) -> None:
-        self.runtime.errors.record(call.span, exc, self.operation)
+        self.runtime.errors.record(call.span, exc, self.operation, since=call.start)
 
     #: Value of crew_otel.origin.operation when a span of this wrapper is an error origin.
     operation: str = "unknown"

@@ -29,6 +29,7 @@ from opentelemetry import trace
 
 from crew_otel import attributes as a
 from crew_otel import content
+from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, new_request_id
 from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.shared_state import RunHoldings
@@ -225,7 +226,7 @@ class KickoffWrapper(SpanWrapper):
         if (
             active is not None
             and active.instance_key == id(instance)
-            and trace.get_current_span(ctx) is active.span
+            and innermost_own_span_is(active.span, ctx)  # also through another's span
         ):
             return self._delegated(active, ctx)
         safe_call(self.runtime.on_kickoff, default=None)
@@ -273,6 +274,7 @@ class KickoffWrapper(SpanWrapper):
             record.holdings = self.runtime.shared_state.new_holdings()
             cleanups.append(record.holdings.release)
         if active is None:
+            cleanups.append(self.runtime.errors.hold_run(span, record))
             metrics = self.runtime.metrics
             in_flight = metrics.kickoff_started(name)
             cleanups.append(lambda: metrics.kickoff_ended(name))
@@ -317,7 +319,7 @@ class KickoffWrapper(SpanWrapper):
                 call.span.add_event(a.EVENT_CALLER_CANCELLED)
             if not delegated and record.lifetime.work_in_flight:
                 return  # the caller stopped waiting; the work goes on and decides the outcome
-        self.runtime.errors.record(call.span, exc, self.operation)
+        self.runtime.errors.record(call.span, exc, self.operation, since=call.start)
         if record.error_type is None:
             record.error_type = a.error_type(exc)
 

@@ -6,6 +6,12 @@ imported on first use or custom LLMs, are wrapped when they are defined). The wr
 outside CrewAI's rate-limit retry wrapper, so one ``chat {model}`` span covers all its attempts;
 each HTTP attempt is a child span (``crew_otel.http``), and each rate-limit retry an event.
 
+When a provider SDK instrumentation hooks the SDK the call goes through (see
+:mod:`crew_otel.coexistence`), it makes the inference span: crew_otel's span is then
+``crewai.llm.call {model}`` (INTERNAL, no ``gen_ai.*`` attributes), still the parent of the SDK
+calls and HTTP attempts and the holder of the retries and error origins, and the
+``gen_ai.client.*`` points are left to the provider instrumentation when it records them.
+
 A model call keeps an :class:`LlmCallState` in the context: the HTTP attempts record their
 failures there, so the model-call span knows whether a failed HTTP attempt is the error's origin.
 """
@@ -20,6 +26,7 @@ from opentelemetry.trace import SpanKind
 
 from crew_otel import attributes as a
 from crew_otel import content
+from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
 from crew_otel.context import LLM_CALL_KEY, REQUEST_ID_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.sharing import KIND_LLM
@@ -33,6 +40,7 @@ class LlmCallState:
     """What one model call learns while it runs (kept in the OTel Context)."""
 
     __slots__ = (
+        "deferred",
         "finish_reason_known",
         "input_tokens",
         "last_error_type",
@@ -43,6 +51,7 @@ class LlmCallState:
         "provider",
         "rate_limit_layer",
         "rate_limit_retries",
+        "record_metrics",
         "span",
     )
 
@@ -64,6 +73,11 @@ class LlmCallState:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.finish_reason_known = False
+        #: A provider SDK instrumentation makes the inference span: no gen_ai.* on ours.
+        self.deferred = False
+        #: Whether crew_otel records this call's gen_ai.client.* points (else the provider
+        #: instrumentation does).
+        self.record_metrics = True
 
     def note_http_failure(self, error_type: str) -> None:
         self.last_error_type = error_type
@@ -82,6 +96,7 @@ class ChatWrapper(SpanWrapper):
         super().__init__(runtime)
         self.rate_limit_layer = rate_limit_layer
         self._providers: dict[type, str | None] = {}
+        self._provider_instrumentations = ProviderInstrumentations()
 
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         ctx = otel_context.get_current()
@@ -95,17 +110,29 @@ class ChatWrapper(SpanWrapper):
         provider = self._providers[cls] or a.configured_provider_name(instance)
         messages = kwargs.get("messages", args[0] if args else None)
         attrs = a.llm_attributes(instance, model, provider, messages)
-        if self.config.capture_content and messages is not None:
-            attrs[a.GEN_AI_INPUT_MESSAGES] = content.render(
-                messages, self.config.max_attribute_length, self.config.redact
-            )
-        span = self.tracer.start_span(
-            a.span_name(a.SPAN_CHAT, model), context=ctx, kind=SpanKind.CLIENT, attributes=attrs
+        deferral = (
+            self._provider_instrumentations.deferral_for(cls)
+            if self.config.defer_to_provider_instrumentation
+            else None
         )
+        if deferral is not None:
+            # The provider instrumentation's span under this one is the inference span.
+            attrs = deferred_attributes(attrs, deferral)
+            name, kind = a.span_name(a.SPAN_LLM_CALL, model), SpanKind.INTERNAL
+        else:
+            if self.config.capture_content and messages is not None:
+                attrs[a.GEN_AI_INPUT_MESSAGES] = content.render(
+                    messages, self.config.max_attribute_length, self.config.redact
+                )
+            name, kind = a.span_name(a.SPAN_CHAT, model), SpanKind.CLIENT
+        span = self.tracer.start_span(name, context=ctx, kind=kind, attributes=attrs)
         max_retries = getattr(instance, "max_retries", None)
         if not isinstance(max_retries, int) or isinstance(max_retries, bool):
             max_retries = DEFAULT_SDK_MAX_RETRIES
         state = LlmCallState(span, provider, model, max_retries, self.rate_limit_layer)
+        if deferral is not None:
+            state.deferred = True
+            state.record_metrics = not deferral.records_metrics
         call = Call(
             span,
             otel_context.set_value(LLM_CALL_KEY, state, trace.set_span_in_context(span, ctx)),
@@ -127,15 +154,10 @@ class ChatWrapper(SpanWrapper):
 
     def succeed(self, call: Call, result: Any) -> Any:
         state: LlmCallState = call.data
-        attrs = self._metric_attributes(state)
-        metrics = self.runtime.metrics
-        metrics.operation_duration.record(call.elapsed, attrs)
-        if state.input_tokens is not None:
-            metrics.token_usage.record(state.input_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "input"})
-        if state.output_tokens is not None:
-            metrics.token_usage.record(
-                state.output_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "output"}
-            )
+        if state.record_metrics:
+            self._record_metrics(call, state)
+        if state.deferred:
+            return result  # the provider instrumentation's span has the response
         if not state.finish_reason_known and isinstance(result, list) and result:
             # Older CrewAI does not report the finish reason; a list of tool calls is certain.
             call.span.set_attribute(a.GEN_AI_RESPONSE_FINISH_REASONS, ("tool_calls",))
@@ -146,17 +168,34 @@ class ChatWrapper(SpanWrapper):
             )
         return result
 
+    def _record_metrics(self, call: Call, state: LlmCallState) -> None:
+        attrs = self._metric_attributes(state)
+        metrics = self.runtime.metrics
+        metrics.operation_duration.record(call.elapsed, attrs)
+        if state.input_tokens is not None:
+            metrics.token_usage.record(state.input_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "input"})
+        if state.output_tokens is not None:
+            metrics.token_usage.record(
+                state.output_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "output"}
+            )
+
     def fail(self, call: Call, exc: BaseException) -> None:
         state: LlmCallState = call.data
         # A failed last HTTP attempt is the origin; otherwise decide by the exception chain
         # (e.g. CrewAI rejecting an empty response makes the model call itself the origin).
         origin = False if state.last_http_failed else None
         self.runtime.errors.record(
-            call.span, exc, self.operation, origin=origin, recovered=agent_will_retry(exc)
+            call.span,
+            exc,
+            self.operation,
+            origin=origin,
+            recovered=agent_will_retry(exc),
+            since=call.start,
         )
-        attrs = self._metric_attributes(state)
-        attrs[a.ERROR_TYPE] = a.error_type(exc)
-        self.runtime.metrics.operation_duration.record(call.elapsed, attrs)
+        if state.record_metrics:
+            attrs = self._metric_attributes(state)
+            attrs[a.ERROR_TYPE] = a.error_type(exc)
+            self.runtime.metrics.operation_duration.record(call.elapsed, attrs)
 
 
 class LlmResponseObserver(Observer):
@@ -201,7 +240,8 @@ class LlmResponseObserver(Observer):
         if isinstance(output_tokens, int):
             state.output_tokens = (state.output_tokens or 0) + output_tokens
             attrs[a.GEN_AI_USAGE_OUTPUT_TOKENS] = state.output_tokens
-        state.span.set_attributes(attrs)
+        if not state.deferred:  # else the provider instrumentation's span has them
+            state.span.set_attributes(attrs)
 
 
 class RateLimitRetryObserver(Observer):

@@ -23,7 +23,9 @@ from opentelemetry import trace
 
 from crew_otel import attributes as a
 from crew_otel import content
+from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
+from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.shared_state import RunHoldings, is_locked_database_error
 from crew_otel.diagnosis.sharing import KIND_TOOL
 from crew_otel.wrappers.base import Call, SpanWrapper
@@ -60,9 +62,16 @@ class _ToolSpanWrapper(SpanWrapper):
     swallows_errors = True
 
     def start_tool_span(
-        self, ctx: otel_context.Context, name: str, call_id: object, arguments: object
+        self,
+        ctx: otel_context.Context,
+        name: str,
+        call_id: object,
+        arguments: object,
+        extra: dict[str, str] | None = None,
     ) -> Call:
         attrs = a.tool_attributes(name, call_id)
+        if extra:
+            attrs.update(extra)
         if self.config.capture_content and arguments is not None:
             attrs[a.GEN_AI_TOOL_CALL_ARGUMENTS] = content.render(
                 arguments, self.config.max_attribute_length, self.config.redact
@@ -98,7 +107,16 @@ class _ToolSpanWrapper(SpanWrapper):
 
     def fail(self, call: Call, exc: BaseException) -> None:
         record: ToolCallRecord = call.data
-        self.runtime.errors.record(call.span, exc, self.operation)
+        # An error escaping the tool span goes to the agent attempt, which may re-run the agent;
+        # escaping a dispatcher that turns tool errors into text means it did not.
+        self.runtime.errors.record(
+            call.span,
+            exc,
+            self.operation,
+            recovered=agent_will_retry(exc),
+            since=call.start,
+            expected_retry=self.swallows_errors,
+        )
         self.runtime.metrics.tool_duration.record(
             call.elapsed, {a.GEN_AI_TOOL_NAME: record.name, a.ERROR_TYPE: a.error_type(exc)}
         )
@@ -120,8 +138,9 @@ class NativeToolCallWrapper(_ToolSpanWrapper):
             tool_call = kwargs.get("tool_call", args[0] if args else None)
             call_id, raw_name, arguments = _native_call_info(tool_call)
             known = getattr(instance, "_available_functions", None) or {}
-        name = a.bounded_name(raw_name, UNKNOWN_TOOL) if raw_name in known else UNKNOWN_TOOL
-        return self.start_tool_span(otel_context.get_current(), name, call_id, arguments)
+        tool = getattr(known.get(raw_name), "__self__", None) if raw_name in known else None
+        name, extra = _tool_name(tool, raw_name if raw_name in known else None)
+        return self.start_tool_span(otel_context.get_current(), name, call_id, arguments, extra)
 
     def succeed(self, call: Call, result: Any) -> Any:
         if isinstance(result, dict):
@@ -139,10 +158,12 @@ class ToolUsageWrapper(_ToolSpanWrapper):
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         calling = kwargs.get("calling", args[0] if args else None)
         raw_name = getattr(calling, "tool_name", None)
-        known = {getattr(t, "name", None) for t in getattr(instance, "tools", None) or ()}
-        name = a.bounded_name(raw_name, UNKNOWN_TOOL) if raw_name in known else UNKNOWN_TOOL
+        tools = [
+            t for t in getattr(instance, "tools", None) or () if getattr(t, "name", 0) == raw_name
+        ]
+        name, extra = _tool_name(tools[0] if tools else None, raw_name if tools else None)
         arguments = getattr(calling, "arguments", None)
-        return self.start_tool_span(otel_context.get_current(), name, None, arguments)
+        return self.start_tool_span(otel_context.get_current(), name, None, arguments, extra)
 
 
 class ToolRunWrapper(_ToolSpanWrapper):
@@ -155,26 +176,28 @@ class ToolRunWrapper(_ToolSpanWrapper):
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         ctx = otel_context.get_current()
         tool = getattr(instance, "_original_tool", None) or instance
-        name = a.bounded_name(getattr(tool, "name", None), a.DEFAULT_TOOL_NAME)
+        name, extra = _tool_name(tool, getattr(tool, "name", None), a.DEFAULT_TOOL_NAME)
         record: ToolCallRecord | None = ctx.get(TOOL_CALL_KEY)  # type: ignore[assignment]
         if (
             record is not None
-            and trace.get_current_span(ctx) is record.span
+            and innermost_own_span_is(record.span, ctx)
             and record.borrowed_by in (None, id(tool))
         ):
-            # Called by the dispatcher that already made the span: borrow it. (A tool that
-            # calls another tool from its body gets a span of its own for the inner one.)
+            # Called by the dispatcher that already made the span: borrow it, also through
+            # another instrumentation's span in between (OpenInference wraps Tool.run too). (A
+            # tool that calls another tool from its body gets a span of its own for the inner one.)
             record.borrowed_by = id(tool)
-            if record.name == UNKNOWN_TOOL:
-                # The model's spelling did not match; the tool CrewAI picked is known now.
+            if record.name == UNKNOWN_TOOL or (extra and record.name != name):
+                # The model's spelling did not match (or the dispatcher could not tell an MCP
+                # tool by its name); the tool CrewAI picked is known now.
                 record.name = name
                 record.span.update_name(a.span_name(a.SPAN_TOOL, name))
-                record.span.set_attribute(a.GEN_AI_TOOL_NAME, name)
+                record.span.set_attributes({a.GEN_AI_TOOL_NAME: name, **extra})
             call = Call(record.span, ctx, data=record)
             call.borrowed = True
         else:
             arguments = kwargs if kwargs else (args or None)
-            call = self.start_tool_span(ctx, name, None, arguments)
+            call = self.start_tool_span(ctx, name, None, arguments, extra)
         request_id: Any = ctx.get(REQUEST_ID_KEY)
         if self.config.detect_shared_instances and isinstance(request_id, str):
             sharing = self.runtime.sharing
@@ -211,8 +234,25 @@ class ToolRunWrapper(_ToolSpanWrapper):
         # is recovered from the run's point of view. A BaseException (KeyboardInterrupt,
         # SystemExit) goes past it to the caller.
         recovered = record.swallows_errors and isinstance(exc, Exception)
-        self.runtime.errors.record(call.span, exc, self.operation, recovered=recovered)
+        self.runtime.errors.record(
+            call.span, exc, self.operation, recovered=recovered, since=call.start
+        )
         record.error_type = a.error_type(exc)
+
+
+def _tool_name(
+    tool: object, raw_name: object, default: str = UNKNOWN_TOOL
+) -> tuple[str, dict[str, str]]:
+    """The span's tool name and, for an MCP tool, its source and server label.
+
+    An MCP tool's CrewAI name embeds its server's command line or URL (tokens included): the
+    span is named after the tool's own name on its server instead.
+    """
+    mcp = a.mcp_tool_identity(tool) if tool is not None else None
+    if mcp is not None:
+        name, server = mcp
+        return name, {a.CREWAI_TOOL_SOURCE: a.TOOL_SOURCE_MCP, a.CREWAI_MCP_SERVER_NAME: server}
+    return a.bounded_name(raw_name, default), {}
 
 
 def _native_call_info(tool_call: Any) -> tuple[object, object, object]:
