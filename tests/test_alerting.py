@@ -16,11 +16,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +30,7 @@ import yaml
 
 from crew_otel.testing import FakeOpenAIProvider, RandomFaults
 from crew_otel.testing.crews import OFFLINE_ENVIRONMENT
+from tests.loopback import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -40,12 +39,6 @@ ALERTMANAGER = ROOT / "collector" / "alertmanager" / "alertmanager.yml"
 BROKEN, FIXED = "support-api-broken", "support-api-fixed"
 STORM = "CrewOtelProvider5xxStorm"
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
@@ -237,16 +230,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         healthy.stop()
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def prometheus_alerts(base: str) -> list[dict[str, Any]]:
     try:
         return list(httpx.get(f"{base}/alerts", timeout=5).json()["data"]["alerts"])
@@ -266,6 +249,7 @@ def test_a_failing_service_pages_and_a_healthy_one_stays_silent(stack: dict[str,
     labels = storm["labels"]
     assert labels["job"] == BROKEN  # the service
     assert labels["error_type"] == "500"
+    assert labels["crew_otel_origin_operation"] == "http"  # where the errors originate
     assert labels["severity"] == "critical"
     annotations = storm["annotations"]
     for text in annotations.values():

@@ -29,6 +29,7 @@ from crew_otel.context import REQUEST_ID_KEY
 from crew_otel.safety import reset_reported_errors
 from crew_otel.testing import FakeOpenAIProvider
 from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
+from tests.loopback import free_port
 from tests.test_process_lifecycle import OtlpReceiver, string_attribute
 
 HERE = Path(__file__).resolve().parent
@@ -140,12 +141,6 @@ def test_the_model_provider_never_sees_the_entry(instrumented, span_exporter, fa
 
 
 # --- a real Celery worker and a real redis-server ----------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which("redis-server")

@@ -17,12 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 import crew_otel
 from crew_otel.export import DROPPED_SPANS
 from crew_otel.testing.crews import make_llm, research_crew
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.loopback import free_port
 
 
 class Receiver:

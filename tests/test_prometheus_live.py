@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,26 +19,11 @@ import httpx
 import pytest
 
 from tests.assets_util import metric_names, promql_expressions, recording_rule_names
+from tests.loopback import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 # Panels fed by the Collector's span_metrics connector: no Collector in this test.
 SPAN_METRICS_PREFIX = "traces_span_metrics_"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,13 @@ from crew_otel import attributes as a
 from crew_otel.metrics import KICKOFFS_ACTIVE
 from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
+from tests.loopback import free_port
 from tests.test_process_lifecycle import OtlpReceiver, string_attribute
 
 HERE = Path(__file__).resolve().parent
 BURST = 4
 HOLD_S = 4.0  # the provider holds each burst run's first model call this long
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def free_port_pair() -> int:

@@ -238,5 +238,3 @@ class ErrorRecorder:
                 {a.ERROR_TYPE: error_type, a.ERROR_ORIGIN: True, a.ERROR_RECOVERED: recovered}
             )
         self._metrics.origin(operation, error_type, recovered)
-
-

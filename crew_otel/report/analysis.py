@@ -160,9 +160,35 @@ def _status_code(span: SpanRecord) -> int | None:
     return None
 
 
-def _is_http_attempt(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+#: Model-call spans: crew_otel's ``chat {model}``, or ``crewai.llm.call {model}`` when a provider
+#: instrumentation makes the inference span (which then sits under it, also named ``chat ...``
+#: by openai-v2).
+_MODEL_CALL_PREFIXES = (f"{a.SPAN_CHAT} ", f"{a.SPAN_LLM_CALL} ")
+
+
+def _is_model_call(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+    """A model call, counted once (not a provider's inference span under crew_otel's)."""
+    if not span.name.startswith(_MODEL_CALL_PREFIXES):
+        return False
     parent = by_id.get(span.parent_id or "")
-    return span.kind == "CLIENT" and parent is not None and parent.name.startswith("chat ")
+    return parent is None or not parent.name.startswith(_MODEL_CALL_PREFIXES)
+
+
+def _is_http_attempt(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+    """An HTTP attempt of a model call: a CLIENT span under one (a provider instrumentation's
+    inference span may sit in between)."""
+    if span.kind != "CLIENT" or not (
+        "http.request.method" in span.attributes or "http.method" in span.attributes
+    ):
+        return False
+    parent = by_id.get(span.parent_id or "")
+    for _ in range(2):
+        if parent is None:
+            return False
+        if parent.name.startswith(_MODEL_CALL_PREFIXES):
+            return True
+        parent = by_id.get(parent.parent_id or "")
+    return False
 
 
 def _shared_events(span: SpanRecord) -> list[dict[str, object]]:
@@ -232,7 +258,7 @@ def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
                     bool(span.attributes.get(a.ERROR_RECOVERED)),
                 )
             ] += 1
-        if span.name.startswith("chat "):
+        if _is_model_call(span, by_id):
             model_calls += 1
             retries[a.RETRY_LAYER_RATE_LIMIT] += sum(
                 1
