@@ -43,12 +43,14 @@ $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 setup-lowest: $(LOWEST_VENV)/.installed
 
 # Everything that depends on the CrewAI or OpenTelemetry version; the version-independent files
-# (static assets, benchmark results, report rendering, bytecode analysis, README snippets) run
-# once, in `unit`.
+# (static assets, benchmark results, report rendering, bytecode analysis, README snippets, the
+# built wheel, alert delivery, the trace file) run once, in `unit`. Of the slow tests, the
+# lowest versions run the load test (the worker-process and Celery tests run on the latest).
 LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_results.py \
 	--ignore=tests/test_report_shared_state.py --ignore=tests/test_mutations.py \
 	--ignore=tests/test_readme.py --ignore=tests/test_packaging.py \
-	--ignore=tests/test_assets_faults.py --ignore=tests/test_alerting.py
+	--ignore=tests/test_assets_faults.py --ignore=tests/test_alerting.py \
+	--ignore=tests/test_report_truth.py --ignore=tests/test_trace_file.py
 
 test-lowest: setup-lowest
 	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP) $(SELECT)
@@ -102,7 +104,7 @@ test:
 		test-coexist SELECT='-m "not slow" --ignore=tests/test_packaging.py'
 	$(MAKE) --no-print-directory -k -j2 --output-sync=target test-packaging \
 		slow-latest
-	$(MAKE) --no-print-directory test-lowest SELECT='-m slow'
+	$(MAKE) --no-print-directory test-lowest SELECT='-m slow tests/test_load.py'
 
 slow-latest: setup
 	$(VENV)/bin/python -m pytest -q -m slow --ignore=tests/test_packaging.py

@@ -17,6 +17,8 @@ from typing import Any
 
 from opentelemetry.util.types import AttributeValue
 
+from crew_otel import internals
+
 # --- GenAI semantic conventions --------------------------------------------------------------
 GEN_AI_PREFIX = "gen_ai."
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
@@ -235,7 +237,7 @@ def kickoff_attributes(instance: Any, entrypoint: str, name: str) -> dict[str, A
 
 def agent_role(agent: Any) -> str:
     """The agent's role as written in code (CrewAI interpolates inputs into ``role``)."""
-    original = getattr(agent, "_original_role", None)
+    original = internals.AGENT_ORIGINAL_ROLE.read(agent)
     role = original if isinstance(original, str) and original else getattr(agent, "role", None)
     return bounded_name(role, DEFAULT_AGENT_NAME)
 
@@ -287,11 +289,6 @@ def class_provider_name(llm_class: type) -> str | None:
         if known:
             return known
     return None
-
-
-def provider_name(llm: Any) -> str:
-    """``gen_ai.provider.name`` of a CrewAI LLM object."""
-    return class_provider_name(type(llm)) or configured_provider_name(llm)
 
 
 def configured_provider_name(llm: Any) -> str:

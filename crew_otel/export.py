@@ -18,6 +18,8 @@ from opentelemetry.metrics import Counter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
+from crew_otel import internals
+
 _logger = logging.getLogger("crew_otel")
 
 DROPPED_SPANS = "crew_otel.spans.dropped"
@@ -33,9 +35,8 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         self.dropped = 0
         self._dropped_counter = dropped_counter
         self._lock = threading.Lock()
-        batch = getattr(self, "_batch_processor", None)
-        self._queue = getattr(batch, "_queue", None)
-        self._max_queue_size: int | None = getattr(batch, "_max_queue_size", None)
+        self._queue = internals.SDK_BATCH_QUEUE.read(self)
+        self._max_queue_size: int | None = internals.SDK_BATCH_QUEUE_LIMIT.read(self)
 
     def on_end(self, span: ReadableSpan) -> None:
         queue, limit = self._queue, self._max_queue_size
@@ -63,7 +64,7 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
         """Flush what can be flushed within ``timeout_millis`` and stop the worker."""
-        batch = getattr(self, "_batch_processor", None)
+        batch = internals.SDK_BATCH_PROCESSOR.read(self)
         if timeout_millis is None or batch is None:
             super().shutdown()  # type: ignore[no-untyped-call]
         elif "timeout_millis" in inspect.signature(batch.shutdown).parameters:

@@ -36,7 +36,7 @@ from opentelemetry.propagators.textmap import (
 )
 
 from crew_otel import attributes as a
-from crew_otel import propagation
+from crew_otel import internals, propagation
 from crew_otel.context import LLM_CALL_KEY
 from crew_otel.diagnosis.retries import (
     RATE_LIMIT_MAX_RETRIES,
@@ -51,7 +51,6 @@ _logger = logging.getLogger("crew_otel")
 
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 CREWAI_BAGGAGE_KEYS = frozenset({"crew_context", "flow_inputs", "flow_input_files"})
-_HTTP_SCOPE_PREFIX = "opentelemetry.instrumentation.httpx"
 #: The module of ``opentelemetry-instrumentation-httpx`` (importing it imports httpx and httpx2).
 HTTP_INSTRUMENTATION = "opentelemetry.instrumentation.httpx"
 
@@ -82,9 +81,7 @@ HTTP_CLIENTS = (
 
 
 def _is_http_attempt_span(span: trace.Span) -> bool:
-    scope = getattr(span, "instrumentation_scope", None)
-    name = getattr(scope, "name", None)
-    return isinstance(name, str) and name.startswith(_HTTP_SCOPE_PREFIX)
+    return internals.HTTPX_TRACER.matches(span)
 
 
 def header_map(headers: Any) -> dict[str, str]:

@@ -1,8 +1,11 @@
-"""``CrewAIInstrumentor``: installs and removes every hook of the targets table.
+"""``CrewAIInstrumentor``: applies the plan (:mod:`crew_otel.plan`) and removes what it installed.
 
-Also wires the pieces around the CrewAI hooks: the request-stamping span processor, the
-httpx/httpx2 instrumentation with crew_otel's HTTP attempt observers, the threading
-instrumentation (context into threads started without a copy) and the baggage filter.
+The plan lists every hook: the targets table, provider LLM classes, the httpx/httpx2
+instrumentation with crew_otel's HTTP attempt observers on the connection pools, the threading
+instrumentation (context into threads started without a copy), the baggage filter and the
+shared-state watcher. Each row installs entirely or, failing, is reported and skipped; an
+exception out of ``instrument()`` (strict mode) rolls back everything installed so far. The
+request-stamping span processor attaches at the first kickoff with an SDK provider.
 
 It is registered as the ``crew_otel`` entry point of ``opentelemetry_instrumentor``, so
 ``opentelemetry-instrument`` loads it without code changes, and
@@ -18,7 +21,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -35,7 +37,6 @@ from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.http import (
-    HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
     AsyncHttpAttemptObserver,
     CrewAIBaggageFilter,
@@ -44,6 +45,30 @@ from crew_otel.http import (
 )
 from crew_otel.metrics import CrewOtelMetrics
 from crew_otel.package import _instruments
+from crew_otel.plan import (
+    ASYNC_POOL_METHOD,
+    LLM_CLASSES_KEY,
+    SOURCE_BAGGAGE,
+    SOURCE_HTTP_CLIENT,
+    SOURCE_HTTP_POOL,
+    SOURCE_LLM_CLASS,
+    SOURCE_SHARED_STATE,
+    SOURCE_TARGET,
+    SOURCE_THREADING,
+    STATUS_FAILED,
+    STATUS_INSTALLED,
+    STATUS_PENDING,
+    STATUS_SKIPPED,
+    Plan,
+    PlanRow,
+    build_plan,
+    http_client_rows,
+    initializing,
+    left_to_auto_instrumentation,
+    llm_class_rows,
+    target_row,
+)
+from crew_otel.plan import imported as is_imported
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.version import __version__
@@ -52,20 +77,21 @@ from crew_otel.wrappers.llm import ChatWrapper
 
 if TYPE_CHECKING:
     from crew_otel.processor import RequestSpanProcessor
+    from crew_otel.threads import ThreadContextHooks
+
+__all__ = [
+    "STATUS_FAILED",
+    "STATUS_INSTALLED",
+    "STATUS_PENDING",
+    "STATUS_SKIPPED",
+    "CrewAIInstrumentor",
+    "HookReport",
+]
 
 _logger = logging.getLogger("crew_otel")
 
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 CREWAI_TELEMETRY_SERVICE = "crewAI-telemetry"
-
-_AUTO_INSTRUMENTATION_LOADER = "opentelemetry.instrumentation.auto_instrumentation._load"
-_ENTRY_POINT_GROUP = "opentelemetry_instrumentor"
-_OWN_ENTRY_POINT = "crew_otel"
-
-STATUS_INSTALLED = "installed"
-STATUS_SKIPPED = "skipped"
-#: Installs when its module is first imported (see ``_defer`` and ``_install_http``).
-STATUS_PENDING = "pending"
 
 
 @dataclasses.dataclass
@@ -81,7 +107,7 @@ class Hook:
 
 @dataclasses.dataclass(frozen=True)
 class HookReport:
-    """What happened to one row of the targets table (for ``crew-otel doctor``)."""
+    """What happened to one row of the plan (see :mod:`crew_otel.plan`)."""
 
     key: str
     layer: str
@@ -114,9 +140,13 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._owned_instrumentors: list[Any] = []
             self._baggage_filter: CrewAIBaggageFilter | None = None
             self._llm_lock = threading.Lock()
-            self._wrapped_llm_methods: set[tuple[int, str]] = set()
             self._http_pending: dict[str, _PendingHttp] = {}
             self._pending_targets: dict[str, list[tuple[t.Target, Runtime]]] = {}
+            #: ``(id(owner), name)`` of every installed hook (a slot is hooked once).
+            self._taken: set[tuple[int, str]] = set()
+            self._left_to_auto: dict[str, bool] = {}
+            self._providers: tuple[Any, Any] = (None, None)
+            self._thread_hooks: ThreadContextHooks | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -154,157 +184,145 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         runtime = Runtime.create(tracer, config, _metrics_for(meter_provider))
         self._runtime = runtime
         self._reports = []
+        self._providers = (tracer_provider, meter_provider)
         runtime.attach_processor = _processor_attacher(tracer_provider, runtime)
         _warn_if_crewai_owns_global_provider(tracer_provider)
-
-        for target in t.TARGETS:
-            self._install(target, runtime)
-        self._wrap_llm_classes(runtime)
-        runtime.refresh_llm_classes = lambda: self._wrap_llm_classes(runtime)
-        safe_call(runtime.on_kickoff, default=None)
-
-        if config.http:
-            safe_call(self._install_http, runtime, tracer_provider, meter_provider, default=None)
-        if config.threading:
-            self._install_threading(tracer_provider)
-        if config.strip_crewai_baggage or config.propagate_request_id:
-            self._install_baggage_filter(config)
-        if config.detect_shared_instances:
-            shared_state.activate(runtime.shared_state)
-
-    def _install(self, target: t.Target, runtime: Runtime) -> None:
-        if target.module not in sys.modules and _findable(target.module):
-            self._defer(target, runtime)
-            return
         try:
-            resolved = t.resolve(target)
-        except t.Unresolved as reason:
-            _logger.debug("crew_otel: skipping %s: %s", target.key, reason)
-            self._reports.append(HookReport(target.key, target.layer, STATUS_SKIPPED, str(reason)))
-            return
-        if any(h.owner is resolved.owner and h.name == resolved.name for h in self._hooks):
-            self._reports.append(
-                HookReport(target.key, target.layer, STATUS_SKIPPED, "same object as another row")
+            self._apply_plan(build_plan(config), runtime)
+        except BaseException:
+            # BaseInstrumentor marks us instrumented only once this returns: leave nothing
+            # behind that a later uninstrument() (which will not run) would have to remove.
+            self._uninstrument()
+            raise
+
+    def _apply_plan(self, plan: Plan, runtime: Runtime) -> None:
+        """Install the plan's rows in order; pending rows install when their module arrives."""
+        waited: list[str] = []
+        for row in plan.rows:
+            if row.status == STATUS_PENDING:
+                self._wait_for_import(row, runtime)
+                waited.extend(row.waits_for)
+            else:
+                self._reports.append(self._apply_row(row, runtime))
+        runtime.refresh_llm_classes = lambda: self._refresh_llm_classes(runtime)
+        safe_call(runtime.on_kickoff, default=None)
+        for name in dict.fromkeys(waited):
+            module = sys.modules.get(name)
+            if module is None:
+                _register_import_hook(name)
+            elif initializing(module):
+                importlib.import_module(name)  # another thread imports it: wait for it
+        if self._http_pending:
+            self._http_modules_imported(None)
+
+    def _apply_row(self, row: PlanRow, runtime: Runtime) -> HookReport:
+        """Install one row that is due now; a row that raises is skipped and reported."""
+        if row.status != STATUS_INSTALLED:
+            if row.status == STATUS_SKIPPED and row.target is not None:
+                _logger.debug("crew_otel: skipping %s: %s", row.key, row.detail)
+            return HookReport(row.key, row.layer, row.status, row.detail)
+        try:
+            detail = self._install_row(row, runtime)
+        except Exception as exc:
+            _logger.warning(
+                "crew_otel: could not install %s (%s: %s); skipped it",
+                row.key,
+                type(exc).__name__,
+                exc,
             )
-            return
-        wrapper = target.factory(runtime)
-        self._apply(target.key, resolved, wrapper)
-        self._reports.append(HookReport(target.key, target.layer, STATUS_INSTALLED, target.note))
+            safe_call(_install_failed, exc, default=None)  # strict mode: roll everything back
+            return HookReport(row.key, row.layer, STATUS_FAILED, f"{type(exc).__name__}: {exc}")
+        return HookReport(row.key, row.layer, STATUS_INSTALLED, detail)
 
-    def _defer(self, target: t.Target, runtime: Runtime) -> None:
-        """Install ``target`` when its module is first imported, not import it now.
+    def _install_row(self, row: PlanRow, runtime: Runtime) -> str:
+        """Install ``row`` entirely or, raising, leave nothing of it installed."""
+        if row.source == SOURCE_TARGET and row.target is not None and row.resolved is not None:
+            self._apply(row.key, row.resolved, row.target.factory(runtime))
+        elif row.source == SOURCE_LLM_CLASS and row.resolved is not None:
+            self._apply(row.key, row.resolved, ChatWrapper(runtime, t.rate_limit_layer_present()))
+        elif row.source == SOURCE_HTTP_POOL and row.resolved is not None:
+            observer = (
+                AsyncHttpAttemptObserver(runtime)
+                if row.resolved.name == ASYNC_POOL_METHOD
+                else HttpAttemptObserver(runtime)
+            )
+            self._apply(row.key, row.resolved, observer)
+        elif row.source == SOURCE_HTTP_CLIENT and row.client is not None:
+            return self._install_http_instrumentor(row.client)
+        elif row.source == SOURCE_THREADING:
+            self._install_threading()
+        elif row.source == SOURCE_BAGGAGE:
+            self._install_baggage_filter(runtime.config)
+        elif row.source == SOURCE_SHARED_STATE:
+            shared_state.activate(runtime.shared_state)
+        else:
+            raise ValueError(f"no installer for {row.source} row {row.key}")
+        return row.detail
 
-        CrewAI imports some modules only on first use (e.g. the deprecated ``LiteAgent``'s):
-        importing them here would make every ``instrument()`` pay for them.
+    def _wait_for_import(self, row: PlanRow, runtime: Runtime) -> None:
+        """Install ``row`` when its module is first imported, not import it now.
+
+        CrewAI imports some modules only on first use (e.g. the deprecated ``LiteAgent``'s), and
+        importing the HTTP clients and their pools is most of what ``instrument()`` used to
+        cost (and importing them in a background thread raced the application's own import):
+        a post-import hook installs the row in the importing thread, before the import returns.
         """
+        self._reports.append(HookReport(row.key, row.layer, STATUS_PENDING, row.detail))
         with self._llm_lock:
-            self._pending_targets.setdefault(target.module, []).append((target, runtime))
-        detail = f"installs when {target.module} is imported"
-        self._reports.append(HookReport(target.key, target.layer, STATUS_PENDING, detail))
-        _register_import_hook(target.module)
+            if row.target is not None:
+                self._pending_targets.setdefault(row.target.module, []).append(
+                    (row.target, runtime)
+                )
+            elif row.source == SOURCE_HTTP_CLIENT and row.client is not None:
+                self._http_pending[row.client.module] = _PendingHttp(
+                    row.client, runtime, left_to_auto_instrumentation(row.client.module)
+                )
+            # LLM classes are looked for at each kickoff; pool rows install with their client.
 
     def _module_imported(self, name: str) -> None:
         """Install what waited for ``name`` (its post-import hook runs)."""
         with self._llm_lock:
             for target, runtime in self._pending_targets.pop(name, []):
                 if runtime.active and self._runtime is runtime:
-                    self._reports = [r for r in self._reports if r.key != target.key]
-                    self._install(target, runtime)
+                    row = target_row(target, self._taken)
+                    self._set_report(self._apply_row(row, runtime))
         self._http_modules_imported(name)
 
     def _apply(self, key: str, resolved: t.Resolved, wrapper: Callable[..., Any]) -> None:
         if isinstance(wrapper, SpanWrapper):
             wrapper.is_async = resolved.is_async
         function_wrapper = wrapt.FunctionWrapper(resolved.original, wrapper)
-        setattr(resolved.owner, resolved.name, function_wrapper)
+        try:
+            setattr(resolved.owner, resolved.name, function_wrapper)
+        except BaseException:
+            if resolved.owner.__dict__.get(resolved.name) is function_wrapper:
+                setattr(resolved.owner, resolved.name, resolved.original)
+            raise
         self._hooks.append(
             Hook(key, resolved.owner, resolved.name, resolved.original, function_wrapper)
         )
+        self._taken.add((id(resolved.owner), resolved.name))
 
-    def _wrap_llm_classes(self, runtime: Runtime) -> None:
-        """Wrap ``call``/``acall`` of every BaseLLM subclass that defines them itself.
+    def _refresh_llm_classes(self, runtime: Runtime) -> None:
+        """Wrap ``call``/``acall`` of the BaseLLM subclasses defined since the last look.
 
-        Runs at ``instrument()`` and again at each kickoff, so provider classes imported
-        later (CrewAI imports provider modules on first use) and custom LLMs are covered.
+        Runs at each kickoff, so provider classes imported later (CrewAI imports provider
+        modules on first use) and custom LLMs are covered.
         """
-        base = _find_class("crewai.llms.base_llm", "BaseLLM")
-        if base is None:
-            return
-        pending = []
-        for cls in _subclasses(base)[1:]:  # BaseLLM's own call/acall are abstract
-            for name in ("call", "acall"):
-                if name in cls.__dict__ and (id(cls), name) not in self._wrapped_llm_methods:
-                    pending.append((cls, name))
-        if not pending:
+        rows = [r for r in llm_class_rows(self._taken) if r.status == STATUS_INSTALLED]
+        if not rows:
             return
         with self._llm_lock:
             # A kickoff that began before ``uninstrument()`` may get here after it: wrapping
             # then would leave hooks nothing removes (and a later instrument() would skip them).
             if not runtime.active or self._runtime is not runtime:
                 return
-            for cls, name in pending:
-                if (id(cls), name) in self._wrapped_llm_methods:
-                    continue
-                self._wrapped_llm_methods.add((id(cls), name))
-                if any(h.owner is cls and h.name == name for h in self._hooks):
-                    continue  # a table row wrapped it already
-                resolved = t.resolve_attribute(cls, name)
-                key = f"{cls.__module__}:{cls.__qualname__}.{name}"
-                self._apply(key, resolved, ChatWrapper(runtime, _has_rate_limit_layer()))
-                self._reports.append(
-                    HookReport(key, t.LAYER_LLM, STATUS_INSTALLED, "provider class")
-                )
-
-    def _install_http(self, runtime: Runtime, tracer_provider: Any, meter_provider: Any) -> None:
-        """Install each HTTP client's layer now if it is imported, else when it is imported.
-
-        Importing the httpx instrumentation imports httpx, httpx2 and their connection pools
-        (most of what ``instrument()`` used to cost), and importing them in a background thread
-        could race the application's own import of the same modules and hand one of them a
-        partially initialised module. So nothing is imported here: a post-import hook installs
-        a client's layer in the thread that imports the client or its pool module, once both
-        are fully imported, before that import returns to anyone.
-        """
-        if importlib.util.find_spec(HTTP_INSTRUMENTATION) is None:
-            self._reports.append(
-                HookReport(
-                    "http",
-                    "http",
-                    STATUS_SKIPPED,
-                    "opentelemetry-instrumentation-httpx is not installed",
-                )
-            )
-            return
-        for client in HTTP_CLIENTS:
-            if importlib.util.find_spec(client.module) is None:
-                self._reports.append(
-                    HookReport(client.key, "http", STATUS_SKIPPED, f"{client.module} not installed")
-                )
-                continue
-            pending = _PendingHttp(
-                client,
-                runtime,
-                tracer_provider,
-                meter_provider,
-                _left_to_auto_instrumentation(client.module),
-            )
-            with self._llm_lock:
-                self._http_pending[client.module] = pending
-            self._reports.append(
-                HookReport(
-                    client.key,
-                    "http",
-                    STATUS_PENDING,
-                    f"installs when {client.module} and {client.pool_module} are imported",
-                )
-            )
-            for name in (client.module, client.pool_module):
-                module = sys.modules.get(name)
-                if module is None:
-                    _register_import_hook(name)
-                elif _initializing(module):
-                    importlib.import_module(name)  # another thread imports it: wait for it
-        self._http_modules_imported(None)
+            self._reports = [r for r in self._reports if r.key != LLM_CLASSES_KEY]
+            for row in rows:
+                if row.resolved is not None and (id(row.resolved.owner), row.resolved.name) not in (
+                    self._taken
+                ):
+                    self._set_report(self._apply_row(row, runtime))
 
     def _http_modules_imported(self, imported: str | None) -> None:
         """Install each pending HTTP client whose module and pool module are imported now.
@@ -317,54 +335,47 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             names = (client.module, client.pool_module)
             if imported is not None and imported not in names:
                 continue
-            if all(_imported(name, imported) for name in names):
-                self._install_http_client(pending)
+            if all(is_imported(name, imported) for name in names):
+                self._install_http_client(pending, imported)
 
-    def _install_http_client(self, pending: _PendingHttp) -> None:
+    def _install_http_client(self, pending: _PendingHttp, imported: str | None) -> None:
         runtime, client = pending.runtime, pending.client
         if not runtime.active or self._runtime is not runtime:
             return
-        # Imports outside the lock: an import may wait for another thread's import.
-        http_instrumentation = importlib.import_module(HTTP_INSTRUMENTATION)
-        pools = sys.modules[client.pool_module]
-        instrumentor_cls = getattr(http_instrumentation, client.instrumentor, None)
+        # Imported outside the lock: an import may wait for another thread's import.
+        importlib.import_module(HTTP_INSTRUMENTATION)
         with self._llm_lock:
             # uninstrument() (or another hook) may have come first.
             if self._http_pending.get(client.module) is not pending or not runtime.active:
                 return
             del self._http_pending[client.module]
-            if instrumentor_cls is None:
-                self._set_report(
-                    HookReport(
-                        client.key,
-                        "http",
-                        STATUS_SKIPPED,
-                        f"this opentelemetry-instrumentation-httpx has no {client.instrumentor}",
-                    )
-                )
-                return
-            for cls_name, method, observer in (
-                (client.sync_pool, "handle_request", HttpAttemptObserver(runtime)),
-                (client.async_pool, "handle_async_request", AsyncHttpAttemptObserver(runtime)),
-            ):
-                cls = getattr(pools, cls_name, None)
-                if cls is not None and method in cls.__dict__:
-                    resolved = t.resolve_attribute(cls, method)
-                    self._apply(f"{client.pool_module}:{cls_name}.{method}", resolved, observer)
-            instrumentor = instrumentor_cls()
-            if instrumentor.is_instrumented_by_opentelemetry:
-                detail = "already instrumented by the application; crew_otel adds its observers"
-            elif pending.left_to_auto_instrumentation:
-                # opentelemetry-instrument loads that instrumentor itself: instrumenting it here
-                # would make its own instrument() call warn "already instrumented".
-                detail = f"{client.instrumentor}, loaded by opentelemetry-instrument"
-            else:
-                instrumentor.instrument(
-                    tracer_provider=pending.tracer_provider, meter_provider=pending.meter_provider
-                )
-                self._owned_instrumentors.append(instrumentor)
-                detail = client.instrumentor
-            self._set_report(HookReport(client.key, "http", STATUS_INSTALLED, detail))
+            self._left_to_auto[client.module] = pending.left_to_auto_instrumentation
+            for row in http_client_rows(client, imported):
+                self._set_report(self._apply_row(row, runtime))
+
+    def _install_http_instrumentor(self, client: HttpClient) -> str:
+        """Instrument ``client`` with its OpenTelemetry instrumentor unless someone else does."""
+        http_instrumentation = importlib.import_module(HTTP_INSTRUMENTATION)
+        instrumentor_cls = getattr(http_instrumentation, client.instrumentor, None)
+        if instrumentor_cls is None:
+            raise LookupError(
+                f"this opentelemetry-instrumentation-httpx has no {client.instrumentor}"
+            )
+        left_to_auto = self._left_to_auto.pop(client.module, None)
+        if left_to_auto is None:  # installed at instrument(): decide now
+            left_to_auto = left_to_auto_instrumentation(client.module)
+        instrumentor = instrumentor_cls()
+        if instrumentor.is_instrumented_by_opentelemetry:
+            return "already instrumented by the application; crew_otel adds its observers"
+        if left_to_auto:
+            # opentelemetry-instrument loads that instrumentor itself: instrumenting it here
+            # would make its own instrument() call warn "already instrumented".
+            return f"{client.instrumentor}, loaded by opentelemetry-instrument"
+        tracer_provider, meter_provider = self._providers
+        instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        if instrumentor.is_instrumented_by_opentelemetry:
+            self._owned_instrumentors.append(instrumentor)
+        return client.instrumentor
 
     def _set_report(self, report: HookReport) -> None:
         """Replace the report of the same row (a pending one) or add it."""
@@ -374,38 +385,25 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 return
         self._reports.append(report)
 
-    def _install_threading(self, tracer_provider: Any) -> None:
-        try:
-            from opentelemetry.instrumentation.threading import ThreadingInstrumentor
-        except ImportError:
-            self._reports.append(
-                HookReport(
-                    "threading",
-                    "context",
-                    STATUS_SKIPPED,
-                    "opentelemetry-instrumentation-threading missing",
-                )
-            )
-            return
+    def _install_threading(self) -> None:
+        from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
         from crew_otel.threads import ThreadContextHooks
 
         instrumentor = ThreadingInstrumentor()
         owned = not instrumentor.is_instrumented_by_opentelemetry and not (
-            _left_to_auto_instrumentation("threading")
+            left_to_auto_instrumentation("threading")
         )
         # The threading instrumentation (when crew_otel installs it) and, around its hooks, what
         # a new thread carries: a run's context only while the run is in flight.
         thread_hooks = ThreadContextHooks(instrumentor if owned else None)
-        self._thread_hooks: ThreadContextHooks | None = thread_hooks
-        thread_hooks.install(tracer_provider)
-        self._reports.append(
-            HookReport(
-                "threading",
-                "context",
-                STATUS_INSTALLED,
-                "a run's context carried into new threads while the run is in flight",
-            )
-        )
+        self._thread_hooks = thread_hooks
+        try:
+            thread_hooks.install(self._providers[0])
+        except BaseException:
+            self._thread_hooks = None
+            thread_hooks.uninstall()
+            raise
 
     def _install_baggage_filter(self, config: CrewOtelConfig) -> None:
         current = propagate.get_global_textmap()
@@ -419,11 +417,6 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             propagate_request_id=config.propagate_request_id,
         )
         propagate.set_global_textmap(self._baggage_filter)
-        self._reports.append(
-            HookReport(
-                "baggage", "privacy", STATUS_INSTALLED, "CrewAI baggage kept off outgoing requests"
-            )
-        )
 
     # --- remove --------------------------------------------------------------------------
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -441,8 +434,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             for processor in list(_processors.values()):
                 processor.enabled = False
         # The thread hooks and the threading instrumentation crew_otel installed under them.
-        thread_hooks = getattr(self, "_thread_hooks", None)
-        self._thread_hooks = None
+        thread_hooks, self._thread_hooks = self._thread_hooks, None
         if thread_hooks is not None:
             safe_call(thread_hooks.uninstall, default=None)
         for instrumentor in reversed(self._owned_instrumentors):
@@ -450,7 +442,8 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._owned_instrumentors = []
         with self._llm_lock:
             hooks, self._hooks = self._hooks, []
-            self._wrapped_llm_methods = set()
+            self._taken = set()
+            self._left_to_auto = {}
         for hook in reversed(hooks):
             current = hook.owner.__dict__.get(hook.name)
             if current is hook.wrapper:
@@ -471,10 +464,13 @@ class _PendingHttp:
 
     client: HttpClient
     runtime: Runtime
-    tracer_provider: Any
-    meter_provider: Any
     #: opentelemetry-instrument loads this client's instrumentor itself (decided at instrument()).
     left_to_auto_instrumentation: bool
+
+
+def _install_failed(exc: Exception) -> None:
+    """Re-raise a row's installation error (through ``safe_call``: raised in strict mode only)."""
+    raise exc
 
 
 def _register_import_hook(name: str) -> None:
@@ -493,97 +489,6 @@ def _register_import_hook(name: str) -> None:
 def _module_imported(name: str, module: Any) -> None:
     # Runs inside the application's import: an exception here would fail that import.
     safe_call(CrewAIInstrumentor()._module_imported, name, default=None)
-
-
-def _findable(module: str) -> bool:
-    """Whether ``module`` can be imported, without importing it (its parents excepted)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _initializing(module: Any) -> bool:
-    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
-
-
-def _imported(name: str, hooked: str | None) -> bool:
-    """Whether ``name`` is fully imported (``hooked``: the module whose post-import hook runs)."""
-    module = sys.modules.get(name)
-    return module is not None and (name == hooked or not _initializing(module))
-
-
-def _left_to_auto_instrumentation(entry_point_name: str) -> bool:
-    """Whether ``opentelemetry-instrument`` is loading instrumentors and will load this one next.
-
-    The auto-instrumentation calls every ``opentelemetry_instrumentor`` entry point in turn;
-    one that comes after ``crew_otel``, is not disabled and has no dependency conflict is
-    instrumented by it, so crew_otel must leave it alone.
-    """
-    loader = sys.modules.get(_AUTO_INSTRUMENTATION_LOADER)
-    if loader is None or not _called_from(loader.__dict__.get("_load_instrumentors")):
-        return False
-    disabled = {
-        name.strip()
-        for name in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
-    }
-    if entry_point_name in disabled or "*" in disabled:
-        return False
-    names = [ep.name for ep in importlib.metadata.entry_points(group=_ENTRY_POINT_GROUP)]
-    if _OWN_ENTRY_POINT not in names or entry_point_name not in names:
-        return False
-    if names.index(entry_point_name) < names.index(_OWN_ENTRY_POINT):
-        return False  # already loaded (or skipped) before crew_otel
-    return not _has_dependency_conflict(entry_point_name)
-
-
-def _called_from(function: Any) -> bool:
-    code = getattr(function, "__code__", None)
-    frame = sys._getframe(1)
-    while code is not None and frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
-
-
-def _has_dependency_conflict(entry_point_name: str) -> bool:
-    try:
-        from opentelemetry.instrumentation.dependencies import get_dist_dependency_conflicts
-    except ImportError:  # older opentelemetry-instrumentation: no per-distribution check
-        return False
-    for entry_point in importlib.metadata.entry_points(group=_ENTRY_POINT_GROUP):
-        if entry_point.name == entry_point_name and entry_point.dist is not None:
-            return get_dist_dependency_conflicts(entry_point.dist) is not None
-    return False
-
-
-def _find_class(module: str, name: str) -> type | None:
-    try:
-        cls = t.module_of(module).__dict__.get(name)
-    except t.Unresolved:
-        return None
-    return cls if isinstance(cls, type) else None
-
-
-def _subclasses(base: type) -> list[type]:
-    found: list[type] = [base]
-    index = 0
-    while index < len(found):
-        subclasses: list[type] = found[index].__subclasses__()
-        for sub in subclasses:
-            if sub not in found:
-                found.append(sub)
-        index += 1
-    return found
-
-
-def _has_rate_limit_layer() -> bool:
-    try:
-        t.module_of("crewai.llms.retry")
-    except t.Unresolved:
-        return False
-    return True
 
 
 def _metrics_for(meter_provider: Any) -> CrewOtelMetrics:

@@ -31,11 +31,6 @@ def set_strict(strict: bool) -> None:
     _strict = strict
 
 
-def is_strict() -> bool:
-    """Whether internal errors are currently raised instead of swallowed."""
-    return _strict
-
-
 def report_internal_error(where: str, exc: BaseException) -> None:
     """Log an error that happened inside crew_otel: a warning the first time per place.
 

@@ -1,10 +1,11 @@
-"""The one table of everything crew_otel hooks in CrewAI.
+"""The table of the CrewAI functions crew_otel hooks (the static rows of the plan).
 
 Each row names a module (looked up in ``sys.modules`` first: ``crewai/__init__.py`` rewrites some
 modules' ``__name__``), a ``Class.method`` or module-level function, and the wrapper that hooks
-it. :class:`~crew_otel.instrumentor.CrewAIInstrumentor` installs the rows that resolve in the
-installed CrewAI version and skips the others with a reason; ``crew-otel doctor`` prints the
-same table with what happened to each row.
+it. :func:`crew_otel.plan.build_plan` adds the hooks found at run time (provider LLM classes,
+HTTP pools, threads, baggage) and decides for each row: installed, pending until its module is
+imported, or skipped with the reason; the instrumentor applies that plan and ``crew-otel doctor``
+prints it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from crew_otel import internals
 from crew_otel.diagnosis.context_window import ContextLengthObserver
 from crew_otel.runtime import Runtime
 from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
@@ -75,21 +77,26 @@ def _kickoff(entrypoint: str, kind: str) -> WrapperFactory:
     return lambda runtime: KickoffWrapper(runtime, entrypoint, kind)
 
 
+RATE_LIMIT_MODULE = "crewai.llms.retry"
+
+
+def rate_limit_layer_present() -> bool:
+    """Whether this CrewAI retries rate-limited model calls itself (crewai >= 1.15.25).
+
+    ``crewai.llms.base_llm`` imports the module, so it is in ``sys.modules`` whenever there is an
+    LLM to wrap. Never imported here: this runs under the instrumentor's lock from post-import
+    hooks, where an import could deadlock with another thread's import.
+    """
+    return RATE_LIMIT_MODULE in sys.modules
+
+
 def _chat(runtime: Runtime) -> Callable[..., Any]:
-    return ChatWrapper(runtime, rate_limit_layer="crewai.llms.retry" in sys.modules)
+    return ChatWrapper(runtime, rate_limit_layer=rate_limit_layer_present())
 
 
-_USAGE_FIELDS = ("usage_data",)
-_COMPLETED_FIELDS = (
-    "response",
-    "call_type",
-    "from_task",
-    "from_agent",
-    "messages",
-    "usage",
-    "finish_reason",
-    "response_id",
-)
+#: The per-response hooks' parameters (positions bound from the installed signatures).
+_USAGE_FIELDS = internals.LLM_USAGE_ARGS
+_COMPLETED_FIELDS = internals.LLM_COMPLETED_ARGS
 
 _EXECUTOR_MODULES = (
     ("crewai.agents.agent_executor", "AgentExecutor"),
@@ -243,7 +250,7 @@ TARGETS: tuple[Target, ...] = (
         note="finish reason and response ID",
     ),
     Target(
-        "crewai.llms.retry",
+        RATE_LIMIT_MODULE,
         "get_retry_delay_seconds",
         RateLimitRetryObserver,
         LAYER_LLM,

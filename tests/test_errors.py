@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 from opentelemetry.trace import StatusCode
 
+from crew_otel.targets import rate_limit_layer_present
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_agent, make_failing_tool, make_llm, research_crew
 from tests.spans import Spans, attr
@@ -19,7 +19,7 @@ RECOVERED = "crew_otel.error.recovered"
 
 
 def has_rate_limit_layer() -> bool:
-    return "crewai.llms.retry" in sys.modules
+    return rate_limit_layer_present()
 
 
 def run_concurrently(fn, n: int) -> list:

@@ -1,18 +1,25 @@
-"""``crew-otel doctor``: versions, and what each hook of the targets table would do here."""
+"""``crew-otel doctor``: versions, and the plan: what ``instrument()`` does with each hook here."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
-import importlib.util
 import os
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
-from crew_otel import targets
-from crew_otel.http import HTTP_CLIENTS, HTTP_INSTRUMENTATION
+from crew_otel import internals
+from crew_otel.instrumentor import CrewAIInstrumentor, HookReport
+from crew_otel.plan import (
+    STATUS_FAILED,
+    STATUS_INSTALLED,
+    STATUS_PENDING,
+    STATUS_SKIPPED,
+    PlanRow,
+    build_plan,
+)
 from crew_otel.version import __version__
 
 DISTRIBUTIONS = (
@@ -27,14 +34,12 @@ DISTRIBUTIONS = (
     "wrapt",
 )
 MINIMUM_CREWAI = (1, 12)
-
-
-@dataclass(frozen=True)
-class HookStatus:
-    key: str
-    layer: str
-    installed: bool
-    detail: str
+_COLOURS = {
+    STATUS_INSTALLED: "green",
+    STATUS_PENDING: "cyan",
+    STATUS_SKIPPED: "yellow",
+    STATUS_FAILED: "red",
+}
 
 
 def installed_version(distribution: str) -> str | None:
@@ -54,56 +59,33 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def hook_statuses() -> list[HookStatus]:
-    """Resolve every row of the targets table without installing anything."""
-    statuses = []
-    for target in targets.TARGETS:
-        try:
-            targets.resolve(target)
-        except targets.Unresolved as reason:
-            statuses.append(HookStatus(target.key, target.layer, False, str(reason)))
-        else:
-            statuses.append(HookStatus(target.key, target.layer, True, target.note))
-    statuses.extend(http_statuses())
-    return statuses
+def hook_statuses() -> list[PlanRow]:
+    """What ``instrument()`` would do with each hook here: the plan, a dry run (imports nothing)."""
+    return list(build_plan().rows)
 
 
-def http_statuses() -> list[HookStatus]:
-    """The HTTP rows: each client's layer installs when the client and its pool are imported."""
-    statuses = []
-    for client in HTTP_CLIENTS:
-        missing = next(
-            (name for name in (client.module, client.pool_module) if not _findable(name)), None
-        )
-        if missing is not None:
-            statuses.append(HookStatus(client.key, "http", False, f"{missing} not installed"))
-            continue
-        try:
-            module = importlib.import_module(HTTP_INSTRUMENTATION)
-        except ImportError as exc:
-            statuses.append(HookStatus(client.key, "http", False, str(exc)))
-            continue
-        if not hasattr(module, client.instrumentor):
-            detail = f"no {client.instrumentor} in this opentelemetry-instrumentation-httpx"
-            statuses.append(HookStatus(client.key, "http", False, detail))
-            continue
-        statuses.append(
-            HookStatus(
-                client.key,
-                "http",
-                True,
-                f"{client.instrumentor}; installs when {client.module} and "
-                f"{client.pool_module} are imported (its first client)",
-            )
-        )
-    return statuses
+def installed_hooks() -> list[HookReport] | None:
+    """What ``instrument()`` installed in this process (``None`` when not instrumented)."""
+    instrumentor = CrewAIInstrumentor()
+    return instrumentor.reports if instrumentor.is_instrumented_by_opentelemetry else None
 
 
-def _findable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+def _hook_table(title: str, rows: list[PlanRow] | list[HookReport]) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("layer")
+    table.add_column("target", overflow="fold")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for row in rows:
+        colour = _COLOURS.get(row.status, "red")
+        table.add_row(row.layer, row.key, f"[{colour}]{row.status}[/{colour}]", row.detail)
+    return table
+
+
+def _import_crewai() -> None:
+    """Import crewai as the application does before ``instrument()`` (the plan imports nothing)."""
+    with contextlib.suppress(Exception):
+        importlib.import_module("crewai")
 
 
 def run(console: Console) -> int:
@@ -133,16 +115,39 @@ def run(console: Console) -> int:
             f"[red]crewai {crewai_version} is older than the supported 1.12; "
             "instrument() will not install any hook.[/red]"
         )
-    hooks = Table(title="Hooks", show_header=True)
-    hooks.add_column("layer")
-    hooks.add_column("target", overflow="fold")
-    hooks.add_column("status")
-    hooks.add_column("detail", overflow="fold")
+    _import_crewai()
     statuses = hook_statuses()
-    for status in statuses:
-        label = "[green]installed[/green]" if status.installed else "[yellow]skipped[/yellow]"
-        hooks.add_row(status.layer, status.key, label, status.detail)
-    console.print(hooks)
-    installed = sum(1 for s in statuses if s.installed)
-    console.print(f"{installed} of {len(statuses)} hooks available in this environment.")
+    console.print(_hook_table("Hooks (what instrument() does here)", statuses))
+    installed = sum(1 for s in statuses if s.status == STATUS_INSTALLED)
+    pending = sum(1 for s in statuses if s.status == STATUS_PENDING)
+    console.print(
+        f"{installed} of {len(statuses)} hooks install at instrument(), "
+        f"{pending} when their module is first imported."
+    )
+    reports = installed_hooks()
+    if reports is not None:
+        console.print(_hook_table("Hooks installed by instrument() in this process", reports))
+    console.print(internals_table(internal_statuses()))
     return 0 if supported else 1
+
+
+def internal_statuses(
+    registry: tuple[internals.Internal, ...] = internals.REGISTRY,
+) -> list[internals.InternalStatus]:
+    """Whether each CrewAI/SDK internal the diagnoses read resolves on the installed versions."""
+    return internals.statuses(registry)
+
+
+def internals_table(statuses: list[internals.InternalStatus]) -> Table:
+    """The internals table: name, status, installed version, versions checked on, detail."""
+    table = Table(title="Internals read by the diagnoses", show_header=True)
+    table.add_column("internal")
+    table.add_column("status")
+    table.add_column("installed")
+    table.add_column("checked on")
+    table.add_column("detail", overflow="fold")
+    for status in statuses:
+        label = "[green]resolves[/green]" if status.ok else "[red]missing[/red]"
+        installed = f"{status.distribution} {status.version or 'not installed'}"
+        table.add_row(status.name, label, installed, ", ".join(status.checked_on), status.detail)
+    return table

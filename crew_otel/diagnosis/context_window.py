@@ -16,11 +16,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from crew_otel import attributes as a
+from crew_otel import internals
 from crew_otel.context import ATTEMPT_KEY
+from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Observer
-
-NO_FINAL_OUTPUT = "Agent completed execution but produced no final output."
 
 
 def agent_span() -> trace.Span:
@@ -34,6 +34,11 @@ class ContextLengthObserver(Observer):
     """``handle_context_length`` as bound in CrewAI's executor modules (notes before the call,
     and the ``SystemExit`` it may raise)."""
 
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        #: Its arguments by name, positions from the installed signature.
+        self.arguments = internals.CONTEXT_LENGTH_ARGS.bind()
+
     def __call__(
         self,
         wrapped: Callable[..., Any],
@@ -42,8 +47,8 @@ class ContextLengthObserver(Observer):
         kwargs: dict[str, Any],
     ) -> Any:
         if self.runtime.active:
-            respect = kwargs.get("respect_context_window", args[0] if args else True)
-            messages = kwargs.get("messages", args[2] if len(args) > 2 else None)
+            respect = self.arguments.get(args, kwargs, "respect_context_window", True)
+            messages = self.arguments.get(args, kwargs, "messages", None)
             safe_call(self._note, bool(respect), messages, default=None)
         try:
             return wrapped(*args, **kwargs)
@@ -81,4 +86,4 @@ class ContextLengthObserver(Observer):
 def is_no_final_output(result: object) -> bool:
     """Whether an agent result is CrewAI's silent fallback after a context overflow."""
     text = result if isinstance(result, str) else getattr(result, "raw", None)
-    return isinstance(text, str) and text.strip() == NO_FINAL_OUTPUT
+    return internals.NO_FINAL_OUTPUT_MESSAGE.matches(text)

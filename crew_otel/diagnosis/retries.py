@@ -17,6 +17,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
+from crew_otel import internals
 from crew_otel.context import ATTEMPT_KEY
 
 #: CrewAI's rate-limit wrapper makes 3 attempts, i.e. 2 retries.
@@ -69,7 +70,7 @@ def agent_will_retry(exc: BaseException | None = None) -> bool:
         if cls.__name__ in _AGENT_PASSTHROUGH or cls.__module__.startswith("litellm"):
             return False
     limit = getattr(agent, "max_retry_limit", None)
-    used = getattr(agent, "_times_executed", None)
+    used = internals.AGENT_TIMES_EXECUTED.read(agent)
     if not isinstance(limit, int) or not isinstance(used, int):
         return False
     return used < limit

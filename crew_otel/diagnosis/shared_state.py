@@ -51,6 +51,7 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span
 
+from crew_otel import internals
 from crew_otel.attributes import DATABASE_LOCKED
 from crew_otel.diagnosis.mutations import GlobalWrite, global_writes
 from crew_otel.diagnosis.sharing import (
@@ -253,7 +254,7 @@ def _class_name(obj: object) -> str:
 
 def _tool_function(tool: object) -> tuple[Callable[..., Any] | None, type | None]:
     """The code behind a tool: ``@tool``'s function, or the ``_run`` of a BaseTool subclass."""
-    original = getattr(tool, "_original_tool", None)
+    original = internals.TOOL_ORIGINAL_TOOL.read(tool)
     if original is not None:
         tool = original
     func = getattr(tool, "func", None)
@@ -282,7 +283,7 @@ def _resource_types() -> tuple[type, ...]:
 
 def _held_resources(tool: object) -> Iterator[tuple[str, object]]:
     """(``Class at Tool.attribute``, object) for each non-thread-safe object the tool holds."""
-    original = getattr(tool, "_original_tool", None)
+    original = internals.TOOL_ORIGINAL_TOOL.read(tool)
     if original is not None:
         tool = original
     kinds = _resource_types()

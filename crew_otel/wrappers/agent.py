@@ -17,6 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from crew_otel import attributes as a
+from crew_otel import internals
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY
 from crew_otel.diagnosis.context_window import is_no_final_output
 from crew_otel.diagnosis.error_text import safe_str
@@ -25,8 +26,6 @@ from crew_otel.diagnosis.sharing import KIND_AGENT
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, SpanWrapper
-
-_EXECUTOR_BUSY_MARKER = "already running"
 
 
 class AgentScope:
@@ -103,7 +102,7 @@ class AgentAttemptWrapper(SpanWrapper):
         attrs = a.agent_attributes(instance, role)
         attrs[a.ATTEMPT] = number
         limit = getattr(instance, "max_retry_limit", None)
-        used = getattr(instance, "_times_executed", None)
+        used = internals.AGENT_TIMES_EXECUTED.read(instance)
         exhausted = False
         if isinstance(limit, int) and isinstance(used, int):
             remaining = limit - used
@@ -166,7 +165,7 @@ class AgentAttemptWrapper(SpanWrapper):
         self.runtime.errors.record(
             call.span, exc, self.operation, since=call.start, expected_retry=True
         )
-        if isinstance(exc, RuntimeError) and _EXECUTOR_BUSY_MARKER in safe_str(exc):
+        if isinstance(exc, RuntimeError) and internals.EXECUTOR_BUSY_MESSAGE.matches(safe_str(exc)):
             self._attribute_busy_executor(call, scope)
         self.runtime.metrics.agent_duration.record(
             call.elapsed, {a.GEN_AI_AGENT_NAME: scope.role, a.ERROR_TYPE: a.error_type(exc)}

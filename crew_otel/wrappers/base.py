@@ -34,7 +34,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span
 
@@ -323,11 +322,6 @@ def _link(call: Call) -> bool:
     call.adopt(parent)  # last: nothing after it can fail and leave the parent waiting
     call.ctx = ctx
     return True
-
-
-def current_span() -> Span:
-    """The span current in this context (a non-recording one outside any span)."""
-    return trace.get_current_span()
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

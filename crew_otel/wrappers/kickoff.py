@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from crew_otel import attributes as a
-from crew_otel import content
+from crew_otel import content, internals
 from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, new_request_id
 from crew_otel.diagnosis.errors import is_cancellation
@@ -346,8 +346,6 @@ def _is_internal_flow(cls: type) -> bool:
 
 def _default_executor_queue_depth() -> int | None:
     """Work items waiting in the running loop's default executor (where kickoffs queue)."""
-    loop = running_loop()
-    executor = getattr(loop, "_default_executor", None)
-    queue = getattr(executor, "_work_queue", None)
+    queue = internals.LOOP_EXECUTOR_QUEUE.read(running_loop())
     qsize = getattr(queue, "qsize", None)
     return qsize() if callable(qsize) else None

@@ -25,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from crew_otel import attributes as a
-from crew_otel import content
+from crew_otel import content, internals
 from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
 from crew_otel.context import LLM_CALL_KEY, REQUEST_ID_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
@@ -206,10 +206,12 @@ class LlmResponseObserver(Observer):
     calling thread inside the model call, so the call's state is in the context.
     """
 
-    def __init__(self, runtime: Runtime, fields: tuple[str, ...], take_usage: bool) -> None:
+    def __init__(
+        self, runtime: Runtime, parameters: internals.Parameters, take_usage: bool
+    ) -> None:
         super().__init__(runtime)
-        #: Parameter names of the wrapped method, to read positional arguments.
-        self.fields = fields
+        #: The wrapped method's arguments by name, positions from the installed signature.
+        self.arguments = parameters.bind()
         #: Only one of the two hooks counts tokens (CrewAI calls both for one response).
         self.take_usage = take_usage
 
@@ -221,8 +223,7 @@ class LlmResponseObserver(Observer):
             self._note(state, args, kwargs)
 
     def _note(self, state: LlmCallState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        values = dict(zip(self.fields, args, strict=False))
-        values.update(kwargs)
+        values = self.arguments.values(args, kwargs)
         attrs = a.usage_attributes(
             values.get("usage_data", values.get("usage")) if self.take_usage else None,
             values.get("finish_reason"),

@@ -5,11 +5,10 @@ once; CrewAI starts the run's thread (sync) or task (async) at the *first* ``nex
 ``__anext__()``, with a copy of the context current then. Running every step of the iterator
 under the kickoff's context puts the run in the kickoff's trace, with its request ID.
 
-The iterators here replace the output's ``_sync_iterator`` / ``_async_iterator`` (checked on
-crewai 1.12 and 1.15: ``CrewStreamingOutput``, ``FlowStreamingOutput``, ``StreamSession``,
-``AsyncStreamSession``). They are classes, not generators, so that ``close()`` / ``aclose()``
-of a stream that was never iterated still tells the owner the stream is over. They never
-swallow or replace what the inner iterator raises.
+The iterators here replace the output's ``_sync_iterator`` / ``_async_iterator`` (the classes
+and the versions they were checked on are in :mod:`crew_otel.internals`). They are classes, not
+generators, so that ``close()`` / ``aclose()`` of a stream that was never iterated still tells
+the owner the stream is over. They never swallow or replace what the inner iterator raises.
 """
 
 from __future__ import annotations
@@ -19,15 +18,11 @@ from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 
+from crew_otel import internals
 from crew_otel.safety import safe_call
 
 _attach = otel_context.attach
 _detach = otel_context.detach
-
-#: Output classes whose ``_sync_iterator`` / ``_async_iterator`` carry a streaming run.
-STREAMING_OUTPUT_CLASSES = frozenset(
-    {"CrewStreamingOutput", "FlowStreamingOutput", "StreamSession", "AsyncStreamSession"}
-)
 
 
 class StreamOwner(Protocol):
@@ -42,7 +37,7 @@ class StreamOwner(Protocol):
 
 def is_streaming_output(result: Any) -> bool:
     """Whether ``result`` is one of CrewAI's streaming outputs."""
-    return type(result).__name__ in STREAMING_OUTPUT_CLASSES
+    return internals.STREAMING_OUTPUTS.matches(result)
 
 
 class TracedStream:
@@ -126,12 +121,12 @@ class TracedAsyncStream:
 
 def trace_stream(result: Any, ctx: otel_context.Context, owner: StreamOwner) -> bool:
     """Swap ``result``'s chunk iterator for a traced one; False if it has none to swap."""
-    sync_iterator = getattr(result, "_sync_iterator", None)
+    sync_iterator = internals.STREAM_SYNC_ITERATOR.read(result)
     if sync_iterator is not None:
-        result._sync_iterator = TracedStream(sync_iterator, ctx, owner)
-        return True
-    async_iterator = getattr(result, "_async_iterator", None)
+        traced = TracedStream(sync_iterator, ctx, owner)
+        return internals.STREAM_SYNC_ITERATOR.write(result, traced)
+    async_iterator = internals.STREAM_ASYNC_ITERATOR.read(result)
     if async_iterator is not None:
-        result._async_iterator = TracedAsyncStream(async_iterator, ctx, owner)
-        return True
+        traced_async = TracedAsyncStream(async_iterator, ctx, owner)
+        return internals.STREAM_ASYNC_ITERATOR.write(result, traced_async)
     return False

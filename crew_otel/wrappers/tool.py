@@ -22,7 +22,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from crew_otel import attributes as a
-from crew_otel import content
+from crew_otel import content, internals
 from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
@@ -137,7 +137,7 @@ class NativeToolCallWrapper(_ToolSpanWrapper):
         else:
             tool_call = kwargs.get("tool_call", args[0] if args else None)
             call_id, raw_name, arguments = _native_call_info(tool_call)
-            known = getattr(instance, "_available_functions", None) or {}
+            known = internals.EXECUTOR_AVAILABLE_FUNCTIONS.read(instance) or {}
         tool = getattr(known.get(raw_name), "__self__", None) if raw_name in known else None
         name, extra = _tool_name(tool, raw_name if raw_name in known else None)
         return self.start_tool_span(otel_context.get_current(), name, call_id, arguments, extra)
@@ -175,7 +175,7 @@ class ToolRunWrapper(_ToolSpanWrapper):
 
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
         ctx = otel_context.get_current()
-        tool = getattr(instance, "_original_tool", None) or instance
+        tool = internals.TOOL_ORIGINAL_TOOL.read(instance) or instance
         name, extra = _tool_name(tool, getattr(tool, "name", None), a.DEFAULT_TOOL_NAME)
         record: ToolCallRecord | None = ctx.get(TOOL_CALL_KEY)  # type: ignore[assignment]
         if (

@@ -1,0 +1,647 @@
+"""The private parts of CrewAI, the OpenTelemetry SDK and the standard library that crew_otel reads.
+
+Some diagnoses need what no public API says: how many retries an Agent has used
+(``Agent._times_executed``), the tool behind a structured tool (``_original_tool``), the chunk
+iterator inside a streaming output, an error's message text, the depth of the event loop's
+executor queue. Each of those reads goes through one accessor here instead of a ``getattr`` at
+the call site, so that
+
+* a read never raises and returns ``None`` when the internal is missing (the diagnosis is then
+  skipped, as before);
+* :meth:`Internal.check` says whether the internal still resolves on the installed versions
+  (the attribute is declared on the class, the parameter is in the signature, the message text
+  is still in CrewAI's source), ``crew-otel doctor`` lists every accessor with its status and a
+  test on the lowest and latest CrewAI fails when one stops resolving;
+* positional arguments are read by parameter name, bound with :func:`inspect.signature` once
+  when the hook is installed (:meth:`Parameters.bind`), not by a hand-copied order.
+
+A *part* is one place an internal lives (a class, a module, a parameter). A part that exists
+only in some versions declares the versions it was checked absent in (``missing_in``); the
+test checks that declaration too.
+
+``check()`` imports the modules it inspects (CrewAI, the SDK): it is for ``doctor`` and tests,
+never for the instrumentation's hot path, which only calls the readers.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+CREWAI = "crewai"
+OTEL_SDK = "opentelemetry-sdk"
+HTTPX_INSTRUMENTATION = "opentelemetry-instrumentation-httpx"
+PYTHON = "python"
+
+#: The versions every accessor below was checked on (lowest supported and latest).
+CHECKED_ON: dict[str, tuple[str, ...]] = {
+    CREWAI: ("1.12.2", "1.15.30"),
+    OTEL_SDK: ("1.34.1", "1.45.1"),
+    HTTPX_INSTRUMENTATION: ("0.55b1", "0.66b1"),
+    PYTHON: ("3.11",),
+}
+
+_LOWEST_CREWAI = ("1.12.2",)
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (``python``: the interpreter's)."""
+    if distribution == PYTHON:
+        return ".".join(str(n) for n in sys.version_info[:3])
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class Part:
+    """One place an internal lives: ``module:Class``, a module, a parameter or a class name."""
+
+    __slots__ = ("missing_in", "where")
+
+    def __init__(self, where: str, missing_in: tuple[str, ...] = ()) -> None:
+        self.where = where
+        #: Versions (of the accessor's distribution) this part was checked to be absent in.
+        self.missing_in = missing_in
+
+    def __repr__(self) -> str:
+        return f"Part({self.where!r}, missing_in={self.missing_in!r})"
+
+
+class PartStatus:
+    """Whether one part resolves on the installed version, and whether it is declared absent."""
+
+    __slots__ = ("declared_missing", "resolved", "where")
+
+    def __init__(self, where: str, resolved: bool, declared_missing: bool) -> None:
+        self.where = where
+        self.resolved = resolved
+        self.declared_missing = declared_missing
+
+    def __repr__(self) -> str:
+        return (
+            f"PartStatus({self.where!r}, resolved={self.resolved}, "
+            f"declared_missing={self.declared_missing})"
+        )
+
+    @property
+    def as_declared(self) -> bool:
+        """The part is present exactly when it is not declared missing in this version."""
+        return self.resolved != self.declared_missing
+
+
+class InternalStatus:
+    """The result of :meth:`Internal.check`."""
+
+    __slots__ = ("checked_on", "distribution", "name", "parts", "version", "what")
+
+    def __init__(
+        self,
+        name: str,
+        what: str,
+        distribution: str,
+        version: str | None,
+        checked_on: tuple[str, ...],
+        parts: tuple[PartStatus, ...],
+    ) -> None:
+        self.name = name
+        self.what = what
+        self.distribution = distribution
+        #: The installed version of ``distribution`` (None: not installed).
+        self.version = version
+        self.checked_on = checked_on
+        self.parts = parts
+
+    def __repr__(self) -> str:
+        return f"InternalStatus({self.name!r}, ok={self.ok}, parts={self.parts!r})"
+
+    @property
+    def ok(self) -> bool:
+        """Every part expected in this version resolves (an internal whose parts are all
+        declared missing in this version is fine: the diagnosis does not exist here)."""
+        return all(p.resolved for p in self.parts if not p.declared_missing)
+
+    @property
+    def detail(self) -> str:
+        """The parts that do not resolve, or those resolving against their declaration."""
+        missing = [p.where for p in self.parts if not p.resolved and not p.declared_missing]
+        if missing:
+            return "not found: " + ", ".join(missing)
+        surprising = [p.where for p in self.parts if not p.as_declared]
+        if surprising:
+            return "declared missing here but present: " + ", ".join(surprising)
+        if not any(p.resolved for p in self.parts):
+            return "not in this version (declared)"
+        return ", ".join(p.where for p in self.parts if p.resolved)
+
+
+class Internal:
+    """One private thing crew_otel reads; subclasses say how to read it and where it lives."""
+
+    def __init__(
+        self, name: str, what: str, parts: tuple[Part, ...], distribution: str = CREWAI
+    ) -> None:
+        #: Short identifier (shown by ``crew-otel doctor``).
+        self.name = name
+        #: What the diagnosis uses it for.
+        self.what = what
+        self.parts = parts
+        #: The distribution whose versions ``missing_in`` and ``checked_on`` refer to.
+        self.distribution = distribution
+        #: The versions this accessor was checked on.
+        self.checked_on = CHECKED_ON[distribution]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def resolves(self, part: Part) -> bool:
+        """Whether ``part`` exists on the installed versions (may import and raise)."""
+        raise NotImplementedError
+
+    def check(self) -> InternalStatus:
+        """Whether each part resolves on the installed versions; never raises."""
+        version = installed_version(self.distribution)
+        statuses = []
+        for part in self.parts:
+            try:
+                resolved = bool(self.resolves(part))
+            except Exception:  # an import error, a changed class: it does not resolve
+                _logger.debug("internal %s: %s does not resolve", self.name, part, exc_info=True)
+                resolved = False
+            statuses.append(PartStatus(part.where, resolved, version in part.missing_in))
+        return InternalStatus(
+            self.name, self.what, self.distribution, version, self.checked_on, tuple(statuses)
+        )
+
+
+# --- helpers for check() ----------------------------------------------------------------------
+def _source(module: str) -> str:
+    """The source text of ``module``, found on its package's path (CrewAI rewrites the
+    ``__name__``/``__spec__`` of some modules, so ``sys.modules`` may point elsewhere)."""
+    parent, _, leaf = module.rpartition(".")
+    if parent:
+        path = getattr(importlib.import_module(parent), "__path__", None)
+        spec = importlib.machinery.PathFinder.find_spec(leaf, path) if path else None
+    else:
+        spec = importlib.machinery.PathFinder.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return ""
+    with open(spec.origin, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _load(where: str) -> Any:
+    """The object named by ``module:qualname``."""
+    module, _, qualname = where.partition(":")
+    obj: Any = importlib.import_module(module)
+    for piece in qualname.split("."):
+        obj = getattr(obj, piece)
+    return obj
+
+
+def _declares(cls: type, attribute: str) -> bool:
+    """Whether ``cls`` declares ``attribute``: a pydantic private attribute or field, a class
+    attribute, an annotation, a slot, or an assignment ``self.<attribute> =`` in its source."""
+    if attribute in (getattr(cls, "__private_attributes__", None) or {}):
+        return True
+    if attribute in (getattr(cls, "model_fields", None) or {}):
+        return True
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        if attribute in vars(klass) or attribute in getattr(klass, "__annotations__", {}):
+            return True
+        if attribute in (getattr(klass, "__slots__", None) or ()):
+            return True
+        try:
+            source = _source(klass.__module__)
+        except (ImportError, OSError, ValueError):  # a base class without readable source
+            continue
+        if _assigned_on_self(source, klass.__name__, attribute):
+            return True
+    return False
+
+
+def _assigned_on_self(source: str, class_name: str, attribute: str) -> bool:
+    """Whether a method of ``class_name`` in ``source`` assigns ``self.<attribute>``."""
+    if attribute not in source:
+        return False
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return any(
+                isinstance(target, ast.Attribute)
+                and isinstance(target.ctx, ast.Store)
+                and isinstance(target.value, ast.Name)
+                and target.value.id == "self"
+                and target.attr == attribute
+                for target in ast.walk(node)
+            )
+    return False
+
+
+# --- attributes ---------------------------------------------------------------------------------
+class PrivateAttribute(Internal):
+    """A private attribute of CrewAI objects, declared on each of ``parts`` (``module:Class``)."""
+
+    def __init__(
+        self,
+        name: str,
+        what: str,
+        attribute: str,
+        parts: tuple[Part, ...],
+        distribution: str = CREWAI,
+    ) -> None:
+        super().__init__(name, what, parts, distribution)
+        self.attribute = attribute
+
+    def read(self, obj: object) -> Any:
+        """``obj.<attribute>``, or None when it is missing (never raises)."""
+        try:
+            return getattr(obj, self.attribute, None)
+        except Exception:
+            return None
+
+    def write(self, obj: object, value: object) -> bool:
+        """Set ``obj.<attribute>``; False when that fails (never raises)."""
+        try:
+            setattr(obj, self.attribute, value)
+        except Exception:
+            _logger.debug("internal %s: cannot set it", self.name, exc_info=True)
+            return False
+        return True
+
+    def resolves(self, part: Part) -> bool:
+        cls = _load(part.where)
+        return isinstance(cls, type) and _declares(cls, self.attribute)
+
+
+class AttributePath(Internal):
+    """A chain of private attributes (``a._b._c``) of a stdlib or SDK object.
+
+    ``check()`` builds a real sample object (``sample``) and reads the chain from it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        what: str,
+        path: tuple[str, ...],
+        owner: str,
+        sample: Callable[[], AbstractContextManager[Any]],
+        distribution: str,
+    ) -> None:
+        super().__init__(name, what, (Part(f"{owner}.{'.'.join(path)}"),), distribution)
+        self.path = path
+        self._sample = sample
+
+    def read(self, obj: object) -> Any:
+        """The end of the chain from ``obj``, or None when a link is missing (never raises)."""
+        try:
+            for attribute in self.path:
+                if obj is None:
+                    return None
+                obj = getattr(obj, attribute, None)
+        except Exception:
+            return None
+        return obj
+
+    def resolves(self, part: Part) -> bool:
+        with self._sample() as obj:
+            return self.read(obj) is not None
+
+
+class MessageText(Internal):
+    """A message text CrewAI produces, found in the source of each of ``parts`` (modules)."""
+
+    def __init__(
+        self, name: str, what: str, text: str, parts: tuple[Part, ...], whole: bool
+    ) -> None:
+        super().__init__(name, what, parts)
+        self.text = text
+        #: The text is the whole message (stripped), not a part of it.
+        self.whole = whole
+
+    def matches(self, message: object) -> bool:
+        """Whether ``message`` (a string) is, or contains, the text."""
+        if not isinstance(message, str):
+            return False
+        return message.strip() == self.text if self.whole else self.text in message
+
+    def read(self, obj: object) -> str | None:
+        """``str(obj)`` when it matches the text, else None (never raises)."""
+        try:
+            message = obj if isinstance(obj, str) else str(obj)
+        except Exception:
+            return None
+        return message if self.matches(message) else None
+
+    def resolves(self, part: Part) -> bool:
+        return self.text in _source(part.where)
+
+
+class ClassNames(Internal):
+    """CrewAI classes recognised by name (``parts``: ``module:Class``)."""
+
+    def __init__(self, name: str, what: str, parts: tuple[Part, ...]) -> None:
+        super().__init__(name, what, parts)
+        self.names = frozenset(part.where.rpartition(":")[2] for part in parts)
+
+    def matches(self, obj: object) -> bool:
+        """Whether ``obj`` is an instance of one of the classes (by class name)."""
+        return type(obj).__name__ in self.names
+
+    def read(self, obj: object) -> str | None:
+        """The class name of ``obj`` when it is one of the classes, else None."""
+        return type(obj).__name__ if self.matches(obj) else None
+
+    def resolves(self, part: Part) -> bool:
+        return isinstance(_load(part.where), type)
+
+
+class TracerScope(Internal):
+    """Spans made by an instrumentation, recognised by its tracer (instrumentation scope) name.
+
+    ``check()`` finds ``get_tracer(__name__`` in the instrumentation module's source: its tracer
+    is named after the module.
+    """
+
+    def __init__(self, name: str, what: str, module: str, distribution: str) -> None:
+        super().__init__(name, what, (Part(module),), distribution)
+        self.prefix = module
+
+    def read(self, span: object) -> str | None:
+        """The span's instrumentation scope name when it is this instrumentation's, else None."""
+        try:
+            scope = getattr(span, "instrumentation_scope", None)
+            name = getattr(scope, "name", None)
+        except Exception:
+            return None
+        return name if isinstance(name, str) and name.startswith(self.prefix) else None
+
+    def matches(self, span: object) -> bool:
+        """Whether ``span`` was made by this instrumentation."""
+        return self.read(span) is not None
+
+    def resolves(self, part: Part) -> bool:
+        return re.search(r"get_tracer\(\s*__name__", _source(part.where)) is not None
+
+
+# --- positional arguments -------------------------------------------------------------------
+class BoundArguments:
+    """Reads a call's arguments by parameter name (positions from the installed signature)."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        #: The positional parameter names, in order (``self`` excluded for methods).
+        self.names = names
+
+    def values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Every argument of the call by parameter name (unknown positions are left out)."""
+        values = dict(zip(self.names, args, strict=False))
+        values.update(kwargs)
+        return values
+
+    def get(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str, default: Any) -> Any:
+        """One argument by parameter name, ``default`` when the call did not pass it."""
+        if name in kwargs:
+            return kwargs[name]
+        try:
+            index = self.names.index(name)
+        except ValueError:
+            return default
+        return args[index] if index < len(args) else default
+
+
+class Parameters(Internal):
+    """The parameters of a private CrewAI function whose arguments a hook reads.
+
+    ``parts`` are the parameter names the hook reads. :meth:`bind` looks the function up and
+    takes its positional parameter order from :func:`inspect.signature`, once, when the hook is
+    installed.
+    """
+
+    def __init__(
+        self, name: str, what: str, function: str, parts: tuple[Part, ...], method: bool
+    ) -> None:
+        super().__init__(name, what, parts)
+        #: ``module:qualname`` of the function.
+        self.function = function
+        #: A method: the wrapper's ``args`` do not include ``self``.
+        self.method = method
+
+    def _signature(self) -> inspect.Signature:
+        module = self.function.partition(":")[0]
+        if module not in sys.modules:
+            importlib.import_module(module)
+        return inspect.signature(_load(self.function))
+
+    def bind(self) -> BoundArguments:
+        """The argument reader for the installed function (keywords only if it is missing)."""
+        try:
+            parameters = list(self._signature().parameters.values())
+        except Exception:
+            _logger.debug("internal %s: no signature", self.name, exc_info=True)
+            return BoundArguments(())
+        if self.method and parameters:
+            parameters = parameters[1:]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return BoundArguments(tuple(p.name for p in parameters if p.kind in positional))
+
+    def resolves(self, part: Part) -> bool:
+        return part.where in self._signature().parameters
+
+
+# --- samples for check() ------------------------------------------------------------------------
+@contextmanager
+def _loop_with_default_executor() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(executor)
+    try:
+        yield loop
+    finally:
+        executor.shutdown(wait=False)
+        loop.close()
+
+
+@contextmanager
+def _batch_span_processor() -> Iterator[Any]:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    processor = BatchSpanProcessor(InMemorySpanExporter())
+    try:
+        yield processor
+    finally:
+        processor.shutdown()  # type: ignore[no-untyped-call]
+
+
+# --- the registry ---------------------------------------------------------------------------
+_AGENT = Part("crewai.agent.core:Agent")
+_STREAM_OWNERS = (
+    Part("crewai.types.streaming:CrewStreamingOutput"),
+    Part("crewai.types.streaming:FlowStreamingOutput"),
+    Part("crewai.types.streaming:StreamSession", missing_in=_LOWEST_CREWAI),
+    Part("crewai.types.streaming:AsyncStreamSession", missing_in=_LOWEST_CREWAI),
+)
+_AGENT_EXECUTOR_MODULES = (
+    Part("crewai.agents.agent_executor", missing_in=_LOWEST_CREWAI),
+    Part("crewai.experimental.agent_executor", missing_in=("1.15.30",)),
+)
+
+AGENT_TIMES_EXECUTED = PrivateAttribute(
+    "agent_times_executed",
+    "retries an Agent has used (never reset): retry budget, will-retry",
+    "_times_executed",
+    (_AGENT,),
+)
+AGENT_ORIGINAL_ROLE = PrivateAttribute(
+    "agent_original_role",
+    "the Agent's role before input interpolation: span names",
+    "_original_role",
+    (_AGENT,),
+)
+TOOL_ORIGINAL_TOOL = PrivateAttribute(
+    "tool_original_tool",
+    "the BaseTool behind a CrewStructuredTool: tool identity, shared state",
+    "_original_tool",
+    (Part("crewai.tools.structured_tool:CrewStructuredTool"),),
+)
+EXECUTOR_AVAILABLE_FUNCTIONS = PrivateAttribute(
+    "executor_available_functions",
+    "the AgentExecutor's tool functions by name: native tool-call names",
+    "_available_functions",
+    tuple(Part(p.where + ":AgentExecutor", p.missing_in) for p in _AGENT_EXECUTOR_MODULES),
+)
+STREAM_SYNC_ITERATOR = PrivateAttribute(
+    "stream_sync_iterator",
+    "a streaming output's chunk iterator (sync): run it in the kickoff's context",
+    "_sync_iterator",
+    _STREAM_OWNERS,
+)
+STREAM_ASYNC_ITERATOR = PrivateAttribute(
+    "stream_async_iterator",
+    "a streaming output's chunk iterator (async): run it in the kickoff's context",
+    "_async_iterator",
+    _STREAM_OWNERS,
+)
+STREAMING_OUTPUTS = ClassNames(
+    "streaming_outputs", "the outputs of a streaming kickoff, by class name", _STREAM_OWNERS
+)
+EXECUTOR_BUSY_MESSAGE = MessageText(
+    "executor_busy_message",
+    'RuntimeError "Executor is already running": an Agent shared between runs',
+    "already running",
+    _AGENT_EXECUTOR_MODULES,
+    whole=False,
+)
+NO_FINAL_OUTPUT_MESSAGE = MessageText(
+    "no_final_output_message",
+    "the placeholder output after a context overflow: no final answer",
+    "Agent completed execution but produced no final output.",
+    _AGENT_EXECUTOR_MODULES,
+    whole=True,
+)
+CONTEXT_LENGTH_ARGS = Parameters(
+    "context_length_args",
+    "handle_context_length(respect_context_window, ..., messages): overflow handling",
+    "crewai.utilities.agent_utils:handle_context_length",
+    (Part("respect_context_window"), Part("messages")),
+    method=False,
+)
+LLM_USAGE_ARGS = Parameters(
+    "llm_usage_args",
+    "BaseLLM._track_token_usage_internal(usage_data): token usage",
+    "crewai.llms.base_llm:BaseLLM._track_token_usage_internal",
+    (Part("usage_data"),),
+    method=True,
+)
+LLM_COMPLETED_ARGS = Parameters(
+    "llm_completed_args",
+    "BaseLLM._emit_call_completed_event(..., finish_reason, response_id): response metadata",
+    "crewai.llms.base_llm:BaseLLM._emit_call_completed_event",
+    (
+        Part("finish_reason", missing_in=_LOWEST_CREWAI),
+        Part("response_id", missing_in=_LOWEST_CREWAI),
+    ),
+    method=True,
+)
+LOOP_EXECUTOR_QUEUE = AttributePath(
+    "loop_executor_queue",
+    "the work queue of the event loop's default executor: async kickoff queueing",
+    ("_default_executor", "_work_queue"),
+    "asyncio event loop",
+    _loop_with_default_executor,
+    PYTHON,
+)
+SDK_BATCH_PROCESSOR = AttributePath(
+    "sdk_batch_processor",
+    "the BatchSpanProcessor's worker: bounded shutdown",
+    ("_batch_processor",),
+    "BatchSpanProcessor",
+    _batch_span_processor,
+    OTEL_SDK,
+)
+SDK_BATCH_QUEUE = AttributePath(
+    "sdk_batch_queue",
+    "the BatchSpanProcessor's span queue: counted drops when full",
+    ("_batch_processor", "_queue"),
+    "BatchSpanProcessor",
+    _batch_span_processor,
+    OTEL_SDK,
+)
+SDK_BATCH_QUEUE_LIMIT = AttributePath(
+    "sdk_batch_queue_limit",
+    "the BatchSpanProcessor's queue size limit: counted drops when full",
+    ("_batch_processor", "_max_queue_size"),
+    "BatchSpanProcessor",
+    _batch_span_processor,
+    OTEL_SDK,
+)
+HTTPX_TRACER = TracerScope(
+    "httpx_tracer",
+    "the httpx instrumentation's tracer name: which spans are HTTP attempts",
+    "opentelemetry.instrumentation.httpx",
+    HTTPX_INSTRUMENTATION,
+)
+
+#: Every internal crew_otel reads.
+REGISTRY: tuple[Internal, ...] = (
+    AGENT_TIMES_EXECUTED,
+    AGENT_ORIGINAL_ROLE,
+    TOOL_ORIGINAL_TOOL,
+    EXECUTOR_AVAILABLE_FUNCTIONS,
+    STREAM_SYNC_ITERATOR,
+    STREAM_ASYNC_ITERATOR,
+    STREAMING_OUTPUTS,
+    EXECUTOR_BUSY_MESSAGE,
+    NO_FINAL_OUTPUT_MESSAGE,
+    CONTEXT_LENGTH_ARGS,
+    LLM_USAGE_ARGS,
+    LLM_COMPLETED_ARGS,
+    LOOP_EXECUTOR_QUEUE,
+    SDK_BATCH_PROCESSOR,
+    SDK_BATCH_QUEUE,
+    SDK_BATCH_QUEUE_LIMIT,
+    HTTPX_TRACER,
+)
+
+
+def statuses(registry: tuple[Internal, ...] = REGISTRY) -> list[InternalStatus]:
+    """``check()`` of every internal (imports CrewAI and the SDK)."""
+    return [internal.check() for internal in registry]
