@@ -11,7 +11,7 @@ UV = $(VENV)/bin/uv
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
 .PHONY: demo test setup setup-lowest setup-openai3 setup-coexist lint typecheck unit test-lowest \
-	test-openai3 test-coexist test-packaging bench clean
+	test-openai3 test-coexist test-packaging slow-latest slow-lowest bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ typecheck: setup
 
 unit: setup
 	./scripts/system-deps.sh
-	$(VENV)/bin/python -m pytest -q $(SELECT)
+	$(VENV)/bin/python -m pytest -q --durations=15 $(SELECT)
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(LOWEST_VENV)
@@ -89,7 +89,7 @@ test-coexist: $(COEXIST_VENV)/.installed
 
 # The built wheel, as pip users get it (fresh virtualenvs, PyPI): its own job.
 test-packaging: setup
-	$(VENV)/bin/python -m pytest -q tests/test_packaging.py
+	$(VENV)/bin/python -m pytest -q --durations=5 tests/test_packaging.py
 
 # The environments are independent: set them up and test them in parallel (each
 # suite's output is printed whole when it ends). The load test (marked slow: 300 concurrent
@@ -102,12 +102,16 @@ test:
 	$(MAKE) --no-print-directory lint typecheck
 	$(MAKE) --no-print-directory -k -j3 --output-sync=target unit test-lowest test-openai3 \
 		test-coexist SELECT='-m "not slow" --ignore=tests/test_packaging.py'
-	$(MAKE) --no-print-directory -k -j2 --output-sync=target test-packaging \
-		slow-latest
-	$(MAKE) --no-print-directory test-lowest SELECT='-m slow tests/test_load.py'
+	$(MAKE) --no-print-directory -k -j3 --output-sync=target test-packaging \
+		slow-latest slow-lowest
 
+# The slow tests (the load test, worker processes, Celery, alert delivery) on the latest
+# versions; on the lowest, the load test.
 slow-latest: setup
-	$(VENV)/bin/python -m pytest -q -m slow --ignore=tests/test_packaging.py
+	$(VENV)/bin/python -m pytest -q --durations=10 -m slow --ignore=tests/test_packaging.py
+
+slow-lowest: setup-lowest
+	$(LOWEST_VENV)/bin/python -m pytest -q -m slow tests/test_load.py
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run

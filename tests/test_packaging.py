@@ -531,8 +531,10 @@ def health():
     return {"pid": os.getpid()}
 
 
+# async and blocking on purpose: while one worker runs a crew its event loop accepts nothing,
+# so the next request (sent a moment later) goes to the other worker.
 @app.post("/run")
-def run(x_request_id: str = Header()):
+async def run(x_request_id: str = Header()):
     with crew_otel.request(x_request_id):
         crew = research_crew(lambda: make_llm(os.environ["SERVICE_PROVIDER_URL"]))
         result = crew.kickoff(inputs={"topic": x_request_id})
@@ -600,12 +602,17 @@ def test_two_uvicorn_workers_write_one_trace_file(
                 assert response.status_code == 200, response.text
                 return int(response.json()["pid"])
 
-            # bursts of concurrent requests until both workers served some (the kernel picks)
+            def staggered(request_id: str, delay: float) -> int:
+                time.sleep(delay)
+                return call(request_id)
+
+            # waves of 4 concurrent requests, each sent 0.3 s after the previous one: a worker
+            # busy with a crew accepts nothing, so the other takes the next request
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 for wave in range(3):
                     first = 4 * (wave % 2)
                     ids = [f"{word}{wave}" for word in REQUEST_WORDS[first : first + 4]]
-                    pids |= set(pool.map(call, ids))
+                    pids |= set(pool.map(staggered, ids, [0.3 * i for i in range(4)]))
                     sent += ids
                     if len(pids) == 2:
                         break
