@@ -33,7 +33,7 @@ typecheck: setup
 
 unit: setup
 	./scripts/system-deps.sh
-	$(VENV)/bin/python -m pytest -q --durations=15 $(SELECT)
+	$(VENV)/bin/python -m pytest -q --durations=15 --ignore=tests/test_coexistence.py $(SELECT)
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(LOWEST_VENV)
@@ -50,7 +50,8 @@ LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_result
 	--ignore=tests/test_report_shared_state.py --ignore=tests/test_mutations.py \
 	--ignore=tests/test_readme.py --ignore=tests/test_packaging.py \
 	--ignore=tests/test_assets_faults.py --ignore=tests/test_alerting.py \
-	--ignore=tests/test_report_truth.py --ignore=tests/test_trace_file.py
+	--ignore=tests/test_report_truth.py --ignore=tests/test_trace_file.py \
+	--ignore=tests/test_coexistence.py
 
 test-lowest: setup-lowest
 	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP) $(SELECT)
