@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -40,6 +39,7 @@ import pytest
 import yaml
 
 from crew_otel.cli.assets import ASSET_SUFFIXES, TREES
+from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The pips of current Python images (their resolver is resolvelib < 1.1), and PyPI's latest.
@@ -557,12 +557,6 @@ WARMUP = re.compile(r"warmup-\d+")
 REQUEST_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.network
 def test_two_uvicorn_workers_write_one_trace_file(
     wheel_venv: Path, tmp_path: Path, fake_provider: Any
@@ -573,7 +567,7 @@ def test_two_uvicorn_workers_write_one_trace_file(
     traces = tmp_path / "traces"
     traces.mkdir()
     trace_file = traces / "traces.jsonl"
-    port = _free_port()
+    port = free_port()
     env = {
         **_user_env(tmp_path),
         "OTEL_TRACES_EXPORTER": "crew_otel_file",

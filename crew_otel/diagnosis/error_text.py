@@ -75,7 +75,11 @@ def message(exc: BaseException, capture_content: bool) -> str:
 
 def status_description(exc: BaseException, capture_content: bool) -> str:
     """Short span status description: ``"ClassName: message"`` (cut)."""
-    text = message(exc, capture_content)
+    return describe(exc, message(exc, capture_content))
+
+
+def describe(exc: BaseException, text: str) -> str:
+    """``"ClassName: text"`` cut for a span status (``text``: the message as recorded)."""
     name = type(exc).__qualname__
     described = f"{name}: {text}" if text else name
     return described[:MAX_STATUS_DESCRIPTION]

@@ -176,7 +176,7 @@ class ErrorRecorder:
             is_origin = origin
         else:
             is_origin = not self._same_failure(run, exc, since, expected_retry)
-        if mark is None or (is_origin and not is_cancellation(exc)):
+        if mark is None or is_origin:
             new = _Mark(exc, recovered, _clock() if recovered else None)
             if mark is not None:
                 new.spans = mark.spans
@@ -188,13 +188,14 @@ class ErrorRecorder:
         error_type = a.error_type(exc)
         if span.is_recording():
             capture = self._capture
-            span.set_status(Status(StatusCode.ERROR, error_text.status_description(exc, capture)))
+            text = error_text.message(exc, capture)
+            span.set_status(Status(StatusCode.ERROR, error_text.describe(exc, text)))
             span.set_attribute(a.ERROR_TYPE, error_type)
             span.add_event(
                 "exception",
                 {
                     "exception.type": type(exc).__name__,
-                    "exception.message": error_text.message(exc, capture),
+                    "exception.message": text,
                     "exception.stacktrace": error_text.stacktrace(exc, capture),
                     "exception.escaped": str(not recovered),
                 },
