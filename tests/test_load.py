@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from crew_otel import safety
-from crew_otel.testing import FakeOpenAIProvider, RandomFaults
+from crew_otel.testing import RandomFaults
 from crew_otel.testing.crews import make_agent, make_llm, research_crew
+from tests.provider_process import ProviderProcess
 from tests.spans import REQUEST_ID, Spans, attr
 
 THREADED = 200
@@ -54,7 +55,7 @@ class Executed:
         return counted_lookup
 
 
-def crew_for(provider: FakeOpenAIProvider, executed: Executed):
+def crew_for(provider: ProviderProcess, executed: Executed):
     def llm():
         return make_llm(provider.base_url, timeout=2.0)
 
@@ -85,7 +86,7 @@ def test_load_with_random_faults(otel, metric_reader):
             with executed.lock:
                 executed.tasks[getattr(event, "task_name", None) or "task"] += 1
 
-        with FakeOpenAIProvider(random_faults=faults) as provider:
+        with ProviderProcess(random_faults=faults) as provider:
 
             def run(i: int) -> str:
                 try:
@@ -107,7 +108,7 @@ def test_load_with_random_faults(otel, metric_reader):
                 )
 
             asynchronous = asyncio.run(main())
-            provider_requests = len(provider.requests)
+            provider_requests = provider.request_count()
         crewai_event_bus.flush(timeout=30)
 
     outcomes = Counter(threaded) + Counter(

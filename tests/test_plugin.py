@@ -42,3 +42,28 @@ def test_plugin_fixtures_in_a_user_test_suite(pytester):
     )
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+def test_the_offline_home_is_removed_when_its_process_exits_and_not_before():
+    """The temporary home outlives a forked child (gunicorn workers fork) and not its creator."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, sys
+from crew_otel.testing.crews import prepare_offline_environment
+home = prepare_offline_environment()
+open(os.path.join(home, "key"), "w").close()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a worker exiting normally runs the inherited atexit handlers
+os.waitpid(pid, 0)
+print(home, os.path.exists(os.path.join(home, "key")))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    home, survived_the_child = out[0], out[1]
+    assert survived_the_child == "True"
+    assert not os.path.exists(home)

@@ -7,7 +7,9 @@ crew_otel's own tests: a researcher with a tool and a writer, two tasks interpol
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,10 +31,12 @@ def prepare_offline_environment(home: str | None = None) -> str:
     """Set the variables that keep CrewAI offline and sandboxed; call before ``import crewai``.
 
     CrewAI writes a key file under ``$HOME`` and a SQLite file under ``$XDG_DATA_HOME`` at
-    import and at every kickoff; both go to ``home`` (a new temporary directory by default).
-    Returns that directory.
+    import and at every kickoff; both go to ``home`` (by default a new temporary directory,
+    removed when the process exits). Returns that directory.
     """
-    home = home or tempfile.mkdtemp(prefix="crew-otel-")
+    if home is None:
+        home = tempfile.mkdtemp(prefix="crew-otel-")
+        atexit.register(_remove_in_creator, home, os.getpid())
     for key, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     os.environ["HOME"] = home
@@ -40,6 +44,12 @@ def prepare_offline_environment(home: str | None = None) -> str:
     os.environ.pop("REDIS_URL", None)
     os.environ.pop("OPENAI_BASE_URL", None)
     return home
+
+
+def _remove_in_creator(path: str, creator_pid: int) -> None:
+    # forked children (gunicorn workers) inherit atexit handlers; only the creator removes
+    if os.getpid() == creator_pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_llm(base_url: str, model: str = "gpt-4o-mini", **kwargs: Any) -> Any:
