@@ -2,9 +2,12 @@
 
 It is a real HTTP server (standard library, one thread per connection, keep-alive) that speaks
 enough of the OpenAI chat-completions API for CrewAI's native OpenAI provider and litellm:
-JSON and SSE streaming responses, tool calls, final answers, the ReAct text format, usage, and
-scripted or random faults (429/500/any status, timeouts, dropped connections, empty answers,
-``context_length_exceeded``). Point an LLM at it with ``base_url=provider.base_url``.
+JSON and SSE streaming responses, tool calls, final answers, the ReAct text format, structured
+outputs (``response_format`` with a JSON schema: an answer that validates against it), usage,
+and scripted or random faults (429/500/any status, timeouts, dropped connections, empty
+answers, ``context_length_exceeded``). It also serves ``/v1/embeddings`` (deterministic
+vectors, the same faults), so memory and knowledge run offline. Point an LLM or an embedder at
+it with ``base_url=provider.base_url``.
 
 Answers are deterministic: a final answer echoes every ``[[marker]]`` found in the request's
 messages, so a test can tell which request's inputs a model call actually saw (cross-talk
@@ -23,15 +26,19 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
+import hashlib
 import json
+import math
 import random
 import re
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -39,10 +46,18 @@ MARKER = re.compile(r"\[\[([^\[\]\n]{1,64})\]\]")
 _REACT_TOOL_NAME = re.compile(r"^Tool Name:\s*(.+?)\s*$", re.MULTILINE)
 _CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 _INPUT_TOKENS_PATHS = ("/v1/responses/input_tokens", "/responses/input_tokens")
+_EMBEDDINGS_PATHS = ("/v1/embeddings", "/embeddings")
+_WORD = re.compile(r"\w+")
+#: Dimensions of an embedding when the request names none (OpenAI's text-embedding-3-small).
+DEFAULT_EMBEDDING_DIMENSIONS = 1536
 
 OUTCOME_TOOL_CALL = "tool_call"
 OUTCOME_FINAL = "final"
 OUTCOME_REACT_ACTION = "react_action"
+OUTCOME_STRUCTURED = "structured"
+ENDPOINT_CHAT = "chat"
+ENDPOINT_EMBEDDINGS = "embeddings"
+OUTCOME_EMBEDDINGS = "embeddings"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
                 200, {"object": "response.input_tokens", "input_tokens": len(text) // 4}
             )
             return
+        if path in _EMBEDDINGS_PATHS:
+            self.server.provider._handle_embeddings(self, body)
+            return
         if path not in _CHAT_PATHS:
             self._send_json(
                 404, {"error": {"message": f"unknown path {path}", "type": "not_found"}}
@@ -217,7 +235,7 @@ class FakeOpenAIProvider:
         self._host = host
         self._port = port
         self._lock = threading.Lock()
-        self._scripts: dict[str | None, collections.deque[Fault | None]] = {}
+        self._scripts: dict[tuple[str | None, str | None], collections.deque[Fault | None]] = {}
         self._requests: list[RecordedRequest] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -267,14 +285,19 @@ class FakeOpenAIProvider:
         return f"http://{self._host}:{self.port}/v1"
 
     # --- scripting ---------------------------------------------------------------------------
-    def script(self, *outcomes: Fault | None, key: str | None = None) -> None:
+    def script(
+        self, *outcomes: Fault | None, key: str | None = None, endpoint: str | None = None
+    ) -> None:
         """Queue outcomes for the next requests (``None`` = answer normally).
 
-        With ``key``, only requests whose messages contain ``[[key]]`` consume the queue, so
-        concurrent tests can script each run separately.
+        With ``key``, only requests whose messages (or embeddings inputs) contain ``[[key]]``
+        consume the queue, so concurrent tests can script each run separately. With
+        ``endpoint`` (``"chat"`` or ``"embeddings"``), only requests to that endpoint do.
         """
+        if endpoint not in (None, ENDPOINT_CHAT, ENDPOINT_EMBEDDINGS):
+            raise ValueError(f"endpoint must be None, 'chat' or 'embeddings', not {endpoint!r}")
         with self._lock:
-            self._scripts.setdefault(key, collections.deque()).extend(outcomes)
+            self._scripts.setdefault((key, endpoint), collections.deque()).extend(outcomes)
 
     def reset(self) -> None:
         """Forget scripts and recorded requests."""
@@ -284,7 +307,7 @@ class FakeOpenAIProvider:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """Every chat request seen so far (a copy)."""
+        """Every chat and embeddings request seen so far (a copy; ``path`` tells them apart)."""
         with self._lock:
             return list(self._requests)
 
@@ -302,18 +325,16 @@ class FakeOpenAIProvider:
             "retries": sum(1 for r in requests if r.retry_count > 0),
         }
 
-    def _next_fault(self, markers: tuple[str, ...]) -> tuple[bool, Fault | None]:
-        """(scripted?, fault) for a request carrying ``markers``."""
+    def _next_fault(self, markers: tuple[str, ...], endpoint: str) -> tuple[bool, Fault | None]:
+        """(scripted?, fault) for a request to ``endpoint`` carrying ``markers``."""
         with self._lock:
-            for marker in markers:
-                queue = self._scripts.get(marker)
-                if queue:
-                    return True, queue.popleft()
-            queue = self._scripts.get(None)
-            if queue:
-                return True, queue.popleft()
-            rf = self._random
+            for key in (*markers, None):
+                for queue_key in ((key, endpoint), (key, None)):
+                    queue = self._scripts.get(queue_key)
+                    if queue:
+                        return True, queue.popleft()
             roll = self._rng.random()
+        rf = self._random
         if roll < rf.error_rate:
             return False, Fault.error(500)
         roll -= rf.error_rate
@@ -325,10 +346,9 @@ class FakeOpenAIProvider:
         return False, None
 
     # --- answering ---------------------------------------------------------------------------
-    def _handle_chat(self, handler: _Handler, body: dict[str, Any]) -> None:
-        messages = body.get("messages") or []
-        text = "\n".join(_message_text(m) for m in messages)
-        markers = tuple(dict.fromkeys(MARKER.findall(text)))
+    def _record(
+        self, handler: _Handler, body: dict[str, Any], text: str, messages: int
+    ) -> RecordedRequest:
         try:
             retry_count = int(handler.headers.get("x-stainless-retry-count") or 0)
         except ValueError:
@@ -339,8 +359,8 @@ class FakeOpenAIProvider:
             retry_count=retry_count,
             traceparent=handler.headers.get("traceparent"),
             baggage=handler.headers.get("baggage"),
-            markers=markers,
-            messages=len(messages),
+            markers=tuple(dict.fromkeys(MARKER.findall(text))),
+            messages=messages,
             has_tools=bool(body.get("tools")),
             stream=bool(body.get("stream")),
             outcome="",
@@ -350,15 +370,51 @@ class FakeOpenAIProvider:
         )
         with self._lock:
             self._requests.append(record)
-        _, fault = self._next_fault(markers)
+        return record
+
+    def _serve(
+        self,
+        handler: _Handler,
+        record: RecordedRequest,
+        endpoint: str,
+        answer: Callable[[Fault | None], None],
+    ) -> None:
+        """Pick the request's fault, wait the latency, answer (the fault may pre-empt it)."""
+        _, fault = self._next_fault(record.markers, endpoint)
         if self._random.latency:
             time.sleep(self._random.latency)
         try:
-            self._answer(handler, body, messages, markers, fault, record)
+            if not _apply_fault(handler, fault, record):
+                answer(fault)
         except (BrokenPipeError, ConnectionResetError):
             record.outcome = record.outcome or "client_gone"
         finally:
             record.finished = time.time()
+
+    def _handle_chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+        messages = body.get("messages") or []
+        text = "\n".join(_message_text(m) for m in messages)
+        record = self._record(handler, body, text, len(messages))
+        self._serve(
+            handler,
+            record,
+            ENDPOINT_CHAT,
+            lambda fault: self._answer(handler, body, messages, record.markers, fault, record),
+        )
+
+    def _handle_embeddings(self, handler: _Handler, body: dict[str, Any]) -> None:
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) or not isinstance(raw, list) else raw
+        if inputs and all(isinstance(i, int) for i in inputs):
+            inputs = [inputs]  # one input given as token ids
+        texts = [i if isinstance(i, str) else json.dumps(i) for i in inputs]
+        record = self._record(handler, body, "\n".join(texts), len(texts))
+        self._serve(
+            handler,
+            record,
+            ENDPOINT_EMBEDDINGS,
+            lambda fault: _answer_embeddings(handler, body, texts, record),
+        )
 
     def _answer(
         self,
@@ -369,30 +425,18 @@ class FakeOpenAIProvider:
         fault: Fault | None,
         record: RecordedRequest,
     ) -> None:
-        if fault is not None:
-            if fault.kind == "delay":
-                time.sleep(fault.seconds)
-            elif fault.kind == "timeout":
-                record.outcome, record.status = "timeout", 0
-                time.sleep(fault.seconds)
-                handler.close_connection = True
-                return
-            elif fault.kind == "disconnect":
-                record.outcome, record.status = "disconnect", 0
-                handler.close_connection = True
-                return
-            elif fault.kind in ("status", "context_length"):
-                record.outcome, record.status = f"error_{fault.status}", fault.status
-                handler._send_json(fault.status, _error_body(fault), fault.headers)
-                return
         model = str(body.get("model") or "gpt-4o-mini")
         tools = body.get("tools") or []
         tool_results = [m for m in messages if _role(m) == "tool"]
         tool_calls: list[dict[str, Any]] = []
+        schema = _response_schema(body)
         # One tool round per conversation: call a tool first, answer once a result is there.
         if fault is not None and fault.kind == "empty":
             record.outcome = "empty"
             content: str | None = ""
+        elif schema is not None and not tools:
+            record.outcome = OUTCOME_STRUCTURED
+            content = json.dumps(_instance_of(schema, schema, markers))
         elif tools and not tool_results:
             record.outcome = OUTCOME_TOOL_CALL
             tool_calls = [_tool_call(tools[0], markers) for _ in range(self.tool_calls_per_turn)]
@@ -444,6 +488,123 @@ class FakeOpenAIProvider:
                 "usage": usage,
             },
         )
+
+
+def _apply_fault(handler: _Handler, fault: Fault | None, record: RecordedRequest) -> bool:
+    """Act out ``fault``; True when it answered the request (nothing more is to be sent)."""
+    if fault is None:
+        return False
+    if fault.kind == "delay":
+        time.sleep(fault.seconds)
+        return False
+    if fault.kind == "timeout":
+        record.outcome, record.status = "timeout", 0
+        time.sleep(fault.seconds)
+        handler.close_connection = True
+        return True
+    if fault.kind == "disconnect":
+        record.outcome, record.status = "disconnect", 0
+        handler.close_connection = True
+        return True
+    if fault.kind in ("status", "context_length"):
+        record.outcome, record.status = f"error_{fault.status}", fault.status
+        handler._send_json(fault.status, _error_body(fault), fault.headers)
+        return True
+    return False  # "empty" is the answer's business
+
+
+def _answer_embeddings(
+    handler: _Handler, body: dict[str, Any], texts: list[str], record: RecordedRequest
+) -> None:
+    record.outcome = OUTCOME_EMBEDDINGS
+    dimensions = body.get("dimensions")
+    if not isinstance(dimensions, int) or not 1 <= dimensions <= 8192:
+        dimensions = DEFAULT_EMBEDDING_DIMENSIONS
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, text in enumerate(texts):
+        vector = embedding_of(text, dimensions)
+        encoded: Any = (
+            base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            if as_base64
+            else vector
+        )
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = max(1, sum(len(t) for t in texts) // 4)
+    handler._send_json(
+        200,
+        {
+            "object": "list",
+            "data": data,
+            "model": str(body.get("model") or "text-embedding-3-small"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+    )
+
+
+def embedding_of(text: str, dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS) -> list[float]:
+    """The provider's embedding of ``text``: a unit vector from its words (hashed bag of words).
+
+    Deterministic across processes, and texts that share words are close, so a memory or
+    knowledge search finds what was saved with similar words.
+    """
+    vector = [0.0] * dimensions
+    for word in _WORD.findall(text.lower()) or [""]:
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        index = int.from_bytes(digest[:4], "little") % dimensions
+        vector[index] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a ``response_format`` asks the answer to follow, if any."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    schema = (fmt.get("json_schema") or {}).get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def _instance_of(
+    schema: Any, root: dict[str, Any], markers: tuple[str, ...], depth: int = 0
+) -> Any:
+    """A value that validates against ``schema`` (strings echo the request's markers)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _instance_of(target, root, markers, depth + 1)
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            return _instance_of(options[0], root, markers, depth + 1)
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        return {
+            name: _instance_of(sub, root, markers, depth + 1) for name, sub in properties.items()
+        }
+    if kind == "array":
+        return [_instance_of(schema.get("items") or {}, root, markers, depth + 1)]
+    if kind == "integer":
+        return 1
+    if kind == "number":
+        return 1.0
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return f"Answer for {_echo(markers)}"
 
 
 def _role(message: Any) -> str | None:

@@ -1,0 +1,144 @@
+"""The loopback provider's embeddings endpoint and structured outputs, as CrewAI and the OpenAI
+SDK use them, under concurrent requests (threads and asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from crew_otel.testing import FakeOpenAIProvider, Fault
+from crew_otel.testing.crews import make_agent, make_llm
+from crew_otel.testing.provider import embedding_of
+
+KEY = "sk-fake-key-for-the-loopback-provider"
+
+
+class Verdict(BaseModel):
+    summary: str
+    score: int
+    approved: bool
+    tags: list[str]
+
+
+def _client(provider: FakeOpenAIProvider) -> openai.OpenAI:
+    return openai.OpenAI(base_url=provider.base_url, api_key=KEY, max_retries=0)
+
+
+def test_embeddings_are_deterministic_unit_vectors_close_for_shared_words():
+    with FakeOpenAIProvider() as provider:
+        client = _client(provider)
+        texts = [f"[[r{i}]] refund policy for order {i}" for i in range(16)]
+        with ThreadPoolExecutor(8) as pool:
+            vectors = list(
+                pool.map(
+                    lambda t: (
+                        client.embeddings.create(model="text-embedding-3-small", input=t)
+                        .data[0]
+                        .embedding
+                    ),
+                    texts,
+                )
+            )
+        # the SDK asks for base64 unless told otherwise; a float request decodes to the same
+        floats = client.embeddings.create(
+            model="text-embedding-3-small", input=texts[:3], encoding_format="float"
+        )
+        small = client.embeddings.create(model="m", input="a b", dimensions=8).data[0].embedding
+        requests = provider.requests
+    for text, vector in zip(texts, vectors, strict=True):
+        assert len(vector) == 1536
+        assert math.isclose(sum(v * v for v in vector), 1.0, rel_tol=1e-4)
+        assert vector == pytest.approx(embedding_of(text), abs=1e-6)
+    for datum, text in zip(floats.data, texts[:3], strict=True):
+        assert datum.embedding == pytest.approx(embedding_of(text), abs=1e-6)
+    assert len(small) == 8
+
+    def cosine(x: str, y: str) -> float:
+        return sum(p * q for p, q in zip(embedding_of(x), embedding_of(y), strict=True))
+
+    assert cosine("refund policy for orders", "the refund policy") > cosine(
+        "refund policy for orders", "shipping times to Spain"
+    )
+    assert sorted(m for r in requests for m in r.markers) == sorted(
+        [f"r{i}" for i in range(16)] + ["r0", "r1", "r2"]
+    )
+    assert {r.outcome for r in requests} == {"embeddings"}
+
+
+def test_embeddings_faults_are_scripted_per_endpoint_and_marker():
+    with FakeOpenAIProvider() as provider:
+        client = _client(provider)
+        provider.script(Fault.error(429), key="e1", endpoint="embeddings")
+        provider.script(Fault.error(500), key="e1", endpoint="chat")
+
+        async def main() -> list[object]:
+            aclient = openai.AsyncOpenAI(base_url=provider.base_url, api_key=KEY, max_retries=0)
+            calls = [aclient.embeddings.create(model="m", input=f"[[e{i}]] text") for i in range(4)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(main())
+        # the chat script is still queued: embeddings did not consume it
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "[[e1]]"}]
+            )
+        with pytest.raises(ValueError):
+            provider.script(Fault.error(500), endpoint="responses")
+    assert isinstance(results[1], openai.RateLimitError)
+    assert [isinstance(r, BaseException) for r in results] == [False, True, False, False]
+
+
+def test_structured_outputs_validate_under_concurrent_crewai_calls(fake_provider):
+    def call(i: int) -> Verdict:
+        llm = make_llm(fake_provider.base_url, response_format=Verdict)
+        answer = llm.call(f"Judge [[s{i}]]")
+        return Verdict.model_validate_json(answer) if isinstance(answer, str) else answer
+
+    async def acall(i: int) -> object:
+        llm = make_llm(fake_provider.base_url, response_format=Verdict)
+        return await llm.acall(f"Judge [[a{i}]]")
+
+    async def amain() -> list[object]:
+        return await asyncio.gather(*(acall(i) for i in range(4)))
+
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(call, range(4)))
+    asynchronous = [
+        Verdict.model_validate_json(r) if isinstance(r, str) else r for r in asyncio.run(amain())
+    ]
+    for i, verdict in enumerate(threaded):
+        assert isinstance(verdict, Verdict)
+        assert f"[[s{i}]]" in verdict.summary
+        assert verdict.tags == [f"Answer for [[s{i}]]"]
+        assert verdict.score == 1
+        assert verdict.approved is True
+    for i, verdict in enumerate(asynchronous):
+        assert isinstance(verdict, Verdict)
+        assert f"[[a{i}]]" in verdict.summary
+    assert {r.outcome for r in fake_provider.requests} == {"structured"}
+
+
+def test_task_output_pydantic_runs_offline_under_concurrent_kickoffs(fake_provider):
+    from crewai import Crew, Task
+
+    def run(i: int) -> Verdict | None:
+        agent = make_agent(make_llm(fake_provider.base_url), "Reviewer")
+        task = Task(
+            description="Review {topic}",
+            expected_output="A verdict",
+            agent=agent,
+            output_pydantic=Verdict,
+        )
+        output = Crew(agents=[agent], tasks=[task]).kickoff(inputs={"topic": f"[[p{i}]]"})
+        return output.pydantic  # type: ignore[return-value]
+
+    with ThreadPoolExecutor(4) as pool:
+        verdicts = list(pool.map(run, range(4)))
+    for i, verdict in enumerate(verdicts):
+        assert isinstance(verdict, Verdict), verdict
+        assert f"[[p{i}]]" in verdict.summary
