@@ -142,3 +142,37 @@ def test_task_output_pydantic_runs_offline_under_concurrent_kickoffs(fake_provid
     for i, verdict in enumerate(verdicts):
         assert isinstance(verdict, Verdict), verdict
         assert f"[[p{i}]]" in verdict.summary
+
+
+def test_memory_and_knowledge_run_offline_under_concurrent_kickoffs(fake_provider):
+    """CrewAI's memory and knowledge embed, save, analyse and search through the provider."""
+    from crewai import Crew, Task
+    from crewai.knowledge.source.string_knowledge_source import StringKnowledgeSource
+
+    embedder = {
+        "provider": "openai",
+        "config": {"api_key": KEY, "api_base": fake_provider.base_url},
+    }
+
+    def run(i: int) -> str:
+        agent = make_agent(make_llm(fake_provider.base_url), "Researcher")
+        task = Task(description="Research {topic}", expected_output="facts", agent=agent)
+        facts = StringKnowledgeSource(content=f"[[k{i}]] Refunds take 5 days.")
+        crew = Crew(
+            agents=[agent],
+            tasks=[task],
+            memory=True,
+            embedder=embedder,
+            knowledge_sources=[facts],
+        )
+        return crew.kickoff(inputs={"topic": f"[[m{i}]]"}).raw
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(run, range(4)))
+    for i, answer in enumerate(answers):
+        assert f"[[m{i}]]" in answer
+        assert "Error executing tool" not in answer, answer  # the memory tool's arguments fit
+    embedded = [r for r in fake_provider.requests if r.path == "/v1/embeddings"]
+    assert {r.outcome for r in embedded} == {"embeddings"}
+    markers = {m for r in embedded for m in r.markers}
+    assert {f"k{i}" for i in range(4)} <= markers, markers  # every knowledge source embedded

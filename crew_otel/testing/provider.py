@@ -436,7 +436,7 @@ class FakeOpenAIProvider:
             content: str | None = ""
         elif schema is not None and not tools:
             record.outcome = OUTCOME_STRUCTURED
-            content = json.dumps(_instance_of(schema, schema, markers))
+            content = json.dumps(_instance_of(schema, schema, f"Answer for {_echo(markers)}"))
         elif tools and not tool_results:
             record.outcome = OUTCOME_TOOL_CALL
             tool_calls = [_tool_call(tools[0], markers) for _ in range(self.tool_calls_per_turn)]
@@ -566,10 +566,8 @@ def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else None
 
 
-def _instance_of(
-    schema: Any, root: dict[str, Any], markers: tuple[str, ...], depth: int = 0
-) -> Any:
-    """A value that validates against ``schema`` (strings echo the request's markers)."""
+def _instance_of(schema: Any, root: dict[str, Any], text: str, depth: int = 0) -> Any:
+    """A value that validates against ``schema`` (its strings are ``text``)."""
     if not isinstance(schema, dict) or depth > 8:
         return None
     ref = schema.get("$ref")
@@ -577,11 +575,11 @@ def _instance_of(
         target: Any = root
         for part in ref[2:].split("/"):
             target = target.get(part) if isinstance(target, dict) else None
-        return _instance_of(target, root, markers, depth + 1)
+        return _instance_of(target, root, text, depth + 1)
     for key in ("anyOf", "oneOf", "allOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:
-            return _instance_of(options[0], root, markers, depth + 1)
+            return _instance_of(options[0], root, text, depth + 1)
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return schema["enum"][0]
     if "const" in schema:
@@ -591,11 +589,9 @@ def _instance_of(
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or "properties" in schema:
         properties = schema.get("properties") or {}
-        return {
-            name: _instance_of(sub, root, markers, depth + 1) for name, sub in properties.items()
-        }
+        return {name: _instance_of(sub, root, text, depth + 1) for name, sub in properties.items()}
     if kind == "array":
-        return [_instance_of(schema.get("items") or {}, root, markers, depth + 1)]
+        return [_instance_of(schema.get("items") or {}, root, text, depth + 1)]
     if kind == "integer":
         return 1
     if kind == "number":
@@ -604,7 +600,7 @@ def _instance_of(
         return True
     if kind == "null":
         return None
-    return f"Answer for {_echo(markers)}"
+    return text
 
 
 def _role(message: Any) -> str | None:
@@ -642,23 +638,15 @@ _COWORKERS = re.compile(r"coworkers:\s*(.+)")
 
 def _tool_call(tool: dict[str, Any], markers: tuple[str, ...]) -> dict[str, Any]:
     function = tool.get("function") or {}
-    params = (function.get("parameters") or {}).get("properties") or {}
+    schema = function.get("parameters") or {}
     arguments: dict[str, Any] = {}
     # CrewAI's delegation tools list the coworkers in their description: pick the first.
     coworkers = _COWORKERS.search(str(function.get("description") or ""))
-    for name, schema in params.items():
-        kind = schema.get("type") if isinstance(schema, dict) else None
-        enum = schema.get("enum") if isinstance(schema, dict) else None
-        if isinstance(enum, list) and enum:
-            arguments[name] = enum[0]
-        elif name == "coworker" and coworkers:
+    for name, sub in (schema.get("properties") or {}).items():
+        if name == "coworker" and coworkers:
             arguments[name] = coworkers.group(1).split(",")[0].strip()
-        elif kind in ("integer", "number"):
-            arguments[name] = 1
-        elif kind == "boolean":
-            arguments[name] = True
         else:
-            arguments[name] = _echo(markers)
+            arguments[name] = _instance_of(sub, schema, _echo(markers))
     return {
         "id": f"call_{uuid.uuid4().hex[:12]}",
         "type": "function",
