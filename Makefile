@@ -10,8 +10,8 @@ UV = $(VENV)/bin/uv
 # The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
-.PHONY: demo test setup setup-lowest setup-openai3 setup-coexist lint typecheck unit test-lowest \
-	test-openai3 test-coexist test-packaging slow-latest slow-lowest bench clean
+.PHONY: demo test setup setup-lowest setup-openai3 setup-coexist lint typecheck unit unit-core unit-apps \
+	test-lowest test-openai3 test-coexist test-packaging slow-latest slow-lowest bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,22 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-unit: setup
+# `unit` runs in two processes: the files that start applications in subprocesses (README
+# snippets, the CLI and demo, opentelemetry-instrument, worker pools, a live Prometheus) and
+# the rest.
+UNIT_APP_FILES = tests/test_readme.py tests/test_cli.py tests/test_compat.py \
+	tests/test_process_lifecycle.py tests/test_prometheus_live.py
+
+unit: unit-core unit-apps
+
+unit-core: setup
 	./scripts/system-deps.sh
-	$(VENV)/bin/python -m pytest -q --durations=15 --ignore=tests/test_coexistence.py $(SELECT)
+	$(VENV)/bin/python -m pytest -q --durations=10 --ignore=tests/test_coexistence.py \
+		$(addprefix --ignore=,$(UNIT_APP_FILES)) $(SELECT)
+
+unit-apps: setup
+	./scripts/system-deps.sh
+	$(VENV)/bin/python -m pytest -q --durations=10 $(UNIT_APP_FILES) $(SELECT)
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(LOWEST_VENV)
@@ -106,8 +119,8 @@ test:
 	$(MAKE) --no-print-directory -j4 --output-sync=target setup setup-lowest setup-openai3 \
 		setup-coexist
 	$(MAKE) --no-print-directory lint typecheck
-	$(MAKE) --no-print-directory -k -j3 --output-sync=target unit test-lowest test-openai3 \
-		test-coexist SELECT='-m "not slow" --ignore=tests/test_packaging.py'
+	$(MAKE) --no-print-directory -k -j4 --output-sync=target unit-core unit-apps test-lowest \
+		test-openai3 test-coexist SELECT='-m "not slow" --ignore=tests/test_packaging.py'
 	$(MAKE) --no-print-directory -k -j3 --output-sync=target test-packaging \
 		slow-latest slow-lowest
 

@@ -13,6 +13,7 @@ Span names are low-cardinality by construction: they only ever contain code-defi
 from __future__ import annotations
 
 import re
+from enum import Enum
 from typing import Any
 
 from opentelemetry.util.types import AttributeValue
@@ -40,10 +41,36 @@ GEN_AI_WORKFLOW_NAME = "gen_ai.workflow.name"
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
 
-OP_INVOKE_WORKFLOW = "invoke_workflow"
-OP_INVOKE_AGENT = "invoke_agent"
-OP_EXECUTE_TOOL = "execute_tool"
-OP_CHAT = "chat"
+
+class StrEnum(str, Enum):
+    """:class:`enum.StrEnum` (Python 3.11+): members are their values, also in ``str()`` and
+    f-strings; attributes and metric points get the plain ``.value``."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(str(self), format_spec)
+
+
+class Operation(StrEnum):
+    """Values of ``crew_otel.origin.operation`` (the operation of an error's origin span); the
+    first four are also ``gen_ai.operation.name`` values."""
+
+    INVOKE_WORKFLOW = "invoke_workflow"
+    INVOKE_AGENT = "invoke_agent"
+    EXECUTE_TOOL = "execute_tool"
+    CHAT = "chat"
+    HTTP = "http"
+    TASK = "task"
+    STEP = "step"
+
+
+# The operations as plain strings (attribute values, metric attributes).
+OP_INVOKE_WORKFLOW = Operation.INVOKE_WORKFLOW.value
+OP_INVOKE_AGENT = Operation.INVOKE_AGENT.value
+OP_EXECUTE_TOOL = Operation.EXECUTE_TOOL.value
+OP_CHAT = Operation.CHAT.value
 
 ERROR_TYPE = "error.type"
 THREAD_ID = "thread.id"
@@ -112,10 +139,10 @@ RETRY_LAYER_HTTP = "http"
 RETRY_LAYER_RATE_LIMIT = "rate_limit"
 RETRY_LAYER_AGENT = "agent"
 
-# Values of crew_otel.origin.operation (the operation of the origin span).
-ORIGIN_HTTP = "http"
-ORIGIN_TASK = "task"
-ORIGIN_STEP = "step"
+# Values of crew_otel.origin.operation that are no gen_ai.operation.name (see Operation).
+ORIGIN_HTTP = Operation.HTTP.value
+ORIGIN_TASK = Operation.TASK.value
+ORIGIN_STEP = Operation.STEP.value
 
 MAX_NAME_LENGTH = 64
 
@@ -224,14 +251,22 @@ def workflow_name(instance: Any) -> str:
 
 def kickoff_attributes(instance: Any, entrypoint: str, name: str) -> dict[str, AttributeValue]:
     """Attributes of a kickoff span."""
-    attrs: dict[str, AttributeValue] = {
-        GEN_AI_OPERATION_NAME: OP_INVOKE_WORKFLOW,
-        GEN_AI_WORKFLOW_NAME: name,
-        CREWAI_KICKOFF_ENTRYPOINT: entrypoint,
-    }
-    crew_id = getattr(instance, "id", None)
-    if crew_id is not None:
-        attrs[CREWAI_CREW_ID] = str(crew_id)
+    attrs = _operation_attributes(
+        OP_INVOKE_WORKFLOW, GEN_AI_WORKFLOW_NAME, name, CREWAI_CREW_ID, instance
+    )
+    attrs[CREWAI_KICKOFF_ENTRYPOINT] = entrypoint
+    return attrs
+
+
+def _operation_attributes(
+    operation: str, name_key: str, name: str, id_key: str, obj: Any
+) -> dict[str, AttributeValue]:
+    """The operation, its name under ``name_key`` and ``obj.id`` (as text, when it has one)
+    under ``id_key``."""
+    attrs: dict[str, AttributeValue] = {GEN_AI_OPERATION_NAME: operation, name_key: name}
+    obj_id = getattr(obj, "id", None)
+    if obj_id is not None:
+        attrs[id_key] = str(obj_id)
     return attrs
 
 
@@ -244,14 +279,7 @@ def agent_role(agent: Any) -> str:
 
 def agent_attributes(agent: Any, role: str) -> dict[str, AttributeValue]:
     """Attributes of an agent attempt span."""
-    attrs: dict[str, AttributeValue] = {
-        GEN_AI_OPERATION_NAME: OP_INVOKE_AGENT,
-        GEN_AI_AGENT_NAME: role,
-    }
-    agent_id = getattr(agent, "id", None)
-    if agent_id is not None:
-        attrs[GEN_AI_AGENT_ID] = str(agent_id)
-    return attrs
+    return _operation_attributes(OP_INVOKE_AGENT, GEN_AI_AGENT_NAME, role, GEN_AI_AGENT_ID, agent)
 
 
 def task_name(task: Any) -> str:

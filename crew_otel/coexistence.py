@@ -37,6 +37,7 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
+from crew_otel import internals
 from crew_otel.wrappers.base import _CALL_KEY, Call
 
 #: How deep a wrapper chain is followed (each instrumentation adds one level).
@@ -122,7 +123,7 @@ def _wrapper_modules(obj: Any) -> list[str]:
     for _ in range(_MAX_CHAIN):
         if obj is None:
             break
-        wrapper = getattr(obj, "_self_wrapper", None) if hasattr(obj, "__wrapped__") else None
+        wrapper = internals.WRAPT_WRAPPER.read(obj) if hasattr(obj, "__wrapped__") else None
         target = wrapper if wrapper is not None else obj
         module = getattr(target, "__module__", None)
         if isinstance(module, str):

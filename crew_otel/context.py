@@ -44,6 +44,7 @@ MAX_REQUEST_ID_LENGTH = 256
 """Longer request IDs are cut to this many characters."""
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 #: The ``request`` scopes entered in this context (thread or task), innermost last: each entry
 #: is the entering ``request`` object's id and the token that restores what was current before.
@@ -211,70 +212,75 @@ class request:
         return cast(_F, wrapper)
 
 
-def _step_context(request_id: str) -> object:
-    """Attach the request ID onto whatever context is current at this step of an iteration."""
-    return otel_context.attach(otel_context.set_value(REQUEST_ID_KEY, request_id))
+class _Steps:
+    """The state of iterating a (sync or async) generator inside one request, step by step.
+
+    ``with steps:`` attaches the request ID onto whatever context is current for one step of
+    the body (never across a ``yield``, so the consumer's own context is untouched between
+    steps); :meth:`resume` sends the consumer's value into the body, or throws its exception in.
+    """
+
+    __slots__ = ("_token", "request_id", "sent", "thrown")
+
+    def __init__(self, request_id: str | None) -> None:
+        #: Fixed at the first step.
+        self.request_id = request_id or new_request_id()
+        #: What the consumer sent, or threw in, at the last ``yield`` (for the body's next step).
+        self.sent: Any = None
+        self.thrown: BaseException | None = None
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        ctx = otel_context.set_value(REQUEST_ID_KEY, self.request_id)
+        self._token = otel_context.attach(ctx)
+
+    def __exit__(self, *exc_info: object) -> None:
+        otel_context.detach(cast(Any, self._token))
+
+    def resume(self, send: Callable[[Any], _T], throw: Callable[[BaseException], _T]) -> _T:
+        """``send(sent)``, or ``throw(thrown)`` when the consumer threw an exception in."""
+        sent, thrown = self.sent, self.thrown
+        self.sent = self.thrown = None
+        return send(sent) if thrown is None else throw(thrown)
 
 
 def _iterate_in_request(
     gen: Generator[Any, Any, Any], request_id: str | None
 ) -> Generator[Any, Any, Any]:
-    """Run every step of ``gen`` (``send``, ``throw``, ``close``) inside one request.
-
-    The ID is fixed at the first step; the context is attached only while ``gen`` runs, never
-    across a ``yield``, so the consumer's own context is untouched between steps.
-    """
-    rid = request_id or new_request_id()
-    sent: Any = None
-    thrown: BaseException | None = None
+    """Run every step of ``gen`` (``send``, ``throw``, ``close``) inside one request."""
+    steps = _Steps(request_id)
     while True:
-        token = _step_context(rid)
         try:
-            item = gen.send(sent) if thrown is None else gen.throw(thrown)
+            with steps:
+                item = steps.resume(gen.send, gen.throw)
         except StopIteration as stop:
             return stop.value
-        finally:
-            thrown = None
-            otel_context.detach(cast(Any, token))
         try:
-            sent = yield item
+            steps.sent = yield item
         except GeneratorExit:
-            token = _step_context(rid)
-            try:
+            with steps:
                 gen.close()
-            finally:
-                otel_context.detach(cast(Any, token))
             raise
         except BaseException as exc:  # thrown in by the consumer: hand it to the body
-            thrown = exc
-            sent = None
+            steps.thrown = exc
 
 
 async def _iterate_async_in_request(
     agen: AsyncGenerator[Any, Any], request_id: str | None
 ) -> AsyncGenerator[Any, Any]:
     """The async-generator counterpart of :func:`_iterate_in_request`."""
-    rid = request_id or new_request_id()
-    sent: Any = None
-    thrown: BaseException | None = None
+    steps = _Steps(request_id)
     while True:
-        token = _step_context(rid)
         try:
-            item = await (agen.asend(sent) if thrown is None else agen.athrow(thrown))
+            with steps:
+                item = await steps.resume(agen.asend, agen.athrow)
         except StopAsyncIteration:
             return
-        finally:
-            thrown = None
-            otel_context.detach(cast(Any, token))
         try:
-            sent = yield item
+            steps.sent = yield item
         except GeneratorExit:
-            token = _step_context(rid)
-            try:
+            with steps:
                 await agen.aclose()
-            finally:
-                otel_context.detach(cast(Any, token))
             raise
         except BaseException as exc:
-            thrown = exc
-            sent = None
+            steps.thrown = exc

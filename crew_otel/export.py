@@ -9,7 +9,6 @@ endpoint cannot hold the process at exit.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from typing import Any
@@ -67,7 +66,7 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         batch = internals.SDK_BATCH_PROCESSOR.read(self)
         if timeout_millis is None or batch is None:
             super().shutdown()  # type: ignore[no-untyped-call]
-        elif "timeout_millis" in inspect.signature(batch.shutdown).parameters:
+        elif internals.SDK_BATCH_SHUTDOWN_ARGS.accepts("timeout_millis"):
             batch.shutdown(timeout_millis=timeout_millis)
         else:
             # Older SDKs wait for the worker without a limit: wait for it in a daemon thread.

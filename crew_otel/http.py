@@ -10,8 +10,8 @@ whichever instrumentation was installed first - that:
 * sets ``http.request.resend_count`` from the SDK's ``x-stainless-retry-count`` header and
   counts the HTTP retry,
 * on a 4xx/5xx response or a transport error inside a model call, marks the attempt as the
-  error's origin (``crew_otel.error.recovered=true`` when a retry layer will retry it: the SDK
-  has retries left for a retryable status, or CrewAI's rate-limit wrapper will retry a 429).
+  error's origin (``crew_otel.error.recovered=true`` when a retry layer will retry it, as
+  :func:`crew_otel.diagnosis.retries.attempt_recovered` decides).
 
 :class:`CrewAIBaggageFilter` keeps CrewAI's baggage entries (``crew_context``, ``flow_inputs``,
 ``flow_input_files`` - flow inputs may hold secrets) out of every outgoing ``baggage`` header.
@@ -20,7 +20,6 @@ whichever instrumentation was installed first - that:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from opentelemetry import baggage, trace
@@ -38,14 +37,10 @@ from opentelemetry.propagators.textmap import (
 from crew_otel import attributes as a
 from crew_otel import internals, propagation
 from crew_otel.context import LLM_CALL_KEY
-from crew_otel.diagnosis.retries import (
-    RATE_LIMIT_MAX_RETRIES,
-    agent_will_retry,
-    sdk_will_retry_status,
-)
+from crew_otel.diagnosis.retries import attempt_recovered
 from crew_otel.safety import safe_call
-from crew_otel.wrappers.base import Observer
 from crew_otel.wrappers.llm import LlmCallState
+from crew_otel.wrappers.observer import Observer
 
 _logger = logging.getLogger("crew_otel")
 
@@ -121,48 +116,23 @@ def _resend_count(request: Any) -> int:
         return 0
 
 
-def attempt_recovered(
-    state: LlmCallState, resend: int, status: int | None, retryable: bool
-) -> bool:
-    """Whether a retry layer will retry this failed HTTP attempt (see diagnosis.retries)."""
-    if retryable and resend < state.max_retries:
-        return True  # the SDK retries
-    if (
-        state.rate_limit_layer
-        and status == 429
-        and state.rate_limit_retries < RATE_LIMIT_MAX_RETRIES
-    ):
-        return True  # CrewAI's rate-limit wrapper retries
-    return agent_will_retry()  # the SDK's error propagates; the agent may re-run
+class _Attempt(NamedTuple):
+    """An HTTP attempt inside a model call: its span, the call's state, its retry number."""
+
+    span: trace.Span
+    state: LlmCallState
+    resend: int
 
 
 class HttpAttemptObserver(Observer):
-    """Runs inside each HTTP attempt span (sync connection pools)."""
+    """Runs inside each HTTP attempt span (``handle_request`` of the sync connection pools,
+    ``handle_async_request`` of the async ones, with ``is_async=True``)."""
 
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         span = trace.get_current_span()
-        if not self.runtime.active or not _is_http_attempt_span(span):
-            return wrapped(*args, **kwargs)
-        request = kwargs.get("request", args[0] if args else None)
-        state = safe_call(self.before, span, request, default=None)
-        try:
-            response = wrapped(*args, **kwargs)
-        except Exception as exc:
-            if state is not None:
-                safe_call(self.after_error, span, state, exc, default=None)
-            raise
-        if state is not None:
-            safe_call(self.after_response, span, state, response, default=None)
-        return response
-
-    def before(self, span: trace.Span, request: Any) -> tuple[LlmCallState, int] | None:
-        resend = _resend_count(request)
+        if not _is_http_attempt_span(span):
+            return None
+        resend = _resend_count(kwargs.get("request", args[0] if args else None))
         if resend:
             span.set_attribute(a.HTTP_RESEND_COUNT, resend)
         state = otel_context.get_value(LLM_CALL_KEY)
@@ -172,61 +142,35 @@ class HttpAttemptObserver(Observer):
             self.runtime.metrics.retry(
                 a.RETRY_LAYER_HTTP, state.last_error_type or "unknown", state.provider
             )
-        return state, resend
+        return _Attempt(span, state, resend)
 
-    def after_response(
-        self, span: trace.Span, observed: tuple[LlmCallState, int], response: Any
-    ) -> None:
-        state, resend = observed
+    def after_result(self, observed: _Attempt, response: Any) -> None:
         status = getattr(response, "status", getattr(response, "status_code", None))
         if not isinstance(status, int) or status < 400:
-            state.note_http_success()
+            observed.state.note_http_success()
             return
         headers = header_map(getattr(response, "headers", None))
-        recovered = attempt_recovered(state, resend, status, sdk_will_retry_status(status, headers))
-        error_type = str(status)
-        state.note_http_failure(error_type)
-        self.runtime.errors.record_status(
-            span, error_type, a.ORIGIN_HTTP, recovered=recovered, description=f"HTTP {status}"
-        )
+        self._failed(observed, str(status), status, headers, f"HTTP {status}")
 
-    def after_error(
-        self, span: trace.Span, observed: tuple[LlmCallState, int], exc: BaseException
-    ) -> None:
-        state, resend = observed
-        # Timeouts and connection errors are retried by the SDKs while retries are left.
-        recovered = attempt_recovered(state, resend, None, retryable=True)
-        error_type = a.error_type(exc)
-        state.note_http_failure(error_type)
-        self.runtime.errors.record_status(
-            span, error_type, a.ORIGIN_HTTP, recovered=recovered, description=error_type
-        )
+    def after_error(self, observed: _Attempt, exc: BaseException) -> None:
+        if isinstance(exc, Exception):  # not a cancellation: the attempt failed
+            error_type = a.error_type(exc)
+            self._failed(observed, error_type, None, {}, error_type)
 
-
-class AsyncHttpAttemptObserver(HttpAttemptObserver):
-    """Runs inside each HTTP attempt span (async connection pools)."""
-
-    async def __call__(
+    def _failed(
         self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        span = trace.get_current_span()
-        if not self.runtime.active or not _is_http_attempt_span(span):
-            return await wrapped(*args, **kwargs)
-        request = kwargs.get("request", args[0] if args else None)
-        state = safe_call(self.before, span, request, default=None)
-        try:
-            response = await wrapped(*args, **kwargs)
-        except Exception as exc:
-            if state is not None:
-                safe_call(self.after_error, span, state, exc, default=None)
-            raise
-        if state is not None:
-            safe_call(self.after_response, span, state, response, default=None)
-        return response
+        observed: _Attempt,
+        error_type: str,
+        status: int | None,
+        headers: dict[str, str],
+        description: str,
+    ) -> None:
+        span, state, resend = observed
+        recovered = attempt_recovered(state, resend, status, headers)
+        state.note_http_failure(error_type)
+        self.runtime.errors.record_status(
+            span, error_type, a.ORIGIN_HTTP, recovered=recovered, description=description
+        )
 
 
 class CrewAIBaggageFilter(TextMapPropagator):

@@ -38,7 +38,6 @@ from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.http import (
     HTTP_INSTRUMENTATION,
-    AsyncHttpAttemptObserver,
     CrewAIBaggageFilter,
     HttpAttemptObserver,
     HttpClient,
@@ -72,7 +71,6 @@ from crew_otel.plan import imported as is_imported
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.version import __version__
-from crew_otel.wrappers.base import SpanWrapper
 from crew_otel.wrappers.llm import ChatWrapper
 
 if TYPE_CHECKING:
@@ -237,16 +235,16 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _install_row(self, row: PlanRow, runtime: Runtime) -> str:
         """Install ``row`` entirely or, raising, leave nothing of it installed."""
         if row.source == SOURCE_TARGET and row.target is not None and row.resolved is not None:
-            self._apply(row.key, row.resolved, row.target.factory(runtime))
+            wrapper = t.build_wrapper(row.target.factory, runtime, row.resolved)
+            self._apply(row.key, row.resolved, wrapper)
         elif row.source == SOURCE_LLM_CLASS and row.resolved is not None:
-            self._apply(row.key, row.resolved, ChatWrapper(runtime, t.rate_limit_layer_present()))
-        elif row.source == SOURCE_HTTP_POOL and row.resolved is not None:
-            observer = (
-                AsyncHttpAttemptObserver(runtime)
-                if row.resolved.name == ASYNC_POOL_METHOD
-                else HttpAttemptObserver(runtime)
+            chat = ChatWrapper(
+                runtime, t.rate_limit_layer_present(), is_async=row.resolved.is_async
             )
-            self._apply(row.key, row.resolved, observer)
+            self._apply(row.key, row.resolved, chat)
+        elif row.source == SOURCE_HTTP_POOL and row.resolved is not None:
+            is_async = row.resolved.name == ASYNC_POOL_METHOD
+            self._apply(row.key, row.resolved, HttpAttemptObserver(runtime, is_async=is_async))
         elif row.source == SOURCE_HTTP_CLIENT and row.client is not None:
             return self._install_http_instrumentor(row.client)
         elif row.source == SOURCE_THREADING:
@@ -289,8 +287,6 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._http_modules_imported(name)
 
     def _apply(self, key: str, resolved: t.Resolved, wrapper: Callable[..., Any]) -> None:
-        if isinstance(wrapper, SpanWrapper):
-            wrapper.is_async = resolved.is_async
         function_wrapper = wrapt.FunctionWrapper(resolved.original, wrapper)
         try:
             setattr(resolved.owner, resolved.name, function_wrapper)

@@ -1,4 +1,5 @@
-"""The private parts of CrewAI, the OpenTelemetry SDK and the standard library that crew_otel reads.
+"""The private parts of CrewAI, the OpenTelemetry SDK, wrapt and the standard library that
+crew_otel reads.
 
 Some diagnoses need what no public API says: how many retries an Agent has used
 (``Agent._times_executed``), the tool behind a structured tool (``_original_tool``), the chunk
@@ -45,6 +46,7 @@ _logger = logging.getLogger(__name__)
 CREWAI = "crewai"
 OTEL_SDK = "opentelemetry-sdk"
 HTTPX_INSTRUMENTATION = "opentelemetry-instrumentation-httpx"
+WRAPT = "wrapt"
 PYTHON = "python"
 
 #: The versions every accessor below was checked on (lowest supported and latest).
@@ -52,10 +54,12 @@ CHECKED_ON: dict[str, tuple[str, ...]] = {
     CREWAI: ("1.12.2", "1.15.30"),
     OTEL_SDK: ("1.34.1", "1.45.1"),
     HTTPX_INSTRUMENTATION: ("0.55b1", "0.66b1"),
+    WRAPT: ("1.17.3", "2.5.2"),
     PYTHON: ("3.11",),
 }
 
 _LOWEST_CREWAI = ("1.12.2",)
+_LOWEST_OTEL_SDK = ("1.34.1",)
 
 
 def installed_version(distribution: str) -> str | None:
@@ -400,6 +404,49 @@ class TracerScope(Internal):
         return re.search(r"get_tracer\(\s*__name__", _source(part.where)) is not None
 
 
+# --- functions --------------------------------------------------------------------------------
+class PrivateFunction(Internal):
+    """A private module-level function (``module:name``), with a public ``fallback`` that does
+    the same (more slowly) when the installed version lacks it.
+
+    :attr:`function` is looked up once, when the accessor is made (the module must be one that
+    is imported anyway: the standard library's).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        what: str,
+        where: str,
+        fallback: Callable[[], Any],
+        distribution: str,
+    ) -> None:
+        super().__init__(name, what, (Part(where),), distribution)
+        try:
+            found = _load(where)
+        except Exception:
+            found = None
+        #: The private function, or ``fallback`` when it is missing.
+        self.function: Callable[[], Any] = found if callable(found) else fallback
+
+    def read(self) -> Any:
+        """``function()``, or None when it raises (never raises)."""
+        try:
+            return self.function()
+        except Exception:
+            return None
+
+    def resolves(self, part: Part) -> bool:
+        return callable(_load(part.where))
+
+
+def _running_loop_fallback() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 # --- positional arguments -------------------------------------------------------------------
 class BoundArguments:
     """Reads a call's arguments by parameter name (positions from the installed signature)."""
@@ -436,9 +483,15 @@ class Parameters(Internal):
     """
 
     def __init__(
-        self, name: str, what: str, function: str, parts: tuple[Part, ...], method: bool
+        self,
+        name: str,
+        what: str,
+        function: str,
+        parts: tuple[Part, ...],
+        method: bool,
+        distribution: str = CREWAI,
     ) -> None:
-        super().__init__(name, what, parts)
+        super().__init__(name, what, parts, distribution)
         #: ``module:qualname`` of the function.
         self.function = function
         #: A method: the wrapper's ``args`` do not include ``self``.
@@ -461,6 +514,14 @@ class Parameters(Internal):
             parameters = parameters[1:]
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         return BoundArguments(tuple(p.name for p in parameters if p.kind in positional))
+
+    def accepts(self, parameter: str) -> bool:
+        """Whether the installed function takes ``parameter`` (False when it is missing)."""
+        try:
+            return parameter in self._signature().parameters
+        except Exception:
+            _logger.debug("internal %s: no signature", self.name, exc_info=True)
+            return False
 
     def resolves(self, part: Part) -> bool:
         return part.where in self._signature().parameters
@@ -489,6 +550,16 @@ def _batch_span_processor() -> Iterator[Any]:
         yield processor
     finally:
         processor.shutdown()  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def _function_wrapper() -> Iterator[Any]:
+    import wrapt
+
+    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+
+    yield wrapt.FunctionWrapper(len, wrapper)
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -613,6 +684,36 @@ SDK_BATCH_QUEUE_LIMIT = AttributePath(
     _batch_span_processor,
     OTEL_SDK,
 )
+SDK_BATCH_SHUTDOWN_ARGS = Parameters(
+    "sdk_batch_shutdown_args",
+    "BatchProcessor.shutdown(timeout_millis): bounded shutdown without a helper thread",
+    "opentelemetry.sdk._shared_internal:BatchProcessor.shutdown",
+    (Part("timeout_millis", missing_in=_LOWEST_OTEL_SDK),),
+    method=True,
+    distribution=OTEL_SDK,
+)
+THREAD_TARGET = PrivateAttribute(
+    "thread_target",
+    "the function a Thread was created to run: a pool's own threads start with no run",
+    "_target",
+    (Part("threading:Thread"),),
+    distribution=PYTHON,
+)
+RUNNING_LOOP = PrivateFunction(
+    "running_loop",
+    "asyncio._get_running_loop(): the event loop of this thread, cheaply, on every call",
+    "asyncio:_get_running_loop",
+    _running_loop_fallback,
+    PYTHON,
+)
+WRAPT_WRAPPER = AttributePath(
+    "wrapt_wrapper",
+    "the wrapper function of a wrapt FunctionWrapper: whose hook it is",
+    ("_self_wrapper",),
+    "wrapt.FunctionWrapper",
+    _function_wrapper,
+    WRAPT,
+)
 HTTPX_TRACER = TracerScope(
     "httpx_tracer",
     "the httpx instrumentation's tracer name: which spans are HTTP attempts",
@@ -638,6 +739,10 @@ REGISTRY: tuple[Internal, ...] = (
     SDK_BATCH_PROCESSOR,
     SDK_BATCH_QUEUE,
     SDK_BATCH_QUEUE_LIMIT,
+    SDK_BATCH_SHUTDOWN_ARGS,
+    THREAD_TARGET,
+    RUNNING_LOOP,
+    WRAPT_WRAPPER,
     HTTPX_TRACER,
 )
 

@@ -39,7 +39,8 @@ from crew_otel import attributes as a
 # the unit and "_total" suffixes, e.g. crew_otel.retries -> crew_otel_retries_total).
 OPERATION_DURATION = "gen_ai.client.operation.duration"
 TOKEN_USAGE = "gen_ai.client.token.usage"
-WORKFLOW_DURATION = "gen_ai.workflow.duration"
+#: Renamed from ``gen_ai.workflow.duration`` in the GenAI semantic conventions.
+WORKFLOW_DURATION = "gen_ai.invoke_workflow.duration"
 AGENT_DURATION = "gen_ai.invoke_agent.duration"
 TOOL_DURATION = "gen_ai.execute_tool.duration"
 KICKOFFS_ACTIVE = "crew_otel.kickoffs.active"
@@ -78,6 +79,10 @@ DURATION_BUCKETS = (
     40.96,
     81.92,
 )
+#: The conventions' boundaries for ``gen_ai.invoke_workflow.duration`` (whole kickoffs).
+WORKFLOW_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+#: The conventions' boundaries for ``gen_ai.invoke_agent.duration`` (0.1 s doubling to 409.6 s).
+AGENT_DURATION_BUCKETS = tuple(round(0.1 * 2**i, 1) for i in range(13))
 TOKEN_BUCKETS = (
     1,
     4,
@@ -215,40 +220,28 @@ class CrewOtelMetrics:
     def __init__(self, meter: Meter) -> None:
         self.names = NameCap()
         self.operation_duration = self._histogram(
-            meter,
-            OPERATION_DURATION,
-            unit="s",
-            description="Duration of GenAI operations (model calls).",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            meter, OPERATION_DURATION, "Duration of GenAI operations (model calls)."
         )
         self.token_usage = self._histogram(
             meter,
             TOKEN_USAGE,
+            "Tokens used per model call, by token type.",
             unit="{token}",
-            description="Tokens used per model call, by token type.",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+            buckets=TOKEN_BUCKETS,
         )
         self.workflow_duration = self._histogram(
             meter,
             WORKFLOW_DURATION,
-            unit="s",
-            description="Duration of crew/flow/agent kickoffs.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            "Duration of GenAI workflows: crew/flow/agent kickoffs.",
+            buckets=WORKFLOW_DURATION_BUCKETS,
         )
         self.agent_duration = self._histogram(
             meter,
             AGENT_DURATION,
-            unit="s",
-            description="Duration of agent execution attempts.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            "Duration of agent execution attempts.",
+            buckets=AGENT_DURATION_BUCKETS,
         )
-        self.tool_duration = self._histogram(
-            meter,
-            TOOL_DURATION,
-            unit="s",
-            description="Duration of tool calls.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        self.tool_duration = self._histogram(meter, TOOL_DURATION, "Duration of tool calls.")
         # Kickoffs in flight are counted exactly in-process (the count also goes on each
         # kickoff span) and observed at collection time: no SDK work per kickoff.
         self._in_flight = 0
@@ -266,9 +259,7 @@ class CrewOtelMetrics:
         self.queue_wait = self._histogram(
             meter,
             KICKOFF_QUEUE_WAIT,
-            unit="s",
-            description="Wait between an async kickoff being called and its work starting.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            "Wait between an async kickoff being called and its work starting.",
         )
         self.retries = meter.create_counter(
             RETRIES,
@@ -291,18 +282,15 @@ class CrewOtelMetrics:
         self,
         meter: Meter,
         name: str,
-        *,
-        unit: str,
         description: str,
-        explicit_bucket_boundaries_advisory: tuple[float, ...],
+        unit: str = "s",
+        buckets: tuple[float, ...] = DURATION_BUCKETS,
     ) -> CappedHistogram:
-        histogram = meter.create_histogram(
-            name,
-            unit=unit,
-            description=description,
-            explicit_bucket_boundaries_advisory=explicit_bucket_boundaries_advisory,
+        """A histogram of ``meter`` (a duration in seconds unless told otherwise)."""
+        created = meter.create_histogram(
+            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
         )
-        return CappedHistogram(histogram, self.names)
+        return CappedHistogram(created, self.names)
 
     def _reset_after_fork(self) -> None:
         """In a forked child: none of the parent's kickoffs are in flight here."""

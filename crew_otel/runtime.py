@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Tracer
 
 from crew_otel.config import CrewOtelConfig
@@ -38,6 +39,11 @@ class Runtime:
     attach_processor: Callable[[], bool] | None = None
     #: Wraps LLM classes defined since the last call (provider modules load on first use).
     refresh_llm_classes: Callable[[], None] | None = None
+
+    @property
+    def recording(self) -> bool:
+        """Whether hooks record now: instrumented, and not inside ``suppress_instrumentation()``."""
+        return self.active and is_instrumentation_enabled()
 
     def on_kickoff(self) -> None:
         """Per-run housekeeping: attach the span processor if it is still pending, wrap

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from opentelemetry import metrics, trace
@@ -254,6 +254,7 @@ def configure(
     set_global: bool = True,
     instrument: bool = True,
     trace_file: str | os.PathLike[str] | None = None,
+    span_exporters: Sequence[SpanExporter] = (),
     **options: Any,
 ) -> Setup:
     """Set up the OpenTelemetry SDK for a CrewAI service and instrument CrewAI.
@@ -273,6 +274,9 @@ def configure(
             reads) instead of exporting them over OTLP; several processes may append to one
             file. Same as ``OTEL_TRACES_EXPORTER=crew_otel_file`` with
             ``CREW_OTEL_TRACES_FILE``.
+        span_exporters: more span exporters, each behind its own batch processor, besides the
+            one ``OTEL_TRACES_EXPORTER`` (or ``trace_file``) selects: e.g. a local trace file
+            next to OTLP export.
 
     The resource gets a ``service.instance.id`` unique to the process (a random UUID unless
     given): every worker of a multi-process server reports its own series, and a process
@@ -314,14 +318,18 @@ def configure(
     span_exporter = _exporter(
         _TRACES, environ, endpoint, os.fspath(trace_file) if trace_file is not None else None
     )
-    processor = None
-    if span_exporter is not None:
+    exporters = [e for e in (span_exporter, *span_exporters) if e is not None]
+    processors = []
+    if exporters:
         dropped = meter_provider.get_meter("crew_otel").create_counter(
             DROPPED_SPANS, unit="{span}", description="Spans dropped on a full export queue."
         )
-        processor = CountingBatchSpanProcessor(span_exporter, dropped_counter=dropped)
+        processors = [CountingBatchSpanProcessor(e, dropped_counter=dropped) for e in exporters]
+    for processor in processors:
         tracer_provider.add_span_processor(processor)
-    setup = Setup(tracer_provider, meter_provider, processor)
+    # the selected exporter's processor (the others are shut down with the tracer provider)
+    selected = processors[0] if span_exporter is not None else None
+    setup = Setup(tracer_provider, meter_provider, selected)
     _flush_at_exit(setup)
 
     if set_global:

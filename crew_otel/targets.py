@@ -16,18 +16,30 @@ import inspect
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from crew_otel import internals
-from crew_otel.diagnosis.context_window import ContextLengthObserver
+from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
 from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
-from crew_otel.wrappers.kickoff import KIND_OF_AGENT, KIND_OF_CREW, KIND_OF_FLOW, KickoffWrapper
+from crew_otel.wrappers.base import SpanWrapper
+from crew_otel.wrappers.context_window import ContextLengthObserver
+from crew_otel.wrappers.kickoff import KickoffWrapper
 from crew_otel.wrappers.llm import ChatWrapper, LlmResponseObserver, RateLimitRetryObserver
 from crew_otel.wrappers.task import InterpolationObserver, TaskWrapper
 from crew_otel.wrappers.tool import NativeToolCallWrapper, ToolRunWrapper, ToolUsageWrapper
 
-WrapperFactory = Callable[[Runtime], Callable[..., Any]]
+
+@dataclasses.dataclass(frozen=True)
+class SpanFactory:
+    """Builds a span wrapper with arguments of its own: ``build(runtime, is_async)``."""
+
+    build: Callable[[Runtime, bool], SpanWrapper[Any]]
+
+
+#: What builds a row's wrapper: a :class:`SpanWrapper` class or a :class:`SpanFactory` (told
+#: at construction whether the target is a coroutine function), or a callable of the runtime.
+WrapperFactory = Callable[[Runtime], Callable[..., Any]] | SpanFactory
 
 LAYER_KICKOFF = "kickoff"
 LAYER_TASK = "task"
@@ -73,8 +85,43 @@ class Unresolved(Exception):
     """A target that does not exist in the installed CrewAI version (the reason is the text)."""
 
 
-def _kickoff(entrypoint: str, kind: str) -> WrapperFactory:
-    return lambda runtime: KickoffWrapper(runtime, entrypoint, kind)
+def build_wrapper(
+    factory: WrapperFactory, runtime: Runtime, resolved: Resolved
+) -> Callable[..., Any]:
+    """The wrapper ``factory`` builds for the ``resolved`` target."""
+    if isinstance(factory, SpanFactory):
+        return factory.build(runtime, resolved.is_async)
+    if _is_span_wrapper_class(factory):
+        span_wrapper = cast("type[SpanWrapper[Any]]", factory)
+        return span_wrapper(runtime, is_async=resolved.is_async)
+    return factory(runtime)
+
+
+def _is_span_wrapper_class(factory: object) -> bool:
+    return isinstance(factory, type) and issubclass(factory, SpanWrapper)
+
+
+def _kickoff(entrypoint: str, kind: Kind) -> SpanFactory:
+    return SpanFactory(
+        lambda runtime, is_async: KickoffWrapper(runtime, entrypoint, kind, is_async=is_async)
+    )
+
+
+def _kickoffs(
+    module: str, cls: str, entrypoint: str, kind: Kind, note: str, inherited: bool = False
+) -> tuple[Target, ...]:
+    """The rows of ``cls.kickoff``, ``cls.kickoff_async`` and ``cls.akickoff``."""
+    return tuple(
+        Target(
+            module,
+            f"{cls}.{method}",
+            _kickoff(f"{entrypoint}.{method}", kind),
+            LAYER_KICKOFF,
+            inherited=inherited,
+            note=note,
+        )
+        for method in ("kickoff", "kickoff_async", "akickoff")
+    )
 
 
 RATE_LIMIT_MODULE = "crewai.llms.retry"
@@ -90,8 +137,9 @@ def rate_limit_layer_present() -> bool:
     return RATE_LIMIT_MODULE in sys.modules
 
 
-def _chat(runtime: Runtime) -> Callable[..., Any]:
-    return ChatWrapper(runtime, rate_limit_layer=rate_limit_layer_present())
+_chat = SpanFactory(
+    lambda runtime, is_async: ChatWrapper(runtime, rate_limit_layer_present(), is_async=is_async)
+)
 
 
 #: The per-response hooks' parameters (positions bound from the installed signatures).
@@ -113,7 +161,7 @@ _STEP_MODULES = (
 TARGETS: tuple[Target, ...] = (
     # --- kickoffs -------------------------------------------------------------------------
     *(
-        Target("crewai.crew", f"Crew.{method}", _kickoff(method, KIND_OF_CREW), LAYER_KICKOFF)
+        Target("crewai.crew", f"Crew.{method}", _kickoff(method, Kind.CREW), LAYER_KICKOFF)
         for method in (
             "kickoff",
             "kickoff_async",
@@ -123,37 +171,16 @@ TARGETS: tuple[Target, ...] = (
             "akickoff_for_each",
         )
     ),
-    *(
-        Target(
-            "crewai.flow.flow",
-            f"Flow.{method}",
-            _kickoff(f"flow.{method}", KIND_OF_FLOW),
-            LAYER_KICKOFF,
-            inherited=True,
-            note="user flows only: CrewAI's internal flows (the agent executor) are skipped",
-        )
-        for method in ("kickoff", "kickoff_async", "akickoff")
+    *_kickoffs(
+        "crewai.flow.flow",
+        "Flow",
+        "flow",
+        Kind.FLOW,
+        "user flows only: CrewAI's internal flows (the agent executor) are skipped",
+        inherited=True,
     ),
-    *(
-        Target(
-            "crewai.agent.core",
-            f"Agent.{method}",
-            _kickoff(f"agent.{method}", KIND_OF_AGENT),
-            LAYER_KICKOFF,
-            note="standalone Agent.kickoff",
-        )
-        for method in ("kickoff", "kickoff_async", "akickoff")
-    ),
-    *(
-        Target(
-            "crewai.lite_agent",
-            f"LiteAgent.{method}",
-            _kickoff(f"lite_agent.{method}", KIND_OF_AGENT),
-            LAYER_KICKOFF,
-            note="deprecated LiteAgent",
-        )
-        for method in ("kickoff", "kickoff_async", "akickoff")
-    ),
+    *_kickoffs("crewai.agent.core", "Agent", "agent", Kind.AGENT, "standalone Agent.kickoff"),
+    *_kickoffs("crewai.lite_agent", "LiteAgent", "lite_agent", Kind.AGENT, "deprecated LiteAgent"),
     # --- tasks ----------------------------------------------------------------------------
     Target(
         "crewai.task",

@@ -34,6 +34,7 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context.context import Context
 
+from crew_otel import internals
 from crew_otel.context import KICKOFF_KEY, REQUEST_SCOPE_KEY
 from crew_otel.safety import safe_call
 
@@ -60,11 +61,6 @@ POOL_THREAD_TARGETS = frozenset(
 POOL_SUBMIT_METHODS = ("apply_async", "_map_async", "imap", "imap_unordered")
 
 _EMPTY = Context()
-
-
-def _thread_target(thread: Any) -> Any:
-    """The function a ``threading.Thread`` was created to run (``Thread._target``, 3.10-3.13)."""
-    return getattr(thread, "_target", None)
 
 
 def _bound_scope_ended(kickoff: Any) -> bool:
@@ -140,7 +136,7 @@ class RunBoundContext(Context):
 
 def carried_context(thread: Any) -> Context | None:
     """The context ``thread`` should carry, or ``None`` to carry the current one unchanged."""
-    target = _thread_target(thread)
+    target = internals.THREAD_TARGET.read(thread)
     where = (getattr(target, "__module__", None), getattr(target, "__qualname__", None))
     if where in POOL_THREAD_TARGETS:
         return _EMPTY
@@ -189,11 +185,7 @@ class ThreadStartHook:
         if ctx is _EMPTY and self._on_pool_thread is not None:
             safe_call(self._on_pool_thread, default=None)
         safe_call(setattr, instance, _INSTRUMENTATION_CONTEXT_ATTRIBUTE, ctx, default=None)
-        token = otel_context.attach(ctx)
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            otel_context.detach(token)
+        return _run_in(ctx, wrapped, args, kwargs)
 
 
 class PoolSubmitHook:
@@ -232,13 +224,20 @@ def _in_submitting_context(
 
 def _bind(func: Callable[..., Any], ctx: Context) -> Callable[..., Any]:
     def run_in_submitting_context(*args: Any, **kwargs: Any) -> Any:
-        token = otel_context.attach(ctx)
-        try:
-            return func(*args, **kwargs)
-        finally:
-            otel_context.detach(token)
+        return _run_in(ctx, func, args, kwargs)
 
     return run_in_submitting_context
+
+
+def _run_in(
+    ctx: Context, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``func(*args, **kwargs)`` with ``ctx`` current, the caller's context restored after."""
+    token = otel_context.attach(ctx)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        otel_context.detach(token)
 
 
 @dataclasses.dataclass

@@ -212,3 +212,45 @@ def test_report_reads_collector_style_base64_and_pretty_printed_files(tmp_path, 
     result = crew_otel_cli("report", str(path))
     assert result.returncode == 0, result.stderr
     assert "support-api-" in result.stdout
+
+
+def test_doctor_after_instrument_says_crew_otel_instrumented_httpx(otel_tracer_provider):
+    """In a process crew_otel instrumented, doctor's dry run does not call the httpx
+    instrumentation crew_otel installed the application's; statuses stay those of the plan."""
+    import httpcore  # noqa: F401 - imported: the HTTP rows install at instrument()
+    import httpx  # noqa: F401
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    import crew_otel
+    from crew_otel.cli import doctor
+    from crew_otel.http import HTTP_CLIENTS
+    from crew_otel.plan import STATUS_INSTALLED
+
+    key = HTTP_CLIENTS[0].key
+    crew_otel.uninstrument()
+    instrumentor = crew_otel.instrument(tracer_provider=otel_tracer_provider)
+    try:
+        reports = {r.key: r for r in instrumentor.reports}
+        assert reports[key].status == STATUS_INSTALLED
+        row = next(r for r in doctor.hook_statuses() if r.key == key)
+        assert row.status == STATUS_INSTALLED
+        assert "already instrumented by the application" not in row.detail
+        assert row.detail == "HTTPXClientInstrumentor, installed by crew_otel"
+        assert [(r.key, r.status) for r in doctor.hook_statuses()] == [
+            (r.key, r.status) for r in instrumentor.reports
+        ]
+    finally:
+        crew_otel.uninstrument()
+
+    # the application instruments httpx itself: doctor says so, before and after instrument()
+    HTTPXClientInstrumentor().instrument(tracer_provider=otel_tracer_provider)
+    try:
+        instrumentor = crew_otel.instrument(tracer_provider=otel_tracer_provider)
+        try:
+            row = next(r for r in doctor.hook_statuses() if r.key == key)
+            assert row.status == STATUS_INSTALLED
+            assert row.detail.startswith("already instrumented by the application")
+        finally:
+            crew_otel.uninstrument()
+    finally:
+        HTTPXClientInstrumentor().uninstrument()

@@ -23,6 +23,7 @@ from crew_otel.internals import (
     Parameters,
     Part,
     PrivateAttribute,
+    PrivateFunction,
     TracerScope,
 )
 
@@ -97,6 +98,29 @@ def _drifted() -> tuple[internals.Internal, ...]:
             method=False,
         ),
         TracerScope("gone_tracer", "drift", "crew_otel.version", internals.CREWAI),
+        PrivateFunction(
+            "gone_function",
+            "drift",
+            "asyncio:_no_such_function",
+            internals._running_loop_fallback,
+            internals.PYTHON,
+        ),
+        Parameters(
+            "gone_sdk_parameter",
+            "drift",
+            "opentelemetry.sdk._shared_internal:BatchProcessor.shutdown",
+            (Part("no_such_parameter"),),
+            method=True,
+            distribution=internals.OTEL_SDK,
+        ),
+        internals.AttributePath(
+            "gone_wrapt_path",
+            "drift",
+            ("_self_no_such_wrapper",),
+            "wrapt.FunctionWrapper",
+            internals._function_wrapper,
+            internals.WRAPT,
+        ),
         internals.AttributePath(
             "gone_path",
             "drift",
@@ -207,7 +231,15 @@ _REGISTERED_ATTRIBUTES = frozenset(
         if isinstance(internal, PrivateAttribute)
         else getattr(internal, "path", ())
     )
+) | frozenset(  # private functions: asyncio._get_running_loop
+    part.where.rpartition(":")[2]
+    for internal in REGISTRY
+    if isinstance(internal, PrivateFunction)
+    for part in internal.parts
 )
+#: Signature checks belong in the registry (``Parameters``): an ``inspect.signature`` call
+#: elsewhere is a hand-made check the doctor and the version test do not see.
+_REGISTRY_ONLY_CALLS = frozenset({"signature"})
 _REGISTERED_TEXTS = frozenset(
     internal.text for internal in REGISTRY if isinstance(internal, MessageText)
 ) | frozenset(
@@ -232,6 +264,14 @@ def _scattered_reads(path: Path) -> list[str]:
         ):
             found.append(f"{path.name}:{node.lineno} .{node.attr}")
         elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in _REGISTRY_ONLY_CALLS
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "inspect"
+        ):
+            found.append(f"{path.name}:{node.lineno} inspect.{node.func.attr}()")
+        elif (
             isinstance(node, ast.Constant)
             and isinstance(node.value, str)
             and id(node) not in docstrings
@@ -245,8 +285,10 @@ def _scattered_reads(path: Path) -> list[str]:
 
 
 def test_no_read_of_a_registered_internal_bypasses_the_registry() -> None:
-    """``getattr(x, "_times_executed")``, ``loop._default_executor``, a copied message text or
-    class-name set outside :mod:`crew_otel.internals` would drift unseen by the test above."""
+    """``getattr(x, "_times_executed")``, ``loop._default_executor``, ``thread._target``,
+    ``wrapper._self_wrapper``, ``asyncio._get_running_loop()``, an ``inspect.signature`` check,
+    a copied message text or class-name set outside :mod:`crew_otel.internals` would drift
+    unseen by the test above."""
     found = [
         read
         for path in sorted(PACKAGE.rglob("*.py"))
@@ -254,3 +296,71 @@ def test_no_read_of_a_registered_internal_bypasses_the_registry() -> None:
         for read in _scattered_reads(path)
     ]
     assert found == []
+
+
+def test_stdlib_wrapt_and_sdk_accessors_read_what_they_name() -> None:
+    """``Thread._target``, wrapt's ``_self_wrapper``, ``asyncio._get_running_loop`` and the SDK's
+    ``BatchProcessor.shutdown(timeout_millis)``, each through its accessor."""
+    import threading
+
+    import wrapt
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    def work() -> None:
+        pass
+
+    assert internals.THREAD_TARGET.read(threading.Thread(target=work)) is work
+    assert internals.THREAD_TARGET.read(_Hostile()) is None
+
+    def hook(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+
+    assert internals.WRAPT_WRAPPER.read(wrapt.FunctionWrapper(work, hook)) is hook
+    assert internals.WRAPT_WRAPPER.read(_Hostile()) is None
+
+    assert internals.RUNNING_LOOP.read() is None
+
+    async def loop_inside() -> Any:
+        return internals.RUNNING_LOOP.read()
+
+    import asyncio
+
+    assert isinstance(asyncio.run(loop_inside()), asyncio.AbstractEventLoop)
+    assert internals.RUNNING_LOOP.function is asyncio._get_running_loop
+    missing = PrivateFunction(
+        "missing", "drift", "asyncio:_no_such", internals._running_loop_fallback, internals.PYTHON
+    )
+    assert missing.function is internals._running_loop_fallback
+    assert missing.read() is None
+
+    # the SDK's batch worker takes a time limit from 1.35 on (1.34.1 waits without one)
+    processor = BatchSpanProcessor(InMemorySpanExporter())
+    try:
+        batch = internals.SDK_BATCH_PROCESSOR.read(processor)
+        takes_limit = "timeout_millis" in inspect.signature(batch.shutdown).parameters
+        assert internals.SDK_BATCH_SHUTDOWN_ARGS.accepts("timeout_millis") is takes_limit
+        assert not internals.SDK_BATCH_SHUTDOWN_ARGS.accepts("no_such_parameter")
+    finally:
+        processor.shutdown()
+
+
+def test_the_scan_finds_each_kind_of_scattered_read(tmp_path: Path) -> None:
+    """The scan above would see a read of each registered internal written at a call site."""
+    source = tmp_path / "scattered.py"
+    source.write_text(
+        "import asyncio, inspect\n"
+        "def f(thread, wrapper, batch):\n"
+        "    target = getattr(thread, '_target', None)\n"
+        "    inner = wrapper._self_wrapper\n"
+        "    loop = asyncio._get_running_loop()\n"
+        "    takes = 'timeout_millis' in inspect.signature(batch.shutdown).parameters\n"
+        "    return thread._target, target, inner, loop, takes\n"
+    )
+    assert sorted(_scattered_reads(source)) == [
+        "scattered.py:3 '_target'",
+        "scattered.py:4 ._self_wrapper",
+        "scattered.py:5 ._get_running_loop",
+        "scattered.py:6 inspect.signature()",
+        "scattered.py:7 ._target",
+    ]

@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader
 
 import crew_otel
 from crew_otel import metrics as m
-from crew_otel.testing import FakeOpenAIProvider, RandomFaults
+from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID
 from tests.workloads import mixed_workload
@@ -123,9 +123,78 @@ def test_every_instrument_after_a_concurrent_mixed_run(otel, fake_provider, metr
 def test_histograms_use_the_genai_bucket_boundaries(otel, fake_provider, metric_reader):
     research_crew(lambda: make_llm(fake_provider.base_url)).kickoff(inputs={"topic": "[[b]]"})
     found = points(metric_reader)
-    for name in (m.OPERATION_DURATION, m.WORKFLOW_DURATION, m.AGENT_DURATION, m.TOOL_DURATION):
+    for name in (m.OPERATION_DURATION, m.TOOL_DURATION):
         assert tuple(found[name][0].explicit_bounds) == m.DURATION_BUCKETS
+    assert tuple(found[m.WORKFLOW_DURATION][0].explicit_bounds) == m.WORKFLOW_DURATION_BUCKETS
+    # the conventions' text, spelled out (not the module's constant)
+    agent = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4, 204.8, 409.6)
+    assert tuple(found[m.AGENT_DURATION][0].explicit_bounds) == agent
     assert tuple(found[m.TOKEN_USAGE][0].explicit_bounds) == m.TOKEN_BUCKETS
+
+
+# The workflow duration histogram as the GenAI semantic conventions name and describe it
+# (open-telemetry/semantic-conventions-genai, gen-ai-metrics.md): renamed there from
+# gen_ai.workflow.duration; attributes error.type (if it failed) and gen_ai.workflow.name.
+INVOKE_WORKFLOW_DURATION = "gen_ai.invoke_workflow.duration"
+OLD_WORKFLOW_DURATION = "gen_ai.workflow.duration"
+INVOKE_WORKFLOW_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
+
+def test_invoke_workflow_duration_replaces_workflow_duration(otel, fake_provider, metric_reader):
+    """Concurrent kickoffs (threads and asyncio, some failing) record the conventions' metric."""
+    runs = 4  # per path; the last run of each path fails on a persistent provider 500
+    for path in ("threads", "asyncio"):
+        fake_provider.script(*[Fault.error(500, FAST)] * 9, key=f"wf-{path}-fail")
+
+    def topic(path: str, i: int) -> dict[str, str]:
+        return {"topic": f"[[wf-{path}-{'fail' if i == runs - 1 else i}]]"}
+
+    def threaded(i: int) -> None:
+        crew = research_crew(lambda: make_llm(fake_provider.base_url), name="wf-threads")
+        try:
+            crew.kickoff(inputs=topic("threads", i))
+        except Exception:  # the failure is the point
+            pass
+
+    async def concurrent() -> list[object]:
+        crews = [
+            research_crew(lambda: make_llm(fake_provider.base_url), name="wf-asyncio")
+            for _ in range(runs)
+        ]
+        return await asyncio.gather(
+            *(c.akickoff(inputs=topic("asyncio", i)) for i, c in enumerate(crews)),
+            return_exceptions=True,
+        )
+
+    with ThreadPoolExecutor(max_workers=runs) as pool:
+        list(pool.map(threaded, range(runs)))
+    results = asyncio.run(concurrent())
+    assert sum(isinstance(r, BaseException) for r in results) == 1
+
+    data = metric_reader.get_metrics_data()
+    metrics = {
+        metric.name: metric
+        for resource_metrics in data.resource_metrics
+        for scope in resource_metrics.scope_metrics
+        if scope.scope.name == "crew_otel"
+        for metric in scope.metrics
+    }
+    assert OLD_WORKFLOW_DURATION not in metrics
+    assert m.WORKFLOW_DURATION == INVOKE_WORKFLOW_DURATION
+    metric = metrics[INVOKE_WORKFLOW_DURATION]
+    assert metric.unit == "s"
+    assert isinstance(metric.data, Histogram)
+    found = list(metric.data.data_points)
+    for point in found:
+        assert set(point.attributes) in (
+            {"gen_ai.workflow.name"},
+            {"gen_ai.workflow.name", "error.type"},
+        ), point.attributes
+        assert tuple(point.explicit_bounds) == INVOKE_WORKFLOW_BUCKETS
+    for name in ("wf-threads", "wf-asyncio"):
+        assert total(found, gen_ai__workflow__name=name) == runs
+        assert total(found, gen_ai__workflow__name=name, error__type="500") == 1
+    assert total(found) == 2 * runs
 
 
 def test_exemplars_point_at_exported_traces(otel, fake_provider, metric_reader):
@@ -257,7 +326,7 @@ def test_prometheus_exposition_uses_the_dashboard_names(otel_tracer_provider, fa
     for name in (
         "gen_ai_client_operation_duration_seconds_bucket",
         "gen_ai_client_token_usage_bucket",
-        "gen_ai_workflow_duration_seconds_bucket",
+        "gen_ai_invoke_workflow_duration_seconds_bucket",
         "gen_ai_invoke_agent_duration_seconds_bucket",
         "gen_ai_execute_tool_duration_seconds_bucket",
         "crew_otel_kickoffs_active",

@@ -256,6 +256,7 @@ def _structured_output_runs(fake_provider: Any, n: int) -> dict[str, BaseExcepti
     from crewai import Crew, Task
 
     def run(i: int) -> None:
+        fake_provider.script(*[Fault.invalid_json()] * 8, key=f"private-ticket-{i}")
         agent = make_agent(make_llm(fake_provider.base_url), "Triage", max_retry_limit=0)
         task = Task(
             description=f"Triage the ticket [[private-ticket-{i}]]",

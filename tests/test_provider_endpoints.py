@@ -148,6 +148,7 @@ def test_memory_and_knowledge_run_offline_under_concurrent_kickoffs(fake_provide
     """CrewAI's memory and knowledge embed, save, analyse and search through the provider."""
     from crewai import Crew, Task
     from crewai.knowledge.source.string_knowledge_source import StringKnowledgeSource
+    from crewai.memory.unified_memory import Memory
 
     embedder = {
         "provider": "openai",
@@ -161,7 +162,9 @@ def test_memory_and_knowledge_run_offline_under_concurrent_kickoffs(fake_provide
         crew = Crew(
             agents=[agent],
             tasks=[task],
-            memory=True,
+            # the memory's own model calls go to the loopback provider too (CrewAI 1.12's
+            # default memory model would call the hosted API)
+            memory=Memory(llm=make_llm(fake_provider.base_url), embedder=embedder),
             embedder=embedder,
             knowledge_sources=[facts],
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import os
@@ -13,6 +14,7 @@ from rich.table import Table
 from crew_otel import internals
 from crew_otel.instrumentor import CrewAIInstrumentor, HookReport
 from crew_otel.plan import (
+    SOURCE_HTTP_CLIENT,
     STATUS_FAILED,
     STATUS_INSTALLED,
     STATUS_PENDING,
@@ -60,8 +62,23 @@ def _release(version: str) -> tuple[int, ...]:
 
 
 def hook_statuses() -> list[PlanRow]:
-    """What ``instrument()`` would do with each hook here: the plan, a dry run (imports nothing)."""
-    return list(build_plan().rows)
+    """What ``instrument()`` would do with each hook here: the plan, a dry run (imports nothing).
+
+    The plan sees an HTTP client that is instrumented already, not by whom: when this process's
+    ``instrument()`` did it, the row says so (with the same status).
+    """
+    reports = {report.key: report for report in installed_hooks() or ()}
+    return [_by_crew_otel(row, reports.get(row.key)) for row in build_plan().rows]
+
+
+def _by_crew_otel(row: PlanRow, report: HookReport | None) -> PlanRow:
+    """``row``, saying crew_otel instrumented its HTTP client when ``report`` shows it did."""
+    client = row.client
+    if row.source != SOURCE_HTTP_CLIENT or client is None or report is None:
+        return row
+    if report.status != STATUS_INSTALLED or report.detail != client.instrumentor:
+        return row  # instrumented by the application, by opentelemetry-instrument, or not at all
+    return dataclasses.replace(row, detail=f"{client.instrumentor}, installed by crew_otel")
 
 
 def installed_hooks() -> list[HookReport] | None:

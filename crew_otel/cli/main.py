@@ -9,21 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from crew_otel.demo.options import DemoOptions, add_arguments, from_arguments
 from crew_otel.version import __version__
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,35 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fault-injecting OpenAI-compatible provider, send them requests one at a time and then "
         "in parallel bursts, and print where each failure began.",
     )
-    demo.add_argument(
-        "--requests", type=_positive_int, default=20, help="requests per service (default 20)"
-    )
-    demo.add_argument(
-        "--concurrency", type=_positive_int, default=8, help="requests per burst (default 8)"
-    )
-    demo.add_argument(
-        "--error-rate",
-        type=_rate,
-        default=0.1,
-        help="share of provider requests answered with HTTP 500 (default 0.1)",
-    )
-    demo.add_argument(
-        "--rate-limit-rate", type=_rate, default=0.0, help="share answered with HTTP 429"
-    )
-    demo.add_argument(
-        "--timeout-rate", type=_rate, default=0.0, help="share that hangs past the client timeout"
-    )
-    demo.add_argument(
-        "--latency", type=float, default=0.05, help="provider latency in seconds (default 0.05)"
-    )
-    demo.add_argument("--seed", type=int, default=1, help="seed of the provider's faults")
-    demo.add_argument(
-        "--otlp-endpoint",
-        help="also send traces and metrics to this OTLP/HTTP endpoint (http://127.0.0.1:4318)",
-    )
-    demo.add_argument("--out", type=Path, help="write the spans to FILE as OTLP/JSON lines")
-    demo.add_argument("--svg", type=Path, help="save the overlap timeline as an SVG image")
-    demo.add_argument("--summary-json", type=Path, help="write the report's figures as JSON")
+    add_arguments(demo, DemoOptions)
 
     report = commands.add_parser(
         "report", help="analyse an OTLP/JSON trace file (Collector file exporter, demo --out)"
@@ -99,22 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "demo":
-        from crew_otel.demo.driver import DemoOptions
         from crew_otel.demo.driver import run as run_demo
 
-        options = DemoOptions(
-            requests=args.requests,
-            concurrency=args.concurrency,
-            error_rate=args.error_rate,
-            rate_limit_rate=args.rate_limit_rate,
-            timeout_rate=args.timeout_rate,
-            latency=args.latency,
-            seed=args.seed,
-            otlp_endpoint=args.otlp_endpoint,
-            out=args.out,
-            svg=args.svg,
-            summary_json=args.summary_json,
-        )
+        options = from_arguments(DemoOptions, args)
         return run_demo(options, console)
     if args.command == "report":
         from crew_otel import report as report_command

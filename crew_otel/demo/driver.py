@@ -30,7 +30,8 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from crew_otel.demo.services import SERVICES
+from crew_otel.demo.options import DemoOptions, ServeOptions
+from crew_otel.demo.services import SERVICES, service_name
 from crew_otel.otlp_json import OtlpJsonError, read_file
 from crew_otel.report.analysis import analyse, summary
 from crew_otel.report.render import print_reports, save_timeline_svg
@@ -42,21 +43,6 @@ REQUEST_TIMEOUT_S = 60.0
 
 class DemoError(RuntimeError):
     """The demo itself broke (not the services under test)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoOptions:
-    requests: int = 20
-    concurrency: int = 8
-    error_rate: float = 0.1
-    rate_limit_rate: float = 0.0
-    timeout_rate: float = 0.0
-    latency: float = 0.05
-    seed: int | None = 1
-    otlp_endpoint: str | None = None
-    out: Path | None = None
-    svg: Path | None = None
-    summary_json: Path | None = None
 
 
 @dataclasses.dataclass
@@ -85,21 +71,8 @@ class ServiceProcess:
         self.port = _free_port()
         self.trace_file = workdir / f"{service}.jsonl"
         self.log_file = workdir / f"{service}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "crew_otel.demo.serve",
-            "--service",
-            service,
-            "--port",
-            str(self.port),
-            "--provider-url",
-            provider_url,
-            "--trace-file",
-            str(self.trace_file),
-        ]
-        if otlp:
-            command += ["--otlp-endpoint", otlp]
+        options = ServeOptions(service, self.port, provider_url, self.trace_file, otlp)
+        command = [sys.executable, "-m", "crew_otel.demo.serve", *options.argv()]
         self._log = self.log_file.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -243,7 +216,7 @@ def _report(
         raise DemoError(f"no readable spans from the services ({exc})") from None
     if options.out is not None:
         options.out.write_text(merged.read_text())
-    order = {f"support-api-{service}": i for i, service in enumerate(SERVICES)}
+    order = {service_name(service): i for i, service in enumerate(SERVICES)}
     reports = sorted(analyse(spans), key=lambda r: order.get(r.service, len(order)))
     print_reports(reports, console)
     if options.svg is not None:

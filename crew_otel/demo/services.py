@@ -15,6 +15,13 @@ SERVICES = {
     "halffixed": "halffixed_service.py",
     "fixed": "fixed_service.py",
 }
+#: The ``service.namespace`` of every demo service.
+SERVICE_NAMESPACE = "crew-otel-demo"
+
+
+def service_name(service: str) -> str:
+    """The ``service.name`` of a demo service (a key of :data:`SERVICES`)."""
+    return f"support-api-{service}"
 
 
 def example_path(service: str) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 
@@ -55,6 +55,48 @@ def sdk_will_retry_status(status: int, headers: Mapping[str, str]) -> bool:
     if should == "false":
         return False
     return status in (408, 409, 429) or status >= 500
+
+
+class RetryBudget(Protocol):
+    """What a model call knows of its retry layers (``wrappers.llm.LlmCallState``)."""
+
+    @property
+    def max_retries(self) -> int:
+        """The SDK's HTTP retry budget for the call."""
+        ...
+
+    @property
+    def rate_limit_layer(self) -> bool:
+        """Whether CrewAI's rate-limit retry wrapper is present."""
+        ...
+
+    @property
+    def rate_limit_retries(self) -> int:
+        """Rate-limit retries made so far."""
+        ...
+
+
+def attempt_recovered(
+    budget: RetryBudget, resend: int, status: int | None, headers: Mapping[str, str]
+) -> bool:
+    """Whether a retry layer retries this failed HTTP attempt of a model call.
+
+    Args:
+        resend: the attempt's retry number (the SDK's ``x-stainless-retry-count``).
+        status: the response status; ``None`` for a transport error (timeouts and connection
+            errors are retried by the SDKs while retries are left).
+        headers: the response headers, lower-cased (``retry-after``, ``x-should-retry``).
+    """
+    retryable = status is None or sdk_will_retry_status(status, headers)
+    if retryable and resend < budget.max_retries:
+        return True  # the SDK retries
+    if (
+        budget.rate_limit_layer
+        and status == 429
+        and budget.rate_limit_retries < RATE_LIMIT_MAX_RETRIES
+    ):
+        return True  # CrewAI's rate-limit wrapper retries
+    return agent_will_retry()  # the SDK's error propagates; the agent may re-run
 
 
 def agent_will_retry(exc: BaseException | None = None) -> bool:

@@ -432,7 +432,10 @@ def deactivate(watcher: SharedStateWatcher) -> None:
     for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
         current = getattr(module, name, None)
-        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
+        if (
+            isinstance(current, wrapt.FunctionWrapper)
+            and internals.WRAPT_WRAPPER.read(current) is wrapper
+        ):
             setattr(module, name, current.__wrapped__)
 
 

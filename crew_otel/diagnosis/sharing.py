@@ -22,37 +22,57 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from crew_otel import attributes as a
+from crew_otel import attributes
+from crew_otel.attributes import StrEnum
 from crew_otel.metrics import CrewOtelMetrics, reset_in_forked_children
 
 _logger = logging.getLogger("crew_otel")
 
-KIND_CREW = "crew"
-KIND_AGENT = "agent"
-KIND_TASK = "task"
-KIND_TOOL = "tool"
-KIND_LLM = "llm"
-KIND_TASK_INPUTS = "task_inputs"
-# Shared state outside CrewAI objects (see crew_otel.diagnosis.shared_state).
-KIND_GLOBAL = "global"
-KIND_FILE = "file"
-KIND_DATABASE = "database"
-KIND_RESOURCE = "resource"
 
-_ADVICE = {
-    KIND_CREW: "build the Crew per request (or use kickoff_for_each, which copies it)",
-    KIND_AGENT: "build Agents per request; one Agent runs one task at a time",
-    KIND_TASK: "build Tasks per request; CrewAI writes run state onto the Task",
-    KIND_TOOL: "build tools per request, or make the tool thread-safe and stateless",
-    KIND_LLM: "build the LLM per request (its usage counters are shared otherwise)",
-    KIND_TASK_INPUTS: "another request interpolated its inputs into this Task: build Tasks per "
+class Kind(StrEnum):
+    """What an instrumented object or shared thing is: the kickoff kinds (crew, flow, agent),
+    the objects a run goes through, and the shared state outside CrewAI objects (see
+    :mod:`crew_otel.diagnosis.shared_state`). Values of ``crew_otel.shared_instance.kind``."""
+
+    CREW = "crew"
+    FLOW = "flow"
+    AGENT = "agent"
+    TASK = "task"
+    TOOL = "tool"
+    LLM = "llm"
+    TASK_INPUTS = "task_inputs"
+    GLOBAL = "global"
+    FILE = "file"
+    DATABASE = "database"
+    RESOURCE = "resource"
+
+
+# The kinds by their former names.
+KIND_CREW = Kind.CREW
+KIND_AGENT = Kind.AGENT
+KIND_TASK = Kind.TASK
+KIND_TOOL = Kind.TOOL
+KIND_LLM = Kind.LLM
+KIND_TASK_INPUTS = Kind.TASK_INPUTS
+KIND_GLOBAL = Kind.GLOBAL
+KIND_FILE = Kind.FILE
+KIND_DATABASE = Kind.DATABASE
+KIND_RESOURCE = Kind.RESOURCE
+
+_ADVICE: dict[str, str] = {
+    Kind.CREW: "build the Crew per request (or use kickoff_for_each, which copies it)",
+    Kind.AGENT: "build Agents per request; one Agent runs one task at a time",
+    Kind.TASK: "build Tasks per request; CrewAI writes run state onto the Task",
+    Kind.TOOL: "build tools per request, or make the tool thread-safe and stateless",
+    Kind.LLM: "build the LLM per request (its usage counters are shared otherwise)",
+    Kind.TASK_INPUTS: "another request interpolated its inputs into this Task: build Tasks per "
     "request",
-    KIND_GLOBAL: "tool code keeps state in a module or class: keep it per request (pass it in, "
+    Kind.GLOBAL: "tool code keeps state in a module or class: keep it per request (pass it in, "
     "or build the tool in a function that creates its state)",
-    KIND_FILE: "give each request its own path (tempfile.mkstemp, or the request ID in the name)",
-    KIND_DATABASE: "write per-request rows in one transaction, or give each request its own "
+    Kind.FILE: "give each request its own path (tempfile.mkstemp, or the request ID in the name)",
+    Kind.DATABASE: "write per-request rows in one transaction, or give each request its own "
     "database; SQLite serialises writers",
-    KIND_RESOURCE: "open the connection, session or file per request (or per call), not once "
+    Kind.RESOURCE: "open the connection, session or file per request (or per call), not once "
     "for every tool",
 }
 
@@ -98,7 +118,7 @@ class SharedInstanceDetector:
         self._interpolated_by = weakref.WeakKeyDictionary()
         self._generation += 1
 
-    def enter(self, obj: object, kind: str, request_id: str, span: Span, label: str) -> Usage:
+    def enter(self, obj: object, kind: Kind, request_id: str, span: Span, label: str) -> Usage:
         """Note that ``request_id`` started using ``obj``; flag ``span`` if another request is."""
         usage, others = self._enter(id(obj), request_id)
         if others:
@@ -180,13 +200,13 @@ class SharedInstanceDetector:
             except TypeError:
                 return
         if owner is not None and owner != request_id:
-            self.report(task, KIND_TASK_INPUTS, request_id, [owner], span, label)
+            self.report(task, Kind.TASK_INPUTS, request_id, [owner], span, label)
 
     # --- reporting -------------------------------------------------------------------------
     def report(
         self,
         obj: object,
-        kind: str,
+        kind: Kind,
         request_id: str,
         others: list[str],
         span: Span,
@@ -207,15 +227,18 @@ class SharedInstanceDetector:
         label: str,
         class_name: str,
     ) -> None:
+        kind = str(kind)  # a Kind's plain value
         if span.is_recording():
-            span.set_attribute(a.SHARED_INSTANCE, True)
+            span.set_attribute(attributes.SHARED_INSTANCE, True)
             span.add_event(
-                a.EVENT_SHARED_INSTANCE,
+                attributes.EVENT_SHARED_INSTANCE,
                 {
-                    a.SHARED_INSTANCE_KIND: kind,
-                    a.SHARED_INSTANCE_CLASS: class_name,
-                    a.SHARED_INSTANCE_NAME: label,
-                    a.SHARED_INSTANCE_OTHER_REQUEST_IDS: tuple(sorted(others)[:MAX_OTHER_IDS]),
+                    attributes.SHARED_INSTANCE_KIND: kind,
+                    attributes.SHARED_INSTANCE_CLASS: class_name,
+                    attributes.SHARED_INSTANCE_NAME: label,
+                    attributes.SHARED_INSTANCE_OTHER_REQUEST_IDS: tuple(
+                        sorted(others)[:MAX_OTHER_IDS]
+                    ),
                 },
             )
         self._metrics.shared_conflict(kind)

@@ -21,7 +21,6 @@ OFFLINE_ENVIRONMENT = {
     "CREWAI_TESTING": "true",
     # CrewAI's console output (streaming flows) would otherwise look up its latest version.
     "CREWAI_DISABLE_VERSION_CHECK": "true",
-    "CREWAI_STORAGE_DIR": "crew_otel_offline",
     "OPENAI_API_KEY": "sk-fake-key-for-the-loopback-provider",
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
 }
@@ -30,9 +29,10 @@ OFFLINE_ENVIRONMENT = {
 def prepare_offline_environment(home: str | None = None) -> str:
     """Set the variables that keep CrewAI offline and sandboxed; call before ``import crewai``.
 
-    CrewAI writes a key file under ``$HOME`` and a SQLite file under ``$XDG_DATA_HOME`` at
-    import and at every kickoff; both go to ``home`` (by default a new temporary directory,
-    removed when the process exits). Returns that directory.
+    CrewAI writes a key file under ``$HOME``, a SQLite file under ``$XDG_DATA_HOME`` at import
+    and at every kickoff, and memory (LanceDB) under ``$CREWAI_STORAGE_DIR``; all go to ``home``
+    (by default a new temporary directory, removed when the process exits). Returns that
+    directory.
     """
     if home is None:
         home = tempfile.mkdtemp(prefix="crew-otel-")
@@ -41,6 +41,9 @@ def prepare_offline_environment(home: str | None = None) -> str:
         os.environ.setdefault(key, value)
     os.environ["HOME"] = home
     os.environ["XDG_DATA_HOME"] = os.path.join(home, "xdg-data")
+    # CrewAI's memory takes this as a path (relative: the working directory), the rest as an
+    # application name under XDG_DATA_HOME; an absolute path serves both.
+    os.environ["CREWAI_STORAGE_DIR"] = os.path.join(home, "crewai")
     os.environ.pop("REDIS_URL", None)
     os.environ.pop("OPENAI_BASE_URL", None)
     return home

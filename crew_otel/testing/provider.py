@@ -91,6 +91,11 @@ class Fault:
         return cls("empty")
 
     @classmethod
+    def invalid_json(cls) -> Fault:
+        """Answer a structured-output request (``response_format``) in plain text, not JSON."""
+        return cls("invalid_json")
+
+    @classmethod
     def context_length_exceeded(cls) -> Fault:
         """Answer 400 ``context_length_exceeded`` (CrewAI summarises or exits)."""
         return cls("context_length", status=400)
@@ -434,7 +439,7 @@ class FakeOpenAIProvider:
         if fault is not None and fault.kind == "empty":
             record.outcome = "empty"
             content: str | None = ""
-        elif schema is not None and not tools:
+        elif schema is not None and not tools and not (fault and fault.kind == "invalid_json"):
             record.outcome = OUTCOME_STRUCTURED
             content = json.dumps(_instance_of(schema, schema, f"Answer for {_echo(markers)}"))
         elif tools and not tool_results:
@@ -510,7 +515,7 @@ def _apply_fault(handler: _Handler, fault: Fault | None, record: RecordedRequest
         record.outcome, record.status = f"error_{fault.status}", fault.status
         handler._send_json(fault.status, _error_body(fault), fault.headers)
         return True
-    return False  # "empty" is the answer's business
+    return False  # "empty" and "invalid_json" are the answer's business
 
 
 def _answer_embeddings(

@@ -15,17 +15,21 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes as a
-from crew_otel import internals
+from crew_otel import attributes, internals
+from crew_otel.attributes import Operation
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY
 from crew_otel.diagnosis.context_window import is_no_final_output
 from crew_otel.diagnosis.error_text import safe_str
 from crew_otel.diagnosis.retries import agent_will_retry
-from crew_otel.diagnosis.sharing import KIND_AGENT
+from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
-from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
+
+#: The attempt's span records the agent's error as the layer that retries it.
+_RETRY_LAYER = ErrorRecording(expected_retry=True)
 
 
 class AgentScope:
@@ -44,22 +48,28 @@ class AgentScope:
         "task_key",
     )
 
-    def __init__(self, agent: Any, task_key: int, number: int, role: str, call: Call) -> None:
+    def __init__(self, agent: Any, task_key: int, number: int, role: str) -> None:
         #: The agent, held only while the attempt runs (released by :meth:`close`).
         self.agent = agent
         self.agent_key = id(agent)
         self.task_key = task_key
         self.number = number
         self.role = role
-        self.call = call
+        #: The execution's call (set by whoever opens the scope, right after).
+        self.call: Call[Any]
         self.iteration = 0
-        self.step: Call | None = None
+        self.step: Call[AgentScope | None] | None = None
         self.shared_flagged = False
         #: The execution ended (a step finishing later, in an abandoned worker thread, ends
         #: its span at once instead of waiting for a next step).
         self.closed = False
 
-    def keep_step_open(self, step: Call) -> None:
+    def open(self, call: Call[Any]) -> None:
+        """The scope belongs to ``call``: ending the call ends the scope's open step."""
+        self.call = call
+        call.add_closer(self.close)
+
+    def keep_step_open(self, step: Call[AgentScope | None]) -> None:
         """The step's model call returned: keep its span open for the tools it asked for."""
         step.deferred = True
         self.step = step
@@ -79,75 +89,110 @@ class AgentScope:
         self.agent = None
 
 
+class _RetryBudget:
+    """What is left of an Agent's ``max_retry_limit`` (CrewAI never resets the count)."""
+
+    __slots__ = ("limit", "remaining")
+
+    def __init__(self, agent: Any) -> None:
+        limit = getattr(agent, "max_retry_limit", None)
+        used = internals.AGENT_TIMES_EXECUTED.read(agent)
+        self.limit = limit
+        self.remaining: int | None = (
+            limit - used if isinstance(limit, int) and isinstance(used, int) else None
+        )
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining is not None and self.remaining <= 0
+
+    def attributes(self) -> dict[str, AttributeValue]:
+        if self.remaining is None:
+            return {}
+        attrs: dict[str, AttributeValue] = {
+            attributes.RETRY_BUDGET_REMAINING: max(self.remaining, 0)
+        }
+        if self.exhausted:
+            attrs[attributes.RETRY_BUDGET_EXHAUSTED] = True
+        return attrs
+
+    def note_exhausted(self, span: trace.Span) -> None:
+        span.add_event(
+            "crew_otel.retry_budget_exhausted",
+            {
+                "message": f"this Agent has used all {self.limit} retries of its max_retry_limit; "
+                "CrewAI never resets Agent._times_executed, so an error in this attempt is "
+                "not retried (build the Agent per request to get a fresh budget)",
+            },
+        )
+
+
 def _task_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return kwargs.get("task", args[0] if args else None)
 
 
-class AgentAttemptWrapper(SpanWrapper):
+class AgentAttemptWrapper(SpanWrapper[AgentScope]):
     """``Agent.execute_task`` / ``aexecute_task``: one ``invoke_agent {role}`` span per attempt."""
 
-    operation = a.OP_INVOKE_AGENT
+    operation = Operation.INVOKE_AGENT
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[AgentScope] | None:
         ctx = otel_context.get_current()
-        request_id: Any = ctx.get(REQUEST_ID_KEY)
         task = _task_arg(args, kwargs)
-        parent: AgentScope | None = ctx.get(ATTEMPT_KEY)  # type: ignore[assignment]
-        number = 1
-        if parent is not None and parent.agent_key == id(instance) and parent.task_key == id(task):
-            # CrewAI retries by calling execute_task again from the failed attempt's except block.
-            number = parent.number + 1
-            self._note_retry(parent, request_id)
-        role = a.agent_role(instance)
-        attrs = a.agent_attributes(instance, role)
-        attrs[a.ATTEMPT] = number
-        limit = getattr(instance, "max_retry_limit", None)
-        used = internals.AGENT_TIMES_EXECUTED.read(instance)
-        exhausted = False
-        if isinstance(limit, int) and isinstance(used, int):
-            remaining = limit - used
-            attrs[a.RETRY_BUDGET_REMAINING] = max(remaining, 0)
-            exhausted = remaining <= 0
-            if exhausted:
-                attrs[a.RETRY_BUDGET_EXHAUSTED] = True
-        span = self.tracer.start_span(
-            a.span_name(a.SPAN_AGENT, role), context=ctx, attributes=attrs
-        )
-        if exhausted:
-            span.add_event(
-                "crew_otel.retry_budget_exhausted",
-                {
-                    "message": f"this Agent has used all {limit} retries of its max_retry_limit; "
-                    "CrewAI never resets Agent._times_executed, so an error in this attempt is "
-                    "not retried (build the Agent per request to get a fresh budget)",
-                },
-            )
-        call = Call(span, ctx)
-        scope = AgentScope(instance, id(task), number, role, call)
-        call.data = scope
-        call.ctx = otel_context.set_value(ATTEMPT_KEY, scope, trace.set_span_in_context(span, ctx))
-        call.add_closer(scope.close)
-        if self.config.detect_shared_instances and isinstance(request_id, str):
-            sharing = self.runtime.sharing
-            usage = sharing.enter(instance, KIND_AGENT, request_id, span, role)
-            scope.shared_flagged = usage.conflicted
-            call.add_cleanup(lambda: sharing.exit(usage))
+        number = self._attempt_number(ctx, instance, task)
+        role = attributes.agent_role(instance)
+        span = self._start_span(ctx, instance, role, number)
+        scope = AgentScope(instance, id(task), number, role)
+        call_ctx = otel_context.set_value(ATTEMPT_KEY, scope, trace.set_span_in_context(span, ctx))
+        call = Call(span, call_ctx, scope)
+        scope.open(call)
+        usage = self.track_instance(call, Kind.AGENT, instance, role)
+        scope.shared_flagged = usage is not None and usage.conflicted
         return call
 
-    def _note_retry(self, parent: AgentScope, request_id: object) -> None:
+    def _start_span(
+        self, ctx: otel_context.Context, agent: Any, role: str, number: int
+    ) -> trace.Span:
+        """The attempt's span: the agent, the attempt's number, what is left of its retries."""
+        budget = _RetryBudget(agent)
+        attrs = attributes.agent_attributes(agent, role)
+        attrs[attributes.ATTEMPT] = number
+        attrs.update(budget.attributes())
+        span = self.tracer.start_span(
+            attributes.span_name(attributes.SPAN_AGENT, role), context=ctx, attributes=attrs
+        )
+        if budget.exhausted:
+            budget.note_exhausted(span)
+        return span
+
+    def _attempt_number(self, ctx: otel_context.Context, agent: Any, task: Any) -> int:
+        """1, or the failed attempt's number + 1 when CrewAI retries it (it calls
+        ``execute_task`` again from the failed attempt's except block)."""
+        parent: AgentScope | None = ctx.get(ATTEMPT_KEY)  # type: ignore[assignment]
+        if parent is None or parent.agent_key != id(agent) or parent.task_key != id(task):
+            return 1
+        self._note_retry(parent)
+        return parent.number + 1
+
+    def _note_retry(self, parent: AgentScope) -> None:
         """The parent attempt failed and CrewAI is retrying: say so on the parent span."""
         exc = sys.exc_info()[1]
-        error_type = a.error_type(exc) if exc is not None else "unknown"
+        error_type = attributes.error_type(exc) if exc is not None else "unknown"
         if exc is not None:
             self.runtime.errors.record(
-                parent.call.span, exc, self.operation, recovered=True, since=parent.call.start
+                parent.call.span,
+                exc,
+                self.operation.value,
+                recovered=True,
+                since=parent.call.start,
             )
-        self.runtime.metrics.retry(a.RETRY_LAYER_AGENT, error_type)
+        self.runtime.metrics.retry(attributes.RETRY_LAYER_AGENT, error_type)
 
-    def succeed(self, call: Call, result: Any) -> Any:
-        scope: AgentScope = call.data
+    def succeed(self, call: Call[AgentScope], result: Any) -> Any:
         if is_no_final_output(result) and call.span.is_recording():
-            call.span.set_attribute(a.CONTEXT_NO_FINAL_OUTPUT, True)
+            call.span.set_attribute(attributes.CONTEXT_NO_FINAL_OUTPUT, True)
             call.span.add_event(
                 "crew_otel.context.no_final_output",
                 {
@@ -155,23 +200,23 @@ class AgentAttemptWrapper(SpanWrapper):
                     "without a final answer; the task output is a placeholder"
                 },
             )
-        self.runtime.metrics.agent_duration.record(call.elapsed, {a.GEN_AI_AGENT_NAME: scope.role})
         return result
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        scope: AgentScope = call.data
+    def error_recording(self, call: Call[AgentScope], exc: BaseException) -> ErrorRecording:
         # CrewAI re-runs the agent from this call's except block; an error escaping it was not
         # retried, whatever an inner span expected.
-        self.runtime.errors.record(
-            call.span, exc, self.operation, since=call.start, expected_retry=True
-        )
+        return _RETRY_LAYER
+
+    def on_fail(self, call: Call[AgentScope], exc: BaseException) -> None:
         if isinstance(exc, RuntimeError) and internals.EXECUTOR_BUSY_MESSAGE.matches(safe_str(exc)):
-            self._attribute_busy_executor(call, scope)
-        self.runtime.metrics.agent_duration.record(
-            call.elapsed, {a.GEN_AI_AGENT_NAME: scope.role, a.ERROR_TYPE: a.error_type(exc)}
+            self._attribute_busy_executor(call, call.data)
+
+    def duration_point(self, call: Call[AgentScope]) -> DurationPoint:
+        return DurationPoint(
+            self.runtime.metrics.agent_duration, {attributes.GEN_AI_AGENT_NAME: call.data.role}
         )
 
-    def _attribute_busy_executor(self, call: Call, scope: AgentScope) -> None:
+    def _attribute_busy_executor(self, call: Call[AgentScope], scope: AgentScope) -> None:
         """CrewAI's "Executor is already running": the Agent object is shared between runs."""
         request_id = call.ctx.get(REQUEST_ID_KEY)
         if scope.shared_flagged or scope.agent is None or not isinstance(request_id, str):
@@ -180,15 +225,19 @@ class AgentAttemptWrapper(SpanWrapper):
         others = [rid for rid in sharing.users_of(scope.agent) if rid != request_id]
         # The other run may have finished by now; the executor error still proves the sharing.
         sharing.report(
-            scope.agent, KIND_AGENT, request_id, others or ["unknown"], call.span, scope.role
+            scope.agent, Kind.AGENT, request_id, others or ["unknown"], call.span, scope.role
         )
         scope.shared_flagged = True
 
 
-class AgentStepWrapper(SpanWrapper):
+class AgentStepWrapper(SpanWrapper[AgentScope | None]):
     """``get_llm_response`` as bound in CrewAI's executor modules: one span per agent step."""
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    operation = Operation.STEP
+
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[AgentScope | None] | None:
         ctx = otel_context.get_current()
         scope: AgentScope | None = ctx.get(ATTEMPT_KEY)  # type: ignore[assignment]
         if scope is not None:
@@ -198,14 +247,14 @@ class AgentStepWrapper(SpanWrapper):
             role = scope.role
         else:
             iteration = 1
-            role = a.agent_role(kwargs.get("from_agent"))
+            role = attributes.agent_role(kwargs.get("from_agent"))
         self._note_first_step(ctx)
         span = self.tracer.start_span(
-            a.span_name(a.SPAN_STEP, role),
+            attributes.span_name(attributes.SPAN_STEP, role),
             context=ctx,
-            attributes={a.CREWAI_AGENT_ITERATION: iteration},
+            attributes={attributes.CREWAI_AGENT_ITERATION: iteration},
         )
-        return Call(span, trace.set_span_in_context(span, ctx), data=scope)
+        return Call(span, trace.set_span_in_context(span, ctx), scope)
 
     def _note_first_step(self, ctx: otel_context.Context) -> None:
         """For async kickoffs: the wait until the first step started (executor queueing)."""
@@ -213,23 +262,20 @@ class AgentStepWrapper(SpanWrapper):
         if active is not None and active.wants_first_step_wait:
             active.record_wait(self.runtime)
 
-    def succeed(self, call: Call, result: Any) -> Any:
-        scope: AgentScope | None = call.data
-        if scope is not None:
+    def succeed(self, call: Call[AgentScope | None], result: Any) -> Any:
+        if call.data is not None:
             # Keep the step open while the tools it asked for run; the next step or the end of
             # the attempt closes it.
-            scope.keep_step_open(call)
+            call.data.keep_step_open(call)
         return result
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        self.runtime.errors.record(
-            call.span, exc, a.ORIGIN_STEP, recovered=agent_will_retry(exc), since=call.start
-        )
+    def error_recording(self, call: Call[AgentScope | None], exc: BaseException) -> ErrorRecording:
+        return ErrorRecording(recovered=agent_will_retry(exc))
 
 
-def start_scope_for_standalone_agent(runtime: Runtime, agent: Any, call: Call) -> AgentScope:
+def start_scope_for_standalone_agent(runtime: Runtime, agent: Any, call: Call[Any]) -> AgentScope:
     """Standalone ``Agent.kickoff``: steps nest under the kickoff span (no task, no attempt)."""
-    role = safe_call(a.agent_role, agent, default=a.DEFAULT_AGENT_NAME)
-    scope = AgentScope(agent, 0, 1, role, call)
-    call.add_closer(scope.close)
+    role = safe_call(attributes.agent_role, agent, default=attributes.DEFAULT_AGENT_NAME)
+    scope = AgentScope(agent, 0, 1, role)
+    scope.open(call)
     return scope

@@ -1,12 +1,19 @@
 """The span lifecycle shared by every wrapper: sync, async, sync-returning-a-coroutine.
 
-A wrapper subclass implements three hooks, each run through :func:`~crew_otel.safety.safe_call`:
+A wrapper subclass declares its :class:`~crew_otel.attributes.Operation` and implements
+``begin(instance, args, kwargs) -> Call | None``, which starts the span (``None``: no span, call
+through untouched). It may also override, each run through :func:`~crew_otel.safety.safe_call`:
 
-* ``begin(instance, args, kwargs) -> Call | None`` starts the span (``None``: no span, call
-  through untouched),
-* ``succeed(call, result) -> result`` records what the result says (it may return a
+* ``succeed(call, result) -> result`` to record what the result says (it may return a
   replacement that keeps the span open, e.g. for a stream),
-* ``fail(call, exc)`` records the exception.
+* ``error_recording(call, exc)`` to say how the exception is recorded on the span, and
+  ``on_fail(call, exc)`` to add its own part after that,
+* ``duration_point(call)`` to name the histogram and attributes of the call's duration.
+
+The base owns the chores: it records the exception (:meth:`SpanWrapper.fail`), the duration
+with ``error.type`` once per call, and offers the steps every ``begin`` shares: shared-instance
+bookkeeping (:meth:`SpanWrapper.track_instance`) and content capture
+(:meth:`SpanWrapper.capture`, :meth:`SpanWrapper.capture_on_span`).
 
 :class:`SpanWrapper` runs the wrapped function exactly once, with the call's context attached,
 and ends the span exactly once (:meth:`Call.end` is idempotent). Only the wrapped call and the
@@ -31,12 +38,16 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 
+from crew_otel import content, internals
+from crew_otel.attributes import ERROR_TYPE, Operation, error_type
+from crew_otel.context import REQUEST_ID_KEY
+from crew_otel.diagnosis.sharing import Kind, Usage
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 
@@ -48,8 +59,15 @@ _CALL_KEY = otel_context.create_key("crew_otel.call")
 #: Guards the parent/child counts and the end flags of every Call (held for a few operations).
 _tree_lock = threading.Lock()
 
+#: A wrapper's own state for one call (``Call.data``).
+T = TypeVar("T")
+#: What wrapt hands a wrapper: the wrapped function and the call's arguments.
+Wrapped = Callable[..., Any]
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
 
-class Call:
+
+class Call(Generic[T]):
     """One instrumented call in progress: its span, its context and what ending it must do."""
 
     __slots__ = (
@@ -61,6 +79,7 @@ class Call:
         "ctx",
         "data",
         "deferred",
+        "error_type",
         "on_close",
         "on_end",
         "parent",
@@ -68,7 +87,7 @@ class Call:
         "start",
     )
 
-    def __init__(self, span: Span, ctx: otel_context.Context, data: Any = None) -> None:
+    def __init__(self, span: Span, ctx: otel_context.Context, data: T) -> None:
         self.span = span
         self.ctx = ctx
         self.start = _perf()
@@ -79,9 +98,11 @@ class Call:
         #: The span belongs to an outer call (a tool's own ``run`` inside its dispatcher's
         #: span): ending this call runs its cleanups but leaves the span to its owner.
         self.borrowed = False
+        #: error.type of the call's failure once recorded (for its duration point).
+        self.error_type: str | None = None
         #: The call whose span is this span's parent (``begin`` may set it when the span is
         #: not parented on the current span); it finishes only after this call.
-        self.parent: Call | None = None
+        self.parent: Call[Any] | None = None
         self.on_close: list[Callable[[], None]] | None = None
         self.on_end: list[Callable[[], None]] | None = None
         self._done = False
@@ -113,7 +134,7 @@ class Call:
         else:
             self.on_close.append(fn)
 
-    def adopt(self, parent: Call | None) -> None:
+    def adopt(self, parent: Call[Any] | None) -> None:
         """Make ``parent`` finish only after this call (if it has not finished yet)."""
         with _tree_lock:
             if parent is None or parent is self or parent._finished:
@@ -136,7 +157,7 @@ class Call:
         self._finish()
 
     def _finish(self) -> None:
-        call: Call | None = self
+        call: Call[Any] | None = self
         while call is not None:
             with _tree_lock:
                 if not call._done or call._children or call._finished:
@@ -154,41 +175,147 @@ class Call:
             call = parent
 
 
-class SpanWrapper:
-    """Base class of the wrapper classes: one instance per target, no global state."""
+class ErrorRecording(NamedTuple):
+    """How a failed call's exception is recorded on its span (see ``ErrorLedger.record``)."""
 
-    #: Whether the target is a coroutine function (set by the instrumentor per target).
-    is_async: bool = False
+    #: A retry layer takes over after this error (or CrewAI handles it).
+    recovered: bool = False
+    #: ``None`` decides by the exception chain; ``True``/``False`` force it.
+    origin: bool | None = None
+    #: The span is the retry layer an inner origin counted on.
+    expected_retry: bool = False
 
-    def __init__(self, runtime: Runtime) -> None:
+
+#: The exception recorded with the defaults: not recovered, origin by the exception chain.
+RECORD = ErrorRecording()
+
+
+class Histogram(Protocol):
+    """What a duration is recorded into (an OTel histogram, or a capped one)."""
+
+    def record(self, amount: float, attributes: dict[str, AttributeValue]) -> None: ...
+
+
+class DurationPoint(NamedTuple):
+    """Where a call's duration goes: the histogram and the attributes (``error.type`` is added
+    when the call failed)."""
+
+    histogram: Histogram
+    attributes: dict[str, AttributeValue]
+
+
+class Cleanups(Protocol):
+    """What runs cleanups when it is over (a :class:`Call`, a kickoff's lifetime)."""
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None: ...
+
+
+class SpanWrapper(Generic[T]):
+    """Base class of the wrapper classes: one instance per target, no global state.
+
+    ``T`` is the wrapper's own state for a call (``Call.data``).
+    """
+
+    #: Value of crew_otel.origin.operation when a span of this wrapper is an error origin.
+    operation: Operation
+
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
         self.runtime = runtime
         self.tracer = runtime.tracer
         self.config = runtime.config
+        #: Whether the target is a coroutine function.
+        self.is_async = is_async
 
-    # --- hooks ---------------------------------------------------------------------------
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    # --- what a wrapper implements -------------------------------------------------------
+    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call[T] | None:
         raise NotImplementedError
 
-    def succeed(self, call: Call, result: Any) -> Any:
+    def succeed(self, call: Call[T], result: Any) -> Any:
         return result
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        self.runtime.errors.record(call.span, exc, self.operation, since=call.start)
+    def error_recording(self, call: Call[T], exc: BaseException) -> ErrorRecording | None:
+        """How the call's exception is recorded on its span (``None``: it is not)."""
+        return RECORD
 
-    #: Value of crew_otel.origin.operation when a span of this wrapper is an error origin.
-    operation: str = "unknown"
+    def on_fail(self, call: Call[T], exc: BaseException) -> None:
+        """The wrapper's own part of a failure, after the exception was recorded."""
+
+    def duration_point(self, call: Call[T]) -> DurationPoint | None:
+        """The histogram and attributes of the call's duration (``None``: no point)."""
+        return None
+
+    # --- the chores ----------------------------------------------------------------------
+    def fail(self, call: Call[T], exc: BaseException) -> None:
+        """Record the call's exception as :meth:`error_recording` says, then :meth:`on_fail`."""
+        recording = self.error_recording(call, exc)
+        if recording is not None:
+            self.runtime.errors.record(
+                call.span,
+                exc,
+                self.operation.value,
+                recovered=recording.recovered,
+                origin=recording.origin,
+                since=call.start,
+                expected_retry=recording.expected_retry,
+            )
+            call.error_type = error_type(exc)
+        self.on_fail(call, exc)
+
+    def record_duration(self, call: Call[T]) -> None:
+        """Record the call's duration point, with the ``error.type`` of its failure if any.
+
+        The base records it when the call returns or raises, unless the span is borrowed:
+        then its owner records it when the span ends (a kickoff's lifetime).
+        """
+        point = self.duration_point(call)
+        if point is None:
+            return
+        attrs = point.attributes
+        if call.error_type is not None:
+            attrs[ERROR_TYPE] = call.error_type
+        point.histogram.record(call.elapsed, attrs)
+
+    def track_instance(
+        self,
+        call: Call[T],
+        kind: Kind,
+        instance: object,
+        label: str,
+        until: Cleanups | None = None,
+    ) -> Usage | None:
+        """Shared-instance detection: the call's request uses ``instance`` until the call (or
+        ``until``) is over; the span is flagged if another request uses it meanwhile.
+
+        ``None`` when detection is off or the call runs outside a request.
+        """
+        if not self.config.detect_shared_instances:
+            return None
+        request_id = call.ctx.get(REQUEST_ID_KEY)
+        if not isinstance(request_id, str):
+            return None
+        sharing = self.runtime.sharing
+        usage = sharing.enter(instance, kind, request_id, call.span, label)
+        (call if until is None else until).add_cleanup(lambda: sharing.exit(usage))
+        return usage
+
+    def capture(self, attrs: dict[str, AttributeValue], key: str, value: object) -> None:
+        """Content capture into the attributes of a span about to start (``None`` is left out)."""
+        if self.config.capture_content and value is not None:
+            attrs[key] = self._render(value)
+
+    def capture_on_span(self, span: Span, key: str, value: object) -> None:
+        """Content capture onto a started span (when the span records)."""
+        if self.config.capture_content and span.is_recording():
+            span.set_attribute(key, self._render(value))
+
+    def _render(self, value: object) -> str:
+        return content.render(value, self.config.max_attribute_length, self.config.redact)
 
     # --- lifecycle -----------------------------------------------------------------------
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def __call__(self, wrapped: Wrapped, instance: Any, args: Args, kwargs: Kwargs) -> Any:
         if self.is_async:
             return self._call_async(wrapped, instance, args, kwargs)
-        if not self.runtime.active or not is_instrumentation_enabled():
+        if not self.runtime.recording:
             return wrapped(*args, **kwargs)
         call = self._begin(instance, args, kwargs)
         if call is None:
@@ -205,21 +332,12 @@ class SpanWrapper:
         try:
             if inspect.iscoroutine(result):
                 return self._defer_to_await(call, result)
-            result = safe_call(self.succeed, call, result, default=result)
-            if not call.deferred:
-                call.end()
+            return self._end_succeeded(call, result)
         finally:
             _detach(token)
-        return result
 
-    async def _call_async(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if not self.runtime.active or not is_instrumentation_enabled():
+    async def _call_async(self, wrapped: Wrapped, instance: Any, args: Args, kwargs: Kwargs) -> Any:
+        if not self.runtime.recording:
             return await wrapped(*args, **kwargs)
         call = self._begin(instance, args, kwargs)
         if call is None:
@@ -231,14 +349,16 @@ class SpanWrapper:
             raise
         return await self._run_awaitable(call, awaitable)
 
-    def _begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def _begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[T] | None:
         """Start the call (``begin``) and register it with the call it runs under."""
         call = safe_call(self.begin, instance, args, kwargs, default=None)
         if call is not None and not safe_call(_link, call, default=False):
             call.parent = None  # not registered: nothing waits for this call
         return call
 
-    async def _run_awaitable(self, call: Call, awaitable: Coroutine[Any, Any, Any]) -> Any:
+    async def _run_awaitable(self, call: Call[T], awaitable: Coroutine[Any, Any, Any]) -> Any:
         token = _attach(call.ctx)
         try:
             try:
@@ -246,19 +366,27 @@ class SpanWrapper:
             except BaseException as exc:
                 self._end_failed(call, exc)
                 raise
-            result = safe_call(self.succeed, call, result, default=result)
-            if not call.deferred:
-                call.end()
-            return result
+            return self._end_succeeded(call, result)
         finally:
             _detach(token)
 
-    def _end_failed(self, call: Call, exc: BaseException) -> None:
-        """Record the call's exception and end it (never raises)."""
+    def _end_succeeded(self, call: Call[T], result: Any) -> Any:
+        """Record the call's result and duration; end it unless ``succeed`` deferred that."""
+        result = safe_call(self.succeed, call, result, default=result)
+        if not call.borrowed:
+            safe_call(self.record_duration, call, default=None)
+        if not call.deferred:
+            call.end()
+        return result
+
+    def _end_failed(self, call: Call[T], exc: BaseException) -> None:
+        """Record the call's exception and duration, and end it (never raises)."""
         safe_call(self.fail, call, exc, default=None)
+        if not call.borrowed:
+            safe_call(self.record_duration, call, default=None)
         call.end()
 
-    def _defer_to_await(self, call: Call, coro: Coroutine[Any, Any, Any]) -> Any:
+    def _defer_to_await(self, call: Call[T], coro: Coroutine[Any, Any, Any]) -> Any:
         """The target returned a coroutine (e.g. ``Agent.kickoff`` inside a running loop).
 
         Keep the span open until the coroutine finishes; if it is never awaited, end the span
@@ -269,39 +397,11 @@ class SpanWrapper:
         return runner
 
 
-class Observer:
-    """Base of the hooks that make no span: they run the call, then note something about it.
-
-    Subclasses implement :meth:`observe`, which runs (through ``safe_call``) after the wrapped
-    call returned, in the caller's context, with the call's result.
-    """
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        result = wrapped(*args, **kwargs)
-        if self.runtime.active:
-            safe_call(self.observe, instance, args, kwargs, result, default=None)
-        return result
-
-    def observe(
-        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
-    ) -> None:
-        raise NotImplementedError
-
-
-def _end_abandoned(call: Call) -> None:
+def _end_abandoned(call: Call[Any]) -> None:
     call.end()
 
 
-def _link(call: Call) -> bool:
+def _link(call: Call[Any]) -> bool:
     """Register ``call`` as a child of its parent call and make it current in its context.
 
     The parent is the one ``begin`` named, else the call current where this one started, if
@@ -326,4 +426,4 @@ def _link(call: Call) -> bool:
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop running in this thread, if any (cheap; never raises)."""
-    return asyncio._get_running_loop()
+    return internals.RUNNING_LOOP.function()  # type: ignore[no-any-return]

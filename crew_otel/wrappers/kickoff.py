@@ -26,23 +26,27 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes as a
-from crew_otel import content, internals
+from crew_otel import attributes, internals
+from crew_otel.attributes import Operation
 from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, new_request_id
 from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.shared_state import RunHoldings
-from crew_otel.diagnosis.sharing import KIND_AGENT, KIND_CREW
+from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.agent import start_scope_for_standalone_agent
-from crew_otel.wrappers.base import Call, SpanWrapper, running_loop
+from crew_otel.wrappers.base import (
+    RECORD,
+    Call,
+    DurationPoint,
+    ErrorRecording,
+    SpanWrapper,
+    running_loop,
+)
 from crew_otel.wrappers.streams import is_streaming_output, trace_stream
-
-KIND_OF_CREW = "crew"
-KIND_OF_FLOW = "flow"
-KIND_OF_AGENT = "agent"
 
 #: Entry points whose work waits in the event loop's default executor.
 _EXECUTOR_ENTRYPOINTS = frozenset({"kickoff_async", "kickoff_for_each_async"})
@@ -93,8 +97,8 @@ class ActiveKickoff:
         self.wait_recorded = True
         self.wants_first_step_wait = False
         wait = time.perf_counter() - self.start
-        self.span.set_attribute(a.QUEUE_WAIT, wait)
-        runtime.metrics.queue_wait.record(wait, {a.GEN_AI_WORKFLOW_NAME: self.workflow})
+        self.span.set_attribute(attributes.QUEUE_WAIT, wait)
+        runtime.metrics.queue_wait.record(wait, {attributes.GEN_AI_WORKFLOW_NAME: self.workflow})
 
 
 class KickoffLifetime:
@@ -110,7 +114,16 @@ class KickoffLifetime:
     ends when it is closed or collected.
     """
 
-    __slots__ = ("_ended", "_finish", "_holders", "_lock", "_stream", "_work")
+    __slots__ = (
+        "_cleanups",
+        "_ended",
+        "_finish",
+        "_holders",
+        "_lock",
+        "_stream",
+        "_work",
+        "parent",
+    )
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -119,10 +132,22 @@ class KickoffLifetime:
         self._stream = False
         self._ended = False
         self._finish: Callable[[], None] | None = None
+        self._cleanups: list[Callable[[], None]] = []
+        #: The lifetime of the run this kickoff is nested in (held until this one ends).
+        self.parent: KickoffLifetime | None = None
 
     def on_end(self, finish: Callable[[], None]) -> None:
         """What ending the kickoff does (set once, before anything is released)."""
         self._finish = finish
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the kickoff ends (see :meth:`run_cleanups`)."""
+        self._cleanups.append(fn)
+
+    def run_cleanups(self) -> None:
+        """Release what the kickoff held (each through safe_call, in the order added)."""
+        for fn in self._cleanups:
+            safe_call(fn, default=None)
 
     @property
     def work_in_flight(self) -> int:
@@ -139,15 +164,7 @@ class KickoffLifetime:
             return True
 
     def release_work(self) -> None:
-        with self._lock:
-            self._work -= 1
-            self._holders -= 1
-            if self._work == 0 and self._stream:
-                self._stream = False
-                self._holders -= 1
-            finish = self._take_finish()
-        if finish is not None:
-            finish()
+        self._release(work=True)
 
     def hold_stream(self) -> None:
         """The call returned a stream that keeps the kickoff open until the stream is over."""
@@ -157,29 +174,30 @@ class KickoffLifetime:
                 self._holders += 1
 
     def release_stream(self) -> None:
-        with self._lock:
-            if not self._stream:
-                return
-            self._stream = False
-            self._holders -= 1
-            finish = self._take_finish()
-        if finish is not None:
-            finish()
+        self._release(stream=True)
 
     def release_call(self) -> None:
+        self._release()
+
+    def _release(self, *, work: bool = False, stream: bool = False) -> None:
+        """A holder lets go; the last one ends the kickoff (once)."""
         with self._lock:
+            if stream and not self._stream:
+                return
             self._holders -= 1
-            finish = self._take_finish()
+            if stream:
+                self._stream = False
+            if work:
+                self._work -= 1
+                if self._work == 0 and self._stream:
+                    self._stream = False  # the run is over: its stream yields nothing more
+                    self._holders -= 1
+            if self._holders > 0 or self._ended:
+                return
+            self._ended = True
+            finish, self._finish = self._finish, None
         if finish is not None:
             finish()
-
-    def _take_finish(self) -> Callable[[], None] | None:
-        """The finish to run once the last holder let go (called with the lock held)."""
-        if self._holders > 0 or self._ended:
-            return None
-        self._ended = True
-        finish, self._finish = self._finish, None
-        return finish
 
 
 class _Delegated:
@@ -191,12 +209,21 @@ class _Delegated:
         self.record = record
 
 
+#: ``Call.data`` of a kickoff: its record, or the delegation to the kickoff in progress.
+KickoffData = ActiveKickoff | _Delegated
+
+
+def _record_of(call: Call[KickoffData]) -> ActiveKickoff:
+    data = call.data
+    return data.record if isinstance(data, _Delegated) else data
+
+
 class _KickoffStream:
     """What a traced stream reports to its kickoff (see :mod:`crew_otel.wrappers.streams`)."""
 
     __slots__ = ("call", "wrapper")
 
-    def __init__(self, wrapper: KickoffWrapper, call: Call) -> None:
+    def __init__(self, wrapper: KickoffWrapper, call: Call[KickoffData]) -> None:
         self.wrapper = wrapper
         self.call = call
 
@@ -204,86 +231,107 @@ class _KickoffStream:
         self.wrapper.fail(self.call, exc)
 
     def stream_done(self) -> None:
-        record: ActiveKickoff = self.call.data
-        record.lifetime.release_stream()
+        _record_of(self.call).lifetime.release_stream()
 
 
-class KickoffWrapper(SpanWrapper):
+class KickoffWrapper(SpanWrapper[KickoffData]):
     """One ``invoke_workflow {name}`` span per kickoff, for every entry point."""
 
-    operation = a.OP_INVOKE_WORKFLOW
+    operation = Operation.INVOKE_WORKFLOW
 
-    def __init__(self, runtime: Runtime, entrypoint: str, kind: str) -> None:
-        super().__init__(runtime)
+    def __init__(
+        self, runtime: Runtime, entrypoint: str, kind: Kind, *, is_async: bool = False
+    ) -> None:
+        super().__init__(runtime, is_async=is_async)
         self.entrypoint = entrypoint
         self.kind = kind
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
-        if self.kind == KIND_OF_FLOW and _is_internal_flow(type(instance)):
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[KickoffData] | None:
+        if self.kind == Kind.FLOW and _is_internal_flow(type(instance)):
             return None  # CrewAI's own flows (the agent executor) are not kickoffs
         ctx = otel_context.get_current()
         active: ActiveKickoff | None = ctx.get(KICKOFF_KEY)  # type: ignore[assignment]
-        if (
-            active is not None
-            and active.instance_key == id(instance)
-            and innermost_own_span_is(active.span, ctx)  # also through another's span
-        ):
+        if active is not None and _delegates_to_itself(active, instance, ctx):
             return self._delegated(active, ctx)
         safe_call(self.runtime.on_kickoff, default=None)
-        request_id: Any = ctx.get(REQUEST_ID_KEY)
-        if not isinstance(request_id, str):
-            request_id = new_request_id()
-            ctx = otel_context.set_value(REQUEST_ID_KEY, request_id, ctx)
-        name = a.workflow_name(instance)
-        attrs = a.kickoff_attributes(instance, self.entrypoint, name)
-        if self.kind == KIND_OF_CREW and not self.is_async and running_loop() is not None:
-            attrs[a.SYNC_IN_EVENT_LOOP] = True
+        ctx = _with_request_id(ctx)
+        name = attributes.workflow_name(instance)
+        span = self.tracer.start_span(
+            attributes.span_name(attributes.SPAN_WORKFLOW, name),
+            context=ctx,
+            attributes=self._attributes(instance, name, args, kwargs),
+        )
+        call = self._start(instance, span, name, ctx)
+        record = _record_of(call)
+        if self.kind == Kind.AGENT:
+            self._open_agent_scope(call, instance)
+        if self.kind != Kind.FLOW:
+            self.track_instance(call, self.kind, instance, name, until=record.lifetime)
+        self._hold_shared_state(record)
+        self._join_run(record, active)
+        return call
+
+    def _attributes(
+        self, instance: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, AttributeValue]:
+        """The kickoff span's attributes: what it runs, where, and its inputs (content)."""
+        attrs = attributes.kickoff_attributes(instance, self.entrypoint, name)
+        if self.kind == Kind.CREW and not self.is_async and running_loop() is not None:
+            attrs[attributes.SYNC_IN_EVENT_LOOP] = True
         if self.is_async:
             depth = _default_executor_queue_depth()
             if depth is not None:
-                attrs[a.EXECUTOR_QUEUE_DEPTH] = depth
-        if self.config.capture_content:
-            inputs = kwargs.get("inputs", args[0] if args else None)
-            if inputs is not None:
-                attrs[a.CREWAI_KICKOFF_INPUTS] = content.render(
-                    inputs, self.config.max_attribute_length, self.config.redact
-                )
-        span = self.tracer.start_span(
-            a.span_name(a.SPAN_WORKFLOW, name), context=ctx, attributes=attrs
+                attrs[attributes.EXECUTOR_QUEUE_DEPTH] = depth
+        self.capture(
+            attrs, attributes.CREWAI_KICKOFF_INPUTS, kwargs.get("inputs", args[0] if args else None)
         )
+        return attrs
+
+    def _start(
+        self, instance: Any, span: trace.Span, name: str, ctx: otel_context.Context
+    ) -> Call[KickoffData]:
+        """The kickoff's call. Its span and what the kickoff counts belong to its lifetime,
+        which may outlast the call (a stream, a caller that stopped waiting while the worker
+        thread goes on)."""
         lifetime = KickoffLifetime()
         record = ActiveKickoff(id(instance), span, name, self.entrypoint, lifetime)
         call_ctx = otel_context.set_value(KICKOFF_KEY, record, trace.set_span_in_context(span, ctx))
-        call = Call(span, call_ctx, data=record)
-        # The span and what the kickoff counts belong to its lifetime, which may outlast the
-        # call (a stream, a caller that stopped waiting while the worker thread goes on).
+        call: Call[KickoffData] = Call(span, call_ctx, record)
         call.borrowed = True
-        cleanups: list[Callable[[], None]] = []
-        parent: KickoffLifetime | None = None
-        lifetime.on_end(lambda: self._finish(call, cleanups, parent))
+        lifetime.on_end(lambda: self._finish(call, record))
         call.add_cleanup(lifetime.release_call)
-        if self.kind == KIND_OF_AGENT:
-            scope = start_scope_for_standalone_agent(self.runtime, instance, call)
-            call.ctx = otel_context.set_value(ATTEMPT_KEY, scope, call.ctx)
-        if self.config.detect_shared_instances and self.kind != KIND_OF_FLOW:
-            sharing = self.runtime.sharing
-            kind = KIND_CREW if self.kind == KIND_OF_CREW else KIND_AGENT
-            usage = sharing.enter(instance, kind, request_id, span, name)
-            cleanups.append(lambda: sharing.exit(usage))
-        if self.config.detect_shared_instances:
-            record.holdings = self.runtime.shared_state.new_holdings()
-            cleanups.append(record.holdings.release)
-        if active is None:
-            cleanups.append(self.runtime.errors.hold_run(span, record))
-            metrics = self.runtime.metrics
-            in_flight = metrics.kickoff_started(name)
-            cleanups.append(lambda: metrics.kickoff_ended(name))
-            span.set_attribute(a.KICKOFFS_IN_FLIGHT, in_flight)
-        elif active.lifetime.hold_work():
-            parent = active.lifetime  # a kickoff nested in a run: the run's kickoff ends after it
         return call
 
-    def _delegated(self, active: ActiveKickoff, ctx: otel_context.Context) -> Call | None:
+    def _open_agent_scope(self, call: Call[KickoffData], agent: Any) -> None:
+        """Standalone ``Agent.kickoff``: the agent's steps nest under the kickoff span."""
+        scope = start_scope_for_standalone_agent(self.runtime, agent, call)
+        call.ctx = otel_context.set_value(ATTEMPT_KEY, scope, call.ctx)
+
+    def _hold_shared_state(self, record: ActiveKickoff) -> None:
+        """The shared state the run's tool code touches is the run's until the kickoff ends."""
+        if self.config.detect_shared_instances:
+            record.holdings = self.runtime.shared_state.new_holdings()
+            record.lifetime.add_cleanup(record.holdings.release)
+
+    def _join_run(self, record: ActiveKickoff, active: ActiveKickoff | None) -> None:
+        """A top-level kickoff starts a run: it keeps the run's error marks and counts in
+        flight. A kickoff nested in a run holds the run's kickoff open until it ends."""
+        if active is not None:
+            if active.lifetime.hold_work():
+                record.lifetime.parent = active.lifetime
+            return
+        record.lifetime.add_cleanup(self.runtime.errors.hold_run(record.span, record))
+        metrics = self.runtime.metrics
+        name = record.workflow
+        in_flight = metrics.kickoff_started(name)
+        record.lifetime.add_cleanup(lambda: metrics.kickoff_ended(name))
+        record.span.set_attribute(attributes.KICKOFFS_IN_FLIGHT, in_flight)
+
+    def _delegated(
+        self, active: ActiveKickoff, ctx: otel_context.Context
+    ) -> Call[KickoffData] | None:
         """The entry point delegates to another entry point of the same object.
 
         No second span: the call holds the kickoff open while it runs (it is the run's work,
@@ -293,50 +341,67 @@ class KickoffWrapper(SpanWrapper):
             active.record_wait(self.runtime)
         if not active.lifetime.hold_work():
             return None
-        call = Call(active.span, ctx, data=_Delegated(active))
+        call: Call[KickoffData] = Call(active.span, ctx, _Delegated(active))
         call.borrowed = True
         call.add_cleanup(active.lifetime.release_work)
         return call
 
-    def succeed(self, call: Call, result: Any) -> Any:
-        if isinstance(call.data, _Delegated):
+    def succeed(self, call: Call[KickoffData], result: Any) -> Any:
+        record = call.data
+        if isinstance(record, _Delegated):
             return result
         if is_streaming_output(result) and trace_stream(
             result, call.ctx, _KickoffStream(self, call)
         ):
-            record: ActiveKickoff = call.data
             record.lifetime.hold_stream()
             # A stream never iterated starts no run: it ends when it is collected (or closed).
             weakref.finalize(result, record.lifetime.release_stream)
         return result
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        delegated = isinstance(call.data, _Delegated)
-        record: ActiveKickoff = call.data.record if delegated else call.data
+    def error_recording(self, call: Call[KickoffData], exc: BaseException) -> ErrorRecording | None:
+        """A cancelled caller is noted first; if the work goes on, it decides the outcome."""
+        record = _record_of(call)
         if is_cancellation(exc):
             if not record.cancel_noted:
                 record.cancel_noted = True
-                call.span.add_event(a.EVENT_CALLER_CANCELLED)
-            if not delegated and record.lifetime.work_in_flight:
-                return  # the caller stopped waiting; the work goes on and decides the outcome
-        self.runtime.errors.record(call.span, exc, self.operation, since=call.start)
-        if record.error_type is None:
-            record.error_type = a.error_type(exc)
+                call.span.add_event(attributes.EVENT_CALLER_CANCELLED)
+            if not isinstance(call.data, _Delegated) and record.lifetime.work_in_flight:
+                return None  # the caller stopped waiting; the work goes on
+        return RECORD
 
-    def _finish(
-        self, call: Call, cleanups: list[Callable[[], None]], parent: KickoffLifetime | None
-    ) -> None:
+    def on_fail(self, call: Call[KickoffData], exc: BaseException) -> None:
+        record = _record_of(call)
+        if record.error_type is None:
+            record.error_type = call.error_type
+
+    def duration_point(self, call: Call[KickoffData]) -> DurationPoint:
+        return DurationPoint(
+            self.runtime.metrics.workflow_duration,
+            {attributes.GEN_AI_WORKFLOW_NAME: _record_of(call).workflow},
+        )
+
+    def _finish(self, call: Call[KickoffData], record: ActiveKickoff) -> None:
         """The kickoff's real end: its counts, its duration, its span, then its parent's hold."""
-        record: ActiveKickoff = call.data
-        for fn in cleanups:
-            safe_call(fn, default=None)
-        attrs = {a.GEN_AI_WORKFLOW_NAME: record.workflow}
-        if record.error_type is not None:
-            attrs[a.ERROR_TYPE] = record.error_type
-        safe_call(self.runtime.metrics.workflow_duration.record, call.elapsed, attrs, default=None)
+        lifetime = record.lifetime
+        lifetime.run_cleanups()
+        call.error_type = record.error_type  # the run's first failure, also a delegated call's
+        safe_call(self.record_duration, call, default=None)
         call.span.end()
-        if parent is not None:
-            parent.release_work()
+        if lifetime.parent is not None:
+            lifetime.parent.release_work()
+
+
+def _delegates_to_itself(active: ActiveKickoff, instance: Any, ctx: otel_context.Context) -> bool:
+    """Whether an entry point of the object whose kickoff is in progress calls another one
+    (also through another instrumentation's span)."""
+    return active.instance_key == id(instance) and innermost_own_span_is(active.span, ctx)
+
+
+def _with_request_id(ctx: otel_context.Context) -> otel_context.Context:
+    """``ctx`` with a request ID: the caller's (``crew_otel.request``), else a new one."""
+    if isinstance(ctx.get(REQUEST_ID_KEY), str):
+        return ctx
+    return otel_context.set_value(REQUEST_ID_KEY, new_request_id(), ctx)
 
 
 def _is_internal_flow(cls: type) -> bool:

@@ -23,15 +23,17 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes as a
-from crew_otel import content, internals
+from crew_otel import attributes, internals
+from crew_otel.attributes import Operation
 from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
-from crew_otel.context import LLM_CALL_KEY, REQUEST_ID_KEY
+from crew_otel.context import LLM_CALL_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
-from crew_otel.diagnosis.sharing import KIND_LLM
+from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
-from crew_otel.wrappers.base import Call, Observer, SpanWrapper
+from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
+from crew_otel.wrappers.observer import Observer
 
 DEFAULT_SDK_MAX_RETRIES = 2
 
@@ -87,29 +89,31 @@ class LlmCallState:
         self.last_http_failed = False
 
 
-class ChatWrapper(SpanWrapper):
+class ChatWrapper(SpanWrapper[LlmCallState]):
     """One ``chat {model}`` CLIENT span per model call."""
 
-    operation = a.OP_CHAT
+    operation = Operation.CHAT
 
-    def __init__(self, runtime: Runtime, rate_limit_layer: bool) -> None:
-        super().__init__(runtime)
+    def __init__(self, runtime: Runtime, rate_limit_layer: bool, *, is_async: bool = False) -> None:
+        super().__init__(runtime, is_async=is_async)
         self.rate_limit_layer = rate_limit_layer
         self._providers: dict[type, str | None] = {}
         self._provider_instrumentations = ProviderInstrumentations()
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[LlmCallState] | None:
         ctx = otel_context.get_current()
         existing: LlmCallState | None = ctx.get(LLM_CALL_KEY)  # type: ignore[assignment]
         if existing is not None and trace.get_current_span(ctx) is existing.span:
             return None  # a provider delegating to another call of its own
-        model = a.model_name(instance)
+        model = attributes.model_name(instance)
         cls = type(instance)
         if cls not in self._providers:  # the class decides for native providers: look once
-            self._providers[cls] = a.class_provider_name(cls)
-        provider = self._providers[cls] or a.configured_provider_name(instance)
+            self._providers[cls] = attributes.class_provider_name(cls)
+        provider = self._providers[cls] or attributes.configured_provider_name(instance)
         messages = kwargs.get("messages", args[0] if args else None)
-        attrs = a.llm_attributes(instance, model, provider, messages)
+        attrs = attributes.llm_attributes(instance, model, provider, messages)
         deferral = (
             self._provider_instrumentations.deferral_for(cls)
             if self.config.defer_to_provider_instrumentation
@@ -118,84 +122,72 @@ class ChatWrapper(SpanWrapper):
         if deferral is not None:
             # The provider instrumentation's span under this one is the inference span.
             attrs = deferred_attributes(attrs, deferral)
-            name, kind = a.span_name(a.SPAN_LLM_CALL, model), SpanKind.INTERNAL
+            name, kind = attributes.span_name(attributes.SPAN_LLM_CALL, model), SpanKind.INTERNAL
         else:
-            if self.config.capture_content and messages is not None:
-                attrs[a.GEN_AI_INPUT_MESSAGES] = content.render(
-                    messages, self.config.max_attribute_length, self.config.redact
-                )
-            name, kind = a.span_name(a.SPAN_CHAT, model), SpanKind.CLIENT
+            self.capture(attrs, attributes.GEN_AI_INPUT_MESSAGES, messages)
+            name, kind = attributes.span_name(attributes.SPAN_CHAT, model), SpanKind.CLIENT
         span = self.tracer.start_span(name, context=ctx, kind=kind, attributes=attrs)
-        max_retries = getattr(instance, "max_retries", None)
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool):
-            max_retries = DEFAULT_SDK_MAX_RETRIES
-        state = LlmCallState(span, provider, model, max_retries, self.rate_limit_layer)
+        state = LlmCallState(span, provider, model, _max_retries(instance), self.rate_limit_layer)
         if deferral is not None:
             state.deferred = True
             state.record_metrics = not deferral.records_metrics
         call = Call(
             span,
             otel_context.set_value(LLM_CALL_KEY, state, trace.set_span_in_context(span, ctx)),
-            data=state,
+            state,
         )
-        request_id: Any = ctx.get(REQUEST_ID_KEY)
-        if self.config.detect_shared_instances and isinstance(request_id, str):
-            sharing = self.runtime.sharing
-            usage = sharing.enter(instance, KIND_LLM, request_id, span, model)
-            call.add_cleanup(lambda: sharing.exit(usage))
+        self.track_instance(call, Kind.LLM, instance, model)
         return call
 
-    def _metric_attributes(self, state: LlmCallState) -> dict[str, Any]:
-        return {
-            a.GEN_AI_OPERATION_NAME: a.OP_CHAT,
-            a.GEN_AI_PROVIDER_NAME: state.provider,
-            a.GEN_AI_REQUEST_MODEL: state.model,
-        }
-
-    def succeed(self, call: Call, result: Any) -> Any:
-        state: LlmCallState = call.data
+    def succeed(self, call: Call[LlmCallState], result: Any) -> Any:
+        state = call.data
         if state.record_metrics:
-            self._record_metrics(call, state)
+            self._record_tokens(state)
         if state.deferred:
             return result  # the provider instrumentation's span has the response
         if not state.finish_reason_known and isinstance(result, list) and result:
             # Older CrewAI does not report the finish reason; a list of tool calls is certain.
-            call.span.set_attribute(a.GEN_AI_RESPONSE_FINISH_REASONS, ("tool_calls",))
-        if self.config.capture_content and call.span.is_recording():
-            call.span.set_attribute(
-                a.GEN_AI_OUTPUT_MESSAGES,
-                content.render(result, self.config.max_attribute_length, self.config.redact),
-            )
+            call.span.set_attribute(attributes.GEN_AI_RESPONSE_FINISH_REASONS, ("tool_calls",))
+        self.capture_on_span(call.span, attributes.GEN_AI_OUTPUT_MESSAGES, result)
         return result
 
-    def _record_metrics(self, call: Call, state: LlmCallState) -> None:
-        attrs = self._metric_attributes(state)
-        metrics = self.runtime.metrics
-        metrics.operation_duration.record(call.elapsed, attrs)
-        if state.input_tokens is not None:
-            metrics.token_usage.record(state.input_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "input"})
-        if state.output_tokens is not None:
-            metrics.token_usage.record(
-                state.output_tokens, {**attrs, a.GEN_AI_TOKEN_TYPE: "output"}
-            )
+    def _record_tokens(self, state: LlmCallState) -> None:
+        token_usage = self.runtime.metrics.token_usage
+        for token_type, tokens in (("input", state.input_tokens), ("output", state.output_tokens)):
+            if tokens is not None:
+                token_usage.record(
+                    tokens, {**_metric_attributes(state), attributes.GEN_AI_TOKEN_TYPE: token_type}
+                )
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        state: LlmCallState = call.data
+    def error_recording(self, call: Call[LlmCallState], exc: BaseException) -> ErrorRecording:
         # A failed last HTTP attempt is the origin; otherwise decide by the exception chain
         # (e.g. CrewAI rejecting an empty response makes the model call itself the origin).
-        origin = False if state.last_http_failed else None
-        self.runtime.errors.record(
-            call.span,
-            exc,
-            self.operation,
-            origin=origin,
+        return ErrorRecording(
+            origin=False if call.data.last_http_failed else None,
             recovered=agent_will_retry(exc),
-            since=call.start,
         )
-        if state.record_metrics:
-            attrs = self._metric_attributes(state)
-            attrs[a.ERROR_TYPE] = a.error_type(exc)
-            self.runtime.metrics.operation_duration.record(call.elapsed, attrs)
+
+    def duration_point(self, call: Call[LlmCallState]) -> DurationPoint | None:
+        state = call.data
+        if not state.record_metrics:
+            return None  # the provider instrumentation records gen_ai.client.* points
+        return DurationPoint(self.runtime.metrics.operation_duration, _metric_attributes(state))
+
+
+def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
+    return {
+        attributes.GEN_AI_OPERATION_NAME: Operation.CHAT.value,
+        attributes.GEN_AI_PROVIDER_NAME: state.provider,
+        attributes.GEN_AI_REQUEST_MODEL: state.model,
+    }
+
+
+def _max_retries(llm: Any) -> int:
+    """The SDK's HTTP retry budget of ``llm`` (the SDK default when it does not say)."""
+    max_retries = getattr(llm, "max_retries", None)
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool):
+        return DEFAULT_SDK_MAX_RETRIES
+    return max_retries
 
 
 class LlmResponseObserver(Observer):
@@ -224,23 +216,23 @@ class LlmResponseObserver(Observer):
 
     def _note(self, state: LlmCallState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         values = self.arguments.values(args, kwargs)
-        attrs = a.usage_attributes(
+        attrs = attributes.usage_attributes(
             values.get("usage_data", values.get("usage")) if self.take_usage else None,
             values.get("finish_reason"),
             values.get("response_id"),
         )
         if not attrs:
             return
-        if a.GEN_AI_RESPONSE_FINISH_REASONS in attrs:
+        if attributes.GEN_AI_RESPONSE_FINISH_REASONS in attrs:
             state.finish_reason_known = True
-        input_tokens = attrs.get(a.GEN_AI_USAGE_INPUT_TOKENS)
-        output_tokens = attrs.get(a.GEN_AI_USAGE_OUTPUT_TOKENS)
+        input_tokens = attrs.get(attributes.GEN_AI_USAGE_INPUT_TOKENS)
+        output_tokens = attrs.get(attributes.GEN_AI_USAGE_OUTPUT_TOKENS)
         if isinstance(input_tokens, int):
             state.input_tokens = (state.input_tokens or 0) + input_tokens
-            attrs[a.GEN_AI_USAGE_INPUT_TOKENS] = state.input_tokens
+            attrs[attributes.GEN_AI_USAGE_INPUT_TOKENS] = state.input_tokens
         if isinstance(output_tokens, int):
             state.output_tokens = (state.output_tokens or 0) + output_tokens
-            attrs[a.GEN_AI_USAGE_OUTPUT_TOKENS] = state.output_tokens
+            attrs[attributes.GEN_AI_USAGE_OUTPUT_TOKENS] = state.output_tokens
         if not state.deferred:  # else the provider instrumentation's span has them
             state.span.set_attributes(attrs)
 
@@ -263,10 +255,13 @@ class RateLimitRetryObserver(Observer):
     def _note(self, state: LlmCallState, retry_number: object, delay: object) -> None:
         state.rate_limit_retries += 1
         error_type = state.last_error_type or "unknown"
-        event: dict[str, Any] = {a.RETRY_LAYER: a.RETRY_LAYER_RATE_LIMIT, a.ERROR_TYPE: error_type}
+        event: dict[str, Any] = {
+            attributes.RETRY_LAYER: attributes.RETRY_LAYER_RATE_LIMIT,
+            attributes.ERROR_TYPE: error_type,
+        }
         if isinstance(retry_number, int):
             event["crew_otel.retry.number"] = retry_number
         if isinstance(delay, (int, float)):
             event["crew_otel.retry.delay_s"] = float(delay)
-        state.span.add_event(a.EVENT_RETRY, event)
-        self.runtime.metrics.retry(a.RETRY_LAYER_RATE_LIMIT, error_type, state.provider)
+        state.span.add_event(attributes.EVENT_RETRY, event)
+        self.runtime.metrics.retry(attributes.RETRY_LAYER_RATE_LIMIT, error_type, state.provider)

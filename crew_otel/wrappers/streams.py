@@ -40,6 +40,29 @@ def is_streaming_output(result: Any) -> bool:
     return internals.STREAMING_OUTPUTS.matches(result)
 
 
+class _Step:
+    """One step of a traced stream: runs in the kickoff's context; tells the owner when the
+    stream is over (exhausted or failed) and never swallows what the step raised."""
+
+    __slots__ = ("_owner", "_token")
+
+    def __init__(self, ctx: otel_context.Context, owner: StreamOwner) -> None:
+        self._owner = owner
+        self._token = _attach(ctx)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc is not None:
+                if not isinstance(exc, (StopIteration, StopAsyncIteration)):
+                    safe_call(self._owner.stream_failed, exc, default=None)
+                safe_call(self._owner.stream_done, default=None)
+        finally:
+            _detach(self._token)
+
+
 class TracedStream:
     """A sync chunk iterator whose every step runs in the kickoff's context."""
 
@@ -54,18 +77,8 @@ class TracedStream:
         return self
 
     def __next__(self) -> Any:
-        token = _attach(self._ctx)
-        try:
+        with _Step(self._ctx, self._owner):
             return next(self._inner)
-        except StopIteration:
-            safe_call(self._owner.stream_done, default=None)
-            raise
-        except BaseException as exc:
-            safe_call(self._owner.stream_failed, exc, default=None)
-            safe_call(self._owner.stream_done, default=None)
-            raise
-        finally:
-            _detach(token)
 
     def close(self) -> None:
         """Close the inner iterator (CrewAI waits for the run there), then end the stream."""
@@ -94,20 +107,10 @@ class TracedAsyncStream:
 
     async def __anext__(self) -> Any:
         # The context is attached and detached in the same task (the consumer's): CrewAI's
-        # ``asyncio.create_task`` at the first step copies it into the run's task.
-        token = _attach(self._ctx)
-        try:
+        # ``asyncio.create_task`` at the first step copies it into the run's task. A
+        # cancellation of the consumer also ends the stream: CrewAI's generator is finished.
+        with _Step(self._ctx, self._owner):
             return await self._inner.__anext__()
-        except StopAsyncIteration:
-            safe_call(self._owner.stream_done, default=None)
-            raise
-        except BaseException as exc:
-            # Also a cancellation of the consumer: CrewAI's generator is finished after it.
-            safe_call(self._owner.stream_failed, exc, default=None)
-            safe_call(self._owner.stream_done, default=None)
-            raise
-        finally:
-            _detach(token)
 
     async def aclose(self) -> None:
         """Close the inner iterator (CrewAI cancels or awaits the run), then end the stream."""

@@ -13,45 +13,41 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from crew_otel import attributes as a
-from crew_otel import content
+from crew_otel import attributes
+from crew_otel.attributes import Operation
 from crew_otel.context import REQUEST_ID_KEY
-from crew_otel.diagnosis.sharing import KIND_TASK
-from crew_otel.wrappers.base import Call, Observer, SpanWrapper
+from crew_otel.diagnosis.sharing import Kind
+from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.wrappers.observer import Observer
 
 
-class TaskWrapper(SpanWrapper):
+class TaskWrapper(SpanWrapper[None]):
     """One ``crewai.task {name}`` span per task run."""
 
-    operation = a.ORIGIN_TASK
+    operation = Operation.TASK
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[None] | None:
         ctx = otel_context.get_current()
-        name = a.task_name(instance)
-        attrs = a.task_attributes(instance, name)
-        if self.config.capture_content:
-            description = getattr(instance, "description", None)
-            if description is not None:
-                attrs[a.CREWAI_TASK_DESCRIPTION] = content.render(
-                    description, self.config.max_attribute_length, self.config.redact
-                )
-        span = self.tracer.start_span(a.span_name(a.SPAN_TASK, name), context=ctx, attributes=attrs)
-        call = Call(span, trace.set_span_in_context(span, ctx))
-        request_id: Any = ctx.get(REQUEST_ID_KEY)
-        if self.config.detect_shared_instances and isinstance(request_id, str):
-            sharing = self.runtime.sharing
-            usage = sharing.enter(instance, KIND_TASK, request_id, span, name)
-            call.add_cleanup(lambda: sharing.exit(usage))
-            sharing.check_task_inputs(instance, request_id, span, name)
+        name = attributes.task_name(instance)
+        attrs = attributes.task_attributes(instance, name)
+        self.capture(
+            attrs, attributes.CREWAI_TASK_DESCRIPTION, getattr(instance, "description", None)
+        )
+        span = self.tracer.start_span(
+            attributes.span_name(attributes.SPAN_TASK, name), context=ctx, attributes=attrs
+        )
+        call = Call(span, trace.set_span_in_context(span, ctx), None)
+        usage = self.track_instance(call, Kind.TASK, instance, name)
+        if usage is not None:
+            self.runtime.sharing.check_task_inputs(instance, usage.request_id, span, name)
         return call
 
-    def succeed(self, call: Call, result: Any) -> Any:
-        if self.config.capture_content and call.span.is_recording():
-            raw = getattr(result, "raw", result)
-            call.span.set_attribute(
-                a.CREWAI_TASK_OUTPUT,
-                content.render(raw, self.config.max_attribute_length, self.config.redact),
-            )
+    def succeed(self, call: Call[None], result: Any) -> Any:
+        self.capture_on_span(
+            call.span, attributes.CREWAI_TASK_OUTPUT, getattr(result, "raw", result)
+        )
         return result
 
 

@@ -20,15 +20,16 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes as a
-from crew_otel import content, internals
+from crew_otel import attributes, internals
+from crew_otel.attributes import Operation
 from crew_otel.coexistence import innermost_own_span_is
-from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
+from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, TOOL_CALL_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.shared_state import RunHoldings, is_locked_database_error
-from crew_otel.diagnosis.sharing import KIND_TOOL
-from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.diagnosis.sharing import Kind
+from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
 
 UNKNOWN_TOOL = "unknown"
 
@@ -48,15 +49,15 @@ class ToolCallRecord:
         self.error_type: str | None = None
 
 
-def _open_step(ctx: otel_context.Context) -> Call | None:
+def _open_step(ctx: otel_context.Context) -> Call[Any] | None:
     """Tools run after their step's model call returned: the open step is their parent."""
     scope: Any = ctx.get(ATTEMPT_KEY)
     step = getattr(scope, "step", None)
     return step if isinstance(step, Call) else None
 
 
-class _ToolSpanWrapper(SpanWrapper):
-    operation = a.OP_EXECUTE_TOOL
+class _ToolSpanWrapper(SpanWrapper[ToolCallRecord]):
+    operation = Operation.EXECUTE_TOOL
 
     #: Whether the wrapped dispatcher turns tool exceptions into text for the model.
     swallows_errors = True
@@ -68,58 +69,41 @@ class _ToolSpanWrapper(SpanWrapper):
         call_id: object,
         arguments: object,
         extra: dict[str, str] | None = None,
-    ) -> Call:
-        attrs = a.tool_attributes(name, call_id)
+    ) -> Call[ToolCallRecord]:
+        attrs = attributes.tool_attributes(name, call_id)
         if extra:
             attrs.update(extra)
-        if self.config.capture_content and arguments is not None:
-            attrs[a.GEN_AI_TOOL_CALL_ARGUMENTS] = content.render(
-                arguments, self.config.max_attribute_length, self.config.redact
-            )
+        self.capture(attrs, attributes.GEN_AI_TOOL_CALL_ARGUMENTS, arguments)
         step = _open_step(ctx)
         parent_ctx = trace.set_span_in_context(step.span, ctx) if step is not None else ctx
         span = self.tracer.start_span(
-            a.span_name(a.SPAN_TOOL, name), context=parent_ctx, attributes=attrs
+            attributes.span_name(attributes.SPAN_TOOL, name), context=parent_ctx, attributes=attrs
         )
         record = ToolCallRecord(span, name, self.swallows_errors)
         call_ctx = otel_context.set_value(
             TOOL_CALL_KEY, record, trace.set_span_in_context(span, ctx)
         )
-        call = Call(span, call_ctx, data=record)
+        call = Call(span, call_ctx, record)
         call.parent = step  # the step's span waits for the tool's
         return call
 
-    def record_result(self, call: Call, result: object) -> None:
-        record: ToolCallRecord = call.data
-        attrs = {a.GEN_AI_TOOL_NAME: record.name}
-        if record.error_type is not None:
-            attrs[a.ERROR_TYPE] = record.error_type
-        self.runtime.metrics.tool_duration.record(call.elapsed, attrs)
-        if self.config.capture_content and call.span.is_recording():
-            call.span.set_attribute(
-                a.GEN_AI_TOOL_CALL_RESULT,
-                content.render(result, self.config.max_attribute_length, self.config.redact),
-            )
-
-    def succeed(self, call: Call, result: Any) -> Any:
-        self.record_result(call, result)
+    def succeed(self, call: Call[ToolCallRecord], result: Any) -> Any:
+        self.capture_on_span(call.span, attributes.GEN_AI_TOOL_CALL_RESULT, result)
         return result
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        record: ToolCallRecord = call.data
+    def error_recording(self, call: Call[ToolCallRecord], exc: BaseException) -> ErrorRecording:
         # An error escaping the tool span goes to the agent attempt, which may re-run the agent;
         # escaping a dispatcher that turns tool errors into text means it did not.
-        self.runtime.errors.record(
-            call.span,
-            exc,
-            self.operation,
-            recovered=agent_will_retry(exc),
-            since=call.start,
-            expected_retry=self.swallows_errors,
-        )
-        self.runtime.metrics.tool_duration.record(
-            call.elapsed, {a.GEN_AI_TOOL_NAME: record.name, a.ERROR_TYPE: a.error_type(exc)}
-        )
+        return ErrorRecording(recovered=agent_will_retry(exc), expected_retry=self.swallows_errors)
+
+    def duration_point(self, call: Call[ToolCallRecord]) -> DurationPoint:
+        """The tool's duration; ``error.type`` also when the dispatcher turned the tool's
+        exception into text for the model."""
+        record = call.data
+        attrs: dict[str, AttributeValue] = {attributes.GEN_AI_TOOL_NAME: record.name}
+        if record.error_type is not None:
+            attrs[attributes.ERROR_TYPE] = record.error_type
+        return DurationPoint(self.runtime.metrics.tool_duration, attrs)
 
 
 class NativeToolCallWrapper(_ToolSpanWrapper):
@@ -129,7 +113,9 @@ class NativeToolCallWrapper(_ToolSpanWrapper):
     ``(call_id=, func_name=, func_args=, available_functions=, ...)`` (``CrewAgentExecutor``).
     """
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[ToolCallRecord] | None:
         if "func_name" in kwargs:
             call_id, raw_name = kwargs.get("call_id"), kwargs.get("func_name")
             arguments = kwargs.get("func_args")
@@ -142,20 +128,23 @@ class NativeToolCallWrapper(_ToolSpanWrapper):
         name, extra = _tool_name(tool, raw_name if raw_name in known else None)
         return self.start_tool_span(otel_context.get_current(), name, call_id, arguments, extra)
 
-    def succeed(self, call: Call, result: Any) -> Any:
-        if isinstance(result, dict):
-            if call.span.is_recording():
-                call.span.set_attribute(a.CREWAI_TOOL_CACHE_HIT, bool(result.get("from_cache")))
-            self.record_result(call, result.get("result"))
-        else:
-            self.record_result(call, result)
+    def succeed(self, call: Call[ToolCallRecord], result: Any) -> Any:
+        if not isinstance(result, dict):
+            return super().succeed(call, result)
+        if call.span.is_recording():
+            call.span.set_attribute(
+                attributes.CREWAI_TOOL_CACHE_HIT, bool(result.get("from_cache"))
+            )
+        super().succeed(call, result.get("result"))
         return result
 
 
 class ToolUsageWrapper(_ToolSpanWrapper):
     """``ToolUsage.use(calling, tool_string)`` / ``ause`` (the text/ReAct path)."""
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[ToolCallRecord] | None:
         calling = kwargs.get("calling", args[0] if args else None)
         raw_name = getattr(calling, "tool_name", None)
         tools = [
@@ -173,40 +162,30 @@ class ToolRunWrapper(_ToolSpanWrapper):
 
     swallows_errors = False
 
-    def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[ToolCallRecord] | None:
         ctx = otel_context.get_current()
         tool = internals.TOOL_ORIGINAL_TOOL.read(instance) or instance
-        name, extra = _tool_name(tool, getattr(tool, "name", None), a.DEFAULT_TOOL_NAME)
+        name, extra = _tool_name(tool, getattr(tool, "name", None), attributes.DEFAULT_TOOL_NAME)
         record: ToolCallRecord | None = ctx.get(TOOL_CALL_KEY)  # type: ignore[assignment]
         if (
             record is not None
             and innermost_own_span_is(record.span, ctx)
             and record.borrowed_by in (None, id(tool))
         ):
-            # Called by the dispatcher that already made the span: borrow it, also through
-            # another instrumentation's span in between (OpenInference wraps Tool.run too). (A
-            # tool that calls another tool from its body gets a span of its own for the inner one.)
-            record.borrowed_by = id(tool)
-            if record.name == UNKNOWN_TOOL or (extra and record.name != name):
-                # The model's spelling did not match (or the dispatcher could not tell an MCP
-                # tool by its name); the tool CrewAI picked is known now.
-                record.name = name
-                record.span.update_name(a.span_name(a.SPAN_TOOL, name))
-                record.span.set_attributes({a.GEN_AI_TOOL_NAME: name, **extra})
-            call = Call(record.span, ctx, data=record)
-            call.borrowed = True
+            call = _borrow(record, ctx, tool, name, extra)
         else:
             arguments = kwargs if kwargs else (args or None)
             call = self.start_tool_span(ctx, name, None, arguments, extra)
-        request_id: Any = ctx.get(REQUEST_ID_KEY)
-        if self.config.detect_shared_instances and isinstance(request_id, str):
-            sharing = self.runtime.sharing
-            usage = sharing.enter(tool, KIND_TOOL, request_id, call.span, name)
-            call.add_cleanup(lambda: sharing.exit(usage))
-            self._watch_shared_state(call, tool, request_id)
+        usage = self.track_instance(call, Kind.TOOL, tool, name)
+        if usage is not None:
+            self._watch_shared_state(call, tool, usage.request_id)
         return call
 
-    def _watch_shared_state(self, call: Call, tool: object, request_id: str) -> None:
+    def _watch_shared_state(
+        self, call: Call[ToolCallRecord], tool: object, request_id: str
+    ) -> None:
         """Note the globals, files, databases and resources this tool call touches; they stay
         the run's until it ends (or until the call ends, for a tool called outside a run)."""
         kickoff = call.ctx.get(KICKOFF_KEY)
@@ -218,26 +197,46 @@ class ToolRunWrapper(_ToolSpanWrapper):
             tool, request_id, call.span, holdings, call.ctx
         )
 
-    def succeed(self, call: Call, result: Any) -> Any:
+    def succeed(self, call: Call[ToolCallRecord], result: Any) -> Any:
         if not call.borrowed:
-            self.record_result(call, result)
+            super().succeed(call, result)
         return result
 
-    def fail(self, call: Call, exc: BaseException) -> None:
-        record: ToolCallRecord = call.data
-        if is_locked_database_error(exc):
-            self.runtime.shared_state.database_locked(call.ctx, call.span)
+    def error_recording(self, call: Call[ToolCallRecord], exc: BaseException) -> ErrorRecording:
         if not call.borrowed:
-            super().fail(call, exc)
-            return
+            return super().error_recording(call, exc)
         # The dispatcher turns an Exception into text for the model: the error starts here and
         # is recovered from the run's point of view. A BaseException (KeyboardInterrupt,
         # SystemExit) goes past it to the caller.
-        recovered = record.swallows_errors and isinstance(exc, Exception)
-        self.runtime.errors.record(
-            call.span, exc, self.operation, recovered=recovered, since=call.start
-        )
-        record.error_type = a.error_type(exc)
+        return ErrorRecording(recovered=call.data.swallows_errors and isinstance(exc, Exception))
+
+    def on_fail(self, call: Call[ToolCallRecord], exc: BaseException) -> None:
+        if is_locked_database_error(exc):
+            self.runtime.shared_state.database_locked(call.ctx, call.span)
+        if call.borrowed:
+            call.data.error_type = call.error_type  # for the dispatcher's duration point
+
+
+def _borrow(
+    record: ToolCallRecord,
+    ctx: otel_context.Context,
+    tool: object,
+    name: str,
+    extra: dict[str, str],
+) -> Call[ToolCallRecord]:
+    """A tool's entry point called by the dispatcher that already made the span: borrow it,
+    also through another instrumentation's span in between (OpenInference wraps Tool.run
+    too). (A tool that calls another tool from its body gets a span of its own.)"""
+    record.borrowed_by = id(tool)
+    if record.name == UNKNOWN_TOOL or (extra and record.name != name):
+        # The model's spelling did not match (or the dispatcher could not tell an MCP tool by
+        # its name); the tool CrewAI picked is known now.
+        record.name = name
+        record.span.update_name(attributes.span_name(attributes.SPAN_TOOL, name))
+        record.span.set_attributes({attributes.GEN_AI_TOOL_NAME: name, **extra})
+    call = Call(record.span, ctx, record)
+    call.borrowed = True
+    return call
 
 
 def _tool_name(
@@ -248,11 +247,14 @@ def _tool_name(
     An MCP tool's CrewAI name embeds its server's command line or URL (tokens included): the
     span is named after the tool's own name on its server instead.
     """
-    mcp = a.mcp_tool_identity(tool) if tool is not None else None
+    mcp = attributes.mcp_tool_identity(tool) if tool is not None else None
     if mcp is not None:
         name, server = mcp
-        return name, {a.CREWAI_TOOL_SOURCE: a.TOOL_SOURCE_MCP, a.CREWAI_MCP_SERVER_NAME: server}
-    return a.bounded_name(raw_name, default), {}
+        return name, {
+            attributes.CREWAI_TOOL_SOURCE: attributes.TOOL_SOURCE_MCP,
+            attributes.CREWAI_MCP_SERVER_NAME: server,
+        }
+    return attributes.bounded_name(raw_name, default), {}
 
 
 def _native_call_info(tool_call: Any) -> tuple[object, object, object]:

@@ -52,7 +52,7 @@ def build() -> db.Dashboard:
             ts(
                 ids,
                 "Workflow (kickoff) duration",
-                "gen_ai.workflow.duration by crew. Exemplars on the failed p95 series open "
+                "gen_ai.invoke_workflow.duration by crew. Exemplars on the failed p95 series open "
                 "the failed kickoff's trace.",
                 percentiles(q.WORKFLOW_DURATION, q.WORKFLOW),
                 "s",

@@ -85,7 +85,7 @@ def build() -> db.Dashboard:
             ts(
                 ids,
                 "Kickoff rate",
-                "Completed kickoffs per second by crew (gen_ai.workflow.duration count).",
+                "Completed kickoffs per second by crew (gen_ai.invoke_workflow.duration count).",
                 [
                     query(
                         q.sum_by(q.by(q.WORKFLOW), q.rate(q.WORKFLOW_DURATION.count)),

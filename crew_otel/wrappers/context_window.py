@@ -1,0 +1,69 @@
+"""The context-window hook: ``handle_context_length`` as bound in CrewAI's executor modules.
+
+When the provider rejects a request as too long, CrewAI calls ``handle_context_length``, which
+either summarises the conversation (``respect_context_window=True``) or raises ``SystemExit``
+(see :mod:`crew_otel.diagnosis.context_window`). The hook flags which one on the span of the
+agent execution, before the call, and records the ``SystemExit`` as a fatal error that starts
+there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from crew_otel import attributes as a
+from crew_otel import internals
+from crew_otel.context import ATTEMPT_KEY
+from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
+from crew_otel.wrappers.observer import Observer
+
+
+def agent_span() -> trace.Span:
+    """The span of the innermost agent execution (the current span outside one)."""
+    scope: Any = otel_context.get_value(ATTEMPT_KEY)
+    call = getattr(scope, "call", None)
+    return call.span if call is not None else trace.get_current_span()
+
+
+class ContextLengthObserver(Observer):
+    """Notes the overflow handling before the call, and the ``SystemExit`` it may raise."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        #: Its arguments by name, positions from the installed signature.
+        self.arguments = internals.CONTEXT_LENGTH_ARGS.bind()
+
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        span = agent_span()
+        respect = bool(self.arguments.get(args, kwargs, "respect_context_window", True))
+        messages = self.arguments.get(args, kwargs, "messages", None)
+        safe_call(_note, span, respect, messages, default=None)
+        return span
+
+    def after_result(self, observed: trace.Span, result: Any) -> None:
+        """Summarised: already noted before the call."""
+
+    def after_error(self, observed: trace.Span, exc: BaseException) -> None:
+        if isinstance(exc, SystemExit):
+            # CrewAI's answer to an overflow it may not summarise: a new, fatal error that
+            # starts here (whatever provider error is still in its implicit context).
+            self.runtime.errors.record(
+                observed, exc, a.OP_INVOKE_AGENT, origin=True, recovered=False
+            )
+
+
+def _note(span: trace.Span, respect: bool, messages: object) -> None:
+    attrs: dict[str, Any] = {"crew_otel.context.respect_context_window": respect}
+    if isinstance(messages, list):
+        attrs[a.CREWAI_LLM_MESSAGES] = len(messages)
+    if respect:
+        span.set_attribute(a.CONTEXT_SUMMARIZED, True)
+        span.add_event(a.EVENT_CONTEXT_SUMMARIZED, attrs)
+    else:
+        # CrewAI raises SystemExit next: a BaseException that most handlers miss.
+        span.set_attribute(a.CONTEXT_OVERFLOW, True)
+        span.add_event("crew_otel.context.overflow", attrs)

@@ -1,0 +1,99 @@
+"""Observers: the hooks that make no span of their own; they note something about a call.
+
+An observer runs the wrapped call exactly once and, around it, three steps of its own, each
+through :func:`~crew_otel.safety.safe_call`:
+
+* ``before(instance, args, kwargs)`` notes what the call is about to do and returns what the
+  other two steps need (``None``: nothing to observe, the call runs untouched),
+* ``after_result(observed, result)`` once the call returned,
+* ``after_error(observed, exc)`` once it raised (the same exception then reaches the caller).
+
+The default steps hand the call and its result to :meth:`Observer.observe`, for observers that
+only look at what a call returned. One driver runs sync targets, another async ones
+(``is_async``, given at construction). Like the span wrappers, an observer records nothing
+while instrumentation is suppressed (``opentelemetry.instrumentation.utils
+.suppress_instrumentation()``) or after ``uninstrument()``: the call goes straight through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
+
+#: ``(instance, args, kwargs)`` of an observed call: what the default steps pass to ``observe``.
+ObservedCall = tuple[Any, tuple[Any, ...], dict[str, Any]]
+
+
+class Observer:
+    """Base of the hooks that make no span: they run the call and note something about it."""
+
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
+        self.runtime = runtime
+        #: The wrapped target is a coroutine function (the hook then returns a coroutine).
+        self.is_async = is_async
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if self.is_async:
+            return self._run_async(wrapped, instance, args, kwargs)
+        observed = self._begin(instance, args, kwargs)
+        if observed is None:
+            return wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            safe_call(self.after_error, observed, exc, default=None)
+            raise
+        safe_call(self.after_result, observed, result, default=None)
+        return result
+
+    async def _run_async(
+        self,
+        wrapped: Callable[..., Awaitable[Any]],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        observed = self._begin(instance, args, kwargs)
+        if observed is None:
+            return await wrapped(*args, **kwargs)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            safe_call(self.after_error, observed, exc, default=None)
+            raise
+        safe_call(self.after_result, observed, result, default=None)
+        return result
+
+    def _begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What ``before`` returns, or ``None`` when nothing is to be recorded now."""
+        if not self.runtime.recording:
+            return None
+        return safe_call(self.before, instance, args, kwargs, default=None)
+
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Note what the call is about to do; return what the after steps need (``None``:
+        nothing to observe). The default keeps the call for :meth:`observe`."""
+        observed: ObservedCall = (instance, args, kwargs)
+        return observed
+
+    def after_result(self, observed: Any, result: Any) -> None:
+        """Note what the call returned (default: :meth:`observe`)."""
+        instance, args, kwargs = observed
+        self.observe(instance, args, kwargs, result)
+
+    def after_error(self, observed: Any, exc: BaseException) -> None:
+        """Note what the call raised (default: nothing)."""
+
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        """Note something about a call that returned (default: nothing)."""
