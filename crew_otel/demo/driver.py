@@ -57,6 +57,10 @@ class ClientResult:
     """The answer carries another request's ticket (cross-talk between requests)."""
 
 
+#: How many ports a service tries before the demo gives up (another process took the port).
+PORT_ATTEMPTS = 5
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -68,12 +72,23 @@ class ServiceProcess:
 
     def __init__(self, service: str, provider_url: str, workdir: Path, otlp: str | None) -> None:
         self.service = service
-        self.port = _free_port()
         self.trace_file = workdir / f"{service}.jsonl"
         self.log_file = workdir / f"{service}.log"
-        options = ServeOptions(service, self.port, provider_url, self.trace_file, otlp)
-        command = [sys.executable, "-m", "crew_otel.demo.serve", *options.argv()]
+        self._provider_url = provider_url
+        self._otlp = otlp
         self._log = self.log_file.open("w")
+        self._port_attempts = 0
+        self._start()
+
+    def _start(self) -> None:
+        # The port is free when chosen; another process may take it before the service binds
+        # it (wait_ready then starts the service again on another port).
+        self._port_attempts += 1
+        self.port = _free_port()
+        options = ServeOptions(
+            self.service, self.port, self._provider_url, self.trace_file, self._otlp
+        )
+        command = [sys.executable, "-m", "crew_otel.demo.serve", *options.argv()]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
@@ -84,7 +99,11 @@ class ServiceProcess:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise DemoError(f"{self.service} service exited: {self.tail()}")
+                    tail = self.tail()
+                    if "address already in use" in tail and self._port_attempts < PORT_ATTEMPTS:
+                        self._start()
+                        continue
+                    raise DemoError(f"{self.service} service exited: {tail}")
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(f"{self.url}/health").status_code == 200:
                         return
