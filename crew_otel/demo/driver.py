@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from crew_otel.demo.services import SERVICES, service_name
 from crew_otel.otlp_json import OtlpJsonError, read_file
 from crew_otel.report.analysis import analyse, summary
 from crew_otel.report.render import print_reports, save_timeline_svg
+from crew_otel.testing.ports import free_port
 from crew_otel.testing.provider import MARKER, FakeOpenAIProvider, RandomFaults
 
 STARTUP_TIMEOUT_S = 90.0
@@ -62,9 +62,7 @@ PORT_ATTEMPTS = 5
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 class ServiceProcess:

@@ -1,0 +1,28 @@
+"""Ports for servers started in subprocesses stay out of the ephemeral range, where outgoing
+connections of a busy machine take their local ports."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from crew_otel.testing import ports
+
+
+def test_free_ports_are_bindable_and_below_the_ephemeral_range():
+    first_ephemeral = ports._first_ephemeral_port()
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda _: ports.free_port(), range(64)))
+    for port in found:
+        assert ports.LOWEST_PORT <= port < first_ephemeral, port
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    # an outgoing connection's local port is in the ephemeral range, never one of these
+    with socket.socket() as server, socket.create_connection(_listen(server), timeout=5) as client:
+        assert client.getsockname()[1] >= first_ephemeral
+
+
+def _listen(server: socket.socket) -> tuple[str, int]:
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    return "127.0.0.1", server.getsockname()[1]
