@@ -160,13 +160,14 @@ class Fixtures:
 
         from crew_otel.config import CrewOtelConfig
         from crew_otel.context import ATTEMPT_KEY, REQUEST_ID_KEY
+        from crew_otel.diagnosis.sharing import Kind
         from crew_otel.metrics import CrewOtelMetrics
         from crew_otel.processor import RequestSpanProcessor
         from crew_otel.runtime import Runtime
         from crew_otel.testing.crews import make_llm, research_crew
         from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentScope, AgentStepWrapper
         from crew_otel.wrappers.base import Call
-        from crew_otel.wrappers.kickoff import KIND_OF_CREW, KickoffWrapper
+        from crew_otel.wrappers.kickoff import KickoffWrapper
         from crew_otel.wrappers.llm import ChatWrapper
         from crew_otel.wrappers.task import TaskWrapper
         from crew_otel.wrappers.tool import NativeToolCallWrapper, ToolRunWrapper
@@ -185,11 +186,10 @@ class Fixtures:
         llm = agent.llm
 
         def wrap(function: Callable[..., Any], wrapper: Any) -> Any:
-            wrapper.is_async = False
             return wrapt.FunctionWrapper(function, wrapper)
 
         # Wrapped the way the instrumentor wraps: a FunctionWrapper in the class dict.
-        type(crew).bench_kickoff = wrap(_method, KickoffWrapper(runtime, "kickoff", KIND_OF_CREW))
+        type(crew).bench_kickoff = wrap(_method, KickoffWrapper(runtime, "kickoff", Kind.CREW))
         type(task).bench_task = wrap(_method, TaskWrapper(runtime))
         type(agent).bench_attempt = wrap(_method, AgentAttemptWrapper(runtime))
         type(tool).bench_run = wrap(_method, ToolRunWrapper(runtime))
@@ -216,11 +216,13 @@ class Fixtures:
         )
         attempt_span = tracer.start_span("invoke_agent Researcher", context=in_run)
         attempt_ctx = trace.set_span_in_context(attempt_span, in_run)
-        step_scope = AgentScope(agent, id(task), 1, agent.role, Call(attempt_span, attempt_ctx))
+        step_scope = AgentScope(agent, id(task), 1, agent.role)
+        step_scope.call = Call(attempt_span, attempt_ctx, step_scope)
         in_attempt = otel_context.set_value(ATTEMPT_KEY, step_scope, attempt_ctx)
-        tool_scope = AgentScope(agent, id(task), 1, agent.role, Call(attempt_span, attempt_ctx))
+        tool_scope = AgentScope(agent, id(task), 1, agent.role)
+        tool_scope.call = Call(attempt_span, attempt_ctx, tool_scope)
         step_span = tracer.start_span("crewai.agent.step Researcher", context=attempt_ctx)
-        tool_scope.step = Call(step_span, attempt_ctx)
+        tool_scope.step = Call(step_span, attempt_ctx, tool_scope)
         in_step = otel_context.set_value(ATTEMPT_KEY, tool_scope, attempt_ctx)
 
         inputs = dict(common.INPUTS)
