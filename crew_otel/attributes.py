@@ -54,8 +54,9 @@ class StrEnum(str, Enum):
 
 
 class Operation(StrEnum):
-    """Values of ``crew_otel.origin.operation`` (the operation of an error's origin span); the
-    first four are also ``gen_ai.operation.name`` values."""
+    """Values of ``crew_otel.origin.operation`` (the operation of an error's origin span);
+    ``invoke_workflow``, ``invoke_agent``, ``execute_tool``, ``chat`` and ``embeddings`` are also
+    ``gen_ai.operation.name`` values."""
 
     INVOKE_WORKFLOW = "invoke_workflow"
     INVOKE_AGENT = "invoke_agent"
@@ -64,6 +65,11 @@ class Operation(StrEnum):
     HTTP = "http"
     TASK = "task"
     STEP = "step"
+    GUARDRAIL = "guardrail"
+    FLOW_STEP = "flow_step"
+    EMBEDDINGS = "embeddings"
+    MEMORY = "memory"
+    KNOWLEDGE = "knowledge"
 
 
 # The operations as plain strings (attribute values, metric attributes).
@@ -139,6 +145,15 @@ RETRY_LAYER_HTTP = "http"
 RETRY_LAYER_RATE_LIMIT = "rate_limit"
 RETRY_LAYER_AGENT = "agent"
 
+# --- task guardrails (one span per evaluation; a rejection re-runs the agent) -----------------
+RETRY_LAYER_GUARDRAIL = "guardrail"
+SPAN_GUARDRAIL = "crewai.guardrail"
+CREWAI_GUARDRAIL_PASSED = "crewai.guardrail.passed"
+#: crew_otel.origin.operation of a guardrail span (a guardrail that raised, or ran out of retries).
+ORIGIN_GUARDRAIL = Operation.GUARDRAIL.value
+#: error.type of a guardrail retry in crew_otel.retries (a rejection is no exception).
+ERROR_TYPE_GUARDRAIL_REJECTED = "guardrail_rejected"
+
 # Values of crew_otel.origin.operation that are no gen_ai.operation.name (see Operation).
 ORIGIN_HTTP = Operation.HTTP.value
 ORIGIN_TASK = Operation.TASK.value
@@ -148,6 +163,20 @@ MAX_NAME_LENGTH = 64
 
 DEFAULT_WORKFLOW_NAME = "crew"
 DEFAULT_TASK_NAME = "task"
+
+# --- Flow steps (one span per executed method of a user Flow) ---------------------------------
+SPAN_FLOW_STEP = "crewai.flow.step"
+CREWAI_FLOW_METHOD_NAME = "crewai.flow.method.name"
+#: ``start``, ``listen`` or ``router`` (a method that is both a start and a router: ``router``).
+CREWAI_FLOW_METHOD_KIND = "crewai.flow.method.kind"
+#: The label a router returned (the trigger of the listeners it chose).
+CREWAI_FLOW_ROUTER_OUTCOME = "crewai.flow.router.outcome"
+FLOW_KIND_START = "start"
+FLOW_KIND_LISTEN = "listen"
+FLOW_KIND_ROUTER = "router"
+DEFAULT_FLOW_METHOD_NAME = "method"
+ORIGIN_FLOW_STEP = Operation.FLOW_STEP.value
+
 DEFAULT_AGENT_NAME = "agent"
 DEFAULT_TOOL_NAME = "tool"
 DEFAULT_MODEL_NAME = "model"
@@ -407,3 +436,28 @@ def _http_status(exc: BaseException) -> str | None:
     except Exception:  # a hostile property on the exception
         return None
     return None
+
+
+# --- Memory, knowledge and embeddings -------------------------------------------------------
+#: ``embeddings {model}`` (CLIENT): one embeddings call to the provider.
+SPAN_EMBEDDINGS = Operation.EMBEDDINGS.value
+OP_EMBEDDINGS = Operation.EMBEDDINGS.value
+#: Unified memory: a save (the encoding of one batch of items), a search (``recall``) and the
+#: extraction of memories from a task's result (a model call of the memory's own).
+SPAN_MEMORY_SAVE = "crewai.memory.save"
+SPAN_MEMORY_SEARCH = "crewai.memory.search"
+SPAN_MEMORY_EXTRACT = "crewai.memory.extract"
+SPAN_KNOWLEDGE_QUERY = "crewai.knowledge.query"
+#: The knowledge sources embedded and stored (at crew construction and, in CrewAI 1.15, again
+#: when an agent's executor is built during a kickoff).
+SPAN_KNOWLEDGE_ADD = "crewai.knowledge.add"
+CREWAI_MEMORY_TYPE = "crewai.memory.type"
+#: The storage class behind a memory (``LanceDBStorage``, ``QdrantEdgeStorage``, a custom one).
+CREWAI_MEMORY_STORAGE = "crewai.memory.storage"
+#: Records saved, matches found, memories extracted.
+CREWAI_MEMORY_RESULT_COUNT = "crewai.memory.result_count"
+CREWAI_KNOWLEDGE_STORAGE = "crewai.knowledge.storage"
+CREWAI_KNOWLEDGE_COLLECTION = "crewai.knowledge.collection"
+CREWAI_KNOWLEDGE_RESULT_COUNT = "crewai.knowledge.result_count"
+MEMORY_TYPE_UNIFIED = "unified"
+DEFAULT_EMBEDDINGS_PROVIDER = "openai"

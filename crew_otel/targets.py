@@ -24,8 +24,19 @@ from crew_otel.runtime import Runtime
 from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
 from crew_otel.wrappers.base import SpanWrapper
 from crew_otel.wrappers.context_window import ContextLengthObserver
+from crew_otel.wrappers.flow import FlowStepWrapper
+from crew_otel.wrappers.guardrail import GuardrailRunWrapper, GuardrailWrapper
 from crew_otel.wrappers.kickoff import KickoffWrapper
 from crew_otel.wrappers.llm import ChatWrapper, LlmResponseObserver, RateLimitRetryObserver
+from crew_otel.wrappers.memory import (
+    EmbeddingsUsageObserver,
+    EmbeddingsWrapper,
+    KnowledgeAddWrapper,
+    KnowledgeQueryWrapper,
+    MemoryExtractWrapper,
+    MemorySaveWrapper,
+    MemorySearchWrapper,
+)
 from crew_otel.wrappers.task import InterpolationObserver, TaskWrapper
 from crew_otel.wrappers.tool import NativeToolCallWrapper, ToolRunWrapper, ToolUsageWrapper
 
@@ -47,6 +58,8 @@ LAYER_AGENT = "agent"
 LAYER_STEP = "step"
 LAYER_TOOL = "tool"
 LAYER_LLM = "llm"
+LAYER_FLOW = "flow"
+LAYER_MEMORY = "memory"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +194,15 @@ TARGETS: tuple[Target, ...] = (
     ),
     *_kickoffs("crewai.agent.core", "Agent", "agent", Kind.AGENT, "standalone Agent.kickoff"),
     *_kickoffs("crewai.lite_agent", "LiteAgent", "lite_agent", Kind.AGENT, "deprecated LiteAgent"),
+    # --- flow steps -----------------------------------------------------------------------
+    Target(
+        "crewai.flow.flow",
+        "Flow._execute_method",
+        FlowStepWrapper,
+        LAYER_FLOW,
+        inherited=True,
+        note="@start/@listen/@router methods of user flows (internal flows are skipped)",
+    ),
     # --- tasks ----------------------------------------------------------------------------
     Target(
         "crewai.task",
@@ -191,6 +213,23 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "crewai.task", "Task._aexecute_core", TaskWrapper, LAYER_TASK, note="native async tasks"
+    ),
+    *(
+        Target(
+            "crewai.task",
+            f"Task.{method}",
+            GuardrailRunWrapper,
+            LAYER_TASK,
+            note="one guardrail checked; the agent re-run after a rejection",
+        )
+        for method in ("_invoke_guardrail_function", "_ainvoke_guardrail_function")
+    ),
+    Target(
+        "crewai.task",
+        "process_guardrail",
+        GuardrailWrapper,
+        LAYER_TASK,
+        note="module binding of crewai.utilities.guardrail.process_guardrail: one evaluation",
     ),
     Target(
         "crewai.crew",
@@ -282,6 +321,54 @@ TARGETS: tuple[Target, ...] = (
         RateLimitRetryObserver,
         LAYER_LLM,
         note="CrewAI's rate-limit retry layer (crewai >= 1.15.25)",
+    ),
+    # --- memory, knowledge and embeddings -------------------------------------------------
+    Target(
+        "chromadb.utils.embedding_functions.openai_embedding_function",
+        "OpenAIEmbeddingFunction.__call__",
+        EmbeddingsWrapper,
+        LAYER_MEMORY,
+        note="the OpenAI embedder CrewAI builds for memory and knowledge",
+    ),
+    Target(
+        "openai.resources.embeddings",
+        "Embeddings.create",
+        EmbeddingsUsageObserver,
+        LAYER_MEMORY,
+        note="input tokens of an embeddings call",
+    ),
+    Target(
+        "crewai.memory.unified_memory",
+        "Memory.recall",
+        MemorySearchWrapper,
+        LAYER_MEMORY,
+        note="unified memory search (arecall delegates to it)",
+    ),
+    Target(
+        "crewai.memory.unified_memory",
+        "Memory._encode_batch",
+        MemorySaveWrapper,
+        LAYER_MEMORY,
+        note="unified memory save (remember and remember_many's background saves)",
+    ),
+    Target(
+        "crewai.memory.unified_memory",
+        "Memory.extract_memories",
+        MemoryExtractWrapper,
+        LAYER_MEMORY,
+        note="the memory's model call on a task's result",
+    ),
+    *(
+        Target(
+            "crewai.knowledge.knowledge", f"Knowledge.{method}", KnowledgeQueryWrapper, LAYER_MEMORY
+        )
+        for method in ("query", "aquery")
+    ),
+    *(
+        Target(
+            "crewai.knowledge.knowledge", f"Knowledge.{method}", KnowledgeAddWrapper, LAYER_MEMORY
+        )
+        for method in ("add_sources", "aadd_sources")
     ),
 )
 

@@ -73,3 +73,29 @@ def attr(span: ReadableSpan, key: str) -> Any:
 
 def names(spans: Iterable[ReadableSpan]) -> list[str]:
     return [s.name for s in spans]
+
+
+def traces_by_marker(spans: Spans, provider: Any, markers: Iterable[str]) -> dict[str, Spans]:
+    """Each marker's trace: the one whose provider requests carried the marker (exactly one)."""
+    traces = spans.traces()
+    by_marker = {}
+    for marker in markers:
+        trace_ids = {
+            int(r.traceparent.split("-")[1], 16)
+            for r in provider.requests
+            if marker in r.markers and r.traceparent
+        }
+        assert len(trace_ids) == 1, (marker, trace_ids)
+        by_marker[marker] = Spans(traces[trace_ids.pop()])
+    return by_marker
+
+
+def whole_run(run: Spans, root_name: str) -> ReadableSpan:
+    """One root named ``root_name``, its request ID on every span, no orphans: the root."""
+    (root,) = run.roots()
+    assert root.name == root_name
+    request_id = attr(root, REQUEST_ID)
+    assert request_id
+    assert {attr(s, REQUEST_ID) for s in run.all} == {request_id}
+    assert run.orphans() == []
+    return root

@@ -7,9 +7,11 @@ look for it in what was recorded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import make_agent, make_failing_tool, make_llm, research_crew
@@ -65,3 +67,42 @@ def mixed_workload(
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         for future in [pool.submit(job) for job in jobs]:
             future.result()
+
+
+def kickoff_concurrently(
+    make_crew: Callable[[str], Any], markers: Sequence[str], threads: int
+) -> dict[str, Any]:
+    """Kick off one crew per marker at once: the first ``threads`` markers with ``kickoff`` in
+    threads, the rest with ``akickoff`` on one event loop. The result, or the exception raised,
+    per marker."""
+    crews = {marker: make_crew(marker) for marker in markers}
+    outcomes: dict[str, Any] = {}
+
+    def in_thread(marker: str) -> None:
+        try:
+            outcomes[marker] = crews[marker].kickoff()
+        except Exception as exc:
+            outcomes[marker] = exc
+
+    async def on_loop() -> None:
+        async def one(marker: str) -> None:
+            try:
+                outcomes[marker] = await crews[marker].akickoff()
+            except Exception as exc:
+                outcomes[marker] = exc
+
+        await asyncio.gather(*(one(marker) for marker in markers[threads:]))
+
+    with ThreadPoolExecutor(max_workers=threads + 1) as pool:
+        futures = [pool.submit(in_thread, marker) for marker in markers[:threads]]
+        futures.append(pool.submit(asyncio.run, on_loop()))
+        for future in futures:
+            future.result()
+    return outcomes
+
+
+def outcome_summary(outcome: Any) -> tuple[str, str]:
+    """What the caller got: ("ok", the raw output) or (exception type, message)."""
+    if isinstance(outcome, BaseException):
+        return type(outcome).__name__, str(outcome)
+    return "ok", outcome.raw

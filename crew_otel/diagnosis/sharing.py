@@ -45,6 +45,8 @@ class Kind(StrEnum):
     FILE = "file"
     DATABASE = "database"
     RESOURCE = "resource"
+    MEMORY = "memory"
+    KNOWLEDGE = "knowledge"
 
 
 # The kinds by their former names.
@@ -74,6 +76,10 @@ _ADVICE: dict[str, str] = {
     "database; SQLite serialises writers",
     Kind.RESOURCE: "open the connection, session or file per request (or per call), not once "
     "for every tool",
+    Kind.MEMORY: "build the Memory (and its storage) per request, or give each request its own "
+    "storage path; concurrent writers contend for the store's lock",
+    Kind.KNOWLEDGE: "build knowledge sources and their storage per request, or query one store "
+    "from one request at a time",
 }
 
 MAX_OTHER_IDS = 8

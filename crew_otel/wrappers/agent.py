@@ -27,6 +27,7 @@ from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
+from crew_otel.wrappers.guardrail import guardrail_attempt_number
 
 #: The attempt's span records the agent's error as the layer that retries it.
 _RETRY_LAYER = ErrorRecording(expected_retry=True)
@@ -141,7 +142,9 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
     ) -> Call[AgentScope] | None:
         ctx = otel_context.get_current()
         task = _task_arg(args, kwargs)
-        number = self._attempt_number(ctx, instance, task)
+        number = guardrail_attempt_number(
+            self.runtime, ctx, instance, task, self._attempt_number(ctx, instance, task)
+        )
         role = attributes.agent_role(instance)
         span = self._start_span(ctx, instance, role, number)
         scope = AgentScope(instance, id(task), number, role)
