@@ -32,7 +32,9 @@ GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
-GEN_AI_AGENT_ID = "gen_ai.agent.id"
+#: CrewAI's per-instance agent id. Not ``gen_ai.agent.id``: the GenAI conventions keep that for
+#: the stable id of a hosted agent, and CrewAI makes a new id for every Agent object.
+CREWAI_AGENT_ID = "crewai.agent.id"
 GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
 GEN_AI_TOOL_CALL_ARGUMENTS = "gen_ai.tool.call.arguments"
@@ -307,8 +309,17 @@ def agent_role(agent: Any) -> str:
 
 
 def agent_attributes(agent: Any, role: str) -> dict[str, AttributeValue]:
-    """Attributes of an agent attempt span."""
-    return _operation_attributes(OP_INVOKE_AGENT, GEN_AI_AGENT_NAME, role, GEN_AI_AGENT_ID, agent)
+    """Attributes of an agent attempt span: with the provider and model of the agent's LLM (the
+    conventions want them at the start of ``invoke_agent``)."""
+    attrs = _operation_attributes(OP_INVOKE_AGENT, GEN_AI_AGENT_NAME, role, CREWAI_AGENT_ID, agent)
+    llm = getattr(agent, "llm", None)
+    if llm is not None and not isinstance(llm, str):
+        provider = class_provider_name(type(llm)) or configured_provider_name(llm)
+        attrs[GEN_AI_PROVIDER_NAME] = provider
+        attrs[GEN_AI_REQUEST_MODEL] = model_name(llm)
+    elif isinstance(llm, str) and llm:
+        attrs[GEN_AI_REQUEST_MODEL] = bounded_name(llm, DEFAULT_MODEL_NAME)
+    return attrs
 
 
 def task_name(task: Any) -> str:
