@@ -58,9 +58,9 @@ setup-lowest: $(LOWEST_VENV)/.installed
 # Everything that depends on the CrewAI or OpenTelemetry version; the version-independent files
 # (static assets, benchmark results, report rendering, bytecode analysis, README snippets, the
 # built wheel, alert delivery, the trace file, the pytest plugin, hostile inputs to crew_otel's
-# own renderers and request scopes, thread hand-off, series bounds, import-time hooks) run once,
-# in `unit`. Of the slow tests, the lowest versions run the load test (the worker-process and
-# Celery tests run on the latest).
+# own renderers and request scopes, thread hand-off, series bounds, import-time hooks, ports)
+# run once, in `unit`. Of the slow tests, the lowest versions run the load test (the
+# worker-process and Celery tests run on the latest).
 LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_results.py \
 	--ignore=tests/test_report_shared_state.py --ignore=tests/test_mutations.py \
 	--ignore=tests/test_readme.py --ignore=tests/test_packaging.py \
@@ -69,7 +69,7 @@ LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_result
 	--ignore=tests/test_coexistence.py --ignore=tests/test_plugin.py \
 	--ignore=tests/test_bad_input.py --ignore=tests/test_request_scope.py \
 	--ignore=tests/test_threads.py --ignore=tests/test_bounded_state.py \
-	--ignore=tests/test_startup.py
+	--ignore=tests/test_startup.py --ignore=tests/test_ports.py
 
 test-lowest: setup-lowest
 	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP) $(SELECT)

@@ -27,6 +27,10 @@ from tests.spans import REQUEST_ID, Spans, attr
 THREADED = 200
 ASYNC = 100
 FAULT_RATE = 0.2
+#: The model client's timeout (connecting included): long enough that a client thread waiting
+#: for the GIL among 300 busy ones on a loaded 2-core machine does not time out a connection the
+#: kernel already made; a timeout fault hangs just longer.
+CLIENT_TIMEOUT = 5.0
 
 
 def load_seed() -> int:
@@ -57,7 +61,7 @@ class Executed:
 
 def crew_for(provider: ProviderProcess, executed: Executed):
     def llm():
-        return make_llm(provider.base_url, timeout=2.0)
+        return make_llm(provider.base_url, timeout=CLIENT_TIMEOUT)
 
     researcher = make_agent(llm(), "Researcher", tools=[executed.tool()])
     return research_crew(llm, researcher=researcher)
@@ -75,7 +79,7 @@ def test_load_with_random_faults(otel, metric_reader):
         error_rate=FAULT_RATE * 0.5,
         rate_limit_rate=FAULT_RATE * 0.3,
         timeout_rate=FAULT_RATE * 0.2,
-        timeout_seconds=2.5,
+        timeout_seconds=CLIENT_TIMEOUT + 0.5,
         seed=seed,
     )
     safety.reset_reported_errors()

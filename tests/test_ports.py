@@ -26,3 +26,28 @@ def _listen(server: socket.socket) -> tuple[str, int]:
     server.bind(("127.0.0.1", 0))
     server.listen()
     return "127.0.0.1", server.getsockname()[1]
+
+
+def test_a_demo_service_whose_port_was_taken_starts_on_another(tmp_path, monkeypatch):
+    """Ports are chosen free and bound later by the service: another process may take one in
+    between (two demos at once); the service starts again on another port."""
+    import socket
+    import time
+
+    from crew_otel.demo import driver
+    from crew_otel.testing import FakeOpenAIProvider
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = driver._free_port
+    monkeypatch.setattr(driver, "_free_port", lambda: next(ports, None) or real_free_port())
+    with taken, FakeOpenAIProvider() as provider:
+        service = driver.ServiceProcess("fixed", provider.base_url, tmp_path, None)
+        try:
+            service.wait_ready(time.monotonic() + driver.STARTUP_TIMEOUT_S)
+            assert service.port != taken.getsockname()[1]
+            assert "address already in use" in service.log_file.read_text()
+        finally:
+            service.stop()

@@ -104,7 +104,7 @@ def servers(
         "uvicorn": Server(
             "uvicorn",
             [sys.executable, "-m", "uvicorn", app, "--workers", "2", "--host", "127.0.0.1",
-             "--port", str(uvicorn_port), "--log-level", "warning"],
+             "--port", str(uvicorn_port), "--log-level", "warning", *UVICORN_HEALTHCHECK],
             {**env, "METRICS_PORT": str(free_port_pair())},
             uvicorn_port,
         ),
@@ -122,6 +122,22 @@ def servers(
     finally:
         for server in started.values():
             server.stop()
+
+
+def _uvicorn_healthcheck() -> list[str]:
+    """uvicorn's supervisor restarts a worker that does not answer its health check within 5 s,
+    dropping the requests in flight: on a loaded 2-core machine, a worker importing CrewAI for
+    its first request can take longer. Give it a minute (uvicorn >= 0.30 has the option)."""
+    import inspect
+
+    import uvicorn
+
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        return ["--timeout-worker-healthcheck", "60"]
+    return []
+
+
+UVICORN_HEALTHCHECK = _uvicorn_healthcheck()
 
 
 def post(client: httpx.Client, server: Server, topic: str, request_id: str) -> dict[str, Any]:
