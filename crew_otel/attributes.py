@@ -12,6 +12,7 @@ Span names are low-cardinality by construction: they only ever contain code-defi
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import Enum
 from typing import Any
@@ -314,8 +315,7 @@ def agent_attributes(agent: Any, role: str) -> dict[str, AttributeValue]:
     attrs = _operation_attributes(OP_INVOKE_AGENT, GEN_AI_AGENT_NAME, role, CREWAI_AGENT_ID, agent)
     llm = getattr(agent, "llm", None)
     if llm is not None and not isinstance(llm, str):
-        provider = class_provider_name(type(llm)) or configured_provider_name(llm)
-        attrs[GEN_AI_PROVIDER_NAME] = provider
+        attrs[GEN_AI_PROVIDER_NAME] = provider_name(llm)
         attrs[GEN_AI_REQUEST_MODEL] = model_name(llm)
     elif isinstance(llm, str) and llm:
         attrs[GEN_AI_REQUEST_MODEL] = bounded_name(llm, DEFAULT_MODEL_NAME)
@@ -350,8 +350,16 @@ def tool_attributes(name: str, call_id: object = None) -> dict[str, AttributeVal
     return attrs
 
 
+def provider_name(llm: Any) -> str:
+    """``gen_ai.provider.name`` of an LLM object: its class decides for native providers, else
+    its configuration (``provider``, or ``provider/model`` for litellm)."""
+    return class_provider_name(type(llm)) or configured_provider_name(llm)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=256)
 def class_provider_name(llm_class: type) -> str | None:
-    """``gen_ai.provider.name`` implied by a native provider class (or one it derives from)."""
+    """``gen_ai.provider.name`` implied by a native provider class (or one it derives from);
+    looked up once per class."""
     for cls in llm_class.__mro__:
         known = _PROVIDER_BY_CLASS.get(cls.__name__)
         if known:

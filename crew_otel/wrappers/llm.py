@@ -97,7 +97,6 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
     def __init__(self, runtime: Runtime, rate_limit_layer: bool, *, is_async: bool = False) -> None:
         super().__init__(runtime, is_async=is_async)
         self.rate_limit_layer = rate_limit_layer
-        self._providers: dict[type, str | None] = {}
         self._provider_instrumentations = ProviderInstrumentations()
 
     def begin(
@@ -109,9 +108,7 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
             return None  # a provider delegating to another call of its own
         model = attributes.model_name(instance)
         cls = type(instance)
-        if cls not in self._providers:  # the class decides for native providers: look once
-            self._providers[cls] = attributes.class_provider_name(cls)
-        provider = self._providers[cls] or attributes.configured_provider_name(instance)
+        provider = attributes.provider_name(instance)
         messages = kwargs.get("messages", args[0] if args else None)
         attrs = attributes.llm_attributes(instance, model, provider, messages)
         deferral = (
