@@ -7,6 +7,13 @@ LOWEST_VENV ?= .venv-lowest
 OPENAI3_VENV ?= .venv-openai3
 COEXIST_VENV ?= .venv-coexist
 UV = $(VENV)/bin/uv
+# Bytecode caches: an environment that sets PYTHONDONTWRITEBYTECODE (CI's does) compiles CrewAI
+# and its dependencies from source in every process, about 7 CPU-seconds per test subprocess
+# (README snippets, the CLI and the demo's services, worker processes). The recipes write the
+# caches once (each environment's set-up imports CrewAI) and every later process reads them.
+unexport PYTHONDONTWRITEBYTECODE
+# Compiles the modules a test process imports into each environment's bytecode cache, once.
+WARM_UP = -c "import crew_otel.testing.crews as c; c.prepare_offline_environment(); import crewai, crew_otel, fastapi, uvicorn, httpx"
 # The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
@@ -17,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv
 	$(UV) pip install -q --python $(VENV)/bin/python -e ".[dev]"
+	$(VENV)/bin/python $(WARM_UP)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -51,6 +59,7 @@ unit-apps: setup
 $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(UV) pip install -q --python $(LOWEST_VENV)/bin/python -e ".[test]" $(LOWEST_PINS)
+	$(LOWEST_VENV)/bin/python $(WARM_UP)
 	touch $@
 
 setup-lowest: $(LOWEST_VENV)/.installed
@@ -79,6 +88,7 @@ $(OPENAI3_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(OPENAI3_VENV)
 	$(UV) pip install -q --python $(OPENAI3_VENV)/bin/python -e ".[test]"
 	$(UV) pip install -q --python $(OPENAI3_VENV)/bin/python "openai>=3,<4"
+	$(OPENAI3_VENV)/bin/python $(WARM_UP)
 	touch $@
 
 setup-openai3: $(OPENAI3_VENV)/.installed
@@ -97,6 +107,7 @@ COEXIST_PINS = "openinference-instrumentation-crewai>=1.1.21,<2" \
 $(COEXIST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(COEXIST_VENV)
 	$(UV) pip install -q --python $(COEXIST_VENV)/bin/python -e ".[test]" $(COEXIST_PINS)
+	$(COEXIST_VENV)/bin/python $(WARM_UP)
 	touch $@
 
 setup-coexist: $(COEXIST_VENV)/.installed

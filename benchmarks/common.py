@@ -43,6 +43,11 @@ WORKER_VARIANTS = (*VARIANTS, CREW_OTEL_NO_DETECT)
 STANDARD = "standard"
 IO = "io"
 WORKLOADS = (STANDARD, IO)
+#: A Flow (start -> router -> listen) whose listen step kicks off ``research_crew`` with
+#: ``memory=True`` and a knowledge source, embeddings served by the loopback provider
+#: (the ``flow-memory`` section; not part of the shared-state section's workloads).
+FLOW_MEMORY = "flow-memory"
+WORKER_WORKLOADS = (*WORKLOADS, FLOW_MEMORY)
 
 #: Other processes using more cores than QUIET make the machine "busy": a round waits until
 #: they use less (within the run's budget); rounds measured while they used more than

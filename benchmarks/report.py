@@ -183,6 +183,7 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     hooks = load_hooks(hooks_path) if hooks_path.is_file() else None
     hooks_other = (_read(directory, "hooks-interference.json") or {}).get("other_cores", 0.0)
     e2e = _read(directory, "e2e-raw.json")
+    flow = _read(directory, "flow-memory-raw.json")
     concurrency = _read(directory, "concurrency.json")
     soak = _soak_file(directory)
     startup = _read(directory, "startup.json")
@@ -199,6 +200,8 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
 
     e2e_lines, e2e_targets = _render_e2e(e2e)
     targets += e2e_targets
+    flow_lines, flow_targets = _render_flow_memory(flow)
+    targets += flow_targets
     hook_lines, hook_targets = _render_hooks(hooks, hooks_other)
     targets += hook_targets
     conc_lines, conc_targets = _render_concurrency(concurrency)
@@ -209,7 +212,15 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     targets += start_targets
     shared_lines, shared_targets = _render_shared_state(shared, outside, outside_other)
     targets += shared_targets
-    for block in (e2e_lines, hook_lines, conc_lines, soak_lines, start_lines, shared_lines):
+    for block in (
+        e2e_lines,
+        flow_lines,
+        hook_lines,
+        conc_lines,
+        soak_lines,
+        start_lines,
+        shared_lines,
+    ):
         if block:
             sections.append("\n".join(block))
     if profile:
@@ -342,6 +353,87 @@ def _render_e2e(e2e: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
                         else ""
                     ),
                     _status(below if len(competitors) == 2 else None),
+                )
+            )
+    return lines, targets
+
+
+def _busy_rounds(rows: list[dict[str, Any]]) -> str:
+    """Says how busy other processes kept the machine during the rounds kept, if they did."""
+    cores = [r.get("other_cores", 0.0) for r in rows]
+    if not cores or statistics.median(cores) <= common.DISTURBED:
+        return ""
+    busy = sum(c > common.DISTURBED for c in cores)
+    return (
+        f" Other processes on the machine used a median of {statistics.median(cores):.2f} cores "
+        f"during these measurements ({busy} of {len(cores)} above {common.DISTURBED})."
+    )
+
+
+def _kickoffs(n: int) -> str:
+    return f"{n} kickoff" + ("" if n == 1 else "s")
+
+
+def _render_flow_memory(raw: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The Flow + memory workload, uninstrumented vs crew_otel (nothing when not measured)."""
+    if not raw:
+        return [], []
+    rows, dropped, total = quiet_rows(raw["rounds"], ("block", "round"))
+    settings = raw["settings"]
+    n_rounds = settings["blocks"] * settings["rounds_per_block"]
+    lines = [
+        "**Flow + memory, end to end**: one kickoff of a new Flow (`@start` -> `@router` -> "
+        "`@listen`) whose listen step builds the end-to-end crew with `memory=True` (CrewAI's "
+        "unified memory over LanceDB, its own model calls to the same provider), a string "
+        "knowledge source (Chroma) and an OpenAI embedder, all served by the loopback provider "
+        "in another process, and kicks it off; sequential; each process has its own storage "
+        "directory, so memory accumulates equally in both. "
+        f"{n_rounds} interleaved rounds of {_kickoffs(settings['kickoffs_per_round'])} per "
+        f"variant after {_kickoffs(settings['warmup_kickoffs'])} of warm-up per process, each "
+        "variant in its own process. Ratios: median of the per-round ratios to the "
+        "uninstrumented run of the same round (interquartile range)."
+        + _set_aside(dropped, total)
+        + _busy_rounds(rows),
+        "",
+        "| | CPU ms / kickoff | Δ CPU ms | CPU vs none | wall ms / kickoff | wall vs none "
+        "| spans / kickoff | OTLP kB / kickoff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    pair = [v for v in (common.BASELINE, common.CREW_OTEL) if any(r["variant"] == v for r in rows)]
+    if common.BASELINE not in pair:
+        return [], []
+    base_cpu = statistics.median(r["cpu"] for r in rows if r["variant"] == common.BASELINE)
+    targets: list[tuple[str, str, str]] = []
+    for variant in pair:
+        mine = [r for r in rows if r["variant"] == variant]
+        cpu = statistics.median(r["cpu"] for r in mine)
+        wall = statistics.median(r["wall"] for r in mine)
+        spans = statistics.median(r["spans"] for r in mine)
+        otlp = statistics.median(r["otlp_bytes"] for r in mine) / 1000
+        if variant == common.BASELINE:
+            lines.append(
+                f"| {common.LABELS[variant]} | {cpu * 1e3:.1f} | | 1 | {wall * 1e3:.1f} | 1 "
+                f"| {spans:.0f} | {otlp:.1f} |"
+            )
+            continue
+        cpu_ratios = paired_ratios(rows, variant, "cpu", ("block", "round"))
+        wall_ratios = paired_ratios(rows, variant, "wall", ("block", "round"))
+        delta = (cpu - base_cpu) * 1e3
+        lines.append(
+            f"| {common.LABELS[variant]} | {cpu * 1e3:.1f} | {delta:+.1f} | "
+            f"{_fmt_ratio(cpu_ratios)} | {wall * 1e3:.1f} | {_fmt_ratio(wall_ratios)} | "
+            f"{spans:.0f} | {otlp:.1f} |"
+        )
+        if cpu_ratios:
+            ratio = statistics.median(cpu_ratios)
+            ci = median_ci(cpu_ratios)
+            ci_text = f"; 95 % CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+            targets.append(
+                (
+                    f"Flow + memory: end-to-end CPU per kickoff ≤ {TARGET_E2E_RATIO} x "
+                    "uninstrumented",
+                    f"{ratio:.3f} x ({delta:+.1f} ms per kickoff{ci_text})",
+                    _status(ratio <= TARGET_E2E_RATIO),
                 )
             )
     return lines, targets

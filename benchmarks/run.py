@@ -55,6 +55,12 @@ class Settings:
     #: Shared-state detectors outside runs: pyperf processes and values per benchmark.
     detectors_processes: int
     detectors_values: int
+    #: Flow + memory workload: interleaved end-to-end blocks, rounds, kickoffs per measurement,
+    #: warm-up kickoffs per process.
+    flow_blocks: int
+    flow_rounds: int
+    flow_kickoffs: int
+    flow_warmup: int
     #: Seconds the whole run may spend waiting for other processes to calm down.
     quiet_budget: float
 
@@ -86,6 +92,10 @@ FULL = Settings(
     shared_kickoffs=3,
     detectors_processes=2,
     detectors_values=5,
+    flow_blocks=2,
+    flow_rounds=30,
+    flow_kickoffs=1,
+    flow_warmup=3,
     quiet_budget=600.0,
 )
 #: A smoke run: the same sections, a fraction of the repetitions (numbers, not statistics).
@@ -109,15 +119,20 @@ QUICK = dataclasses.replace(
     shared_blocks=1,
     shared_rounds=2,
     shared_kickoffs=2,
+    flow_blocks=1,
+    flow_rounds=2,
+    flow_warmup=1,
     quiet_budget=20.0,
 )
-SECTIONS = ("startup", "hooks", "e2e", "shared-state", "soak")
+SECTIONS = ("startup", "hooks", "e2e", "flow-memory", "shared-state", "soak")
 QUIET = common.QUIET
 DISTURBED = common.DISTURBED
 #: Longest wait for a quiet machine before one round.
 MAX_WAIT = 60.0
 #: How many times a disturbed measurement is made again.
 RETRIES = 3
+#: The first character of a line of a CrewAI console panel (Rich boxes).
+_PANEL_CHARACTERS = frozenset("│╭╰┃┏┗")
 
 
 class Log:
@@ -337,12 +352,31 @@ class Bench:
         overlay = self.overlays.get(variant)
         return common.overlay_env(self.env, overlay) if overlay else self.env
 
-    def spawn(self, variants: Sequence[str]) -> dict[str, Worker]:
+    def spawn(
+        self,
+        variants: Sequence[str],
+        workload: str = common.STANDARD,
+        stderr: IO[str] | None = None,
+    ) -> dict[str, Worker]:
         """Start one worker per variant (in parallel) and wait until all are ready."""
-        workers = {v: Worker(v, self.base_url, self.env_for(v), self.worker_log) for v in variants}
+        log = stderr if stderr is not None else self.worker_log
+        workers = {v: Worker(v, self.base_url, self.env_for(v), log, workload) for v in variants}
         for worker in workers.values():
             worker.wait_ready()
         return workers
+
+    def _keep_stderr(self, path: Path) -> None:
+        """Append what workers wrote to ``path`` to workers.log, without CrewAI's console
+        panels (box-drawn lines) and blank lines."""
+        dropped = 0
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip() or line.lstrip()[:1] in _PANEL_CHARACTERS:
+                    dropped += 1
+                    continue
+                self.worker_log.write(line)
+        self.worker_log.write(f"({dropped} lines of CrewAI console panels left out)\n")
+        self.worker_log.flush()
 
     def spawn_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Worker]:
         """One worker per (workload, variant), started in parallel; wait until all are ready."""
@@ -633,6 +667,62 @@ class Bench:
             (self.out / "e2e-compare.txt").write_text(
                 completed.stdout + completed.stderr, encoding="utf-8"
             )
+
+    # --- 7. Flow + memory ------------------------------------------------------------------------
+    def flow_memory(self) -> dict[str, Any]:
+        """The Flow + memory workload (a Flow whose listen step kicks off a crew with
+        ``memory=True`` and a knowledge source), uninstrumented vs crew_otel, interleaved like
+        the end-to-end section: rotating order, fresh processes per block (the second block in
+        reverse order), warm-up kickoffs first."""
+        s = self.settings
+        pair = [common.BASELINE, common.CREW_OTEL]
+        rounds: list[dict[str, Any]] = []
+        ready: dict[str, list[dict[str, Any]]] = {}
+        spans: dict[str, Any] = {}
+        for block in range(s.flow_blocks):
+            # CrewAI prints Flow panels on every kickoff: keep them out of workers.log.
+            panels = Path(self._tempdir("flow-stderr-")) / "stderr.log"
+            stderr = open(panels, "w", encoding="utf-8")  # noqa: SIM115
+            workers = self.spawn(pair, common.FLOW_MEMORY, stderr)
+            try:
+                for variant, worker in workers.items():
+                    ready.setdefault(variant, []).append(worker.ready)
+                for worker in workers.values():
+                    worker.run("threads", 1, s.flow_warmup)
+                self.log(f"flow-memory block {block + 1}/{s.flow_blocks}: workers warm")
+                for index in range(s.flow_rounds):
+                    self.quiet(f"flow-memory round {index + 1}")
+                    for variant in _rotation(pair, index, reverse=block % 2 == 1):
+                        reply = self.measure(
+                            workers[variant],
+                            "threads",
+                            1,
+                            s.flow_kickoffs,
+                            f"flow-memory round {index + 1}",
+                        )
+                        rounds.append({"block": block, "round": index, "variant": variant, **reply})
+                    if (index + 1) % 5 == 0 or index + 1 == s.flow_rounds:
+                        self.log(f"flow-memory block {block + 1} round {index + 1}/{s.flow_rounds}")
+                for variant, worker in workers.items():
+                    spans.setdefault(variant, []).append(worker.request(op="spans"))
+            finally:
+                for worker in workers.values():
+                    worker.close()
+                stderr.close()
+                self._keep_stderr(panels)
+        raw = {
+            "settings": {
+                "blocks": s.flow_blocks,
+                "rounds_per_block": s.flow_rounds,
+                "kickoffs_per_round": s.flow_kickoffs,
+                "warmup_kickoffs": s.flow_warmup,
+            },
+            "workers": ready,
+            "rounds": rounds,
+            "span_names": spans,
+        }
+        self.write("flow-memory-raw.json", raw)
+        return raw
 
     # --- 6. shared-state detectors -------------------------------------------------------------
     def shared_state(self) -> dict[str, Any]:

@@ -1,15 +1,16 @@
 """One variant of the end-to-end workload, in a process of its own.
 
-``python -m benchmarks.worker --variant NAME --base-url URL [--workload io]`` imports crewai, sets
-up the export pipeline (:class:`benchmarks.common.Pipeline`), installs the variant's
-instrumentation, prints one JSON line (``ready``, with its start-up timings) and then answers
-JSON commands, one per line on standard input, with one JSON line each:
+``python -m benchmarks.worker --variant NAME --base-url URL [--workload io|flow-memory]``
+imports crewai, sets up the export pipeline (:class:`benchmarks.common.Pipeline`), installs the
+variant's instrumentation, prints one JSON line (``ready``, with its start-up timings) and then
+answers JSON commands, one per line on standard input, with one JSON line each:
 
 ``{"op": "run", "mode": "threads"|"async", "concurrency": C, "kickoffs": N}``
     N kickoffs, C at a time, each building its own crew (``research_crew``; with
-    ``--workload io`` its tool writes a file and a SQLite database, see :func:`make_io_tool`);
-    the spans are flushed (encoded) before the clock stops. Answers CPU and wall seconds per
-    kickoff.
+    ``--workload io`` its tool writes a file and a SQLite database, see :func:`make_io_tool`;
+    with ``--workload flow-memory`` each kickoff is a Flow whose listen step kicks off that crew
+    with memory and knowledge, see :func:`flow_memory_class`); the spans are flushed (encoded)
+    before the clock stops. Answers CPU and wall seconds per kickoff.
 ``{"op": "soak", "kickoffs": N, "every": E}``
     N sequential kickoffs, RSS and live objects sampled (after a GC) every E.
 ``{"op": "profile", "kickoffs": N, "out": PATH}``
@@ -37,6 +38,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -116,8 +118,56 @@ def make_io_tool(directory: str) -> Any:
     return tool("record_facts")(record_facts)
 
 
+#: The loopback provider takes any key; the embedder of the Flow + memory workload needs one.
+FAKE_KEY = "sk-fake-key-for-the-loopback-provider"
+#: The knowledge source of the Flow + memory workload (the same text for every crew: CrewAI
+#: keeps one knowledge collection per storage directory).
+KNOWLEDGE_TEXT = "Observability of a service means traces, metrics and logs of every request."
+
+
+def flow_memory_class(base_url: str) -> type:
+    """A Flow per request: ``begin`` (``@start``) -> ``choose`` (``@router``, label
+    ``"deep"``) -> ``research`` (``@listen("deep")``), which builds ``research_crew`` with
+    ``memory=True`` (CrewAI's unified memory over LanceDB; its own model calls go to the
+    agents' loopback LLM), a ``StringKnowledgeSource`` (Chroma) and an OpenAI embedder pointed
+    at the loopback provider, and kicks it off. The Flow returns the crew's answer.
+    """
+    from crewai.flow.flow import Flow, listen, router, start
+    from crewai.knowledge.source.string_knowledge_source import StringKnowledgeSource
+
+    from crew_otel.testing.crews import make_llm, research_crew
+
+    embedder = {"provider": "openai", "config": {"api_key": FAKE_KEY, "api_base": base_url}}
+
+    class ResearchFlow(Flow):  # type: ignore[type-arg]
+        @start()
+        def begin(self) -> str:
+            return str(self.state["topic"])
+
+        @router(begin)
+        def choose(self) -> str:
+            return "deep"
+
+        @listen("deep")
+        def research(self) -> str:
+            crew = research_crew(
+                lambda: make_llm(base_url),
+                memory=True,
+                embedder=embedder,
+                knowledge_sources=[StringKnowledgeSource(content=KNOWLEDGE_TEXT)],
+            )
+            return str(crew.kickoff(inputs={"topic": self.state["topic"]}).raw)
+
+    return ResearchFlow
+
+
+def _answer(result: Any) -> str | None:
+    """A crew's ``raw`` output, or the string a Flow returns."""
+    return result if isinstance(result, str) else getattr(result, "raw", None)
+
+
 class Workload:
-    """Build a crew per request and kick it off, sync or async."""
+    """Build a crew (or a Flow) per request and kick it off, sync or async."""
 
     def __init__(
         self, base_url: str, pipeline: common.Pipeline, workload: str = common.STANDARD
@@ -126,11 +176,15 @@ class Workload:
 
         self.pipeline = pipeline
         self.directory: str | None = None
+        #: Builds what one request kicks off: a crew, or a Flow.
+        self._make_crew: Callable[[], Any]
         if workload == common.IO:
             directory = self.directory = tempfile.mkdtemp(prefix="crew-otel-bench-io-")
             self._make_crew = lambda: research_crew(
                 lambda: make_llm(base_url), tools=[make_io_tool(directory)]
             )
+        elif workload == common.FLOW_MEMORY:
+            self._make_crew = flow_memory_class(base_url)
         else:
             self._make_crew = lambda: research_crew(lambda: make_llm(base_url))
         self.errors = 0
@@ -152,7 +206,7 @@ class Workload:
     def kickoff(self) -> None:
         try:
             result = self._make_crew().kickoff(inputs=dict(common.INPUTS))
-            if not getattr(result, "raw", None):
+            if not _answer(result):
                 raise RuntimeError("empty crew output")
         except Exception:
             self._note_error()
@@ -160,7 +214,7 @@ class Workload:
     async def akickoff(self) -> None:
         try:
             result = await self._make_crew().akickoff(inputs=dict(common.INPUTS))
-            if not getattr(result, "raw", None):
+            if not _answer(result):
                 raise RuntimeError("empty crew output")
         except Exception:
             self._note_error()
@@ -319,7 +373,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", required=True, choices=common.WORKER_VARIANTS)
     parser.add_argument("--base-url", required=True)
-    parser.add_argument("--workload", default=common.STANDARD, choices=common.WORKLOADS)
+    parser.add_argument("--workload", default=common.STANDARD, choices=common.WORKER_WORKLOADS)
     args = parser.parse_args()
 
     # The protocol gets the real stdout; anything CrewAI prints goes to stderr.
@@ -330,6 +384,12 @@ def main() -> None:
         protocol.write(json.dumps(message) + "\n")
         protocol.flush()
 
+    storage: str | None = None
+    if args.workload == common.FLOW_MEMORY:
+        # Memory (LanceDB) and knowledge (Chroma) of this process only: the variants' processes
+        # must not share a store (each accumulates the same number of kickoffs' memories).
+        storage = tempfile.mkdtemp(prefix="crew-otel-bench-storage-")
+        os.environ["CREWAI_STORAGE_DIR"] = storage
     timings: dict[str, float] = {}
     start = time.perf_counter()
     import crewai  # noqa: F401  (after the parent prepared the offline environment)
@@ -386,8 +446,9 @@ def main() -> None:
             reply = {"error": traceback.format_exc()}
         send(reply)
     pipeline.tracer_provider.shutdown()
-    if workload.directory is not None:
-        shutil.rmtree(workload.directory, ignore_errors=True)
+    for directory in (workload.directory, storage):
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

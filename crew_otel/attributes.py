@@ -29,6 +29,12 @@ GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+#: The finish reason of a generation that ended abnormally: the call failed or was cancelled
+#: before the provider's answer (the conventions report it instead of leaving it out).
+FINISH_REASON_ERROR = "error"
+#: ``true`` on a model call whose conversation CrewAI summarised to fit the context window
+#: (the conventions: set only when known, never ``false``).
+GEN_AI_CONVERSATION_COMPACTED = "gen_ai.conversation.compacted"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_TOKEN_TYPE = "gen_ai.token.type"
@@ -58,8 +64,8 @@ class StrEnum(str, Enum):
 
 class Operation(StrEnum):
     """Values of ``crew_otel.origin.operation`` (the operation of an error's origin span);
-    ``invoke_workflow``, ``invoke_agent``, ``execute_tool``, ``chat`` and ``embeddings`` are also
-    ``gen_ai.operation.name`` values."""
+    ``invoke_workflow``, ``invoke_agent``, ``execute_tool``, ``chat``, ``embeddings`` and ``plan``
+    are also ``gen_ai.operation.name`` values."""
 
     INVOKE_WORKFLOW = "invoke_workflow"
     INVOKE_AGENT = "invoke_agent"
@@ -73,6 +79,10 @@ class Operation(StrEnum):
     EMBEDDINGS = "embeddings"
     MEMORY = "memory"
     KNOWLEDGE = "knowledge"
+    PLAN = "plan"
+    #: A wait for CrewAI's ``max_rpm`` limiter or for a human (``crewai.rpm.wait``,
+    #: ``crewai.human_input``).
+    WAIT = "wait"
 
 
 # The operations as plain strings (attribute values, metric attributes).
@@ -104,6 +114,8 @@ CREWAI_TOOL_SOURCE = "crewai.tool.source"
 #: The MCP server's label: the leading words of CrewAI's server name (never an argument).
 CREWAI_MCP_SERVER_NAME = "crewai.mcp.server.name"
 TOOL_SOURCE_MCP = "mcp"
+#: error.type of an MCP tool result with ``isError`` (the MCP semantic conventions' value).
+ERROR_TYPE_MCP_TOOL_ERROR = "tool_error"
 CREWAI_LLM_MESSAGES = "crewai.llm.messages"
 #: The model and provider of a model call whose inference span a provider SDK instrumentation
 #: makes (crew_otel's span then carries no gen_ai.* attributes; see crew_otel.coexistence).
@@ -135,11 +147,14 @@ EXECUTOR_QUEUE_DEPTH = "crew_otel.executor.queue_depth"
 CONTEXT_SUMMARIZED = "crew_otel.context.summarized"
 CONTEXT_NO_FINAL_OUTPUT = "crew_otel.context.no_final_output"
 CONTEXT_OVERFLOW = "crew_otel.context.overflow"
+#: On the context-window events: the agent's ``respect_context_window``.
+CONTEXT_RESPECT_WINDOW = "crew_otel.context.respect_context_window"
 
 # Span event names.
 EVENT_SHARED_INSTANCE = "crew_otel.shared_instance"
 EVENT_RETRY = "crew_otel.retry"
 EVENT_CONTEXT_SUMMARIZED = "crew_otel.context.summarized"
+EVENT_CONTEXT_OVERFLOW = "crew_otel.context.overflow"
 #: The caller stopped waiting for a kickoff (cancelled, timed out) while its work went on.
 EVENT_CALLER_CANCELLED = "crew_otel.kickoff.caller_cancelled"
 
@@ -480,3 +495,65 @@ CREWAI_KNOWLEDGE_COLLECTION = "crewai.knowledge.collection"
 CREWAI_KNOWLEDGE_RESULT_COUNT = "crewai.knowledge.result_count"
 MEMORY_TYPE_UNIFIED = "unified"
 DEFAULT_EMBEDDINGS_PROVIDER = "openai"
+#: Where the memory's storage lives (LanceDB's directory): two memories on one path share it.
+CREWAI_MEMORY_STORAGE_PATH = "crewai.memory.storage.path"
+#: Seconds the memory operation waited for CrewAI's storage lock (summed over its writes).
+CREWAI_MEMORY_LOCK_WAIT = "crewai.memory.lock_wait"
+#: Seconds a save waited in the memory's save queue (one writer thread per Memory) to start.
+CREWAI_MEMORY_QUEUE_WAIT = "crewai.memory.queue_wait"
+
+
+# --- Planning (a crew's planning, an agent's reasoning step) ---------------------------------
+#: ``plan {crew}`` / ``plan {role}``: the GenAI conventions' plan span (``gen_ai.operation.name``
+#: ``plan``, INTERNAL); its model calls nest under it.
+SPAN_PLAN = Operation.PLAN.value
+OP_PLAN = Operation.PLAN.value
+ORIGIN_PLAN = Operation.PLAN.value
+#: Whose plan it is: ``crew`` (``Crew(planning=True)``) or ``agent`` (an agent's reasoning).
+CREWAI_PLAN_SCOPE = "crewai.plan.scope"
+PLAN_SCOPE_CREW = "crew"
+PLAN_SCOPE_AGENT = "agent"
+#: Whether the agent declared itself ready to execute after its reasoning.
+CREWAI_PLAN_READY = "crewai.plan.ready"
+
+
+def crew_plan_attributes(crew: Any, name: str) -> dict[str, AttributeValue]:
+    """Attributes of a crew's ``plan`` span."""
+    attrs = _operation_attributes(OP_PLAN, GEN_AI_WORKFLOW_NAME, name, CREWAI_CREW_ID, crew)
+    attrs[CREWAI_PLAN_SCOPE] = PLAN_SCOPE_CREW
+    return attrs
+
+
+def agent_plan_attributes(agent: Any, role: str) -> dict[str, AttributeValue]:
+    """Attributes of an agent's reasoning (``plan``) span."""
+    attrs = _operation_attributes(OP_PLAN, GEN_AI_AGENT_NAME, role, CREWAI_AGENT_ID, agent)
+    attrs[CREWAI_PLAN_SCOPE] = PLAN_SCOPE_AGENT
+    return attrs
+
+
+# --- Waits (CrewAI's max_rpm limiter, human_input) --------------------------------------------
+#: A call of the ``max_rpm`` limiter that waited (calls that did not wait leave no span).
+SPAN_RPM_WAIT = "crewai.rpm.wait"
+#: One prompt of ``human_input``: from the question to the human's answer.
+SPAN_HUMAN_INPUT = "crewai.human_input"
+ORIGIN_WAIT = Operation.WAIT.value
+#: The limiter's requests per minute (``max_rpm`` of the agent or its crew).
+CREWAI_RPM_LIMIT = "crewai.rpm.limit"
+#: Why the call waited: ``limit`` (the minute's budget was spent: it slept until the next
+#: minute, holding the limiter's lock) or ``lock`` (it waited for that lock while another
+#: caller of the same limiter slept).
+CREWAI_RPM_WAIT_REASON = "crewai.rpm.wait.reason"
+RPM_WAIT_REASON_LIMIT = "limit"
+RPM_WAIT_REASON_LOCK = "lock"
+#: Seconds the call waited for the limiter's lock held by another caller's sleep.
+CREWAI_RPM_LOCK_WAIT = "crewai.rpm.lock_wait"
+#: The request whose call held the limiter's lock (sleeping) while this call waited for it.
+RPM_LOCK_HOLDER_REQUEST_ID = "crew_otel.rpm.lock_holder.request_id"
+#: On the agent's span: seconds its model calls waited for the limiter (summed).
+CREWAI_RPM_WAITED = "crewai.rpm.waited"
+#: The prompt's number in the agent execution (1-based; each feedback round asks again).
+CREWAI_HUMAN_INPUT_ROUND = "crewai.human_input.round"
+#: The human gave feedback (the agent runs again) rather than accepting the answer.
+CREWAI_HUMAN_INPUT_FEEDBACK = "crewai.human_input.feedback"
+#: On the agent's span: seconds it waited for the human (summed over the prompts).
+CREWAI_HUMAN_INPUT_WAITED = "crewai.human_input.waited"

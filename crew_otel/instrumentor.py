@@ -61,6 +61,7 @@ from crew_otel.plan import (
     Plan,
     PlanRow,
     build_plan,
+    embedder_class_rows,
     http_client_rows,
     initializing,
     left_to_auto_instrumentation,
@@ -300,12 +301,14 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._taken.add((id(resolved.owner), resolved.name))
 
     def _refresh_llm_classes(self, runtime: Runtime) -> None:
-        """Wrap ``call``/``acall`` of the BaseLLM subclasses defined since the last look.
+        """Wrap ``call``/``acall`` of the BaseLLM subclasses, and ``__call__`` of the embedding
+        functions, defined since the last look.
 
         Runs at each kickoff, so provider classes imported later (CrewAI imports provider
-        modules on first use) and custom LLMs are covered.
+        modules on first use), custom LLMs and custom embedders are covered.
         """
-        rows = [r for r in llm_class_rows(self._taken) if r.status == STATUS_INSTALLED]
+        found = (*llm_class_rows(self._taken), *embedder_class_rows(set(self._taken)))
+        rows = [r for r in found if r.status == STATUS_INSTALLED]
         if not rows:
             return
         with self._llm_lock:

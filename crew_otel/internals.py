@@ -39,6 +39,7 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from types import CodeType
 from typing import Any
 
 _logger = logging.getLogger(__name__)
@@ -447,6 +448,52 @@ def _running_loop_fallback() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+class CallerFunction(Internal):
+    """A CrewAI function recognised on the call stack (``module:Class.function``, compared by
+    its code object): a hook asks whether this function is among its callers, e.g. a caller
+    that logs the hooked call's error and goes on.
+
+    The function is looked up when asked (in ``sys.modules``: its module is imported by then);
+    the stack is walked only that far up (``depth`` frames), and only when asked: on an error.
+    """
+
+    def __init__(self, name: str, what: str, where: str, depth: int) -> None:
+        super().__init__(name, what, (Part(where),))
+        self.where = where
+        #: How many frames above the asking one are looked at.
+        self.depth = depth
+
+    def _code(self) -> CodeType | None:
+        module, _, qualname = self.where.partition(":")
+        obj: Any = sys.modules.get(module)
+        for piece in qualname.split("."):
+            obj = getattr(obj, piece, None)
+        code = getattr(obj, "__code__", None)
+        return code if isinstance(code, CodeType) else None
+
+    def on_stack(self) -> bool:
+        """Whether the function is among the callers of the caller (never raises)."""
+        try:
+            code = self._code()
+            if code is None:
+                return False
+            frame = inspect.currentframe()
+            for _ in range(self.depth + 1):
+                if frame is None:
+                    return False
+                if frame.f_code is code:
+                    return True
+                frame = frame.f_back
+        except Exception:
+            return False
+        return False
+
+    def resolves(self, part: Part) -> bool:
+        module = part.where.partition(":")[0]
+        importlib.import_module(module)
+        return self._code() is not None
+
+
 # --- positional arguments -------------------------------------------------------------------
 class BoundArguments:
     """Reads a call's arguments by parameter name (positions from the installed signature)."""
@@ -652,6 +699,33 @@ LLM_COMPLETED_ARGS = Parameters(
     ),
     method=True,
 )
+LLM_RESPONSE_ARGS = Parameters(
+    "llm_response_args",
+    "OpenAICompletion._extract_openai_token_usage(response): the SDK's response object "
+    "(response model, finish reasons, response ID)",
+    "crewai.llms.providers.openai.completion:OpenAICompletion._extract_openai_token_usage",
+    (Part("response"),),
+    method=True,
+)
+MEMORY_STORAGE = PrivateAttribute(
+    "memory_storage",
+    "the storage backend of a unified Memory: memory spans name it, sharing watches it",
+    "_storage",
+    (Part("crewai.memory.unified_memory:Memory"),),
+)
+LANCEDB_STORAGE_PATH = PrivateAttribute(
+    "lancedb_storage_path",
+    "the directory of a LanceDB memory storage: crewai.memory.storage.path",
+    "_path",
+    (Part("crewai.memory.storage.lancedb_storage:LanceDBStorage"),),
+)
+CREW_KNOWLEDGE_INIT = CallerFunction(
+    "crew_knowledge_init",
+    "Crew.create_crew_knowledge (a validator: at construction and when a kickoff re-validates "
+    "the crew) logs a knowledge ingestion error and goes on: that origin is recovered",
+    "crewai.crew:Crew.create_crew_knowledge",
+    depth=10,
+)
 LOOP_EXECUTOR_QUEUE = AttributePath(
     "loop_executor_queue",
     "the work queue of the event loop's default executor: async kickoff queueing",
@@ -735,6 +809,10 @@ REGISTRY: tuple[Internal, ...] = (
     CONTEXT_LENGTH_ARGS,
     LLM_USAGE_ARGS,
     LLM_COMPLETED_ARGS,
+    LLM_RESPONSE_ARGS,
+    MEMORY_STORAGE,
+    LANCEDB_STORAGE_PATH,
+    CREW_KNOWLEDGE_INIT,
     LOOP_EXECUTOR_QUEUE,
     SDK_BATCH_PROCESSOR,
     SDK_BATCH_QUEUE,

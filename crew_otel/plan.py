@@ -96,6 +96,7 @@ def build_plan(config: CrewOtelConfig | None = None) -> Plan:
     llm_rows = llm_class_rows(taken)
     taken.update((id(r.resolved.owner), r.resolved.name) for r in llm_rows if r.resolved)
     rows.extend(llm_rows)
+    rows.extend(embedder_class_rows(taken))
     rows.extend(http_rows(config))
     rows.append(threading_row(config))
     rows.append(baggage_row(config))
@@ -183,6 +184,41 @@ def subclasses(base: type) -> list[type]:
                 found.append(sub)
         index += 1
     return found
+
+
+# --- embedder classes ----------------------------------------------------------------------
+EMBEDDING_FUNCTION_MODULE = "chromadb.api.types"
+
+
+def embedder_class_rows(taken: set[tuple[int, str]]) -> list[PlanRow]:
+    """``__call__`` of every chromadb ``EmbeddingFunction`` subclass defined now (CrewAI's
+    embedder providers build one of them: Ollama, Cohere, VoyageAI, HuggingFace, ...), as
+    target rows of the embeddings wrapper; those in ``taken`` are left out (added to it).
+
+    ``import crewai`` defines chromadb's and CrewAI's own; a subclass that inherits a wrapped
+    ``__call__`` makes one span (the wrapper skips the nested call).
+    """
+    from crew_otel.wrappers.memory import EmbeddingsWrapper
+
+    module = sys.modules.get(EMBEDDING_FUNCTION_MODULE)
+    base = module.__dict__.get("EmbeddingFunction") if module is not None else None
+    if not isinstance(base, type):
+        return []
+    rows = []
+    for cls in subclasses(base)[1:]:  # the protocol's own __call__ is abstract
+        if "__call__" not in cls.__dict__ or (id(cls), "__call__") in taken:
+            continue
+        target = t.Target(
+            cls.__module__, f"{cls.__qualname__}.__call__", EmbeddingsWrapper, t.LAYER_MEMORY
+        )
+        try:
+            resolved = t.resolve_attribute(cls, "__call__")
+        except t.Unresolved as reason:
+            rows.append(_row(target, STATUS_SKIPPED, str(reason)))
+            continue
+        taken.add((id(cls), "__call__"))
+        rows.append(_row(target, STATUS_INSTALLED, "embedder class", resolved=resolved))
+    return rows
 
 
 # --- HTTP clients and their connection pools ---------------------------------------------

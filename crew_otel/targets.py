@@ -27,18 +27,36 @@ from crew_otel.wrappers.context_window import ContextLengthObserver
 from crew_otel.wrappers.flow import FlowStepWrapper
 from crew_otel.wrappers.guardrail import GuardrailRunWrapper, GuardrailWrapper
 from crew_otel.wrappers.kickoff import KickoffWrapper
-from crew_otel.wrappers.llm import ChatWrapper, LlmResponseObserver, RateLimitRetryObserver
+from crew_otel.wrappers.llm import (
+    ChatWrapper,
+    LlmResponseObjectObserver,
+    LlmResponseObserver,
+    RateLimitRetryObserver,
+    StreamChunkObserver,
+)
 from crew_otel.wrappers.memory import (
     EmbeddingsUsageObserver,
     EmbeddingsWrapper,
     KnowledgeAddWrapper,
     KnowledgeQueryWrapper,
+    KnowledgeSearchErrorObserver,
     MemoryExtractWrapper,
     MemorySaveWrapper,
     MemorySearchWrapper,
+    SaveQueueObserver,
+    StorageLockObserver,
 )
+from crew_otel.wrappers.observer import Observer
+from crew_otel.wrappers.planning import AgentReasoningWrapper, CrewPlanningWrapper
 from crew_otel.wrappers.task import InterpolationObserver, TaskWrapper
-from crew_otel.wrappers.tool import NativeToolCallWrapper, ToolRunWrapper, ToolUsageWrapper
+from crew_otel.wrappers.tool import (
+    McpToolErrorObserver,
+    McpToolResultObserver,
+    NativeToolCallWrapper,
+    ToolRunWrapper,
+    ToolUsageWrapper,
+)
+from crew_otel.wrappers.waits import HumanInputWrapper, RpmLimiterWrapper, RpmSleepObserver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +78,8 @@ LAYER_TOOL = "tool"
 LAYER_LLM = "llm"
 LAYER_FLOW = "flow"
 LAYER_MEMORY = "memory"
+LAYER_PLAN = "plan"
+LAYER_WAIT = "wait"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +127,18 @@ def build_wrapper(
     if _is_span_wrapper_class(factory):
         span_wrapper = cast("type[SpanWrapper[Any]]", factory)
         return span_wrapper(runtime, is_async=resolved.is_async)
+    if resolved.is_async and _is_observer_class(factory):  # observers of coroutine functions
+        observer = cast("type[Observer]", factory)
+        return observer(runtime, is_async=resolved.is_async)
     return factory(runtime)
 
 
 def _is_span_wrapper_class(factory: object) -> bool:
     return isinstance(factory, type) and issubclass(factory, SpanWrapper)
+
+
+def _is_observer_class(factory: object) -> bool:
+    return isinstance(factory, type) and issubclass(factory, Observer)
 
 
 def _kickoff(entrypoint: str, kind: Kind) -> SpanFactory:
@@ -231,12 +258,37 @@ TARGETS: tuple[Target, ...] = (
         LAYER_TASK,
         note="module binding of crewai.utilities.guardrail.process_guardrail: one evaluation",
     ),
+    *(
+        Target(
+            module,
+            "process_guardrail",
+            GuardrailWrapper,
+            LAYER_AGENT,
+            note="module binding: one evaluation of a standalone agent's guardrail",
+        )
+        for module in ("crewai.agent.core", "crewai.lite_agent")
+    ),
     Target(
         "crewai.crew",
         "Crew._interpolate_inputs",
         InterpolationObserver,
         LAYER_TASK,
         note="which request interpolated inputs into which Task",
+    ),
+    # --- planning -------------------------------------------------------------------------
+    Target(
+        "crewai.crew",
+        "Crew._handle_crew_planning",
+        CrewPlanningWrapper,
+        LAYER_PLAN,
+        note="Crew(planning=True): the planner's task and model calls",
+    ),
+    Target(
+        "crewai.utilities.reasoning_handler",
+        "AgentReasoning.handle_agent_reasoning",
+        AgentReasoningWrapper,
+        LAYER_PLAN,
+        note="an agent's reasoning (planning) step before its task",
     ),
     # --- agent attempts and steps ---------------------------------------------------------
     Target("crewai.agent.core", "Agent.execute_task", AgentAttemptWrapper, LAYER_AGENT),
@@ -296,6 +348,20 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "crewai.tools.structured_tool", "CrewStructuredTool.ainvoke", ToolRunWrapper, LAYER_TOOL
     ),
+    Target(
+        "mcp.client.session",
+        "ClientSession.call_tool",
+        McpToolResultObserver,
+        LAYER_TOOL,
+        note="an MCP tool result with isError: the origin on the tool span (error.type tool_error)",
+    ),
+    Target(
+        "crewai.tools.mcp_native_tool",
+        "MCPNativeTool._run_async",
+        McpToolErrorObserver,
+        LAYER_TOOL,
+        note="an MCP tool's client error, before CrewAI wraps it in a RuntimeError",
+    ),
     # --- model calls ----------------------------------------------------------------------
     Target("crewai.llm", "LLM.call", _chat, LAYER_LLM, note="litellm fallback"),
     Target("crewai.llm", "LLM.acall", _chat, LAYER_LLM, note="litellm fallback"),
@@ -316,11 +382,57 @@ TARGETS: tuple[Target, ...] = (
         note="finish reason and response ID",
     ),
     Target(
+        "crewai.llms.providers.openai.completion",
+        "OpenAICompletion._extract_openai_token_usage",
+        LlmResponseObjectObserver,
+        LAYER_LLM,
+        note="the SDK's response object: response model, finish reasons, response ID",
+    ),
+    Target(
+        "openai._streaming",
+        "Stream.__iter__",
+        StreamChunkObserver,
+        LAYER_LLM,
+        note="a streamed answer's chunks inside a model call: model and finish reasons",
+    ),
+    Target(
+        "openai._streaming",
+        "AsyncStream.__aiter__",
+        lambda rt: StreamChunkObserver(rt, is_async=True),
+        LAYER_LLM,
+        note="a streamed answer's chunks inside a model call: model and finish reasons",
+    ),
+    Target(
         RATE_LIMIT_MODULE,
         "get_retry_delay_seconds",
         RateLimitRetryObserver,
         LAYER_LLM,
         note="CrewAI's rate-limit retry layer (crewai >= 1.15.25)",
+    ),
+    # --- waits ----------------------------------------------------------------------------
+    Target(
+        "crewai.utilities.rpm_controller",
+        "RPMController.check_or_wait",
+        RpmLimiterWrapper,
+        LAYER_WAIT,
+        note="max_rpm: a call that waited for the limiter (slept, or waited for its lock)",
+    ),
+    Target(
+        "crewai.utilities.rpm_controller",
+        "RPMController._wait_for_next_minute",
+        RpmSleepObserver,
+        LAYER_WAIT,
+        note="max_rpm: the limiter's 60 s sleep (holding the lock every caller needs)",
+    ),
+    *(
+        Target(
+            "crewai.core.providers.human_input",
+            f"SyncHumanInputProvider.{method}",
+            HumanInputWrapper,
+            LAYER_WAIT,
+            note="human_input: one prompt of the default provider, until the human answers",
+        )
+        for method in ("_prompt_input", "_prompt_input_async")
     ),
     # --- memory, knowledge and embeddings -------------------------------------------------
     Target(
@@ -357,6 +469,30 @@ TARGETS: tuple[Target, ...] = (
         MemoryExtractWrapper,
         LAYER_MEMORY,
         note="the memory's model call on a task's result",
+    ),
+    Target(
+        "crewai.memory.unified_memory",
+        "Memory._submit_save",
+        SaveQueueObserver,
+        LAYER_MEMORY,
+        note="when a save was queued (one save thread per Memory)",
+    ),
+    Target(
+        "crewai.memory.storage.lancedb_storage",
+        "store_lock",
+        StorageLockObserver,
+        LAYER_MEMORY,
+        note="module binding of CrewAI's storage lock: the memory's wait for it",
+    ),
+    *(
+        Target(
+            "crewai.rag.chromadb.client",
+            f"ChromaDBClient.{method}",
+            KnowledgeSearchErrorObserver,
+            LAYER_MEMORY,
+            note="knowledge search errors (KnowledgeStorage returns [] for them)",
+        )
+        for method in ("search", "asearch")
     ),
     *(
         Target(

@@ -10,15 +10,17 @@ sees the same outcome.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from opentelemetry.trace import StatusCode
 
 import crew_otel
+from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import Spans, attr, traces_by_marker, whole_run
 from tests.test_metrics import points, total
-from tests.workloads import kickoff_concurrently, outcome_summary
+from tests.workloads import FAST, kickoff_concurrently, outcome_summary
 
 N_THREADS = 4
 N_ASYNC = 4
@@ -171,16 +173,26 @@ def test_running_out_of_guardrail_retries_is_the_fatal_origin(otel, fake_provide
     compare_uninstrumented(outcomes, make_crew)
 
 
-def test_an_llm_guardrails_model_calls_nest_under_its_evaluation(otel, fake_provider):
+def test_an_llm_guardrails_model_calls_nest_under_its_evaluation(
+    otel, fake_provider, metric_reader
+):
     def make_crew(marker: str) -> Any:
         return guarded_crew(fake_provider, marker, "The sentence must mention the topic.")
 
     outcomes = run_all(make_crew)
     spans = Spans(otel.get_finished_spans())
+    # CrewAI's internal "Guardrail Agent" kickoff is part of the evaluation, not a workflow
+    assert not [s for s in spans.all if s.name.startswith("invoke_workflow Guardrail")]
+    workflows = points(metric_reader)["gen_ai.invoke_workflow.duration"]
+    assert total(workflows, gen_ai__workflow__name="guarded") == len(MARKERS)
+    assert {p.attributes.get("gen_ai.workflow.name") for p in workflows} == {"guarded"}
     for marker, run in run_traces(spans, fake_provider).items():
         check_whole(run)
         evaluations = guardrail_spans(run)
         assert evaluations, marker
+        for evaluation in evaluations:
+            for step in run.kids(evaluation):
+                assert step.name == "crewai.agent.step Guardrail Agent", step.name
         writer_chats = {
             id(s)
             for a in agent_attempts(run)
@@ -205,3 +217,127 @@ def test_an_llm_guardrails_model_calls_nest_under_its_evaluation(otel, fake_prov
             assert attr(evaluations[-1], PASSED) is True
             assert f"[[{marker}]]" in outcomes[marker].raw
     compare_uninstrumented(outcomes, make_crew)
+
+
+def rejects_once(feedback: str) -> Callable[[Any], tuple[bool, Any]]:
+    """A function guardrail (per request) that rejects its first output and passes the next."""
+    calls = [0]
+
+    def check(output):
+        calls[0] += 1
+        if calls[0] == 1:
+            return False, feedback
+        return True, output.raw
+
+    return check
+
+
+def test_attempts_increase_across_several_guardrails_of_a_task(otel, fake_provider, metric_reader):
+    """Two guardrails, each rejecting once: the agent runs 3 times and the guardrails evaluate 4
+    times; every attempt has its own number (none restarts at the second guardrail)."""
+
+    def make_crew(marker: str) -> Any:
+        from crewai import Crew, Task
+
+        agent = make_agent(make_llm(fake_provider.base_url), "Writer")
+        task = Task(
+            name="write",
+            description=f"Write one sentence about [[{marker}]].",
+            expected_output="One sentence.",
+            agent=agent,
+            guardrails=[rejects_once("Too short."), rejects_once("Too plain.")],
+        )
+        return Crew(name="guarded", agents=[agent], tasks=[task])
+
+    outcomes = run_all(make_crew)
+    for marker in MARKERS:
+        assert f"[[{marker}]]" in outcomes[marker].raw, outcomes[marker]
+    spans = Spans(otel.get_finished_spans())
+    for marker, run in run_traces(spans, fake_provider).items():
+        check_whole(run)
+        evaluations = guardrail_spans(run)
+        assert [attr(s, PASSED) for s in evaluations] == [False, True, False, True], marker
+        assert [attr(s, ATTEMPT) for s in evaluations] == [1, 2, 3, 4], marker
+        assert [attr(s, ATTEMPT) for s in agent_attempts(run)] == [1, 2, 3], marker
+    retries = points(metric_reader)["crew_otel.retries"]
+    assert total(retries, crew_otel__retry__layer="guardrail") == 2 * len(MARKERS)
+    compare_uninstrumented(outcomes, make_crew)
+
+
+def test_a_guardrail_rerun_after_an_error_retry_gets_the_next_number(
+    otel, fake_provider, metric_reader
+):
+    """The agent's first attempt fails (HTTP 500, no SDK retries) and CrewAI re-runs it
+    (attempt 2); the guardrail then rejects its output: the re-run is attempt 3, not 2 again."""
+
+    def make_crew(marker: str) -> Any:
+        from crewai import Crew, Task
+
+        fake_provider.script(Fault.error(500, FAST), key=marker)
+        agent = make_agent(make_llm(fake_provider.base_url, max_retries=0), "Writer")
+        task = Task(
+            name="write",
+            description=f"Write one sentence about [[{marker}]].",
+            expected_output="One sentence.",
+            agent=agent,
+            guardrail=fails_once(),
+        )
+        return Crew(name="guarded", agents=[agent], tasks=[task])
+
+    outcomes = run_all(make_crew)
+    for marker in MARKERS:
+        assert f"[[{marker}]]" in outcomes[marker].raw, outcomes[marker]
+    spans = Spans(otel.get_finished_spans())
+    for marker, run in run_traces(spans, fake_provider).items():
+        check_whole(run)
+        attempts = agent_attempts(run)
+        assert [attr(s, ATTEMPT) for s in attempts] == [1, 2, 3], marker
+        assert run.parent(attempts[1]) is attempts[0], "CrewAI retries from the failed attempt"
+        assert [attr(s, ATTEMPT) for s in guardrail_spans(run)] == [1, 2], marker
+    retries = points(metric_reader)["crew_otel.retries"]
+    assert total(retries, crew_otel__retry__layer="guardrail") == len(MARKERS)
+    assert total(retries, crew_otel__retry__layer="agent") == len(MARKERS)
+
+
+def test_a_standalone_agents_guardrail_is_evaluated_and_retried(otel, fake_provider, metric_reader):
+    """``Agent(guardrail=...)`` run by ``Agent.kickoff``: one span per evaluation under the
+    kickoff, numbered, the rejection a retry of layer ``guardrail``. Threads only: CrewAI 1.15
+    re-runs a rejected agent of ``kickoff_async`` with its sync executor inside the event loop
+    and fails ('coroutine' object has no attribute 'get'), with or without instrumentation."""
+    from crewai import Agent
+
+    def make_agent_for(marker: str) -> Any:
+        return Agent(
+            role="Writer",
+            goal="Write one sentence",
+            backstory="An experienced writer.",
+            llm=make_llm(fake_provider.base_url),
+            guardrail=fails_once(),
+        )
+
+    agents = {marker: make_agent_for(marker) for marker in MARKERS}
+
+    def run() -> dict[str, Any]:
+        with ThreadPoolExecutor(max_workers=len(MARKERS)) as pool:
+            futures = {m: pool.submit(agents[m].kickoff, f"Write about [[{m}]].") for m in MARKERS}
+            return {m: f.result() for m, f in futures.items()}
+
+    outcomes = run()
+    for marker in MARKERS:
+        assert f"[[{marker}]]" in outcomes[marker].raw, outcomes[marker]
+    spans = Spans(otel.get_finished_spans())
+    for marker, trace_spans in run_traces(spans, fake_provider).items():
+        root = whole_run(trace_spans, "invoke_workflow Writer")
+        evaluations = sorted(trace_spans.named(GUARDRAIL), key=lambda s: s.start_time)
+        assert [s.name for s in evaluations] == [f"{GUARDRAIL} Writer"] * 2, marker
+        assert all(trace_spans.parent(s) is root for s in evaluations)
+        assert [attr(s, PASSED) for s in evaluations] == [False, True], marker
+        assert [attr(s, ATTEMPT) for s in evaluations] == [1, 2], marker
+    retries = points(metric_reader)["crew_otel.retries"]
+    assert total(retries, crew_otel__retry__layer="guardrail") == len(MARKERS)
+    crew_otel.uninstrument()
+    agents = {marker: make_agent_for(marker) for marker in MARKERS}
+    baseline = run()
+    assert {m: summary(o) for m, o in outcomes.items()} == {
+        m: summary(o) for m, o in baseline.items()
+    }

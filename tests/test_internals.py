@@ -18,6 +18,7 @@ from crew_otel import internals
 from crew_otel.cli import doctor
 from crew_otel.internals import (
     REGISTRY,
+    CallerFunction,
     ClassNames,
     MessageText,
     Parameters,
@@ -98,6 +99,7 @@ def _drifted() -> tuple[internals.Internal, ...]:
             method=False,
         ),
         TracerScope("gone_tracer", "drift", "crew_otel.version", internals.CREWAI),
+        CallerFunction("gone_caller", "drift", "crewai.crew:Crew.no_such_validator", depth=1),
         PrivateFunction(
             "gone_function",
             "drift",
@@ -184,6 +186,8 @@ def test_readers_never_raise_and_return_none_when_missing() -> None:
     assert internals.HTTPX_TRACER.read(hostile) is None
     assert not internals.HTTPX_TRACER.matches(object())
     assert not internals.STREAMING_OUTPUTS.matches(hostile)
+    assert internals.CREW_KNOWLEDGE_INIT.on_stack() is False  # not called from a crew's init
+    assert CallerFunction("none", "drift", "crewai.no_such_module:f", depth=3).on_stack() is False
     missing = Parameters("none", "drift", "crewai.no_such_module:f", (Part("x"),), method=False)
     arguments = missing.bind()  # no function: keyword arguments only
     assert arguments.names == ()

@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -221,6 +221,9 @@ class FakeOpenAIProvider:
         random_faults: random 500/429/timeouts and latency for requests with no script.
         tool_calls_per_turn: how many tool calls a tool-calling answer contains (CrewAI runs
             several in parallel threads).
+        response_models: the model a chat answer names, by the model requested (e.g.
+            ``{"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}``, as OpenAI answers with a dated
+            snapshot); a model not listed answers with its own name.
         host, port: where to listen (loopback and a free port by default).
     """
 
@@ -229,6 +232,7 @@ class FakeOpenAIProvider:
         *,
         random_faults: RandomFaults | None = None,
         tool_calls_per_turn: int = 1,
+        response_models: Mapping[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -237,6 +241,7 @@ class FakeOpenAIProvider:
         self._random = random_faults or RandomFaults()
         self._rng = random.Random(self._random.seed)
         self.tool_calls_per_turn = max(1, tool_calls_per_turn)
+        self.response_models: dict[str, str] = dict(response_models or {})
         self._host = host
         self._port = port
         self._lock = threading.Lock()
@@ -430,7 +435,8 @@ class FakeOpenAIProvider:
         fault: Fault | None,
         record: RecordedRequest,
     ) -> None:
-        model = str(body.get("model") or "gpt-4o-mini")
+        requested = str(body.get("model") or "gpt-4o-mini")
+        model = self.response_models.get(requested, requested)
         tools = body.get("tools") or []
         tool_results = [m for m in messages if _role(m) == "tool"]
         tool_calls: list[dict[str, Any]] = []

@@ -41,6 +41,7 @@ class AgentScope:
         "agent_key",
         "call",
         "closed",
+        "compacted",
         "iteration",
         "number",
         "role",
@@ -64,6 +65,9 @@ class AgentScope:
         #: The execution ended (a step finishing later, in an abandoned worker thread, ends
         #: its span at once instead of waiting for a next step).
         self.closed = False
+        #: CrewAI summarised the conversation to fit the context window: the later model calls
+        #: of this execution use the summary (``gen_ai.conversation.compacted``).
+        self.compacted = False
 
     def open(self, call: Call[Any]) -> None:
         """The scope belongs to ``call``: ending the call ends the scope's open step."""

@@ -4,12 +4,13 @@ When the provider rejects a request as too long, CrewAI calls ``handle_context_l
 either summarises the conversation (``respect_context_window=True``) or raises ``SystemExit``
 (see :mod:`crew_otel.diagnosis.context_window`). The hook flags which one on the span of the
 agent execution, before the call, and records the ``SystemExit`` as a fatal error that starts
-there.
+there. Once the summary replaced the conversation, the agent execution is marked compacted: its
+later model calls carry ``gen_ai.conversation.compacted`` (set by the ``chat`` span's wrapper).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -29,6 +30,14 @@ def agent_span() -> trace.Span:
     return call.span if call is not None else trace.get_current_span()
 
 
+class _Handling(NamedTuple):
+    """One overflow handling: the agent execution's span and scope, and what CrewAI does."""
+
+    span: trace.Span
+    scope: Any
+    respect: bool
+
+
 class ContextLengthObserver(Observer):
     """Notes the overflow handling before the call, and the ``SystemExit`` it may raise."""
 
@@ -42,22 +51,27 @@ class ContextLengthObserver(Observer):
         respect = bool(self.arguments.get(args, kwargs, "respect_context_window", True))
         messages = self.arguments.get(args, kwargs, "messages", None)
         safe_call(_note, span, respect, messages, default=None)
-        return span
+        return _Handling(span, otel_context.get_value(ATTEMPT_KEY), respect)
 
-    def after_result(self, observed: trace.Span, result: Any) -> None:
-        """Summarised: already noted before the call."""
+    def after_result(self, observed: _Handling, result: Any) -> None:
+        """Summarised (noted before the call): the conversation is now the summary."""
+        if not observed.respect:
+            return
+        observed.span.set_attribute(a.GEN_AI_CONVERSATION_COMPACTED, True)
+        if hasattr(observed.scope, "compacted"):
+            observed.scope.compacted = True
 
-    def after_error(self, observed: trace.Span, exc: BaseException) -> None:
+    def after_error(self, observed: _Handling, exc: BaseException) -> None:
         if isinstance(exc, SystemExit):
             # CrewAI's answer to an overflow it may not summarise: a new, fatal error that
             # starts here (whatever provider error is still in its implicit context).
             self.runtime.errors.record(
-                observed, exc, a.OP_INVOKE_AGENT, origin=True, recovered=False
+                observed.span, exc, a.OP_INVOKE_AGENT, origin=True, recovered=False
             )
 
 
 def _note(span: trace.Span, respect: bool, messages: object) -> None:
-    attrs: dict[str, Any] = {"crew_otel.context.respect_context_window": respect}
+    attrs: dict[str, Any] = {a.CONTEXT_RESPECT_WINDOW: respect}
     if isinstance(messages, list):
         attrs[a.CREWAI_LLM_MESSAGES] = len(messages)
     if respect:
@@ -66,4 +80,4 @@ def _note(span: trace.Span, respect: bool, messages: object) -> None:
     else:
         # CrewAI raises SystemExit next: a BaseException that most handlers miss.
         span.set_attribute(a.CONTEXT_OVERFLOW, True)
-        span.add_event("crew_otel.context.overflow", attrs)
+        span.add_event(a.EVENT_CONTEXT_OVERFLOW, attrs)

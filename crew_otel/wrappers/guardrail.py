@@ -11,7 +11,12 @@ up to ``guardrail_max_retries`` times; then it raises. So:
   ``guardrail`` in ``crew_otel.retries``.
 * :class:`GuardrailWrapper` makes the span of each evaluation, with ``crewai.guardrail.passed``
   and ``crew_otel.attempt`` (1 = first evaluation). An LLM guardrail runs its own small agent
-  (``Guardrail Agent``): that kickoff and its model calls nest under the evaluation's span.
+  (``Guardrail Agent``, through ``Agent.kickoff``): that is part of the evaluation, not a
+  workflow of its own, so the kickoff adds no span and no duration point
+  (:data:`GUARDRAIL_EVALUATION_KEY`); its steps and model calls nest under the evaluation's span.
+* The numbers go on across a task run (:class:`TaskAttempts`, kept on the run's kickoff): a
+  task with several guardrails, or an agent re-run after an error before the check, never
+  repeats a number on ``invoke_agent`` or ``crewai.guardrail`` spans.
 * A rejection with no retry left keeps its span open until CrewAI raises; the exception the
   caller gets is recorded there, as the fatal origin.
 """
@@ -22,14 +27,46 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes
 from crew_otel.attributes import Operation
+from crew_otel.context import KICKOFF_KEY
 from crew_otel.runtime import Runtime
 from crew_otel.wrappers.base import Call, SpanWrapper
 
 #: Context key of the guardrail check in progress (:class:`GuardrailRun`).
 GUARDRAIL_RUN_KEY = otel_context.create_key("crew_otel.guardrail_run")
+#: Context key of the guardrail evaluation in progress (its span): an agent kicked off right
+#: under it is the guardrail's own agent (see :mod:`crew_otel.wrappers.kickoff`).
+GUARDRAIL_EVALUATION_KEY = otel_context.create_key("crew_otel.guardrail_evaluation")
+
+
+class TaskAttempts:
+    """The numbers used so far in one task run: its agent attempts and guardrail evaluations.
+
+    Shared by every guardrail check of the run and by the agent's error retries, so numbers go
+    on instead of restarting. A kickoff keeps one per task (:func:`task_attempts`).
+    """
+
+    __slots__ = ("evaluations", "last_attempt")
+
+    def __init__(self) -> None:
+        #: Guardrail evaluations so far (of every guardrail of the task).
+        self.evaluations = 0
+        #: The number of the agent's last attempt (the first one is 1).
+        self.last_attempt = 1
+
+
+def task_attempts(ctx: otel_context.Context, task: Any) -> TaskAttempts | None:
+    """The numbers of ``task``'s run in the kickoff of ``ctx`` (``None`` outside a kickoff)."""
+    table = getattr(ctx.get(KICKOFF_KEY), "task_attempts", None)
+    if not isinstance(table, dict):
+        return None
+    found = table.get(id(task))
+    if not isinstance(found, TaskAttempts):
+        found = table[id(task)] = TaskAttempts()
+    return found
 
 
 class GuardrailRun:
@@ -38,25 +75,26 @@ class GuardrailRun:
     __slots__ = (
         "agent_key",
         "evaluations",
-        "last_attempt",
         "max_retries",
+        "numbers",
         "pending",
         "rejected",
         "task_key",
     )
 
-    def __init__(self, task: Any, agent: Any) -> None:
+    def __init__(self, task: Any, agent: Any, numbers: TaskAttempts | None = None) -> None:
         self.task_key = id(task)
         self.agent_key = id(agent)
         retries = getattr(task, "guardrail_max_retries", None)
         self.max_retries: int | None = retries if isinstance(retries, int) else None
+        #: Evaluations of this check (CrewAI's retry limit is per check).
         self.evaluations = 0
-        #: The number of the agent's last attempt (the one before the check counts as 1).
-        self.last_attempt = 1
+        #: The numbers of the task run (this check's own when there is no kickoff).
+        self.numbers = numbers if numbers is not None else TaskAttempts()
         #: The last evaluation rejected the output and CrewAI re-runs the agent next.
         self.rejected = False
         #: The evaluation that rejected with no retry left (its span ends when CrewAI raises).
-        self.pending: Call[GuardrailRun | None] | None = None
+        self.pending: Call[Any] | None = None
 
     def retries_left(self) -> bool:
         """Whether CrewAI re-runs the agent after a rejection of the latest evaluation."""
@@ -73,18 +111,24 @@ def guardrail_attempt_number(
     runtime: Runtime, ctx: otel_context.Context, agent: Any, task: Any, number: int
 ) -> int:
     """The number of an agent attempt starting in ``ctx`` (``number`` as counted without
-    guardrails): after a rejection, the re-run is the last attempt's number + 1 and counts as
-    a retry of layer ``guardrail``."""
+    guardrails): after a rejection, the re-run is the task run's last attempt's number + 1 and
+    counts as a retry of layer ``guardrail``. Every attempt is noted in the task run's
+    :class:`TaskAttempts` (error retries before a check included)."""
     run = ctx.get(GUARDRAIL_RUN_KEY)
-    if not isinstance(run, GuardrailRun) or (run.agent_key, run.task_key) != (id(agent), id(task)):
-        return number
-    if run.rejected and number == 1:
-        run.rejected = False
-        number = run.last_attempt + 1
-        runtime.metrics.retry(
-            attributes.RETRY_LAYER_GUARDRAIL, attributes.ERROR_TYPE_GUARDRAIL_REJECTED
-        )
-    run.last_attempt = max(run.last_attempt, number)
+    if isinstance(run, GuardrailRun) and (run.agent_key, run.task_key) == (id(agent), id(task)):
+        numbers = run.numbers
+        if run.rejected and number == 1:
+            run.rejected = False
+            number = numbers.last_attempt + 1
+            runtime.metrics.retry(
+                attributes.RETRY_LAYER_GUARDRAIL, attributes.ERROR_TYPE_GUARDRAIL_REJECTED
+            )
+    else:
+        found = task_attempts(ctx, task)
+        if found is None:
+            return number
+        numbers = found
+    numbers.last_attempt = max(numbers.last_attempt, number)
     return number
 
 
@@ -103,7 +147,7 @@ class GuardrailRunWrapper(SpanWrapper[GuardrailRun]):
         if not guardrail:
             return None  # CrewAI returns at once
         ctx = otel_context.get_current()
-        run = GuardrailRun(instance, _agent_arg(args, kwargs))
+        run = GuardrailRun(instance, _agent_arg(args, kwargs), task_attempts(ctx, instance))
         call = Call(
             trace.get_current_span(ctx), otel_context.set_value(GUARDRAIL_RUN_KEY, run, ctx), run
         )
@@ -122,39 +166,74 @@ class GuardrailRunWrapper(SpanWrapper[GuardrailRun]):
             )
 
 
-class GuardrailWrapper(SpanWrapper[GuardrailRun | None]):
-    """``process_guardrail`` as bound in ``crewai.task``: one span per guardrail evaluation.
+class AgentGuardrailCheck:
+    """An evaluation of a standalone agent's guardrail (``Agent(guardrail=...)`` run by
+    ``Agent.kickoff`` or ``LiteAgent.kickoff``): CrewAI re-runs the agent after a rejection
+    while retries are left."""
+
+    __slots__ = ("retries_left",)
+
+    def __init__(self, retries_left: bool) -> None:
+        self.retries_left = retries_left
+
+
+#: ``Call.data`` of an evaluation: a task's guardrail check, an agent's, or neither.
+Evaluation = GuardrailRun | AgentGuardrailCheck | None
+
+
+class GuardrailWrapper(SpanWrapper[Evaluation]):
+    """``process_guardrail`` as bound in ``crewai.task`` (task guardrails) and in
+    ``crewai.agent.core`` / ``crewai.lite_agent`` (a standalone agent's guardrail): one span
+    per guardrail evaluation.
 
     A guardrail that raises is the origin of that error (CrewAI does not retry it): the base
-    records it on this span.
+    records it on this span. An agent's evaluations are named after the agent and numbered
+    from CrewAI's ``retry_count``; a rejection with retries left is a retry of layer
+    ``guardrail`` (CrewAI re-runs the agent's loop under the same kickoff span).
     """
 
     operation = Operation.GUARDRAIL
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Call[GuardrailRun | None] | None:
+    ) -> Call[Evaluation] | None:
         ctx = otel_context.get_current()
         found = ctx.get(GUARDRAIL_RUN_KEY)
-        run = found if isinstance(found, GuardrailRun) else None
+        task, agent = kwargs.get("from_task"), kwargs.get("from_agent")
+        data: Evaluation = found if isinstance(found, GuardrailRun) else None
         attempt = 1
-        if run is not None:
-            run.evaluations += 1
-            attempt = run.evaluations
-        name = attributes.task_name(kwargs.get("from_task"))
+        if isinstance(data, GuardrailRun):
+            data.evaluations += 1
+            data.numbers.evaluations += 1
+            attempt = data.numbers.evaluations
+        if task is None and agent is not None:
+            name = attributes.agent_role(agent)
+            attrs: dict[str, AttributeValue] = {attributes.GEN_AI_AGENT_NAME: name}
+            data, attempt = _agent_check(agent, kwargs.get("retry_count"))
+        else:
+            name = attributes.task_name(task)
+            attrs = {attributes.CREWAI_TASK_NAME: name}
+        attrs[attributes.ATTEMPT] = attempt
         span = self.tracer.start_span(
-            attributes.span_name(attributes.SPAN_GUARDRAIL, name),
-            context=ctx,
-            attributes={attributes.ATTEMPT: attempt, attributes.CREWAI_TASK_NAME: name},
+            attributes.span_name(attributes.SPAN_GUARDRAIL, name), context=ctx, attributes=attrs
         )
-        return Call(span, trace.set_span_in_context(span, ctx), run)
+        call_ctx = otel_context.set_value(
+            GUARDRAIL_EVALUATION_KEY, span, trace.set_span_in_context(span, ctx)
+        )
+        return Call(span, call_ctx, data)
 
-    def succeed(self, call: Call[GuardrailRun | None], result: Any) -> Any:
+    def succeed(self, call: Call[Evaluation], result: Any) -> Any:
         passed = getattr(result, "success", None)
         if isinstance(passed, bool):
             call.span.set_attribute(attributes.CREWAI_GUARDRAIL_PASSED, passed)
         run = call.data
         if run is None or passed is not False:
+            return result
+        if isinstance(run, AgentGuardrailCheck):
+            if run.retries_left:
+                self.runtime.metrics.retry(
+                    attributes.RETRY_LAYER_GUARDRAIL, attributes.ERROR_TYPE_GUARDRAIL_REJECTED
+                )
             return result
         if run.retries_left():
             run.rejected = True
@@ -162,3 +241,11 @@ class GuardrailWrapper(SpanWrapper[GuardrailRun | None]):
             call.deferred = True  # CrewAI raises next: the failure is recorded here
             run.pending = call
         return result
+
+
+def _agent_check(agent: Any, retry_count: object) -> tuple[AgentGuardrailCheck, int]:
+    """An agent guardrail's evaluation and its number (CrewAI's ``retry_count`` + 1)."""
+    retries = retry_count if isinstance(retry_count, int) else 0
+    limit = getattr(agent, "guardrail_max_retries", None)
+    check = AgentGuardrailCheck(not isinstance(limit, int) or retries < limit)
+    return check, retries + 1

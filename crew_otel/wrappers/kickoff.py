@@ -14,6 +14,10 @@ it stopped iterating), and a caller that stops waiting (``asyncio.wait_for`` tim
 the duration and the shared-instance bookkeeping end with the run's work, never before the
 kickoffs nested in it; a cancelled caller is an event on the span
 (``crew_otel.kickoff.caller_cancelled``).
+
+An agent kicked off right under a guardrail evaluation's span (CrewAI's ``Guardrail Agent`` of
+an LLM guardrail) is part of that evaluation, not a workflow: no ``invoke_workflow`` span and no
+duration point; its steps and model calls nest under the evaluation's span.
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ from crew_otel.wrappers.base import (
     SpanWrapper,
     running_loop,
 )
+from crew_otel.wrappers.guardrail import GUARDRAIL_EVALUATION_KEY, TaskAttempts
 from crew_otel.wrappers.streams import is_streaming_output, trace_stream
 
 #: Entry points whose work waits in the event loop's default executor.
 _EXECUTOR_ENTRYPOINTS = frozenset({"kickoff_async", "kickoff_for_each_async"})
 _FIRST_STEP_ENTRYPOINTS = frozenset({"akickoff", "akickoff_for_each"})
+#: Context key of the guardrail's own agent running (the ``id`` of that agent).
+_GUARDRAIL_AGENT_KEY = otel_context.create_key("crew_otel.guardrail_agent")
 
 
 class ActiveKickoff:
@@ -64,6 +71,7 @@ class ActiveKickoff:
         "lifetime",
         "span",
         "start",
+        "task_attempts",
         "wait_recorded",
         "wants_first_step_wait",
         "workflow",
@@ -86,6 +94,8 @@ class ActiveKickoff:
         self.cancel_noted = False
         #: Shared state the run's tool code touched (released when the kickoff ends).
         self.holdings: RunHoldings | None = None
+        #: The attempt numbers of each task run in this kickoff, by ``id`` of the Task.
+        self.task_attempts: dict[int, TaskAttempts] = {}
         self.start = time.perf_counter()
         self.wait_recorded = entrypoint not in _EXECUTOR_ENTRYPOINTS | _FIRST_STEP_ENTRYPOINTS
         self.wants_first_step_wait = entrypoint in _FIRST_STEP_ENTRYPOINTS
@@ -209,12 +219,23 @@ class _Delegated:
         self.record = record
 
 
-#: ``Call.data`` of a kickoff: its record, or the delegation to the kickoff in progress.
-KickoffData = ActiveKickoff | _Delegated
+class _GuardrailAgent:
+    """``Call.data`` of a guardrail's own agent: no kickoff, the evaluation's span is borrowed."""
+
+    __slots__ = ()
 
 
-def _record_of(call: Call[KickoffData]) -> ActiveKickoff:
+_IN_GUARDRAIL = _GuardrailAgent()
+
+#: ``Call.data`` of a kickoff: its record, or the delegation to the kickoff in progress, or a
+#: guardrail's agent.
+KickoffData = ActiveKickoff | _Delegated | _GuardrailAgent
+
+
+def _record_of(call: Call[KickoffData]) -> ActiveKickoff | None:
     data = call.data
+    if isinstance(data, _GuardrailAgent):
+        return None
     return data.record if isinstance(data, _Delegated) else data
 
 
@@ -231,7 +252,9 @@ class _KickoffStream:
         self.wrapper.fail(self.call, exc)
 
     def stream_done(self) -> None:
-        _record_of(self.call).lifetime.release_stream()
+        record = _record_of(self.call)
+        if record is not None:
+            record.lifetime.release_stream()
 
 
 class KickoffWrapper(SpanWrapper[KickoffData]):
@@ -255,6 +278,10 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         active: ActiveKickoff | None = ctx.get(KICKOFF_KEY)  # type: ignore[assignment]
         if active is not None and _delegates_to_itself(active, instance, ctx):
             return self._delegated(active, ctx)
+        if self.kind == Kind.AGENT:
+            evaluation = ctx.get(GUARDRAIL_EVALUATION_KEY)
+            if isinstance(evaluation, trace.Span) and innermost_own_span_is(evaluation, ctx):
+                return self._guardrail_agent(instance, evaluation, ctx)
         safe_call(self.runtime.on_kickoff, default=None)
         ctx = _with_request_id(ctx)
         name = attributes.workflow_name(instance)
@@ -263,8 +290,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
             context=ctx,
             attributes=self._attributes(instance, name, args, kwargs),
         )
-        call = self._start(instance, span, name, ctx)
-        record = _record_of(call)
+        call, record = self._start(instance, span, name, ctx)
         if self.kind == Kind.AGENT:
             self._open_agent_scope(call, instance)
         if self.kind != Kind.FLOW:
@@ -291,10 +317,10 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
 
     def _start(
         self, instance: Any, span: trace.Span, name: str, ctx: otel_context.Context
-    ) -> Call[KickoffData]:
-        """The kickoff's call. Its span and what the kickoff counts belong to its lifetime,
-        which may outlast the call (a stream, a caller that stopped waiting while the worker
-        thread goes on)."""
+    ) -> tuple[Call[KickoffData], ActiveKickoff]:
+        """The kickoff's call and record. Its span and what the kickoff counts belong to its
+        lifetime, which may outlast the call (a stream, a caller that stopped waiting while the
+        worker thread goes on)."""
         lifetime = KickoffLifetime()
         record = ActiveKickoff(id(instance), span, name, self.entrypoint, lifetime)
         call_ctx = otel_context.set_value(KICKOFF_KEY, record, trace.set_span_in_context(span, ctx))
@@ -302,6 +328,19 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         call.borrowed = True
         lifetime.on_end(lambda: self._finish(call, record))
         call.add_cleanup(lifetime.release_call)
+        return call, record
+
+    def _guardrail_agent(
+        self, agent: Any, evaluation: trace.Span, ctx: otel_context.Context
+    ) -> Call[KickoffData] | None:
+        """A guardrail's own agent: its steps nest under the evaluation's span (borrowed)."""
+        if ctx.get(_GUARDRAIL_AGENT_KEY) is not None:
+            return None  # that agent's kickoff delegating to another entry point
+        call: Call[KickoffData] = Call(
+            evaluation, otel_context.set_value(_GUARDRAIL_AGENT_KEY, id(agent), ctx), _IN_GUARDRAIL
+        )
+        call.borrowed = True
+        self._open_agent_scope(call, agent)
         return call
 
     def _open_agent_scope(self, call: Call[KickoffData], agent: Any) -> None:
@@ -348,7 +387,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
 
     def succeed(self, call: Call[KickoffData], result: Any) -> Any:
         record = call.data
-        if isinstance(record, _Delegated):
+        if isinstance(record, (_Delegated, _GuardrailAgent)):
             return result
         if is_streaming_output(result) and trace_stream(
             result, call.ctx, _KickoffStream(self, call)
@@ -361,6 +400,8 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
     def error_recording(self, call: Call[KickoffData], exc: BaseException) -> ErrorRecording | None:
         """A cancelled caller is noted first; if the work goes on, it decides the outcome."""
         record = _record_of(call)
+        if record is None:
+            return None  # a guardrail's agent: the evaluation's span records it
         if is_cancellation(exc):
             if not record.cancel_noted:
                 record.cancel_noted = True
@@ -371,13 +412,16 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
 
     def on_fail(self, call: Call[KickoffData], exc: BaseException) -> None:
         record = _record_of(call)
-        if record.error_type is None:
+        if record is not None and record.error_type is None:
             record.error_type = call.error_type
 
-    def duration_point(self, call: Call[KickoffData]) -> DurationPoint:
+    def duration_point(self, call: Call[KickoffData]) -> DurationPoint | None:
+        record = _record_of(call)
+        if record is None:
+            return None  # a guardrail's agent is part of the evaluation, not a workflow
         return DurationPoint(
             self.runtime.metrics.workflow_duration,
-            {attributes.GEN_AI_WORKFLOW_NAME: _record_of(call).workflow},
+            {attributes.GEN_AI_WORKFLOW_NAME: record.workflow},
         )
 
     def _finish(self, call: Call[KickoffData], record: ActiveKickoff) -> None:

@@ -14,10 +14,19 @@ calls and HTTP attempts and the holder of the retries and error origins, and the
 
 A model call keeps an :class:`LlmCallState` in the context: the HTTP attempts record their
 failures there, so the model-call span knows whether a failed HTTP attempt is the error's origin.
+
+What the provider answered comes from the SDK's response objects CrewAI already holds, never
+from re-reading the body: :class:`LlmResponseObjectObserver` sees each complete response (and a
+stream's usage chunk), :class:`StreamChunkObserver` the chunks of a streamed answer, on every
+supported CrewAI version (1.12 hands no finish reason to any hook). A call that ends without an
+answer (failed, cancelled, a stream cut short) reports the finish reason ``error``, as the GenAI
+conventions ask, and a call made after CrewAI summarised the agent's conversation to fit the
+context window carries ``gen_ai.conversation.compacted``.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -28,10 +37,11 @@ from opentelemetry.util.types import AttributeValue
 from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
-from crew_otel.context import LLM_CALL_KEY
+from crew_otel.context import ATTEMPT_KEY, LLM_CALL_KEY
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
 from crew_otel.wrappers.observer import Observer
 
@@ -122,6 +132,8 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
             name, kind = attributes.span_name(attributes.SPAN_LLM_CALL, model), SpanKind.INTERNAL
         else:
             self.capture(attrs, attributes.GEN_AI_INPUT_MESSAGES, messages)
+            if _conversation_compacted(ctx):
+                attrs[attributes.GEN_AI_CONVERSATION_COMPACTED] = True
             name, kind = attributes.span_name(attributes.SPAN_CHAT, model), SpanKind.CLIENT
         span = self.tracer.start_span(name, context=ctx, kind=kind, attributes=attrs)
         state = LlmCallState(span, provider, model, _max_retries(instance), self.rate_limit_layer)
@@ -156,6 +168,14 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
                     tokens, {**_metric_attributes(state), attributes.GEN_AI_TOKEN_TYPE: token_type}
                 )
 
+    def on_fail(self, call: Call[LlmCallState], exc: BaseException) -> None:
+        state = call.data
+        if not state.deferred and not state.finish_reason_known:
+            # No answer: the conventions report the generation's end as "error", not nothing.
+            call.span.set_attribute(
+                attributes.GEN_AI_RESPONSE_FINISH_REASONS, (attributes.FINISH_REASON_ERROR,)
+            )
+
     def error_recording(self, call: Call[LlmCallState], exc: BaseException) -> ErrorRecording:
         # A failed last HTTP attempt is the origin; otherwise decide by the exception chain
         # (e.g. CrewAI rejecting an empty response makes the model call itself the origin).
@@ -177,6 +197,12 @@ def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
         attributes.GEN_AI_PROVIDER_NAME: state.provider,
         attributes.GEN_AI_REQUEST_MODEL: state.model,
     }
+
+
+def _conversation_compacted(ctx: otel_context.Context) -> bool:
+    """Whether the agent execution this call runs in has had its conversation summarised."""
+    scope = ctx.get(ATTEMPT_KEY)
+    return getattr(scope, "compacted", False) is True
 
 
 def _max_retries(llm: Any) -> int:
@@ -232,6 +258,143 @@ class LlmResponseObserver(Observer):
             attrs[attributes.GEN_AI_USAGE_OUTPUT_TOKENS] = state.output_tokens
         if not state.deferred:  # else the provider instrumentation's span has them
             state.span.set_attributes(attrs)
+
+
+def _current_call() -> LlmCallState | None:
+    """The model call this code runs in, unless a provider instrumentation has its response."""
+    state = otel_context.get_value(LLM_CALL_KEY)
+    if isinstance(state, LlmCallState) and not state.deferred:
+        return state
+    return None
+
+
+def _note_response(state: LlmCallState, response: object) -> None:
+    """The response model, ID and finish reasons of one SDK response object (or usage chunk)."""
+    attrs: dict[str, AttributeValue] = {}
+    model = getattr(response, "model", None)
+    if isinstance(model, str) and model:
+        attrs[attributes.GEN_AI_RESPONSE_MODEL] = model[: attributes.MAX_NAME_LENGTH]
+    response_id = getattr(response, "id", None)
+    if isinstance(response_id, str) and response_id:
+        attrs[attributes.GEN_AI_RESPONSE_ID] = response_id[: attributes.MAX_NAME_LENGTH]
+    choices = getattr(response, "choices", None) or ()
+    reasons = tuple(
+        reason[: attributes.MAX_NAME_LENGTH]
+        for reason in (getattr(choice, "finish_reason", None) for choice in choices)
+        if isinstance(reason, str) and reason
+    )
+    if reasons:
+        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+        state.finish_reason_known = True
+    if attrs:
+        state.span.set_attributes(attrs)
+
+
+class LlmResponseObjectObserver(Observer):
+    """``OpenAICompletion._extract_openai_token_usage(response)``: the SDK's response object.
+
+    CrewAI calls it with every complete chat completion (plain and structured, sync and async)
+    and with a stream's usage chunk, on every supported version, inside the model call: the
+    response model, ID and finish reasons are read from the object, the body is not parsed again.
+    """
+
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
+        super().__init__(runtime, is_async=is_async)
+        #: Its arguments by name, positions from the installed signature.
+        self.arguments = internals.LLM_RESPONSE_ARGS.bind()
+
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        state = _current_call()
+        if state is not None:
+            _note_response(state, self.arguments.get(args, kwargs, "response", None))
+
+
+class _StreamNotes:
+    """What the chunks of one streamed answer say: the model, the ID, each choice's end."""
+
+    __slots__ = ("finish_reasons", "model", "response_id", "state")
+
+    def __init__(self, state: LlmCallState) -> None:
+        self.state = state
+        self.model: object = None
+        self.response_id: object = None
+        #: Finish reason by choice index (``None`` until the choice's last chunk).
+        self.finish_reasons: dict[int, str | None] = {}
+
+    def note(self, chunk: Any) -> None:
+        choices = getattr(chunk, "choices", None)
+        if self.model is None:
+            self.model = getattr(chunk, "model", None)
+            self.response_id = getattr(chunk, "id", None)
+        for choice in choices or ():
+            index = getattr(choice, "index", 0)
+            index = index if isinstance(index, int) else 0
+            reason = getattr(choice, "finish_reason", None)
+            if reason or index not in self.finish_reasons:
+                self.finish_reasons[index] = reason if isinstance(reason, str) else None
+
+    def finish(self) -> None:
+        """The stream ended (or was abandoned): a choice that never finished ended in error."""
+        reasons = tuple(
+            (self.finish_reasons[i] or attributes.FINISH_REASON_ERROR)[: attributes.MAX_NAME_LENGTH]
+            for i in sorted(self.finish_reasons)
+        )
+        attrs: dict[str, AttributeValue] = {}
+        if isinstance(self.model, str) and self.model:
+            attrs[attributes.GEN_AI_RESPONSE_MODEL] = self.model[: attributes.MAX_NAME_LENGTH]
+        if isinstance(self.response_id, str) and self.response_id:
+            attrs[attributes.GEN_AI_RESPONSE_ID] = self.response_id[: attributes.MAX_NAME_LENGTH]
+        if reasons:
+            attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+            self.state.finish_reason_known = True
+        if attrs:
+            self.state.span.set_attributes(attrs)
+
+
+class StreamChunkObserver:
+    """The OpenAI SDK's ``Stream.__iter__`` / ``AsyncStream.__aiter__`` inside a model call.
+
+    Hands CrewAI the same chunks, noting each (model, ID, finish reason per choice) on the way:
+    no extra parsing, one generator step per chunk, and nothing at all for streams iterated
+    outside a model call.
+    """
+
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
+        self.runtime = runtime
+        #: Wraps ``AsyncStream.__aiter__`` (an async generator function).
+        self.is_async = is_async
+
+    def __call__(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        chunks = wrapped(*args, **kwargs)
+        if not self.runtime.recording:
+            return chunks
+        state = safe_call(_current_call, default=None)
+        if state is None:
+            return chunks
+        notes = _StreamNotes(state)
+        return _anoted(chunks, notes) if self.is_async else _noted(chunks, notes)
+
+
+def _noted(chunks: Iterator[Any], notes: _StreamNotes) -> Iterator[Any]:
+    try:
+        for chunk in chunks:
+            safe_call(notes.note, chunk, default=None)
+            yield chunk
+    finally:
+        safe_call(notes.finish, default=None)
+
+
+async def _anoted(chunks: AsyncIterator[Any], notes: _StreamNotes) -> AsyncIterator[Any]:
+    try:
+        async for chunk in chunks:
+            safe_call(notes.note, chunk, default=None)
+            yield chunk
+    finally:
+        safe_call(notes.finish, default=None)
 
 
 class RateLimitRetryObserver(Observer):

@@ -21,6 +21,8 @@ flagged on the span that used it.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -28,10 +30,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes as a
+from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.context import LLM_CALL_KEY
 from crew_otel.diagnosis.sharing import Kind
+from crew_otel.runtime import Runtime
+from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
 from crew_otel.wrappers.llm import DEFAULT_SDK_MAX_RETRIES, LlmCallState
 from crew_otel.wrappers.observer import Observer
@@ -52,8 +56,8 @@ def embeddings_provider(embedder: Any) -> str:
     name_fn = getattr(type(embedder), "name", None)
     name = name_fn() if callable(name_fn) else None
     if isinstance(name, str) and name:
-        return name[: a.MAX_NAME_LENGTH]
-    return a.DEFAULT_EMBEDDINGS_PROVIDER
+        return name[: attributes.MAX_NAME_LENGTH]
+    return attributes.DEFAULT_EMBEDDINGS_PROVIDER
 
 
 def embeddings_model(embedder: Any) -> str:
@@ -61,8 +65,8 @@ def embeddings_model(embedder: Any) -> str:
     for field in ("model_name", "model", "deployment_id"):
         value = getattr(embedder, field, None)
         if isinstance(value, str) and value:
-            return value[: a.MAX_NAME_LENGTH]
-    return a.DEFAULT_MODEL_NAME
+            return value[: attributes.MAX_NAME_LENGTH]
+    return attributes.DEFAULT_MODEL_NAME
 
 
 def _client_max_retries(embedder: Any) -> int:
@@ -88,12 +92,12 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
             return None  # a subclass's __call__ delegating to its base class's
         provider, model = embeddings_provider(instance), embeddings_model(instance)
         attrs: dict[str, AttributeValue] = {
-            a.GEN_AI_OPERATION_NAME: a.OP_EMBEDDINGS,
-            a.GEN_AI_PROVIDER_NAME: provider,
-            a.GEN_AI_REQUEST_MODEL: model,
+            attributes.GEN_AI_OPERATION_NAME: attributes.OP_EMBEDDINGS,
+            attributes.GEN_AI_PROVIDER_NAME: provider,
+            attributes.GEN_AI_REQUEST_MODEL: model,
         }
         span = self.tracer.start_span(
-            a.span_name(a.SPAN_EMBEDDINGS, model),
+            attributes.span_name(attributes.SPAN_EMBEDDINGS, model),
             context=ctx,
             kind=SpanKind.CLIENT,
             attributes=attrs,
@@ -110,7 +114,8 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
         state = call.data
         if state.input_tokens is not None:
             self.runtime.metrics.token_usage.record(
-                state.input_tokens, {**_metric_attributes(state), a.GEN_AI_TOKEN_TYPE: "input"}
+                state.input_tokens,
+                {**_metric_attributes(state), attributes.GEN_AI_TOKEN_TYPE: "input"},
             )
         return result
 
@@ -126,9 +131,9 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
 
 def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
     return {
-        a.GEN_AI_OPERATION_NAME: a.OP_EMBEDDINGS,
-        a.GEN_AI_PROVIDER_NAME: state.provider,
-        a.GEN_AI_REQUEST_MODEL: state.model,
+        attributes.GEN_AI_OPERATION_NAME: attributes.OP_EMBEDDINGS,
+        attributes.GEN_AI_PROVIDER_NAME: state.provider,
+        attributes.GEN_AI_REQUEST_MODEL: state.model,
     }
 
 
@@ -144,97 +149,273 @@ class EmbeddingsUsageObserver(Observer):
         tokens = getattr(getattr(result, "usage", None), "prompt_tokens", None)
         if isinstance(tokens, int) and not isinstance(tokens, bool):
             observed.input_tokens = (observed.input_tokens or 0) + tokens
-            observed.span.set_attribute(a.GEN_AI_USAGE_INPUT_TOKENS, observed.input_tokens)
+            observed.span.set_attribute(attributes.GEN_AI_USAGE_INPUT_TOKENS, observed.input_tokens)
 
 
-class _StoreSpanWrapper(SpanWrapper[None]):
-    """An INTERNAL span around one memory or knowledge operation, with the result count."""
+class StoreCallState:
+    """What one memory or knowledge operation learns while it runs."""
+
+    __slots__ = ("lock_wait",)
+
+    def __init__(self) -> None:
+        #: Seconds spent waiting for the storage lock so far.
+        self.lock_wait = 0.0
+
+
+class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
+    """An INTERNAL span around one memory or knowledge operation, with the result count.
+
+    The call is kept in the context under ``context_key`` so the hooks below it (the storage
+    lock, the knowledge search) can note on its span what happened inside the storage.
+    """
 
     span_name: str
     count_key: str
     kind: Kind
+    context_key: str
 
-    def attributes(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
+    def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
         """The span's attributes and the store object watched for sharing (``None``: none)."""
         raise NotImplementedError
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Call[None] | None:
+    ) -> Call[StoreCallState] | None:
         ctx = otel_context.get_current()
-        attrs, store = self.attributes(instance)
+        attrs, store = self.describe(instance)
         span = self.tracer.start_span(self.span_name, context=ctx, attributes=attrs)
-        call: Call[None] = Call(span, trace.set_span_in_context(span, ctx), None)
+        call = Call(span, trace.set_span_in_context(span, ctx), StoreCallState())
+        call.ctx = otel_context.set_value(self.context_key, call, call.ctx)
         if store is not None:
             self.track_instance(call, self.kind, store, type(store).__name__)
         return call
 
-    def succeed(self, call: Call[None], result: Any) -> Any:
+    def succeed(self, call: Call[StoreCallState], result: Any) -> Any:
         if isinstance(result, (list, tuple)):
             call.span.set_attribute(self.count_key, len(result))
         return result
 
 
-def _private(instance: Any, name: str) -> object:
-    try:
-        return getattr(instance, name, None)
-    except Exception:  # pydantic private attributes not set yet
-        return None
+#: The memory call (``crewai.memory.*``) in progress in a context.
+MEMORY_CALL_KEY = otel_context.create_key("crew_otel.memory_call")
+#: The knowledge query in progress in a context.
+KNOWLEDGE_CALL_KEY = otel_context.create_key("crew_otel.knowledge_call")
+#: The knowledge ingestion in progress in a context.
+KNOWLEDGE_ADD_CALL_KEY = otel_context.create_key("crew_otel.knowledge_add_call")
+#: When a save was handed to the memory's save queue (a :class:`SaveSubmitted`).
+SAVE_SUBMITTED_KEY = otel_context.create_key("crew_otel.memory_save_submitted")
+
+
+def _current_call(key: str) -> Call[StoreCallState] | None:
+    call = otel_context.get_value(key)
+    return call if isinstance(call, Call) and isinstance(call.data, StoreCallState) else None
 
 
 class _MemoryWrapper(_StoreSpanWrapper):
     operation = Operation.MEMORY
-    count_key = a.CREWAI_MEMORY_RESULT_COUNT
+    count_key = attributes.CREWAI_MEMORY_RESULT_COUNT
     kind = Kind.MEMORY
+    context_key = MEMORY_CALL_KEY
 
-    def attributes(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
-        attrs: dict[str, AttributeValue] = {a.CREWAI_MEMORY_TYPE: a.MEMORY_TYPE_UNIFIED}
-        storage = _private(instance, "_storage")
+    def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
+        attrs: dict[str, AttributeValue] = {
+            attributes.CREWAI_MEMORY_TYPE: attributes.MEMORY_TYPE_UNIFIED
+        }
+        storage = internals.MEMORY_STORAGE.read(instance)
         if storage is not None:
-            attrs[a.CREWAI_MEMORY_STORAGE] = type(storage).__name__[: a.MAX_NAME_LENGTH]
+            attrs[attributes.CREWAI_MEMORY_STORAGE] = type(storage).__name__[
+                : attributes.MAX_NAME_LENGTH
+            ]
+            path = internals.LANCEDB_STORAGE_PATH.read(storage)
+            if path is not None:
+                attrs[attributes.CREWAI_MEMORY_STORAGE_PATH] = str(path)
         return attrs, storage
 
 
 class MemorySearchWrapper(_MemoryWrapper):
     """``Memory.recall``: ``crewai.memory.search``."""
 
-    span_name = a.SPAN_MEMORY_SEARCH
+    span_name = attributes.SPAN_MEMORY_SEARCH
 
 
 class MemorySaveWrapper(_MemoryWrapper):
-    """``Memory._encode_batch``: ``crewai.memory.save`` (one batch encoded and stored)."""
+    """``Memory._encode_batch``: ``crewai.memory.save`` (one batch encoded and stored), with
+    the time the save waited in the memory's save queue when it was queued."""
 
-    span_name = a.SPAN_MEMORY_SAVE
+    span_name = attributes.SPAN_MEMORY_SAVE
+
+    def begin(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Call[StoreCallState] | None:
+        call = super().begin(instance, args, kwargs)
+        submitted = otel_context.get_value(SAVE_SUBMITTED_KEY)
+        if call is not None and isinstance(submitted, SaveSubmitted) and submitted.take():
+            call.span.set_attribute(
+                attributes.CREWAI_MEMORY_QUEUE_WAIT, max(0.0, call.start - submitted.at)
+            )
+        return call
 
 
 class MemoryExtractWrapper(_MemoryWrapper):
     """``Memory.extract_memories``: ``crewai.memory.extract`` (the memory's model call)."""
 
-    span_name = a.SPAN_MEMORY_EXTRACT
+    span_name = attributes.SPAN_MEMORY_EXTRACT
+
+
+class SaveSubmitted:
+    """A save handed to the memory's save queue at ``at`` (``perf_counter``); the first
+    ``crewai.memory.save`` that starts in its context takes it."""
+
+    __slots__ = ("_taken", "at")
+
+    def __init__(self) -> None:
+        self.at = time.perf_counter()
+        self._taken = False
+
+    def take(self) -> bool:
+        """Whether this is the first look (a later save in the same context is no queued one)."""
+        taken, self._taken = self._taken, True
+        return not taken
+
+
+class SaveQueueObserver:
+    """``Memory._submit_save``: the context CrewAI copies for its save thread carries the
+    time the save was queued (one writer thread per Memory: a shared memory's saves queue)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if not self.runtime.recording:
+            return wrapped(*args, **kwargs)
+        token = otel_context.attach(otel_context.set_value(SAVE_SUBMITTED_KEY, SaveSubmitted()))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            otel_context.detach(token)
+
+
+class StorageLockObserver:
+    """The storage lock CrewAI takes around every memory write (``store_lock``: a file lock
+    per storage path, shared by threads and processes): the time spent waiting for it goes on
+    the memory span in progress (``crewai.memory.lock_wait``, summed), and a failure to get it
+    (the lock's timeout) is recorded there, where it happened."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        lock = wrapped(*args, **kwargs)
+        if not self.runtime.recording:
+            return lock
+        call = _current_call(MEMORY_CALL_KEY)
+        if call is None or not hasattr(lock, "__enter__") or not hasattr(lock, "__exit__"):
+            return lock
+        return _TimedLock(lock, call, self.runtime)
+
+
+class _TimedLock:
+    """A lock's context manager that times its acquisition; everything else is the lock's."""
+
+    __slots__ = ("_call", "_lock", "_runtime")
+
+    def __init__(self, lock: Any, call: Call[StoreCallState], runtime: Runtime) -> None:
+        self._lock, self._call, self._runtime = lock, call, runtime
+
+    def __enter__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            acquired = self._lock.__enter__()
+        except BaseException as exc:
+            safe_call(self._waited, start, exc, default=None)
+            raise
+        safe_call(self._waited, start, None, default=None)
+        return acquired
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self._lock.__exit__(*exc_info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lock, name)
+
+    def _waited(self, start: float, exc: BaseException | None) -> None:
+        state = self._call.data
+        state.lock_wait += time.perf_counter() - start
+        span = self._call.span
+        if not span.is_recording():
+            return
+        span.set_attribute(attributes.CREWAI_MEMORY_LOCK_WAIT, state.lock_wait)
+        if exc is not None:
+            self._runtime.errors.record(span, exc, Operation.MEMORY.value, since=self._call.start)
+
+
+class KnowledgeSearchErrorObserver(Observer):
+    """The vector store's search under ``crewai.knowledge.query`` (``ChromaDBClient.search`` /
+    ``asearch``): CrewAI's ``KnowledgeStorage.search`` turns every error into an empty result,
+    so the error is recorded here, on the knowledge span, as an origin CrewAI handled
+    (``crew_otel.error.recovered=true``): the app still gets ``[]``."""
+
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _current_call(KNOWLEDGE_CALL_KEY)
+
+    def after_result(self, observed: Any, result: Any) -> None:
+        """Nothing to note: the search succeeded (the wrapper counts the results)."""
+
+    def after_error(self, observed: Call[StoreCallState], exc: BaseException) -> None:
+        self.runtime.errors.record(
+            observed.span,
+            exc,
+            Operation.KNOWLEDGE.value,
+            recovered=True,
+            since=observed.start,
+        )
 
 
 class KnowledgeQueryWrapper(_StoreSpanWrapper):
     """``Knowledge.query``/``aquery``: ``crewai.knowledge.query``."""
 
     operation = Operation.KNOWLEDGE
-    span_name = a.SPAN_KNOWLEDGE_QUERY
-    count_key = a.CREWAI_KNOWLEDGE_RESULT_COUNT
+    span_name = attributes.SPAN_KNOWLEDGE_QUERY
+    count_key = attributes.CREWAI_KNOWLEDGE_RESULT_COUNT
     kind = Kind.KNOWLEDGE
+    context_key = KNOWLEDGE_CALL_KEY
 
-    def attributes(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
+    def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
         attrs: dict[str, AttributeValue] = {}
         storage = getattr(instance, "storage", None)
         if storage is not None:
-            attrs[a.CREWAI_KNOWLEDGE_STORAGE] = type(storage).__name__[: a.MAX_NAME_LENGTH]
+            attrs[attributes.CREWAI_KNOWLEDGE_STORAGE] = type(storage).__name__[
+                : attributes.MAX_NAME_LENGTH
+            ]
         collection = getattr(storage, "collection_name", None) or getattr(
             instance, "collection_name", None
         )
         if isinstance(collection, str) and collection:
-            attrs[a.CREWAI_KNOWLEDGE_COLLECTION] = collection[: a.MAX_NAME_LENGTH]
+            attrs[attributes.CREWAI_KNOWLEDGE_COLLECTION] = collection[: attributes.MAX_NAME_LENGTH]
         return attrs, storage
 
 
 class KnowledgeAddWrapper(KnowledgeQueryWrapper):
     """``Knowledge.add_sources``/``aadd_sources``: ``crewai.knowledge.add``."""
 
-    span_name = a.SPAN_KNOWLEDGE_ADD
+    span_name = attributes.SPAN_KNOWLEDGE_ADD
+    context_key = KNOWLEDGE_ADD_CALL_KEY
+
+    def error_recording(self, call: Call[StoreCallState], exc: BaseException) -> ErrorRecording:
+        """An ingestion error reaches the caller (an Agent's knowledge: CrewAI re-raises it),
+        except a crew's: ``Crew.create_crew_knowledge`` logs it and goes on (at construction,
+        and on CrewAI versions that re-validate the crew during a kickoff), so there it is an
+        origin CrewAI handled."""
+        return ErrorRecording(recovered=internals.CREW_KNOWLEDGE_INIT.on_stack())

@@ -12,6 +12,14 @@ they note the tool object (shared-instance detection) and see the tool's excepti
 CrewAI turns it into text for the model, which makes the tool span the error's origin (marked
 recovered, because CrewAI handed the error back to the model). Called directly, they make their
 own ``execute_tool`` span.
+
+MCP errors are origins on the MCP tool's span too, with the MCP client's view of them: a tool
+result with ``isError`` (the server's tool raised; CrewAI hands the text to the model, and CrewAI
+1.12 does not even tell it from a result) is ``error.type=tool_error``, as the MCP semantic
+conventions say (:class:`McpToolResultObserver`); a server that exits or fails to start, or a
+timeout, is the MCP client's exception, not the ``RuntimeError`` CrewAI wraps it in
+(:class:`McpToolErrorObserver`). Neither records the server's error text beyond what the
+privacy rules allow (an exception's message is cleaned; an ``isError`` text is not recorded).
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, TOOL_CALL_KEY
+from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.shared_state import RunHoldings, is_locked_database_error
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
+from crew_otel.wrappers.observer import Observer
 
 UNKNOWN_TOOL = "unknown"
 
@@ -37,7 +47,7 @@ UNKNOWN_TOOL = "unknown"
 class ToolCallRecord:
     """The tool call in progress (kept in the OTel Context)."""
 
-    __slots__ = ("borrowed_by", "error_type", "name", "span", "swallows_errors")
+    __slots__ = ("borrowed_by", "error_type", "mcp_error", "name", "span", "swallows_errors")
 
     def __init__(self, span: trace.Span, name: str, swallows_errors: bool) -> None:
         self.span = span
@@ -47,6 +57,14 @@ class ToolCallRecord:
         self.borrowed_by: int | None = None
         #: error.type of the tool's exception when the dispatcher turned it into text.
         self.error_type: str | None = None
+        #: The MCP client's exception, recorded here before CrewAI wrapped it.
+        self.mcp_error: BaseException | None = None
+
+    def is_mcp_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is (CrewAI's wrapper of) the MCP error recorded on this span."""
+        return self.mcp_error is not None and (
+            exc is self.mcp_error or exc.__cause__ is self.mcp_error
+        )
 
 
 def _open_step(ctx: otel_context.Context) -> Call[Any] | None:
@@ -91,7 +109,11 @@ class _ToolSpanWrapper(SpanWrapper[ToolCallRecord]):
         self.capture_on_span(call.span, attributes.GEN_AI_TOOL_CALL_RESULT, result)
         return result
 
-    def error_recording(self, call: Call[ToolCallRecord], exc: BaseException) -> ErrorRecording:
+    def error_recording(
+        self, call: Call[ToolCallRecord], exc: BaseException
+    ) -> ErrorRecording | None:
+        if call.data.is_mcp_error(exc):
+            return None  # recorded on this span as the MCP client raised it
         # An error escaping the tool span goes to the agent attempt, which may re-run the agent;
         # escaping a dispatcher that turns tool errors into text means it did not.
         return ErrorRecording(recovered=agent_will_retry(exc), expected_retry=self.swallows_errors)
@@ -202,8 +224,10 @@ class ToolRunWrapper(_ToolSpanWrapper):
             super().succeed(call, result)
         return result
 
-    def error_recording(self, call: Call[ToolCallRecord], exc: BaseException) -> ErrorRecording:
-        if not call.borrowed:
+    def error_recording(
+        self, call: Call[ToolCallRecord], exc: BaseException
+    ) -> ErrorRecording | None:
+        if not call.borrowed or call.data.is_mcp_error(exc):
             return super().error_recording(call, exc)
         # The dispatcher turns an Exception into text for the model: the error starts here and
         # is recovered from the run's point of view. A BaseException (KeyboardInterrupt,
@@ -213,8 +237,59 @@ class ToolRunWrapper(_ToolSpanWrapper):
     def on_fail(self, call: Call[ToolCallRecord], exc: BaseException) -> None:
         if is_locked_database_error(exc):
             self.runtime.shared_state.database_locked(call.ctx, call.span)
-        if call.borrowed:
+        if call.borrowed and call.error_type is not None:
             call.data.error_type = call.error_type  # for the dispatcher's duration point
+
+
+def _mcp_tool_call() -> ToolCallRecord | None:
+    """The tool call an MCP client call is made for (``None`` outside a tool call)."""
+    record = otel_context.get_value(TOOL_CALL_KEY)
+    return record if isinstance(record, ToolCallRecord) else None
+
+
+class McpToolResultObserver(Observer):
+    """``ClientSession.call_tool`` of the ``mcp`` package: a result with ``isError`` (the
+    server's tool failed) is the error's origin on the tool span, ``error.type=tool_error``.
+
+    It is recovered: the result goes back to the model as text (CrewAI >= 1.15.30 also notes
+    it as a ``ToolFailure``; earlier versions keep only the text). The text is not recorded.
+    """
+
+    def observe(
+        self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        if getattr(result, "isError", None) is not True:
+            return
+        record = _mcp_tool_call()
+        if record is None or record.error_type is not None:
+            return
+        record.error_type = attributes.ERROR_TYPE_MCP_TOOL_ERROR
+        self.runtime.errors.record_status(
+            record.span,
+            attributes.ERROR_TYPE_MCP_TOOL_ERROR,
+            Operation.EXECUTE_TOOL.value,
+            recovered=True,
+            description="the MCP server's tool returned an error result (isError)",
+        )
+
+
+class McpToolErrorObserver(Observer):
+    """An MCP tool's client call (``MCPNativeTool._run_async``: connect, call, disconnect):
+    its exception (the server exited or failed to start, a timeout) is recorded on the tool
+    span as the MCP client raised it, before CrewAI wraps it in a ``RuntimeError``."""
+
+    def after_error(self, observed: Any, exc: BaseException) -> None:
+        record = _mcp_tool_call()
+        if record is None or is_cancellation(exc):
+            return
+        record.mcp_error = exc
+        record.error_type = attributes.error_type(exc)
+        self.runtime.errors.record(
+            record.span,
+            exc,
+            Operation.EXECUTE_TOOL.value,
+            recovered=record.swallows_errors and isinstance(exc, Exception),
+        )
 
 
 def _borrow(
