@@ -307,7 +307,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         Runs at each kickoff, so provider classes imported later (CrewAI imports provider
         modules on first use), custom LLMs and custom embedders are covered.
         """
-        found = (*llm_class_rows(self._taken), *embedder_class_rows(set(self._taken)))
+        found = (*llm_class_rows(self._taken), *embedder_class_rows(self._taken))
         rows = [r for r in found if r.status == STATUS_INSTALLED]
         if not rows:
             return

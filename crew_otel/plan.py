@@ -96,7 +96,9 @@ def build_plan(config: CrewOtelConfig | None = None) -> Plan:
     llm_rows = llm_class_rows(taken)
     taken.update((id(r.resolved.owner), r.resolved.name) for r in llm_rows if r.resolved)
     rows.extend(llm_rows)
-    rows.extend(embedder_class_rows(taken))
+    embedder_rows = embedder_class_rows(taken)
+    taken.update((id(r.resolved.owner), r.resolved.name) for r in embedder_rows if r.resolved)
+    rows.extend(embedder_rows)
     rows.extend(http_rows(config))
     rows.append(threading_row(config))
     rows.append(baggage_row(config))
@@ -176,11 +178,13 @@ def llm_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
 def subclasses(base: type) -> list[type]:
     """``base`` and all its subclasses, breadth first."""
     found: list[type] = [base]
+    seen = {base}
     index = 0
     while index < len(found):
         subs: list[type] = found[index].__subclasses__()
         for sub in subs:
-            if sub not in found:
+            if sub not in seen:
+                seen.add(sub)
                 found.append(sub)
         index += 1
     return found
@@ -190,10 +194,10 @@ def subclasses(base: type) -> list[type]:
 EMBEDDING_FUNCTION_MODULE = "chromadb.api.types"
 
 
-def embedder_class_rows(taken: set[tuple[int, str]]) -> list[PlanRow]:
+def embedder_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
     """``__call__`` of every chromadb ``EmbeddingFunction`` subclass defined now (CrewAI's
     embedder providers build one of them: Ollama, Cohere, VoyageAI, HuggingFace, ...), as
-    target rows of the embeddings wrapper; those in ``taken`` are left out (added to it).
+    target rows of the embeddings wrapper; those in ``taken`` are left out.
 
     ``import crewai`` defines chromadb's and CrewAI's own; a subclass that inherits a wrapped
     ``__call__`` makes one span (the wrapper skips the nested call).
@@ -216,7 +220,6 @@ def embedder_class_rows(taken: set[tuple[int, str]]) -> list[PlanRow]:
         except t.Unresolved as reason:
             rows.append(_row(target, STATUS_SKIPPED, str(reason)))
             continue
-        taken.add((id(cls), "__call__"))
         rows.append(_row(target, STATUS_INSTALLED, "embedder class", resolved=resolved))
     return rows
 

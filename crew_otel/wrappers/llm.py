@@ -268,26 +268,35 @@ def _current_call() -> LlmCallState | None:
     return None
 
 
-def _note_response(state: LlmCallState, response: object) -> None:
-    """The response model, ID and finish reasons of one SDK response object (or usage chunk)."""
+def _record_response(
+    state: LlmCallState, model: object, response_id: object, reasons: tuple[str, ...]
+) -> None:
+    """The response model, ID and finish reasons the provider answered, on the call's span."""
     attrs: dict[str, AttributeValue] = {}
-    model = getattr(response, "model", None)
     if isinstance(model, str) and model:
         attrs[attributes.GEN_AI_RESPONSE_MODEL] = model[: attributes.MAX_NAME_LENGTH]
-    response_id = getattr(response, "id", None)
     if isinstance(response_id, str) and response_id:
         attrs[attributes.GEN_AI_RESPONSE_ID] = response_id[: attributes.MAX_NAME_LENGTH]
-    choices = getattr(response, "choices", None) or ()
-    reasons = tuple(
-        reason[: attributes.MAX_NAME_LENGTH]
-        for reason in (getattr(choice, "finish_reason", None) for choice in choices)
-        if isinstance(reason, str) and reason
-    )
     if reasons:
-        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = tuple(
+            reason[: attributes.MAX_NAME_LENGTH] for reason in reasons
+        )
         state.finish_reason_known = True
     if attrs:
         state.span.set_attributes(attrs)
+
+
+def _note_response(state: LlmCallState, response: object) -> None:
+    """What one SDK response object (or a stream's usage chunk) says."""
+    choices = getattr(response, "choices", None) or ()
+    reasons = tuple(
+        reason
+        for reason in (getattr(choice, "finish_reason", None) for choice in choices)
+        if isinstance(reason, str) and reason
+    )
+    _record_response(
+        state, getattr(response, "model", None), getattr(response, "id", None), reasons
+    )
 
 
 class LlmResponseObjectObserver(Observer):
@@ -338,19 +347,10 @@ class _StreamNotes:
     def finish(self) -> None:
         """The stream ended (or was abandoned): a choice that never finished ended in error."""
         reasons = tuple(
-            (self.finish_reasons[i] or attributes.FINISH_REASON_ERROR)[: attributes.MAX_NAME_LENGTH]
+            self.finish_reasons[i] or attributes.FINISH_REASON_ERROR
             for i in sorted(self.finish_reasons)
         )
-        attrs: dict[str, AttributeValue] = {}
-        if isinstance(self.model, str) and self.model:
-            attrs[attributes.GEN_AI_RESPONSE_MODEL] = self.model[: attributes.MAX_NAME_LENGTH]
-        if isinstance(self.response_id, str) and self.response_id:
-            attrs[attributes.GEN_AI_RESPONSE_ID] = self.response_id[: attributes.MAX_NAME_LENGTH]
-        if reasons:
-            attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
-            self.state.finish_reason_known = True
-        if attrs:
-            self.state.span.set_attributes(attrs)
+        _record_response(self.state, self.model, self.response_id, reasons)
 
 
 class StreamChunkObserver:

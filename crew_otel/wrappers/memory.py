@@ -172,7 +172,8 @@ class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
     span_name: str
     count_key: str
     kind: Kind
-    context_key: str
+    #: Where the call is kept in the context for the hooks below it (``None``: not kept).
+    context_key: str | None = None
 
     def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
         """The span's attributes and the store object watched for sharing (``None``: none)."""
@@ -185,7 +186,8 @@ class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
         attrs, store = self.describe(instance)
         span = self.tracer.start_span(self.span_name, context=ctx, attributes=attrs)
         call = Call(span, trace.set_span_in_context(span, ctx), StoreCallState())
-        call.ctx = otel_context.set_value(self.context_key, call, call.ctx)
+        if self.context_key is not None:
+            call.ctx = otel_context.set_value(self.context_key, call, call.ctx)
         if store is not None:
             self.track_instance(call, self.kind, store, type(store).__name__)
         return call
@@ -200,8 +202,6 @@ class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
 MEMORY_CALL_KEY = otel_context.create_key("crew_otel.memory_call")
 #: The knowledge query in progress in a context.
 KNOWLEDGE_CALL_KEY = otel_context.create_key("crew_otel.knowledge_call")
-#: The knowledge ingestion in progress in a context.
-KNOWLEDGE_ADD_CALL_KEY = otel_context.create_key("crew_otel.knowledge_add_call")
 #: When a save was handed to the memory's save queue (a :class:`SaveSubmitted`).
 SAVE_SUBMITTED_KEY = otel_context.create_key("crew_otel.memory_save_submitted")
 
@@ -215,7 +215,7 @@ class _MemoryWrapper(_StoreSpanWrapper):
     operation = Operation.MEMORY
     count_key = attributes.CREWAI_MEMORY_RESULT_COUNT
     kind = Kind.MEMORY
-    context_key = MEMORY_CALL_KEY
+    context_key: str | None = MEMORY_CALL_KEY
 
     def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
         attrs: dict[str, AttributeValue] = {
@@ -390,7 +390,7 @@ class KnowledgeQueryWrapper(_StoreSpanWrapper):
     span_name = attributes.SPAN_KNOWLEDGE_QUERY
     count_key = attributes.CREWAI_KNOWLEDGE_RESULT_COUNT
     kind = Kind.KNOWLEDGE
-    context_key = KNOWLEDGE_CALL_KEY
+    context_key: str | None = KNOWLEDGE_CALL_KEY
 
     def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
         attrs: dict[str, AttributeValue] = {}
@@ -411,7 +411,7 @@ class KnowledgeAddWrapper(KnowledgeQueryWrapper):
     """``Knowledge.add_sources``/``aadd_sources``: ``crewai.knowledge.add``."""
 
     span_name = attributes.SPAN_KNOWLEDGE_ADD
-    context_key = KNOWLEDGE_ADD_CALL_KEY
+    context_key = None  # nothing below an ingestion reports to it
 
     def error_recording(self, call: Call[StoreCallState], exc: BaseException) -> ErrorRecording:
         """An ingestion error reaches the caller (an Agent's knowledge: CrewAI re-raises it),

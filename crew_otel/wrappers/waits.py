@@ -34,12 +34,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes as a
+from crew_otel import attributes
 from crew_otel.attributes import Operation
 from crew_otel.context import ATTEMPT_KEY, REQUEST_ID_KEY
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.wrappers.observer import Observer
 
 _perf = time.perf_counter
 #: The limiter call in progress in this context (the sleep hook reports to it).
@@ -154,7 +155,7 @@ class RpmLimiterWrapper:
         self.runtime = runtime
         #: The latest sleep of each limiter (by id; forgotten with the limiter).
         self.sleeps: dict[int, _Sleep] = {}
-        self.totals = WaitTotals(a.CREWAI_RPM_WAITED)
+        self.totals = WaitTotals(attributes.CREWAI_RPM_WAITED)
 
     def __call__(
         self,
@@ -195,54 +196,48 @@ class RpmLimiterWrapper:
         attrs: dict[str, AttributeValue] = {}
         max_rpm = getattr(limiter, "max_rpm", None)
         if isinstance(max_rpm, int) and not isinstance(max_rpm, bool):
-            attrs[a.CREWAI_RPM_LIMIT] = max_rpm
+            attrs[attributes.CREWAI_RPM_LIMIT] = max_rpm
         if own is not None:
-            attrs[a.CREWAI_RPM_WAIT_REASON] = a.RPM_WAIT_REASON_LIMIT
+            attrs[attributes.CREWAI_RPM_WAIT_REASON] = attributes.RPM_WAIT_REASON_LIMIT
             lock_wait = own.start - limiter_pass.start
         elif (other is not None and end - limiter_pass.start >= MIN_LOCK_WAIT) or (
             end - limiter_pass.start >= UNEXPLAINED_WAIT
         ):
-            attrs[a.CREWAI_RPM_WAIT_REASON] = a.RPM_WAIT_REASON_LOCK
+            attrs[attributes.CREWAI_RPM_WAIT_REASON] = attributes.RPM_WAIT_REASON_LOCK
             lock_wait = end - limiter_pass.start
         else:
             return  # no wait: no span
-        attrs[a.CREWAI_RPM_LOCK_WAIT] = lock_wait
+        attrs[attributes.CREWAI_RPM_LOCK_WAIT] = lock_wait
         if other is not None and isinstance(other.request_id, str):
-            attrs[a.RPM_LOCK_HOLDER_REQUEST_ID] = other.request_id
+            attrs[attributes.RPM_LOCK_HOLDER_REQUEST_ID] = other.request_id
         span = self.runtime.tracer.start_span(
-            a.SPAN_RPM_WAIT,
+            attributes.SPAN_RPM_WAIT,
             context=limiter_pass.ctx,
             attributes=attrs,
             start_time=limiter_pass.start_ns,
         )
         if exc is not None:
-            self.runtime.errors.record(span, exc, a.ORIGIN_WAIT, since=limiter_pass.start)
+            self.runtime.errors.record(span, exc, attributes.ORIGIN_WAIT, since=limiter_pass.start)
         span.end(end_time=end_ns)
         self.totals.add(_agent_span(limiter_pass.scope), end - limiter_pass.start)
 
 
-class RpmSleepObserver:
+class RpmSleepObserver(Observer):
     """``RPMController._wait_for_next_minute``: tells the limiter call in progress that it
     sleeps, so its span says ``limit`` and the callers waiting for its lock name it."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         limiter_pass = otel_context.get_value(_PASS_KEY)
-        if not isinstance(limiter_pass, _Pass) or not self.runtime.recording:
-            return wrapped(*args, **kwargs)
-        safe_call(limiter_pass.begin_sleep, instance, default=None)
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            safe_call(limiter_pass.end_sleep, default=None)
+        if not isinstance(limiter_pass, _Pass):
+            return None
+        limiter_pass.begin_sleep(instance)
+        return limiter_pass
+
+    def after_result(self, observed: _Pass, result: Any) -> None:
+        observed.end_sleep()
+
+    def after_error(self, observed: _Pass, exc: BaseException) -> None:
+        observed.end_sleep()
 
 
 # --- human input -----------------------------------------------------------------------------
@@ -254,7 +249,7 @@ class HumanInputWrapper(SpanWrapper[trace.Span]):
 
     def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
         super().__init__(runtime, is_async=is_async)
-        self.totals = WaitTotals(a.CREWAI_HUMAN_INPUT_WAITED)
+        self.totals = WaitTotals(attributes.CREWAI_HUMAN_INPUT_WAITED)
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -264,15 +259,15 @@ class HumanInputWrapper(SpanWrapper[trace.Span]):
         _end_open_step(scope)
         agent_span = _agent_span(scope)
         span = self.tracer.start_span(
-            a.SPAN_HUMAN_INPUT,
+            attributes.SPAN_HUMAN_INPUT,
             context=ctx,
-            attributes={a.CREWAI_HUMAN_INPUT_ROUND: self.totals.next_number(agent_span)},
+            attributes={attributes.CREWAI_HUMAN_INPUT_ROUND: self.totals.next_number(agent_span)},
         )
         return Call(span, trace.set_span_in_context(span, ctx), agent_span)
 
     def succeed(self, call: Call[trace.Span], result: Any) -> Any:
         if isinstance(result, str) and call.span.is_recording():
-            call.span.set_attribute(a.CREWAI_HUMAN_INPUT_FEEDBACK, bool(result.strip()))
+            call.span.set_attribute(attributes.CREWAI_HUMAN_INPUT_FEEDBACK, bool(result.strip()))
         self.totals.add(call.data, call.elapsed)
         return result
 
