@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 from crew_otel.testing.crews import prepare_offline_environment
 
-prepare_offline_environment()
+_home = prepare_offline_environment()
 
 import pytest  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
@@ -78,6 +79,25 @@ set_strict(True)
 logging.getLogger("crewai.llms.base_llm").setLevel(logging.ERROR)
 
 import crewai  # noqa: E402,F401  - imported once, after the environment is prepared
+
+
+# --- no CA bundle --------------------------------------------------------------------------
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Trust an empty CA directory, unless a collected test reaches the package registries.
+
+    Every OpenAI, Chroma and httpx client that CrewAI builds (several per kickoff) loads the CA
+    bundle, about 0.14 CPU-seconds each: a quarter of a crew test's CPU. The tests talk plain
+    HTTP to loopback, so the test process and the applications it starts need no CAs. A module
+    that installs from the registries sets ``USES_PACKAGE_REGISTRIES = True``; a session that
+    collects one keeps the real CA settings throughout.
+    """
+    modules = {item.module for item in items if isinstance(item, pytest.Function)}
+    if any(getattr(module, "USES_PACKAGE_REGISTRIES", False) for module in modules):
+        return
+    empty = os.path.join(_home, "no-ca")
+    os.makedirs(empty, exist_ok=True)
+    os.environ.pop("SSL_CERT_FILE", None)
+    os.environ["SSL_CERT_DIR"] = empty
 
 
 @pytest.fixture(autouse=True)

@@ -16,11 +16,8 @@ model (``text-embedding-ada-002``) is sent no ``dimensions``, so the queries wou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import StatusCode
 
@@ -36,17 +33,6 @@ KNOWLEDGE = "crewai.knowledge.query"
 #: Chroma's error for a query vector of the wrong size (sync path); CrewAI's async path
 #: fails before embedding (``asearch`` needs Chroma's async client, CrewAI builds a sync one).
 STORAGE_ERRORS = {"InvalidArgumentError", "TypeError"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_ca_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Every SDK client CrewAI and Chroma build (dozens per run) loads the CA bundle, most of
-    these tests' CPU time; the tests talk plain HTTP to loopback, so an empty CA directory."""
-    empty = tmp_path_factory.mktemp("no-ca")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("SSL_CERT_FILE", raising=False)
-        patch.setenv("SSL_CERT_DIR", str(empty))
-        yield empty
 
 
 def embedder(fake_provider: Any, **config: Any) -> dict[str, Any]:

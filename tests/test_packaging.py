@@ -41,6 +41,8 @@ import yaml
 from crew_otel.cli.assets import ASSET_SUFFIXES, TREES
 from tests.loopback import free_port
 
+#: The session keeps the real CA settings (see ``tests/conftest.py``): these tests reach PyPI.
+USES_PACKAGE_REGISTRIES = True
 ROOT = Path(__file__).resolve().parent.parent
 #: The pips of current Python images (their resolver is resolvelib < 1.1), and PyPI's latest.
 PIPS = ("24.0", "25.0", "latest")

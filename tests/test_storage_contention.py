@@ -21,13 +21,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 import crew_otel
 from crew_otel.testing import FakeOpenAIProvider
@@ -49,17 +46,6 @@ print("held", flush=True)
 sys.stdin.readline()
 lock.release()
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_ca_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Every SDK client CrewAI and Chroma build loads the CA bundle, most of these tests' CPU
-    time; the tests talk plain HTTP to loopback, so an empty CA directory."""
-    empty = tmp_path_factory.mktemp("no-ca")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("SSL_CERT_FILE", raising=False)
-        patch.setenv("SSL_CERT_DIR", str(empty))
-        yield empty
 
 
 def lock_file(storage_path: Path) -> str:
