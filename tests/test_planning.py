@@ -101,7 +101,7 @@ class PlannedCrews:
 
 
 def compare_uninstrumented(
-    outcomes: dict[str, Any], crews: PlannedCrews, script: Any = None
+    outcomes: dict[str, Any], crews: PlannedCrews | ReasoningCrews, script: Any = None
 ) -> None:
     crew_otel.uninstrument()
     crews.provider.reset()
@@ -254,3 +254,73 @@ def test_a_planner_crewai_cannot_build_makes_the_plan_span_the_origin(
     ) == len(crews.markers)
     assert fake_provider.requests == []
     compare_uninstrumented(outcomes, crews)
+
+
+class ReasoningCrews:
+    """One crew per marker: a Writer that reasons before its task, with no retries of any
+    layer (``max_retry_limit=0``, the SDK's ``max_retries=0``); no crew planning."""
+
+    def __init__(self, provider: FakeOpenAIProvider) -> None:
+        self.provider = provider
+        self.crews: dict[str, Any] = {}
+
+    def __call__(self, marker: str) -> Any:
+        from crewai import Crew, Task
+
+        llm = make_llm(self.provider.base_url, max_retries=0)
+        writer = make_agent(llm, "Writer", reasoning=True, max_retry_limit=0)
+        write = Task(
+            name="write",
+            description=f"Write a short report about [[{marker}]].",
+            expected_output="A report.",
+            agent=writer,
+        )
+        crew = Crew(name=CREW, agents=[writer], tasks=[write], verbose=False)
+        self.crews[marker] = crew
+        return crew
+
+    def run_all(self) -> dict[str, Any]:
+        return kickoff_concurrently(self, MARKERS, N_THREADS)
+
+
+def test_a_reasoning_error_crewai_swallows_is_recovered_even_without_retries_left(
+    otel, fake_provider, metric_reader
+):
+    def script() -> None:
+        for marker in MARKERS:  # the reasoning step's model call is each run's first
+            fake_provider.script(Fault.error(500, FAST), key=marker)
+
+    crews = ReasoningCrews(fake_provider)
+    script()
+    outcomes = crews.run_all()
+    assert not [o for o in outcomes.values() if isinstance(o, BaseException)], outcomes
+    for marker, outcome in outcomes.items():
+        assert f"[[{marker}]]" in outcome.raw, "the agent worked without a plan"
+    assert fake_provider.stats()["by_status"]["500"] == len(MARKERS)
+
+    spans = Spans(otel.get_finished_spans())
+    assert spans.orphans() == []
+    by_crew = {str(crew.id): marker for marker, crew in crews.crews.items()}
+    seen = set()
+    for root in spans.roots():
+        marker = by_crew[str(attr(root, "crewai.crew.id"))]
+        seen.add(marker)
+        run = Spans(spans.traces()[root.context.trace_id])
+        assert root.status.status_code is not StatusCode.ERROR, marker
+        assert fatal_origins(run) == [], [s.name for s in fatal_origins(run)]
+        # the 500 is the origin, inside the reasoning step (CrewAI's reasoning falls back to
+        # a plain-text plan call, or its caller logs the error: either way the agent works on)
+        (origin,) = [s for s in run.all if attr(s, ORIGIN)]
+        assert origin.name == "POST"
+        assert attr(origin, "error.type") == "500"
+        assert attr(origin, RECOVERED) is True
+        (plan,) = [s for s in run.ancestors(origin) if s.name == REASONING]
+        assert run.parent(plan).name == "invoke_agent Writer"
+        (attempt,) = run.named("invoke_agent Writer")
+        assert attempt.status.status_code is not StatusCode.ERROR
+        assert attr(attempt, "crew_otel.attempt") == 1
+    assert seen == set(MARKERS)
+    origins = points(metric_reader)["crew_otel.error.origins"]
+    assert total(origins, crew_otel__error__recovered="false") == 0
+    assert total(origins, crew_otel__origin__operation="http") == len(MARKERS)
+    compare_uninstrumented(outcomes, crews, script)

@@ -26,6 +26,11 @@ RATE_LIMIT_MAX_RETRIES = 2
 MAX_RETRY_AFTER_SECONDS = 120.0
 #: Exceptions ``Agent.execute_task`` passes through without re-running the agent.
 _AGENT_PASSTHROUGH = frozenset({"ToolExecutionFailedError", "HookAborted"})
+#: Set in the context of a call whose CrewAI caller logs every ``Exception`` it raises and goes
+#: on (an agent's reasoning step: the agent then works without a plan).
+SWALLOWED_BY_CALLER_KEY = otel_context.create_key("crew_otel.swallowed_by_caller")
+#: Exceptions those callers raise again (a hook aborting the run).
+_NOT_SWALLOWED = frozenset({"HookAborted"})
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -96,7 +101,20 @@ def attempt_recovered(
         and budget.rate_limit_retries < RATE_LIMIT_MAX_RETRIES
     ):
         return True  # CrewAI's rate-limit wrapper retries
-    return agent_will_retry()  # the SDK's error propagates; the agent may re-run
+    return crewai_recovers()  # the SDK's error propagates; CrewAI may go on or re-run
+
+
+def swallowed(exc: BaseException) -> bool:
+    """Whether a caller that swallows errors (``SWALLOWED_BY_CALLER_KEY``) swallows ``exc``."""
+    return isinstance(exc, Exception) and type(exc).__name__ not in _NOT_SWALLOWED
+
+
+def crewai_recovers(exc: BaseException | None = None) -> bool:
+    """Whether CrewAI goes on after an error in this context without it reaching the caller:
+    the call's CrewAI caller swallows it (an agent's reasoning step), or the agent re-runs."""
+    if otel_context.get_value(SWALLOWED_BY_CALLER_KEY) is True and (exc is None or swallowed(exc)):
+        return True
+    return agent_will_retry(exc)
 
 
 def agent_will_retry(exc: BaseException | None = None) -> bool:

@@ -38,7 +38,7 @@ from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
 from crew_otel.context import ATTEMPT_KEY, LLM_CALL_KEY
-from crew_otel.diagnosis.retries import agent_will_retry
+from crew_otel.diagnosis.retries import crewai_recovers
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
@@ -181,7 +181,7 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
         # (e.g. CrewAI rejecting an empty response makes the model call itself the origin).
         return ErrorRecording(
             origin=False if call.data.last_http_failed else None,
-            recovered=agent_will_retry(exc),
+            recovered=crewai_recovers(exc),
         )
 
     def duration_point(self, call: Call[LlmCallState]) -> DurationPoint | None:

@@ -24,7 +24,8 @@ child. CrewAI has two such phases:
 recorded like any other (the HTTP attempt that got the 500 is the origin; an error CrewAI raises
 in the planner itself, such as a plan it could not parse, makes the plan span the origin with
 ``crew_otel.origin.operation=plan``). CrewAI swallows errors of an agent's reasoning and runs
-the task without a plan; a failed model call there is then recorded as recovered by CrewAI.
+the task without a plan: an error there is recorded as recovered (``crew_otel.error.recovered``),
+also when the agent has no retries left.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes
 from crew_otel.attributes import Operation
-from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.diagnosis.retries import SWALLOWED_BY_CALLER_KEY, swallowed
+from crew_otel.wrappers.base import Call, ErrorRecording, SpanWrapper
 
 
 class CrewPlanningWrapper(SpanWrapper[None]):
@@ -76,7 +78,13 @@ class AgentReasoningWrapper(SpanWrapper[None]):
         span = self.tracer.start_span(
             attributes.span_name(attributes.SPAN_PLAN, role), context=ctx, attributes=attrs
         )
-        return Call(span, trace.set_span_in_context(span, ctx), None)
+        # Every caller of the reasoning step logs its errors and lets the agent work without a
+        # plan: an error inside it (a model call's) is recovered, whatever the agent's retries.
+        inner = otel_context.set_value(SWALLOWED_BY_CALLER_KEY, True, ctx)
+        return Call(span, trace.set_span_in_context(span, inner), None)
+
+    def error_recording(self, call: Call[None], exc: BaseException) -> ErrorRecording:
+        return ErrorRecording(recovered=swallowed(exc))
 
     def succeed(self, call: Call[None], result: Any) -> Any:
         ready = getattr(getattr(result, "plan", None), "ready", None)
