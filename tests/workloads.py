@@ -27,7 +27,10 @@ def mixed_workload(
     from crewai import Crew, Task
 
     provider.script(*[Fault.error(500, FAST)] * 9, key=f"{prefix}fail")
+    # Both requests sharing the agent hold it for 0.8 s at least, whichever gets it first (on a
+    # loaded machine the later-started one can): they overlap however the threads are scheduled.
     provider.script(Fault.delay(0.8), key=f"{prefix}share0")
+    provider.script(Fault.delay(0.8), key=f"{prefix}share1")
     shared_agent = make_agent(make_llm(provider.base_url), "Support Analyst")
 
     def topic(name: str) -> dict[str, str]:
