@@ -23,9 +23,9 @@ from crew_otel.safety import safe_call
 from crew_otel.wrappers.observer import Observer
 
 
-def agent_span() -> trace.Span:
-    """The span of the innermost agent execution (the current span outside one)."""
-    scope: Any = otel_context.get_value(ATTEMPT_KEY)
+def agent_span(scope: Any) -> trace.Span:
+    """The span of the agent execution ``scope`` (the ``ATTEMPT_KEY`` value of a context; the
+    current span outside one)."""
     call = getattr(scope, "call", None)
     return call.span if call is not None else trace.get_current_span()
 
@@ -47,7 +47,7 @@ class ContextLengthObserver(Observer):
         self.arguments = internals.CONTEXT_LENGTH_ARGS.bind()
 
     def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        span = agent_span()
+        span = agent_span(otel_context.get_value(ATTEMPT_KEY))
         respect = bool(self.arguments.get(args, kwargs, "respect_context_window", True))
         messages = self.arguments.get(args, kwargs, "messages", None)
         safe_call(_note, span, respect, messages, default=None)

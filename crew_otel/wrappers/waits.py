@@ -40,6 +40,7 @@ from crew_otel.context import ATTEMPT_KEY, REQUEST_ID_KEY
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, SpanWrapper
+from crew_otel.wrappers.context_window import agent_span
 from crew_otel.wrappers.observer import Observer
 
 _perf = time.perf_counter
@@ -77,12 +78,6 @@ class WaitTotals:
             number = self._counts.get(span, 0) + 1
             self._counts[span] = number
         return number
-
-
-def _agent_span(scope: Any) -> trace.Span:
-    """The span of the innermost agent execution (the current span outside one)."""
-    call = getattr(scope, "call", None)
-    return call.span if call is not None else trace.get_current_span()
 
 
 def _end_open_step(scope: Any) -> None:
@@ -219,7 +214,7 @@ class RpmLimiterWrapper:
         if exc is not None:
             self.runtime.errors.record(span, exc, attributes.ORIGIN_WAIT, since=limiter_pass.start)
         span.end(end_time=end_ns)
-        self.totals.add(_agent_span(limiter_pass.scope), end - limiter_pass.start)
+        self.totals.add(agent_span(limiter_pass.scope), end - limiter_pass.start)
 
 
 class RpmSleepObserver(Observer):
@@ -257,13 +252,13 @@ class HumanInputWrapper(SpanWrapper[trace.Span]):
         ctx = otel_context.get_current()
         scope = ctx.get(ATTEMPT_KEY)
         _end_open_step(scope)
-        agent_span = _agent_span(scope)
+        waiting = agent_span(scope)
         span = self.tracer.start_span(
             attributes.SPAN_HUMAN_INPUT,
             context=ctx,
-            attributes={attributes.CREWAI_HUMAN_INPUT_ROUND: self.totals.next_number(agent_span)},
+            attributes={attributes.CREWAI_HUMAN_INPUT_ROUND: self.totals.next_number(waiting)},
         )
-        return Call(span, trace.set_span_in_context(span, ctx), agent_span)
+        return Call(span, trace.set_span_in_context(span, ctx), waiting)
 
     def succeed(self, call: Call[trace.Span], result: Any) -> Any:
         if isinstance(result, str) and call.span.is_recording():
