@@ -225,7 +225,8 @@ def _rotate(stack: list[_Origin], n: int) -> None:
 
 # --- from functions to the objects they mutate ----------------------------------------------
 class GlobalWrite(NamedTuple):
-    """A write that tool code makes, resolvable at call time to the object it changes."""
+    """A global that tool code writes (or, in :attr:`ToolGlobals.loads`, uses), resolvable at
+    call time to the object it changes."""
 
     label: str
     """``module.NAME`` (and ``.attr`` for a class-level or module-object attribute)."""
@@ -270,23 +271,62 @@ def is_user_code(code: types.CodeType) -> bool:
     return not filename.startswith(_library_paths())
 
 
+class ToolGlobals(NamedTuple):
+    """What tool code does with module globals: the objects it mutates, and the globals it
+    loads that hold an object (not a module, class or function), each resolvable at call time
+    (a shared connection or open file is used through method calls, which are not writes)."""
+
+    writes: list[GlobalWrite]
+    loads: list[GlobalWrite]
+
+
+#: Globals that name code or a namespace, never state a tool holds.
+_CODE_OR_NAMESPACE = (
+    types.ModuleType,
+    type,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    staticmethod,
+    classmethod,
+)
+
+
+def tool_globals(
+    function: Callable[..., Any], owner: type | None = None, depth: int = DEFAULT_DEPTH
+) -> ToolGlobals:
+    """The global writes and object loads of ``function`` and of the user's own functions and
+    methods it loads, followed ``depth`` calls deep. ``owner`` is the class for
+    ``self.method`` calls."""
+    writes: dict[tuple[int, tuple[str, ...], bool], GlobalWrite] = {}
+    loads: dict[tuple[int, str], GlobalWrite] = {}
+    seen: set[types.CodeType] = set()
+    for fn in _reachable(function, owner, depth, seen):
+        namespace = fn.__globals__
+        module = namespace.get("__name__", "?")
+        scan = scan_code(fn.__code__)
+        for mutation in scan.mutations:
+            key = (id(namespace), mutation.path, mutation.rebinds)
+            if key not in writes:
+                label = f"{module}.{'.'.join(mutation.path)}"
+                writes[key] = GlobalWrite(label, namespace, mutation.path, mutation.rebinds)
+        for name in scan.loaded_globals:
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING or isinstance(value, _CODE_OR_NAMESPACE):
+                continue
+            if (id(namespace), name) not in loads:
+                loads[(id(namespace), name)] = GlobalWrite(
+                    f"{module}.{name}", namespace, (name,), False
+                )
+    return ToolGlobals(list(writes.values()), list(loads.values()))
+
+
 def global_writes(
     function: Callable[..., Any], owner: type | None = None, depth: int = DEFAULT_DEPTH
 ) -> list[GlobalWrite]:
     """The global writes of ``function`` and of the user's own functions and methods it
     loads, followed ``depth`` calls deep. ``owner`` is the class for ``self.method`` calls."""
-    found: dict[tuple[int, tuple[str, ...], bool], GlobalWrite] = {}
-    seen: set[types.CodeType] = set()
-    for fn in _reachable(function, owner, depth, seen):
-        code = fn.__code__
-        namespace = fn.__globals__
-        module = namespace.get("__name__", "?")
-        for mutation in scan_code(code).mutations:
-            key = (id(namespace), mutation.path, mutation.rebinds)
-            if key not in found:
-                label = f"{module}.{'.'.join(mutation.path)}"
-                found[key] = GlobalWrite(label, namespace, mutation.path, mutation.rebinds)
-    return list(found.values())
+    return tool_globals(function, owner, depth).writes
 
 
 def _reachable(

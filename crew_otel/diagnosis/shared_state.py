@@ -15,10 +15,12 @@ state elsewhere. While a tool runs, this module notes what the tool code writes 
 ``database``
     SQLite database files written (a statement that is not a read), seen through the
     connection's trace callback, which crew_otel sets on connections that ``sqlite3.connect``
-    opens while instrumented;
+    opens while instrumented and that only their own thread may use (a trace callback on a
+    connection threads share can freeze the process: see :func:`_traced_connect`);
 ``resource``
     non-thread-safe objects (a ``sqlite3.Connection`` or ``Cursor``, an open file, a SQLAlchemy
-    ``Session``) held by the tool instance's attributes or its function's closure.
+    ``Session``) held by the tool instance's attributes, its function's closure, or a module
+    global that the tool code (and the user's functions it calls) uses.
 
 A thing counts as used by a request from the first time its tool code touches it until that
 request's run ends (the state a tool writes is the run's until the run is over: the article's
@@ -53,7 +55,7 @@ from opentelemetry.trace import Span
 
 from crew_otel import internals
 from crew_otel.attributes import DATABASE_LOCKED
-from crew_otel.diagnosis.mutations import GlobalWrite, global_writes
+from crew_otel.diagnosis.mutations import ToolGlobals, tool_globals
 from crew_otel.diagnosis.sharing import (
     KIND_DATABASE,
     KIND_FILE,
@@ -87,6 +89,8 @@ _NOT_STATE = (
     types.BuiltinFunctionType,
 )
 _MEMORY_DATABASES = ("", ":memory:")
+_STANDARD_STREAMS = ("stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__")
+_NO_GLOBALS = ToolGlobals([], [])
 
 
 class RunHoldings:
@@ -152,9 +156,7 @@ class SharedStateWatcher:
     def __init__(self, sharing: SharedInstanceDetector) -> None:
         #: Where collisions are reported (the same detector as for shared Agents).
         self.sharing = sharing
-        self._writes: weakref.WeakKeyDictionary[Any, list[GlobalWrite]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._globals: weakref.WeakKeyDictionary[Any, ToolGlobals] = weakref.WeakKeyDictionary()
         self._writes_lock = threading.Lock()
 
     def new_holdings(self) -> RunHoldings:
@@ -172,7 +174,8 @@ class SharedStateWatcher:
     ) -> otel_context.Context:
         """Note what ``tool`` writes and holds; return ``ctx`` with the scope for the hook."""
         scope = ToolScope(self, request_id, span, holdings)
-        for write in self._global_writes_of(tool):
+        globals_used = self._globals_of(tool)
+        for write in globals_used.writes:
             target = write.target()
             if target is None:
                 continue
@@ -185,23 +188,23 @@ class SharedStateWatcher:
                 key = (KIND_GLOBAL, id(target))
                 class_name = _class_name(target)
             scope.note(key, KIND_GLOBAL, write.label, class_name)
-        for label, resource in _held_resources(tool):
+        for label, resource in _held_resources(tool, globals_used):
             scope.note((KIND_RESOURCE, id(resource)), KIND_RESOURCE, label, _class_name(resource))
         return otel_context.set_value(TOOL_STATE_KEY, scope, ctx)
 
-    def _global_writes_of(self, tool: object) -> list[GlobalWrite]:
+    def _globals_of(self, tool: object) -> ToolGlobals:
         function, owner = _tool_function(tool)
         if function is None:
-            return []
+            return _NO_GLOBALS
         cache_key: Any = owner if owner is not None else function
         try:
-            cached = self._writes.get(cache_key)
+            cached = self._globals.get(cache_key)
         except TypeError:
-            return []
+            return _NO_GLOBALS
         if cached is None:
-            cached = global_writes(function, owner)
+            cached = tool_globals(function, owner)
             with self._writes_lock:
-                self._writes[cache_key] = cached
+                self._globals[cache_key] = cached
         return cached
 
     # --- what the file and SQLite wrappers report -------------------------------------------
@@ -281,13 +284,19 @@ def _resource_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _held_resources(tool: object) -> Iterator[tuple[str, object]]:
-    """(``Class at Tool.attribute``, object) for each non-thread-safe object the tool holds."""
+def _held_resources(tool: object, globals_used: ToolGlobals) -> Iterator[tuple[str, object]]:
+    """(``Class at Tool.attribute``, object) for each non-thread-safe object the tool holds:
+    in its attributes, its function's closure, or a module global its code uses
+    (``Class at module.NAME``)."""
     original = internals.TOOL_ORIGINAL_TOOL.read(tool)
     if original is not None:
         tool = original
     kinds = _resource_types()
     owner = type(tool).__name__
+    for load in globals_used.loads:
+        value = load.target()
+        if isinstance(value, kinds) and not _closed(value) and not _is_standard_stream(value):
+            yield f"{type(value).__module__}.{type(value).__qualname__} at {load.label}", value
     for attribute, value in _attributes(tool):
         if isinstance(value, kinds) and not _closed(value):
             yield (
@@ -314,6 +323,11 @@ def _attributes(tool: object) -> Iterator[tuple[str, object]]:
     private = getattr(tool, "__pydantic_private__", None)
     if isinstance(private, dict):
         yield from list(private.items())
+
+
+def _is_standard_stream(value: object) -> bool:
+    """``sys.stdout`` and friends (``from sys import stdout``): shared by design."""
+    return any(value is getattr(sys, name, None) for name in _STANDARD_STREAMS)
 
 
 def _closed(value: object) -> bool:
@@ -363,16 +377,44 @@ def _traced_os_open(
 def _traced_connect(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """``sqlite3.connect``: the connection as made, with a trace callback that notes writes
-    made by tool code (the ``sqlite3.connect/handle`` audit event comes before the connection
-    is set up, too early to set one)."""
+    """``sqlite3.connect``: the connection as made; one that only its own thread may use gets
+    a trace callback that notes writes made by tool code (the ``sqlite3.connect/handle`` audit
+    event comes before the connection is set up, too early to set one).
+
+    A connection that threads may share (``check_same_thread=False``) never gets one: SQLite
+    calls a trace callback holding the connection's mutex, the callback needs the GIL, and
+    another thread that holds the GIL while it waits for that mutex (CPython binds parameters
+    and resets statements without releasing the GIL) never gets it: the process freezes. Such a
+    connection, used by the tool code of two requests, is named as a ``resource`` instead.
+    """
     connection = wrapped(*args, **kwargs)
     if _WATCHING.watcher is not None:
         try:
-            _trace_writes(connection, args[0] if args else kwargs.get("database"))
+            if _one_thread_only(args, kwargs):
+                _trace_writes(connection, args[0] if args else kwargs.get("database"))
         except Exception:
             _logger.debug("crew_otel: SQLite connection not watched", exc_info=True)
     return connection
+
+
+#: Where ``sqlite3.connect`` takes ``check_same_thread`` positionally (database, timeout,
+#: detect_types, isolation_level, check_same_thread, ...).
+_CHECK_SAME_THREAD_POSITION = 4
+
+
+def _one_thread_only(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the connection being made can be used by its own thread only (sqlite3 raises
+    ``ProgrammingError`` in any other), so no other thread can wait for its mutex. A
+    shared-cache database shares its locks between connections: never."""
+    if len(args) > _CHECK_SAME_THREAD_POSITION:
+        check_same_thread = args[_CHECK_SAME_THREAD_POSITION]
+    else:
+        check_same_thread = kwargs.get("check_same_thread", True)
+    if check_same_thread is not True and check_same_thread != 1:
+        return False
+    database = args[0] if args else kwargs.get("database")
+    name = os.fsdecode(database) if isinstance(database, (str, bytes, os.PathLike)) else ""
+    return "cache=shared" not in name
 
 
 def _trace_writes(connection: Any, database: object) -> None:
@@ -414,29 +456,52 @@ _WRAPPED: tuple[tuple[str, str, Callable[..., Any]], ...] = (
 def activate(watcher: SharedStateWatcher) -> None:
     """Make ``watcher`` see file opens and SQLite writes: wraps ``open``, ``io.open``,
     ``os.open`` and ``sqlite3.connect`` (outside tool calls the wrappers add one context
-    look-up to the call)."""
+    look-up to the call). Another library's wrapper there stays, inside crew_otel's."""
     _WATCHING.watcher = watcher
     for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
         current = getattr(module, name, None)
-        if current is not None and not isinstance(current, wrapt.FunctionWrapper):
+        if current is not None and not _holds_ours(current, wrapper):
             setattr(module, name, wrapt.FunctionWrapper(current, wrapper))
 
 
 def deactivate(watcher: SharedStateWatcher) -> None:
     """Restore the wrapped functions (connections opened meanwhile keep a trace callback that
-    returns at once)."""
+    returns at once). A function that another library wrapped after crew_otel keeps that
+    wrapper, and crew_otel's inside it calls straight through from now on."""
     if _WATCHING.watcher is not watcher:
         return
     _WATCHING.watcher = None
     for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
         current = getattr(module, name, None)
-        if (
-            isinstance(current, wrapt.FunctionWrapper)
-            and internals.WRAPT_WRAPPER.read(current) is wrapper
-        ):
-            setattr(module, name, current.__wrapped__)
+        if _is_ours(current, wrapper):
+            setattr(module, name, current.__wrapped__)  # type: ignore[union-attr]
+        elif current is not None and _holds_ours(current, wrapper):
+            _logger.debug(
+                "crew_otel: %s.%s was wrapped again after crew_otel; its wrapper stays (inert)",
+                module_name,
+                name,
+            )
+
+
+def _is_ours(function: object, wrapper: Callable[..., Any]) -> bool:
+    return (
+        isinstance(function, wrapt.FunctionWrapper)
+        and internals.WRAPT_WRAPPER.read(function) is wrapper
+    )
+
+
+def _holds_ours(function: object, wrapper: Callable[..., Any]) -> bool:
+    """Whether ``function`` is crew_otel's ``wrapper`` or wraps it (another library wrapped
+    it after crew_otel), following a bounded chain of ``__wrapped__``."""
+    for _ in range(16):
+        if function is None:
+            return False
+        if _is_ours(function, wrapper):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
 
 
 def is_locked_database_error(exc: BaseException) -> bool:
