@@ -36,7 +36,7 @@ from tests.test_shared_state import (
     assert_named,
     events,
     function_tool,
-    paths,  # noqa: F401  (fixture)
+    paths,  # noqa: F401  (the fixture, used by every test below that runs tools)
     run_async,
     run_threads,
 )
@@ -49,6 +49,8 @@ ROUNDS = 25
 #: A module-level connection every request's tool uses, opened before ``instrument()`` (the
 #: usual order: the app's modules are imported, then ``main`` instruments).
 LEDGER = sqlite3.connect(":memory:", check_same_thread=False)
+
+pytestmark = pytest.mark.usefixtures("paths")
 
 
 def _run_app(mode: str) -> dict[str, Any]:
@@ -87,9 +89,7 @@ def use_the_ledger(query: str) -> str:
 
 
 @pytest.mark.parametrize("runner", [run_threads, run_async], ids=["threads", "akickoff"])
-def test_module_level_connection_opened_before_instrument_is_named(
-    otel, fake_provider, paths, runner
-):
+def test_module_level_connection_opened_before_instrument_is_named(otel, fake_provider, runner):
     answers = runner(fake_provider, lambda i: [function_tool(use_the_ledger)])
     assert len(answers) == N
     spans = Spans(otel.get_finished_spans())
@@ -106,7 +106,7 @@ def print_a_line(query: str) -> str:
     return f"printed {query}"
 
 
-def test_standard_streams_are_not_shared_state(otel, fake_provider, paths):
+def test_standard_streams_are_not_shared_state(otel, fake_provider):
     run_threads(fake_provider, lambda i: [function_tool(print_a_line)])
     assert events(Spans(otel.get_finished_spans())) == []
 
@@ -148,7 +148,7 @@ def foreign_wrappers():
 
 
 def test_detection_works_beside_a_foreign_wrapper_and_removes_only_its_own(
-    otel_tracer_provider, span_exporter, meter_provider, fake_provider, paths, foreign_wrappers
+    otel_tracer_provider, span_exporter, meter_provider, fake_provider, foreign_wrappers
 ):
     crew_otel.uninstrument()
     crew_otel.instrument(tracer_provider=otel_tracer_provider, meter_provider=meter_provider)
@@ -166,7 +166,7 @@ def test_detection_works_beside_a_foreign_wrapper_and_removes_only_its_own(
 
 
 def test_a_wrapper_added_after_instrument_stays_and_crew_otel_goes_quiet(
-    otel_tracer_provider, span_exporter, meter_provider, fake_provider, paths
+    otel_tracer_provider, span_exporter, meter_provider, fake_provider
 ):
     crew_otel.uninstrument()
     crew_otel.instrument(tracer_provider=otel_tracer_provider, meter_provider=meter_provider)
