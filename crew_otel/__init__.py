@@ -25,16 +25,17 @@ turns :func:`instrument` into a no-op.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from crew_otel import logs
-from crew_otel.context import request
-from crew_otel.instrumentor import CrewAIInstrumentor
 from crew_otel.version import __version__
 
 if TYPE_CHECKING:
+    from crew_otel import logs
+    from crew_otel.context import request
+    from crew_otel.instrumentor import CrewAIInstrumentor
     from crew_otel.sdk import configure
 
 __all__ = [
@@ -51,16 +52,25 @@ _logger = logging.getLogger("crew_otel")
 
 ENTRY_POINT_NAME = "crew_otel"
 
+#: The public names loaded on first access, from their modules: importing ``crew_otel`` (as the
+#: pytest plugin and the entry points do) costs nothing until one is used; ``configure`` lives
+#: with the SDK set-up, which a process that only instruments never imports.
+_LAZY = {
+    "CrewAIInstrumentor": ("crew_otel.instrumentor", "CrewAIInstrumentor"),
+    "configure": ("crew_otel.sdk", "configure"),
+    "logs": ("crew_otel.logs", None),
+    "request": ("crew_otel.context", "request"),
+}
+
 
 def __getattr__(name: str) -> Any:
-    # ``configure`` lives with the SDK set-up: importing it here would import the SDK and its
-    # exporters into every process that only instruments. It is loaded on first access.
-    if name == "configure":
-        from crew_otel.sdk import configure
-
-        globals()["configure"] = configure
-        return configure
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
 
 
 def _disabled_by_environment() -> bool:
@@ -83,6 +93,8 @@ def instrument(
         TypeError: an unknown option name.
         ValueError: an option (or its ``CREW_OTEL_*`` variable) with an invalid value.
     """
+    from crew_otel.instrumentor import CrewAIInstrumentor
+
     instrumentor = CrewAIInstrumentor()
     if _disabled_by_environment():
         _logger.info("crew_otel: disabled by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
@@ -98,6 +110,8 @@ def instrument(
 
 def uninstrument() -> None:
     """Remove every hook crew_otel installed and restore CrewAI's original functions."""
+    from crew_otel.instrumentor import CrewAIInstrumentor
+
     instrumentor = CrewAIInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()

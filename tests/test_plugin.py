@@ -44,6 +44,25 @@ def test_plugin_fixtures_in_a_user_test_suite(pytester):
     result.assert_outcomes(passed=2)
 
 
+def test_a_pytest_run_that_uses_no_fixture_loads_nothing_heavy(pytester):
+    """pytest loads the plugin in every run of every project that installs crew-otel: it must
+    not import the OpenTelemetry SDK, CrewAI, the loopback provider or the instrumentation."""
+    pytester.makepyfile(
+        """
+        import sys
+
+        HEAVY = ("opentelemetry.sdk", "crewai", "crew_otel.testing.provider",
+                 "crew_otel.instrumentor", "http.server")
+
+        def test_nothing_heavy_loaded(request):
+            assert request.config.pluginmanager.has_plugin("crew_otel")
+            assert [m for m in HEAVY if m in sys.modules] == []
+        """
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
 def test_the_offline_home_is_removed_when_its_process_exits_and_not_before():
     """The temporary home outlives a forked child (gunicorn workers fork) and not its creator."""
     import os

@@ -14,6 +14,28 @@ The pytest plugin (``crew_otel.testing.plugin``, loaded automatically when crew-
 installed) provides the fixtures ``fake_provider`` and ``span_exporter``.
 """
 
-from crew_otel.testing.provider import FakeOpenAIProvider, Fault, RandomFaults, RecordedRequest
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from crew_otel.testing.provider import (
+        FakeOpenAIProvider,
+        Fault,
+        RandomFaults,
+        RecordedRequest,
+    )
 
 __all__ = ["FakeOpenAIProvider", "Fault", "RandomFaults", "RecordedRequest"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: the pytest plugin lives in this package, and pytest loads it in every
+    # run of every project that installs crew-otel.
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from crew_otel.testing import provider
+
+    value = getattr(provider, name)
+    globals()[name] = value
+    return value

@@ -21,15 +21,15 @@ before anything imports crewai.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from crew_otel.testing.provider import FakeOpenAIProvider
+if TYPE_CHECKING:  # imported by the fixtures on use: loading the plugin imports nothing heavy
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from crew_otel.testing.provider import FakeOpenAIProvider
 
 _EXPORTER_ATTRIBUTE = "_crew_otel_test_exporter"
 
@@ -37,6 +37,8 @@ _EXPORTER_ATTRIBUTE = "_crew_otel_test_exporter"
 @pytest.fixture
 def fake_provider() -> Iterator[FakeOpenAIProvider]:
     """A fault-injecting OpenAI-compatible provider on 127.0.0.1, stopped after the test."""
+    from crew_otel.testing.provider import FakeOpenAIProvider
+
     with FakeOpenAIProvider() as provider:
         yield provider
 
@@ -44,6 +46,11 @@ def fake_provider() -> Iterator[FakeOpenAIProvider]:
 @pytest.fixture(scope="session")
 def otel_tracer_provider() -> TracerProvider:
     """A session TracerProvider with an in-memory exporter (global if none was set)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     current: Any = trace.get_tracer_provider()
     if isinstance(current, TracerProvider) and hasattr(current, _EXPORTER_ATTRIBUTE):
         return current
