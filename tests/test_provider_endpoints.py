@@ -93,6 +93,32 @@ def test_embeddings_faults_are_scripted_per_endpoint_and_marker():
     assert [isinstance(r, BaseException) for r in results] == [False, True, False, False]
 
 
+def test_held_requests_wait_at_their_gate_until_it_opens():
+    """``Fault.hold``: each held request parks until the test opens the gate; unheld ones pass."""
+    with FakeOpenAIProvider() as provider:
+        client = _client(provider)
+        for i in range(3):
+            provider.script(Fault.hold("together"), key=f"h{i}")
+        gate = provider.gate("together")
+
+        def ask(marker: str) -> str:
+            answer = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"[[{marker}]]"}]
+            )
+            return str(answer.choices[0].message.content)
+
+        with ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(ask, f"h{i}") for i in range(3)]
+            gate.wait_parked(3)  # all three are inside the provider at once
+            assert "[[free]]" in ask("free"), "a request with no hold is answered meanwhile"
+            assert not any(f.done() for f in held)
+            gate.open()
+            assert [f"[[h{i}]]" in f.result(timeout=30) for i, f in enumerate(held)] == [True] * 3
+        assert gate.parked == 3
+        with pytest.raises(TimeoutError, match="3 of 4"):
+            gate.wait_parked(4, timeout=0.01)
+
+
 def test_structured_outputs_validate_under_concurrent_crewai_calls(fake_provider):
     def call(i: int) -> Verdict:
         llm = make_llm(fake_provider.base_url, response_format=Verdict)

@@ -22,11 +22,12 @@ if TYPE_CHECKING:
     from crew_otel.testing.provider import (
         FakeOpenAIProvider,
         Fault,
+        Gate,
         RandomFaults,
         RecordedRequest,
     )
 
-__all__ = ["FakeOpenAIProvider", "Fault", "RandomFaults", "RecordedRequest"]
+__all__ = ["FakeOpenAIProvider", "Fault", "Gate", "RandomFaults", "RecordedRequest"]
 
 
 def __getattr__(name: str) -> Any:

@@ -68,6 +68,8 @@ class Fault:
     status: int = 0
     seconds: float = 0.0
     headers: tuple[tuple[str, str], ...] = ()
+    #: The gate a ``hold`` waits at (:meth:`FakeOpenAIProvider.gate`).
+    gate: str = ""
 
     @classmethod
     def error(cls, status: int, retry_after: float | None = None) -> Fault:
@@ -104,6 +106,51 @@ class Fault:
     def delay(cls, seconds: float) -> Fault:
         """Answer normally after ``seconds``."""
         return cls("delay", seconds=seconds)
+
+    @classmethod
+    def hold(cls, gate: str, seconds: float = 60.0) -> Fault:
+        """Park the request at the gate named ``gate`` until the test opens it (at most
+        ``seconds``), then answer normally: overlap as a fact, not a guess about timing."""
+        return cls("hold", seconds=seconds, gate=gate)
+
+
+class Gate:
+    """Where held requests wait (:meth:`Fault.hold`): the test waits until N are parked, so
+    it knows that their runs are in flight together, and then opens it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._condition = threading.Condition()
+        self._parked = 0
+        self._open = False
+
+    @property
+    def parked(self) -> int:
+        """How many requests have arrived at the gate so far (released ones included)."""
+        with self._condition:
+            return self._parked
+
+    def wait_parked(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until ``count`` requests have arrived; ``TimeoutError`` after ``timeout`` s
+        (a bound against a broken test, never a measurement)."""
+        with self._condition:
+            if not self._condition.wait_for(lambda: self._parked >= count, timeout):
+                raise TimeoutError(
+                    f"gate {self.name!r}: {self._parked} of {count} requests arrived"
+                )
+
+    def open(self) -> None:
+        """Release every request parked here, and let later ones through at once."""
+        with self._condition:
+            self._open = True
+            self._condition.notify_all()
+
+    def park(self, timeout: float) -> None:
+        """Called by the server for a held request: arrive, wait until open (bounded)."""
+        with self._condition:
+            self._parked += 1
+            self._condition.notify_all()
+            self._condition.wait_for(lambda: self._open, timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +294,7 @@ class FakeOpenAIProvider:
         self._lock = threading.Lock()
         self._scripts: dict[tuple[str | None, str | None], collections.deque[Fault | None]] = {}
         self._requests: list[RecordedRequest] = []
+        self._gates: dict[str, Gate] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -268,7 +316,12 @@ class FakeOpenAIProvider:
         return self
 
     def stop(self) -> None:
-        """Stop serving (requests hanging in a timeout fault are abandoned)."""
+        """Stop serving (requests hanging in a timeout fault are abandoned, held ones
+        released)."""
+        with self._lock:
+            gates = list(self._gates.values())
+        for gate in gates:
+            gate.open()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -308,6 +361,22 @@ class FakeOpenAIProvider:
             raise ValueError(f"endpoint must be None, 'chat' or 'embeddings', not {endpoint!r}")
         with self._lock:
             self._scripts.setdefault((key, endpoint), collections.deque()).extend(outcomes)
+
+    def gate(self, name: str) -> Gate:
+        """The gate ``name`` (made on first use) where ``Fault.hold(name)`` parks requests::
+
+        provider.script(Fault.hold("both"), key="a")
+        provider.script(Fault.hold("both"), key="b")
+        ...start runs a and b...
+        gate = provider.gate("both")
+        gate.wait_parked(2)     # both runs are in flight, each inside its model call
+        gate.open()
+        """
+        with self._lock:
+            gate = self._gates.get(name)
+            if gate is None:
+                gate = self._gates[name] = Gate(name)
+            return gate
 
     def reset(self) -> None:
         """Forget scripts and recorded requests."""
@@ -391,6 +460,9 @@ class FakeOpenAIProvider:
     ) -> None:
         """Pick the request's fault, wait the latency, answer (the fault may pre-empt it)."""
         _, fault = self._next_fault(record.markers, endpoint)
+        if fault is not None and fault.kind == "hold":
+            self.gate(fault.gate).park(fault.seconds)
+            fault = None
         if self._random.latency:
             time.sleep(self._random.latency)
         try:
