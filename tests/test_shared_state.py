@@ -390,3 +390,72 @@ def test_database_is_locked_is_attributed_to_the_shared_database(otel, fake_prov
         assert attr(span, "crew_otel.database.locked") == paths["database"]
         assert attr(span, "error.type") == "OperationalError"
     assert {attr(s, REQUEST_ID) for s in locked} == {"req-1", "req-2"}
+
+
+# --- the detector never runs the application's code, nor replaces its SQLite hooks ---------------
+class Registry:
+    """A module-level object whose ``items`` is a property (it could query a database)."""
+
+    reads = 0
+
+    def __init__(self) -> None:
+        self._items: dict[str, int] = {}
+
+    @property
+    def items(self) -> dict[str, int]:
+        Registry.reads += 1
+        return self._items
+
+
+REGISTRY = Registry()
+
+
+def register_rarely(query: str) -> str:
+    """Register the ticket, in a branch that does not run here."""
+    if query == "never":
+        REGISTRY.items[query] = 1
+    _meet()
+    return f"checked {query}"
+
+
+@pytest.mark.parametrize("runner", [run_threads, run_async], ids=["threads", "akickoff"])
+def test_resolving_a_write_never_runs_a_property(otel, fake_provider, paths, runner):
+    Registry.reads = 0
+    answers = runner(fake_provider, lambda i: [function_tool(register_rarely)])
+    assert len(answers) == N
+    assert len(Spans(otel.get_finished_spans()).named("execute_tool")) >= N
+    assert Registry.reads == 0, "crew_otel evaluated the application's property"
+
+
+class LoggingConnection(sqlite3.Connection):
+    """An application's connection factory that logs its SQL through a trace callback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements: list[str] = []
+        self.set_trace_callback(self.statements.append)
+
+
+LOGGED: list[int] = []
+
+
+def save_with_sql_logging(query: str) -> str:
+    """Save the ticket with SQL logging on."""
+    connection = sqlite3.connect(PATHS["database"], timeout=30, factory=LoggingConnection)
+    try:
+        connection.execute("INSERT INTO tickets VALUES (?)", (query,))
+        connection.commit()
+        LOGGED.append(len(connection.statements))
+    finally:
+        connection.close()
+    _meet()
+    return f"saved {query}"
+
+
+def test_an_applications_own_trace_callback_is_kept(otel, fake_provider, paths):
+    LOGGED.clear()
+    run_threads(fake_provider, lambda i: [function_tool(save_with_sql_logging)])
+    assert len(LOGGED) == N
+    assert min(LOGGED) >= 2, "the application's SQL log saw its INSERT and COMMIT"
+    with sqlite3.connect(paths["database"]) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM tickets").fetchone() == (N,)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import functools
+import inspect
 import sys
 import sysconfig
 import types
@@ -244,11 +245,36 @@ class GlobalWrite(NamedTuple):
         if obj is _MISSING:
             return None
         for attr in self.path[1:]:
-            try:
-                obj = getattr(obj, attr)
-            except Exception:
+            obj = static_attribute(obj, attr)
+            if obj is _MISSING:
                 return None
         return obj
+
+
+#: Descriptors implemented in C that read a slot or a field without running Python code.
+_PLAIN_DESCRIPTORS = (types.MemberDescriptorType, types.GetSetDescriptorType)
+
+
+def static_attribute(obj: object, name: str) -> object:
+    """``obj.name`` without running the application's code: no property, ``__getattr__`` or
+    other descriptor of a class written in Python is evaluated (such an attribute, like a
+    missing one, is ``_MISSING``: the write cannot be resolved without running user code)."""
+    try:
+        value = inspect.getattr_static(obj, name)
+    except AttributeError:
+        return _MISSING
+    if isinstance(value, _PLAIN_DESCRIPTORS):
+        try:
+            return value.__get__(obj, type(obj))
+        except Exception:
+            return _MISSING
+    if isinstance(value, (property, functools.cached_property)):
+        return _MISSING
+    if not isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) and hasattr(
+        type(value), "__get__"
+    ):
+        return _MISSING  # a descriptor of the application's: reading it would run its code
+    return value
 
 
 _MISSING = object()

@@ -386,31 +386,41 @@ def _traced_connect(
     another thread that holds the GIL while it waits for that mutex (CPython binds parameters
     and resets statements without releasing the GIL) never gets it: the process freezes. Such a
     connection, used by the tool code of two requests, is named as a ``resource`` instead.
+    Nor does a connection made by the application's own ``factory`` (see :func:`_may_trace`).
     """
     connection = wrapped(*args, **kwargs)
     if _WATCHING.watcher is not None:
         try:
-            if _one_thread_only(args, kwargs):
+            if _may_trace(args, kwargs):
                 _trace_writes(connection, args[0] if args else kwargs.get("database"))
         except Exception:
             _logger.debug("crew_otel: SQLite connection not watched", exc_info=True)
     return connection
 
 
-#: Where ``sqlite3.connect`` takes ``check_same_thread`` positionally (database, timeout,
-#: detect_types, isolation_level, check_same_thread, ...).
+#: Where ``sqlite3.connect`` takes these positionally (database, timeout, detect_types,
+#: isolation_level, check_same_thread, factory, ...).
 _CHECK_SAME_THREAD_POSITION = 4
+_FACTORY_POSITION = 5
 
 
-def _one_thread_only(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether the connection being made can be used by its own thread only (sqlite3 raises
-    ``ProgrammingError`` in any other), so no other thread can wait for its mutex. A
-    shared-cache database shares its locks between connections: never."""
-    if len(args) > _CHECK_SAME_THREAD_POSITION:
-        check_same_thread = args[_CHECK_SAME_THREAD_POSITION]
-    else:
-        check_same_thread = kwargs.get("check_same_thread", True)
+def _may_trace(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether crew_otel may set its trace callback on the connection being made.
+
+    Only where no deadlock is possible and no callback of the application's is lost: the
+    connection can be used by its own thread only (sqlite3 raises ``ProgrammingError`` in any
+    other, so no other thread can wait for its mutex), it is not a shared-cache database (whose
+    locks connections share), and it was not made by a connection factory of the application's
+    (which may set its own trace callback, for SQL logging: it is kept).
+    """
+
+    def argument(position: int, name: str, default: object) -> object:
+        return args[position] if len(args) > position else kwargs.get(name, default)
+
+    check_same_thread = argument(_CHECK_SAME_THREAD_POSITION, "check_same_thread", True)
     if check_same_thread is not True and check_same_thread != 1:
+        return False
+    if argument(_FACTORY_POSITION, "factory", None) not in (None, sqlite3.Connection):
         return False
     database = args[0] if args else kwargs.get("database")
     name = os.fsdecode(database) if isinstance(database, (str, bytes, os.PathLike)) else ""
