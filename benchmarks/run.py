@@ -124,7 +124,7 @@ QUICK = dataclasses.replace(
     flow_warmup=1,
     quiet_budget=20.0,
 )
-SECTIONS = ("startup", "hooks", "e2e", "flow-memory", "shared-state", "soak")
+SECTIONS = ("startup", "hooks", "e2e", "flow-memory", "shared-state", "soak", "report")
 QUIET = common.QUIET
 DISTURBED = common.DISTURBED
 #: Longest wait for a quiet machine before one round.
@@ -829,6 +829,17 @@ class Bench:
         }
         self.write(f"soak-{kickoffs}.json", data)
         self.log(f"soak: {kickoffs} kickoffs per variant in {elapsed:.0f} s")
+        return data
+
+    # --- 8. `crew-otel report` on a big trace file -----------------------------------------
+    def report(self) -> dict[str, Any]:
+        from benchmarks import trace_report
+
+        sizes = trace_report.QUICK_SIZES_MB if self.quick else trace_report.DEFAULT_SIZES_MB
+        self.quiet("the report benchmark")
+        data = trace_report.run(sizes, self.out)
+        for line in trace_report.describe(data).splitlines():
+            self.log(f"report: {line}")
         return data
 
 

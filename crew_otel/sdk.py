@@ -42,7 +42,7 @@ from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
-from crew_otel.export import DROPPED_SPANS, CountingBatchSpanProcessor
+from crew_otel.export import DROPPED_SPANS, CountingBatchSpanProcessor, ExportDestination
 
 _logger = logging.getLogger("crew_otel")
 
@@ -64,21 +64,30 @@ class Setup:
 
     tracer_provider: TracerProvider | None
     meter_provider: MeterProvider | None
+    #: The processor of the exporter ``OTEL_TRACES_EXPORTER`` (or ``trace_file``) selects.
     span_processor: CountingBatchSpanProcessor | None = None
     #: False when the SDK was configured before ``configure()`` ran: ``shutdown`` only
     #: flushes, the providers' owner shuts them down.
     owned: bool = True
+    #: Every span processor ``configure()`` made (also those of ``span_exporters``).
+    span_processors: tuple[CountingBatchSpanProcessor, ...] = ()
+    #: Where traces and metrics go, for the flush warning.
+    destinations: tuple[ExportDestination, ...] = ()
     _done: bool = dataclasses.field(default=False, repr=False)
 
     @property
     def dropped_spans(self) -> int:
-        """Spans dropped because the export queue was full (the collector was unreachable)."""
-        return self.span_processor.dropped if self.span_processor is not None else 0
+        """Spans dropped because an export queue was full (the exporter could not keep up: an
+        unreachable collector, a slow disk), in every processor ``configure()`` made."""
+        processors = self.span_processors or (
+            (self.span_processor,) if self.span_processor is not None else ()
+        )
+        return sum(processor.dropped for processor in processors)
 
     def flush(self, timeout_millis: int = DEFAULT_SHUTDOWN_TIMEOUT_MS) -> bool:
         """Export every finished span and the current metrics, waiting at most ``timeout_millis``
         in total. Returns False when the time ran out."""
-        return _bounded(self._flush, timeout_millis)
+        return _bounded(self._flush, timeout_millis, self._destination_text())
 
     def shutdown(self, timeout_millis: int = DEFAULT_SHUTDOWN_TIMEOUT_MS) -> bool:
         """Flush traces and metrics, then stop the providers, waiting at most ``timeout_millis``
@@ -89,7 +98,10 @@ class Setup:
         if self._done:
             return True
         self._done = True
-        return _bounded(self._shutdown, timeout_millis)
+        return _bounded(self._shutdown, timeout_millis, self._destination_text())
+
+    def _destination_text(self) -> str:
+        return ", ".join(map(str, self.destinations)) or "the application's exporters"
 
     def _flush(self, deadline: float) -> None:
         if self.tracer_provider is not None:
@@ -123,7 +135,7 @@ def _remaining_ms(deadline: float) -> int:
     return max(int((deadline - time.monotonic()) * 1000), 0)
 
 
-def _bounded(work: Callable[[float], None], timeout_millis: int) -> bool:
+def _bounded(work: Callable[[float], None], timeout_millis: int, destination: str) -> bool:
     """Run ``work(deadline)`` in a daemon thread and wait for it until the deadline.
 
     Exporters and SDK versions differ in how well they honour a timeout; the thread makes
@@ -142,9 +154,10 @@ def _bounded(work: Callable[[float], None], timeout_millis: int) -> bool:
     thread.join(max(deadline - time.monotonic(), 0))
     if thread.is_alive():
         _logger.warning(
-            "crew_otel: telemetry flush did not finish within %d ms (is the collector "
-            "reachable?); the rest is dropped",
+            "crew_otel: telemetry flush did not finish within %d ms (exporting to %s); "
+            "the rest is dropped",
             timeout_millis,
+            destination,
         )
         return False
     return True
@@ -170,9 +183,12 @@ class _Signal(Generic[_E]):
 
 
 def _trace_file_exporter(path: str | None) -> SpanExporter:
+    """The trace-file exporter: ``path`` is configure()'s ``trace_file``, else
+    ``CREW_OTEL_TRACES_FILE`` names the file. A file that cannot be written is one error line
+    naming that setting, not an exception: the application and the other exporters go on."""
     from crew_otel.otlp_json import OTLPJsonFileExporter
 
-    return OTLPJsonFileExporter(path)
+    return OTLPJsonFileExporter(path, setting="trace_file" if path is not None else None)
 
 
 _TRACES = _Signal[SpanExporter](
@@ -224,9 +240,35 @@ def _exporter(
         ) from exc
     kwargs: dict[str, Any] = _timeout(environ, signal.name)
     if endpoint:
-        kwargs["endpoint"] = endpoint if grpc else f"{endpoint.rstrip('/')}/{signal.path}"
+        kwargs["endpoint"] = _signal_endpoint(signal, endpoint, grpc)
     exporter: _E = getattr(module, signal.otlp_class)(**kwargs)
     return exporter
+
+
+def _signal_endpoint(signal: _Signal[Any], base: str, grpc: bool) -> str:
+    return base if grpc else f"{base.rstrip('/')}/{signal.path}"
+
+
+def _otlp_endpoint(signal: _Signal[Any], environ: Mapping[str, str], endpoint: str | None) -> str:
+    """Where the OTLP exporter :func:`_exporter` builds sends, resolved as the exporter does."""
+    grpc = _protocol(environ, signal.name) == "grpc"
+    if endpoint:
+        return _signal_endpoint(signal, endpoint, grpc)
+    own = environ.get(f"OTEL_EXPORTER_OTLP_{signal.name}_ENDPOINT")
+    if own:
+        return own
+    default = "http://localhost:4317" if grpc else "http://localhost:4318"
+    return _signal_endpoint(signal, environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or default, grpc)
+
+
+def _destination(
+    signal: _Signal[Any], exporter: object, environ: Mapping[str, str], endpoint: str | None
+) -> ExportDestination:
+    """Where ``exporter``, built by :func:`_exporter`, sends (for log lines and doctor)."""
+    otlp = type(exporter).__module__.startswith("opentelemetry.exporter.otlp.")
+    return ExportDestination.of(
+        exporter, _otlp_endpoint(signal, environ, endpoint) if otlp else None
+    )
 
 
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
@@ -319,17 +361,35 @@ def configure(
         _TRACES, environ, endpoint, os.fspath(trace_file) if trace_file is not None else None
     )
     exporters = [e for e in (span_exporter, *span_exporters) if e is not None]
-    processors = []
+    destinations = [
+        _destination(_TRACES, e, environ, endpoint) if e is span_exporter else None
+        for e in exporters
+    ]
+    processors: list[CountingBatchSpanProcessor] = []
     if exporters:
         dropped = meter_provider.get_meter("crew_otel").create_counter(
             DROPPED_SPANS, unit="{span}", description="Spans dropped on a full export queue."
         )
-        processors = [CountingBatchSpanProcessor(e, dropped_counter=dropped) for e in exporters]
+        processors = [
+            CountingBatchSpanProcessor(e, dropped_counter=dropped, destination=d)
+            for e, d in zip(exporters, destinations, strict=True)
+        ]
     for processor in processors:
         tracer_provider.add_span_processor(processor)
     # the selected exporter's processor (the others are shut down with the tracer provider)
     selected = processors[0] if span_exporter is not None else None
-    setup = Setup(tracer_provider, meter_provider, selected)
+    metric_destination = (
+        ()
+        if metric_exporter is None
+        else (_destination(_METRICS, metric_exporter, environ, endpoint),)
+    )
+    setup = Setup(
+        tracer_provider,
+        meter_provider,
+        selected,
+        span_processors=tuple(processors),
+        destinations=tuple(p.destination for p in processors) + metric_destination,
+    )
     _flush_at_exit(setup)
 
     if set_global:

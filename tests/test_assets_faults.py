@@ -7,7 +7,9 @@ Collector's tail-sampling policies against what crew_otel actually records.
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections import defaultdict
@@ -685,3 +687,84 @@ def test_dashboards_editable_flag_matches_the_provider() -> None:
     assert provider["allowUiUpdates"] is False, "read-only: the JSON is generated"
     for name, dashboard in DASHBOARDS.items():
         assert dashboard["editable"] is provider["allowUiUpdates"], name
+
+
+# --- `crew-otel assets DIR` where DIR cannot take them: one line, exit status 2 ---------------
+
+
+def assets_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
+    """``crew-otel assets ARGS`` in this process: exit status, stdout, stderr lines."""
+    from crew_otel.cli.main import main
+
+    capsys.readouterr()
+    code = main(["assets", *args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return code, captured.out, captured.err.splitlines()
+
+
+def tree(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_assets_into_a_file_names_it_and_exits_2(tmp_path: Path, capsys: Any) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    for directory in (existing, existing / "stack"):
+        code, out, errors = assets_cli(capsys, str(directory))
+        assert (code, out) == (2, "")
+        assert errors == [f"crew-otel assets: error: {existing} is a file, not a directory"]
+    assert existing.read_text() == "mine"
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_a_directory_where_an_asset_file_goes_stops_before_writing(
+    tmp_path: Path, capsys: Any, force: bool
+) -> None:
+    """--force overwrites files that differ; it never replaces a directory."""
+    (tmp_path / "collector" / "compose.yaml").mkdir(parents=True)
+    before = tree(tmp_path)
+    code, out, errors = assets_cli(capsys, str(tmp_path), *(["--force"] if force else []))
+    assert (code, out) == (2, "")
+    assert errors == [
+        f"crew-otel assets: error: {tmp_path / 'collector' / 'compose.yaml'} is a directory "
+        "where the file collector/compose.yaml goes; nothing was written"
+    ]
+    assert tree(tmp_path) == before
+
+
+def test_a_file_where_an_asset_directory_goes_stops_before_writing(
+    tmp_path: Path, capsys: Any
+) -> None:
+    (tmp_path / "dashboards").write_text("mine")
+    code, out, errors = assets_cli(capsys, str(tmp_path))
+    assert (code, out) == (2, "")
+    assert errors == [
+        f"crew-otel assets: error: {tmp_path / 'dashboards'} is a file where the directory "
+        "dashboards goes; nothing was written"
+    ]
+    assert tree(tmp_path) == ["dashboards"]
+
+
+def test_a_directory_nobody_can_write_names_it_and_exits_2(capsys: Any) -> None:
+    """sysfs refuses new entries even to root (tests run as root in CI, where a chmod 0o555
+    directory stays writable)."""
+    directory = Path("/sys")
+    with pytest.raises(OSError) as refused:
+        os.mkdir(directory / "collector")
+    code, out, errors = assets_cli(capsys, str(directory))
+    assert (code, out) == (2, "")
+    assert errors == [
+        f"crew-otel assets: error: cannot create directory {directory / 'collector'}: "
+        f"{refused.value.strerror}"
+    ]
+
+
+def test_start_command_quotes_a_directory_with_spaces(tmp_path: Path, capsys: Any) -> None:
+    directory = tmp_path / "my stack" / "it's here"
+    code, out, errors = assets_cli(capsys, str(directory))
+    assert (code, errors) == (0, [])
+    command = f"cd {shlex.quote(str(directory / 'collector'))} && docker compose up -d"
+    assert f"Start the stack: {command}" in out.splitlines()
+    assert shlex.split(command)[1] == str(directory / "collector")
+    assert (directory / "collector" / "compose.yaml").is_file()

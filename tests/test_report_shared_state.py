@@ -35,9 +35,12 @@ MS = 1_000_000
 class Traces:
     """Writes request traces the way an instrumented FastAPI + CrewAI service does."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: str | None = None) -> None:
         self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider(resource=Resource.create({"service.name": SERVICE}))
+        resource = {"service.name": SERVICE}
+        if process is not None:  # one worker process of the service
+            resource["service.instance.id"] = process
+        self.provider = TracerProvider(resource=Resource.create(resource))
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.tracer = self.provider.get_tracer("test")
 
@@ -246,3 +249,66 @@ def test_trace_without_shared_state_events_says_nothing_about_them(traces, tmp_p
     assert "Shared instances and state: none" in flat
     for word in ("module global", "tool code shares state", "own path", "report.json"):
         assert word not in flat
+
+
+# --- one service, several processes: each thing said once, with the table's process labels ---
+@pytest.fixture
+def workers() -> Iterator[list[Traces]]:
+    made = [Traces("worker-1"), Traces("worker-2"), Traces("worker-3")]
+    yield made
+    for traces in made:
+        traces.provider.shutdown()
+
+
+def test_state_shared_in_several_processes_is_one_sentence_naming_them(workers, tmp_path):
+    """Each worker has its own module global (two requests at once in worker-1, three in
+    worker-2); the database file is one thing on the machine; worker-3 shares nothing. The
+    conclusion names the global once, with the labels the table uses (p1, p2)."""
+    path = str(tmp_path / "tickets.sqlite")
+    one, two, three = workers
+    one.request("w1-a", 0, 200)
+    one.request("w1-b", 10, 210, [event("global", GLOBAL, "builtins.dict", "w1-a")])
+    two.request("w2-a", 0, 300)
+    two.request("w2-b", 10, 310)
+    two.request(
+        "w2-c",
+        20,
+        320,
+        [
+            event("global", GLOBAL, "builtins.dict", "w2-a", "w2-b"),
+            event("database", path, "sqlite3.Connection", "w1-a"),
+        ],
+    )
+    three.request("w3-a", 0, 100)
+    text, figures = run_report([s for w in workers for s in w.spans()], tmp_path)
+
+    assert sorted((c["kind"], c["process"]) for c in figures["conflicts"]) == [
+        ("database", ""),
+        ("global", "worker-1"),
+        ("global", "worker-2"),
+    ]
+    flat = one_line(text)
+    assert f"module global '{GLOBAL}' in p1" in flat  # the table's rows
+    assert f"module global '{GLOBAL}' in p2" in flat
+    assert "p1 = process worker-1, p2 = process worker-2, p3 = process worker-3" in flat
+    assert figures["conclusion"] == (
+        "All 6 requests succeeded, but the tool code shares state between concurrent requests: "
+        f"a module global '{GLOBAL}' in each of p1 and p2 written by the tool code of up to 3 "
+        f"requests at once; keep tool state per request; a SQLite database '{path}' written by "
+        "the tool code of 2 requests at once; give each request its own database or serialise "
+        "the writes."
+    )
+    assert figures["conclusion"] in flat
+
+
+def test_state_shared_in_one_of_several_processes_names_that_process(workers, tmp_path):
+    one, two, _ = workers
+    one.request("w1-a", 0, 200)
+    two.request("w2-a", 0, 300)
+    two.request("w2-b", 10, 310, [event("global", GLOBAL, "builtins.dict", "w2-a")])
+    _, figures = run_report([s for w in workers for s in w.spans()], tmp_path)
+    assert figures["conclusion"] == (
+        "All 3 requests succeeded, but the tool code shares state between concurrent requests: "
+        f"a module global '{GLOBAL}' in p2 written by the tool code of 2 requests at once; keep "
+        "tool state per request."
+    )

@@ -12,6 +12,7 @@ unless ``force`` is set; identical files are left alone.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from collections.abc import Iterator
 from importlib import resources
@@ -76,38 +77,93 @@ class WriteResult:
     refused: list[Path] = dataclasses.field(default_factory=list)
 
 
+class AssetsError(Exception):
+    """``DIR`` cannot take the assets; the message says why in one line."""
+
+
 def write_assets(directory: Path, *, force: bool = False) -> WriteResult:
     """Write :func:`bundled_assets` under ``directory``.
 
     Nothing is written when any existing file differs and ``force`` is not set: the result
     then lists those files in ``refused``.
+
+    Raises:
+        AssetsError: ``directory`` (or a directory inside it) is a file, a file's place is
+            taken by a directory (nothing is written then), or a directory or file cannot be
+            created or written.
     """
     assets = bundled_assets()
-    result = WriteResult()
-    pending: list[Asset] = []
-    for asset in assets:
-        target = directory / asset.relative
-        if target.is_file() and target.read_bytes() == asset.data:
-            result.unchanged.append(asset.relative)
-        elif target.exists() and not force:
-            result.refused.append(asset.relative)
-        else:
-            pending.append(asset)
+    try:
+        _check_layout(directory, assets)
+        result = WriteResult()
+        pending: list[Asset] = []
+        for asset in assets:
+            target = directory / asset.relative
+            if target.is_file() and target.read_bytes() == asset.data:
+                result.unchanged.append(asset.relative)
+            elif target.exists() and not force:
+                result.refused.append(asset.relative)
+            else:
+                pending.append(asset)
+    except OSError as exc:
+        raise AssetsError(f"cannot read {exc.filename or directory}: {_reason(exc)}") from None
     if result.refused:
         return result
     for asset in pending:
-        target = directory / asset.relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(asset.data)
+        _write(directory / asset.relative, asset.data)
         result.written.append(asset.relative)
     return result
 
 
+def _check_layout(directory: Path, assets: list[Asset]) -> None:
+    """Refuse, before writing anything, a layout the assets cannot go into."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AssetsError(f"{existing} is a file, not a directory")
+    folders = sorted({parent for a in assets for parent in a.relative.parents if parent.parts})
+    for folder in folders:
+        if (directory / folder).exists() and not (directory / folder).is_dir():
+            raise AssetsError(
+                f"{directory / folder} is a file where the directory {folder.as_posix()} goes; "
+                "nothing was written"
+            )
+    for asset in assets:
+        if (directory / asset.relative).is_dir():
+            raise AssetsError(
+                f"{directory / asset.relative} is a directory where the file "
+                f"{asset.relative.as_posix()} goes; nothing was written"
+            )
+
+
+def _write(target: Path, data: bytes) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AssetsError(
+            f"cannot create directory {exc.filename or target.parent}: {_reason(exc)}"
+        ) from None
+    try:
+        target.write_bytes(data)
+    except OSError as exc:
+        raise AssetsError(f"cannot write {target}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
 def run(directory: Path, console: Console, *, force: bool = False) -> int:
-    """``crew-otel assets DIR [--force]``: 0 when ``DIR`` holds the assets, 1 when it refused."""
-    result = write_assets(directory, force=force)
+    """``crew-otel assets DIR [--force]``: 0 when ``DIR`` holds the assets, 1 when it refused
+    to overwrite changed files, 2 (one line on stderr) when ``DIR`` cannot take them."""
+    errors = Console(stderr=True, soft_wrap=True)
+    try:
+        result = write_assets(directory, force=force)
+    except AssetsError as exc:
+        errors.print(f"crew-otel assets: error: {exc}", highlight=False, markup=False)
+        return 2
     if result.refused:
-        errors = Console(stderr=True, soft_wrap=True)
         errors.print(
             f"crew-otel assets: error: {len(result.refused)} file(s) in {directory} differ from "
             "the bundled ones; nothing was written (use --force to overwrite):",
@@ -124,7 +180,7 @@ def run(directory: Path, console: Console, *, force: bool = False) -> int:
             f"{len(result.unchanged)} file(s) already up to date", highlight=False, soft_wrap=True
         )
     console.print(
-        f"Start the stack: cd {directory / 'collector'} && docker compose up -d",
+        f"Start the stack: cd {shlex.quote(str(directory / 'collector'))} && docker compose up -d",
         highlight=False,
         markup=False,
         soft_wrap=True,

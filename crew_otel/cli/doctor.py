@@ -1,4 +1,5 @@
-"""``crew-otel doctor``: versions, and the plan: what ``instrument()`` does with each hook here."""
+"""``crew-otel doctor``: versions, the plan (what ``instrument()`` does with each hook here), and,
+when run inside the application, where its spans go and how many were dropped."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import dataclasses
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-from crew_otel import internals
+from crew_otel import export, internals
 from crew_otel.instrumentor import CrewAIInstrumentor, HookReport
 from crew_otel.plan import (
     SOURCE_HTTP_CLIENT,
@@ -144,8 +146,38 @@ def run(console: Console) -> int:
     reports = installed_hooks()
     if reports is not None:
         console.print(_hook_table("Hooks installed by instrument() in this process", reports))
+    console.print(span_export_report(export.live_processors()))
     console.print(internals_table(internal_statuses()))
     return 0 if supported else 1
+
+
+def span_export_report(processors: Sequence[export.CountingBatchSpanProcessor]) -> Table | str:
+    """The span processors ``crew_otel.configure()`` set up in this process, with their drops.
+
+    ``crew-otel doctor`` on the command line is a process of its own: it names where the
+    count of a running service is instead (``doctor.run()`` called in the application, the
+    ``crew_otel.spans.dropped`` metric, ``Setup.dropped_spans``).
+    """
+    if not processors:
+        return (
+            "Span export: none set up by crew_otel.configure() in this process. A running "
+            f"service's dropped spans are its {export.DROPPED_SPANS} metric and "
+            "Setup.dropped_spans (or call crew_otel.cli.doctor.run() inside it)."
+        )
+    table = Table(title="Span export in this process (crew_otel.configure())", show_header=True)
+    table.add_column("destination", overflow="fold")
+    table.add_column("queue")
+    table.add_column("dropped (queue full)")
+    for processor in processors:
+        size = processor.max_queue_size
+        dropped = f"{processor.dropped} dropped"
+        colour = "red" if processor.dropped else "green"
+        table.add_row(
+            processor.destination.description,
+            f"{size} spans" if size is not None else "unknown",
+            f"[{colour}]{dropped}[/{colour}]",
+        )
+    return table
 
 
 def internal_statuses(

@@ -31,9 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(demo, DemoOptions)
 
     report = commands.add_parser(
-        "report", help="analyse an OTLP/JSON trace file (Collector file exporter, demo --out)"
+        "report",
+        help="analyse an OTLP/JSON trace file (Collector file exporter, demo --out)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Analyse an OTLP/JSON trace file (one ExportTraceServiceRequest per line:\n"
+        "the Collector's file exporter, OTEL_TRACES_EXPORTER=crew_otel_file, demo --out)\n"
+        "and print the diagnosis. The file is streamed: memory grows with the requests\n"
+        "in flight, not with the file. A line that cannot be read (cut off by a crash or\n"
+        "a full disk, or corrupt) is skipped; a warning on stderr counts the skipped\n"
+        "lines and names them by number, never by content.",
+        epilog="exit status 0: the report was printed (possibly with lines skipped)\n"
+        "exit status 2: nothing usable (the file is missing, unreadable, empty, not\n"
+        "               OTLP/JSON, or no line holds a readable span), or an output\n"
+        "               file could not be written; one line on stderr says why",
     )
-    report.add_argument("file", type=Path)
+    report.add_argument("file", type=Path, help="the trace file")
     report.add_argument("--svg", type=Path, help="save the overlap timeline as an SVG image")
     report.add_argument("--summary-json", type=Path, help="write the report's figures as JSON")
 

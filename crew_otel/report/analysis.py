@@ -5,7 +5,8 @@ Works on :class:`~crew_otel.otlp_json.SpanRecord`s, so ``crew-otel demo`` and
 its root is the web framework's SERVER span when there is one (the HTTP status the client saw),
 else the outermost kickoff. A *process* is the resource's ``service.instance.id`` (else
 ``process.pid``): requests in flight are counted per process when the spans name it, and an
-object (Agent, Crew, module global, ...) is one thing per process.
+object (Agent, Crew, module global, ...) is one thing per process. The spans are read as a
+stream (:class:`Analysis`): a trace's spans are kept only until the trace is complete.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import bisect
 import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 from crew_otel import attributes as a
 from crew_otel.otlp_json import SpanRecord
@@ -152,7 +154,77 @@ class ServiceReport:
         return self.http_attempts / self.model_calls if self.model_calls else 0.0
 
 
-def _status_code(span: SpanRecord) -> int | None:
+#: The attributes the analysis reads: an open trace keeps only these of each span.
+_KEPT_ATTRIBUTES = frozenset(
+    {
+        a.HTTP_STATUS_CODE,
+        a.HTTP_STATUS_CODE_OLD,
+        a.REQUEST_ID,
+        a.ERROR_TYPE,
+        a.ERROR_ORIGIN,
+        a.ERROR_RECOVERED,
+        a.SHARED_INSTANCE,
+        a.HTTP_RESEND_COUNT,
+        "http.request.method",
+        "http.method",
+    }
+)
+#: Span kinds whose parent is, by definition, in another process (the caller).
+_REMOTE_PARENT_KINDS = frozenset({"SERVER", "CONSUMER"})
+#: A trace whose spans name no parent still unread is finished once the file's clock (the
+#: newest span end read so far) is this far past its newest span: longer than a batch span
+#: processor holds a finished span (5 s by default, 30 s export timeout) in any process.
+SETTLE_S = 120.0
+#: A trace still waiting for a parent (a root never written: the writer crashed) is finished
+#: anyway once the file's clock is this far past its newest span.
+ABANDON_S = 1800.0
+#: Open traces are checked for completion after this many spans, or when the file's clock
+#: moved on by :data:`SWEEP_STEP_S`, whichever comes first.
+SWEEP_EVERY = 1024
+SWEEP_STEP_S = 10.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Span:
+    """What the analysis keeps of a span while its trace is open (a few fields, not the
+    span's attributes and events)."""
+
+    span_id: str
+    parent_id: str | None
+    name: str
+    kind: str
+    start: int
+    end: int
+    status: str
+    process: str
+    attributes: dict[str, Any]
+    shared: tuple[dict[str, object], ...]
+    rate_limit_retries: int
+    seq: int
+
+
+def _compact(span: SpanRecord, seq: int) -> _Span:
+    return _Span(
+        span_id=span.span_id,
+        parent_id=span.parent_id,
+        name=span.name,
+        kind=span.kind,
+        start=span.start,
+        end=span.end,
+        status=span.status,
+        process=span.process,
+        attributes={k: v for k, v in span.attributes.items() if k in _KEPT_ATTRIBUTES},
+        shared=tuple(attrs for name, _, attrs in span.events if name == a.EVENT_SHARED_INSTANCE),
+        rate_limit_retries=sum(
+            1
+            for name, _, attrs in span.events
+            if name == a.EVENT_RETRY and attrs.get(a.RETRY_LAYER) == a.RETRY_LAYER_RATE_LIMIT
+        ),
+        seq=seq,
+    )
+
+
+def _status_code(span: _Span) -> int | None:
     for key in (a.HTTP_STATUS_CODE, a.HTTP_STATUS_CODE_OLD):
         value = span.attributes.get(key)
         if isinstance(value, int):
@@ -166,7 +238,7 @@ def _status_code(span: SpanRecord) -> int | None:
 _MODEL_CALL_PREFIXES = (f"{a.SPAN_CHAT} ", f"{a.SPAN_LLM_CALL} ")
 
 
-def _is_model_call(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+def _is_model_call(span: _Span, by_id: dict[str, _Span]) -> bool:
     """A model call, counted once (not a provider's inference span under crew_otel's)."""
     if not span.name.startswith(_MODEL_CALL_PREFIXES):
         return False
@@ -174,7 +246,7 @@ def _is_model_call(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
     return parent is None or not parent.name.startswith(_MODEL_CALL_PREFIXES)
 
 
-def _is_http_attempt(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
+def _is_http_attempt(span: _Span, by_id: dict[str, _Span]) -> bool:
     """An HTTP attempt of a model call: a CLIENT span under one (a provider instrumentation's
     inference span may sit in between)."""
     if span.kind != "CLIENT" or not (
@@ -191,10 +263,6 @@ def _is_http_attempt(span: SpanRecord, by_id: dict[str, SpanRecord]) -> bool:
     return False
 
 
-def _shared_events(span: SpanRecord) -> list[dict[str, object]]:
-    return [attrs for name, _, attrs in span.events if name == a.EVENT_SHARED_INSTANCE]
-
-
 def _other_ids(event: dict[str, object]) -> list[str]:
     others = event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ()
     if isinstance(others, str):
@@ -203,30 +271,119 @@ def _other_ids(event: dict[str, object]) -> list[str]:
 
 
 def analyse(spans: Iterable[SpanRecord]) -> list[ServiceReport]:
-    """One :class:`ServiceReport` per ``service.name``, in name order."""
-    by_service: dict[str, list[SpanRecord]] = defaultdict(list)
+    """One :class:`ServiceReport` per ``service.name``, in name order (``spans`` is consumed
+    once, as a stream: see :class:`Analysis`)."""
+    analysis = Analysis()
     for span in spans:
-        by_service[span.service].append(span)
-    return [_service(name, by_service[name]) for name in sorted(by_service)]
+        analysis.add(span)
+    return analysis.reports()
 
 
-def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
-    by_id = {s.span_id: s for s in spans}
-    traces: dict[str, list[SpanRecord]] = defaultdict(list)
-    for span in spans:
-        traces[span.trace_id].append(span)
+@dataclasses.dataclass(slots=True)
+class _Trace:
+    """The spans of one trace of one service read so far."""
 
-    conflicts: dict[tuple[str, str, str, str], Conflict] = {}
-    for span in spans:
-        for event in _shared_events(span):
+    seq: int
+    spans: list[_Span] = dataclasses.field(default_factory=list)
+    seen: set[str] = dataclasses.field(default_factory=set)
+    awaited: set[str] = dataclasses.field(default_factory=set)
+    """Parents named by its spans and not read yet (remote parents of SERVER spans aside)."""
+    newest: int = 0
+    continued: bool = False
+    """Spans read after the trace was finished: counted, but its request was made before."""
+
+    def add(self, span: _Span) -> None:
+        self.spans.append(span)
+        self.seen.add(span.span_id)
+        self.awaited.discard(span.span_id)
+        if (
+            span.parent_id
+            and span.kind not in _REMOTE_PARENT_KINDS
+            and span.parent_id not in self.seen
+        ):
+            self.awaited.add(span.parent_id)
+        self.newest = max(self.newest, span.end, span.start)
+
+
+@dataclasses.dataclass
+class _Findings:
+    """What the diagnoses count, gathered span by span."""
+
+    requests: dict[str, set[str]] = dataclasses.field(default_factory=lambda: defaultdict(set))
+    longest_wait: float = 0.0
+    deepest_queue: int = 0
+    locked: set[str] = dataclasses.field(default_factory=set)
+
+    def add(self, trace_id: str, span: SpanRecord) -> None:
+        attrs = span.attributes
+        for key in (
+            a.SYNC_IN_EVENT_LOOP,
+            a.CONTEXT_SUMMARIZED,
+            a.CONTEXT_NO_FINAL_OUTPUT,
+            a.CONTEXT_OVERFLOW,
+            a.RETRY_BUDGET_EXHAUSTED,
+        ):
+            if attrs.get(key) is True:
+                self.requests[key].add(trace_id)
+        wait = attrs.get(a.QUEUE_WAIT)
+        if isinstance(wait, (int, float)) and wait >= NOTABLE_QUEUE_WAIT_S:
+            self.requests[a.QUEUE_WAIT].add(trace_id)
+            self.longest_wait = max(self.longest_wait, float(wait))
+        depth = attrs.get(a.EXECUTOR_QUEUE_DEPTH)
+        if isinstance(depth, int):
+            self.deepest_queue = max(self.deepest_queue, depth)
+        database = attrs.get(a.DATABASE_LOCKED)
+        if isinstance(database, str):
+            self.requests[a.DATABASE_LOCKED].add(trace_id)
+            self.locked.add(database)
+        if any(name == a.EVENT_CALLER_CANCELLED for name, _, _ in span.events):
+            self.requests[a.EVENT_CALLER_CANCELLED].add(trace_id)
+
+
+class _Service:
+    """One service's figures, built as its spans stream in and its traces finish."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.conflicts: dict[tuple[str, str, str, str], Conflict] = {}
+        self.findings = _Findings()
+        self.origins: Counter[tuple[str, str, bool]] = Counter()
+        self.origin_seq: dict[tuple[str, str, bool], int] = {}
+        self.retries = dict.fromkeys(LAYERS, 0)
+        self.model_calls = 0
+        self.http_attempts = 0
+        self.requests: list[tuple[int, Request]] = []
+        self.open: dict[str, _Trace] = {}
+        #: Finished traces: whether each made a request (a late part may make it otherwise).
+        self.finished: dict[str, bool] = {}
+
+    def add(self, span: SpanRecord, seq: int) -> _Trace:
+        """Count what needs the span alone; keep the rest with its trace."""
+        self._conflicts(span)
+        self.findings.add(span.trace_id, span)
+        attempt = span.attributes.get(a.ATTEMPT)
+        if isinstance(attempt, int) and attempt > 1:
+            self.retries[a.RETRY_LAYER_AGENT] += 1
+        trace = self.open.get(span.trace_id)
+        if trace is None:
+            trace = self.open[span.trace_id] = _Trace(
+                seq=seq, continued=span.trace_id in self.finished
+            )
+        trace.add(_compact(span, seq))
+        return trace
+
+    def _conflicts(self, span: SpanRecord) -> None:
+        for name, _, event in span.events:
+            if name != a.EVENT_SHARED_INSTANCE:
+                continue
             kind = str(event.get(a.SHARED_INSTANCE_KIND, ""))
             class_name = str(event.get(a.SHARED_INSTANCE_CLASS, ""))
-            name = str(event.get(a.SHARED_INSTANCE_NAME, ""))
+            thing = str(event.get(a.SHARED_INSTANCE_NAME, ""))
             # an object (or a global) lives in one process: two workers' Agents are two things
             process = "" if kind in MACHINE_WIDE_KINDS else span.process
-            key = (process, kind, "" if kind in STATE_KINDS else class_name, name)
-            conflict = conflicts.setdefault(
-                key, Conflict(kind, class_name, name, request_ids=set(), process=process)
+            key = (process, kind, "" if kind in STATE_KINDS else class_name, thing)
+            conflict = self.conflicts.setdefault(
+                key, Conflict(kind, class_name, thing, request_ids=set(), process=process)
             )
             conflict.events += 1
             own = span.attributes.get(a.REQUEST_ID)
@@ -236,69 +393,141 @@ def _service(service: str, spans: list[SpanRecord]) -> ServiceReport:
             conflict.request_ids.update(o for o in others if o != "unknown")
             conflict.at_once = max(conflict.at_once, 1 + len(others))
 
-    requests = []
-    for trace_id, members in traces.items():
-        request = _request(trace_id, members, by_id)
-        if request is not None:
-            requests.append(request)
-    requests.sort(key=lambda r: r.start)
-    scope = "process" if any(r.process for r in requests) else "service"
-    _peak_in_flight(requests)
+    def sweep(self, clock: int, settle_ns: int, abandon_ns: int) -> None:
+        """Finish the traces that are complete: every parent read and ``settle_ns`` of file
+        time since their newest span; or ``abandon_ns`` since it whatever is missing."""
+        done = [
+            trace_id
+            for trace_id, trace in self.open.items()
+            if clock - trace.newest >= (abandon_ns if trace.awaited else settle_ns)
+        ]
+        for trace_id in done:
+            self.finish(trace_id)
 
-    origin_counts: Counter[tuple[str, str, bool]] = Counter()
-    retries = dict.fromkeys(LAYERS, 0)
-    model_calls = http_attempts = 0
-    for span in spans:
-        if span.attributes.get(a.ERROR_ORIGIN):
-            label = "HTTP attempt" if _is_http_attempt(span, by_id) else span.name
-            origin_counts[
-                (
+    def finish(self, trace_id: str) -> None:
+        trace = self.open.pop(trace_id)
+        by_id = {s.span_id: s for s in trace.spans}
+        for span in trace.spans:
+            if span.attributes.get(a.ERROR_ORIGIN):
+                label = "HTTP attempt" if _is_http_attempt(span, by_id) else span.name
+                key = (
                     label,
                     str(span.attributes.get(a.ERROR_TYPE, "?")),
                     bool(span.attributes.get(a.ERROR_RECOVERED)),
                 )
-            ] += 1
-        if _is_model_call(span, by_id):
-            model_calls += 1
-            retries[a.RETRY_LAYER_RATE_LIMIT] += sum(
-                1
-                for name, _, attrs in span.events
-                if name == a.EVENT_RETRY and attrs.get(a.RETRY_LAYER) == a.RETRY_LAYER_RATE_LIMIT
-            )
-        if _is_http_attempt(span, by_id):
-            http_attempts += 1
-            resend = span.attributes.get(a.HTTP_RESEND_COUNT)
-            if isinstance(resend, int) and resend > 0:
-                retries[a.RETRY_LAYER_HTTP] += 1
-        attempt = span.attributes.get(a.ATTEMPT)
-        if isinstance(attempt, int) and attempt > 1:
-            retries[a.RETRY_LAYER_AGENT] += 1
+                self.origins[key] += 1
+                self.origin_seq.setdefault(key, span.seq)
+            if _is_model_call(span, by_id):
+                self.model_calls += 1
+                self.retries[a.RETRY_LAYER_RATE_LIMIT] += span.rate_limit_retries
+            if _is_http_attempt(span, by_id):
+                self.http_attempts += 1
+                resend = span.attributes.get(a.HTTP_RESEND_COUNT)
+                if isinstance(resend, int) and resend > 0:
+                    self.retries[a.RETRY_LAYER_HTTP] += 1
+        made = self.finished.get(trace_id, False)
+        if not made:
+            request = _request(trace_id, trace.spans, by_id)
+            if request is not None:
+                self.requests.append((trace.seq, request))
+                made = True
+        self.finished[trace_id] = made
 
-    by_concurrency: dict[int, tuple[int, int]] = {}
-    for request in requests:
-        total, failed = by_concurrency.get(request.concurrency, (0, 0))
-        by_concurrency[request.concurrency] = (total + 1, failed + int(request.failed))
+    def report(self) -> ServiceReport:
+        for trace_id in sorted(self.open, key=lambda t: self.open[t].seq):
+            self.finish(trace_id)
+        requests = [r for _, r in sorted(self.requests, key=lambda sr: (sr[1].start, sr[0]))]
+        scope = "process" if any(r.process for r in requests) else "service"
+        _peak_in_flight(requests)
+        by_concurrency: dict[int, tuple[int, int]] = {}
+        for request in requests:
+            total, failed = by_concurrency.get(request.concurrency, (0, 0))
+            by_concurrency[request.concurrency] = (total + 1, failed + int(request.failed))
+        causes: Counter[str] = Counter(r.cause for r in requests if r.failed and r.cause)
+        failures = Counter(
+            str(r.status_code or r.error_type or "error") for r in requests if r.failed
+        )
+        # most common first; ties in the order the spans were read
+        origins = sorted(self.origins.items(), key=lambda kn: (-kn[1], self.origin_seq[kn[0]]))
+        report = ServiceReport(
+            service=self.name,
+            requests=requests,
+            failures_by_status=dict(failures.most_common()),
+            origins=[OriginCount(k[0], k[1], k[2], n) for k, n in origins],
+            retries=self.retries,
+            model_calls=self.model_calls,
+            http_attempts=self.http_attempts,
+            conflicts=sorted(self.conflicts.values(), key=lambda c: -c.events),
+            by_concurrency=dict(sorted(by_concurrency.items())),
+            causes=causes,
+            conclusion="",
+            concurrency_scope=scope,
+            processes=sorted({r.process for r in requests if r.process}),
+            diagnoses=_diagnoses(self.findings, origins),
+        )
+        report.conclusion = conclude(report)
+        return report
 
-    causes: Counter[str] = Counter(r.cause for r in requests if r.failed and r.cause)
-    failures = Counter(str(r.status_code or r.error_type or "error") for r in requests if r.failed)
-    report = ServiceReport(
-        service=service,
-        requests=requests,
-        failures_by_status=dict(failures.most_common()),
-        origins=[OriginCount(k[0], k[1], k[2], n) for k, n in origin_counts.most_common()],
-        retries=retries,
-        model_calls=model_calls,
-        http_attempts=http_attempts,
-        conflicts=sorted(conflicts.values(), key=lambda c: -c.events),
-        by_concurrency=dict(sorted(by_concurrency.items())),
-        causes=causes,
-        conclusion="",
-        concurrency_scope=scope,
-        processes=sorted({r.process for r in requests if r.process}),
-        diagnoses=_diagnoses(traces, origin_counts),
-    )
-    report.conclusion = conclude(report)
-    return report
+
+class Analysis:
+    """The report's analysis, fed one span at a time (``crew-otel report`` streams a file).
+
+    Memory grows with the traces in flight, not with the input: what needs a span alone
+    (shared things, diagnoses, agent retries) is counted as it is read; the rest (model calls,
+    HTTP attempts and error origins, which need a span's parents, and the request a trace
+    stands for) when its trace is complete, after which the trace's spans are dropped. A trace
+    of a service is complete when every parent its spans name has been read (a SERVER or
+    CONSUMER span's parent is the caller's) and the file's clock, the newest span end read so
+    far, is ``settle_s`` past its newest span; one still missing a parent is finished
+    ``abandon_s`` past it. Spans of a trace read after it was finished are counted on their
+    own (their parents are gone) and make its request only if the finished part made none.
+    """
+
+    def __init__(self, settle_s: float = SETTLE_S, abandon_s: float = ABANDON_S) -> None:
+        self._settle_ns = int(settle_s * 1e9) if settle_s != float("inf") else None
+        self._abandon_ns = int(abandon_s * 1e9) if abandon_s != float("inf") else None
+        self._services: dict[str, _Service] = {}
+        self._seq = 0
+        self._clock = 0
+        self._since_sweep = 0
+        self._swept_at = 0
+        self._step_ns = int(SWEEP_STEP_S * 1e9)
+        self.held_spans = 0
+        """Spans of open traces (kept until their trace is finished)."""
+        self.peak_held_spans = 0
+
+    def add(self, span: SpanRecord) -> None:
+        """Read one span."""
+        service = self._services.get(span.service)
+        if service is None:
+            service = self._services[span.service] = _Service(span.service)
+        service.add(span, self._seq)
+        self._seq += 1
+        self._clock = max(self._clock, span.end, span.start)
+        self.held_spans += 1
+        self.peak_held_spans = max(self.peak_held_spans, self.held_spans)
+        self._since_sweep += 1
+        if self._since_sweep >= SWEEP_EVERY or self._clock - self._swept_at >= self._step_ns:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Finish every trace that is complete now (see the class docstring)."""
+        self._since_sweep = 0
+        self._swept_at = self._clock
+        if self._settle_ns is None:
+            return
+        abandon = self._abandon_ns if self._abandon_ns is not None else 1 << 126
+        for service in self._services.values():
+            service.sweep(self._clock, self._settle_ns, abandon)
+        self.held_spans = sum(
+            len(t.spans) for s in self._services.values() for t in s.open.values()
+        )
+
+    def reports(self) -> list[ServiceReport]:
+        """One :class:`ServiceReport` per service, in name order (finishes every trace)."""
+        reports = [self._services[name].report() for name in sorted(self._services)]
+        self.held_spans = 0
+        return reports
 
 
 def _peak_in_flight(requests: list[Request]) -> None:
@@ -323,38 +552,15 @@ def _peak_in_flight(requests: list[Request]) -> None:
             request.concurrency = max([1, *level[first:last]])
 
 
-def _diagnoses(
-    traces: dict[str, list[SpanRecord]], origins: Counter[tuple[str, str, bool]]
-) -> list[str]:
-    """One sentence per finding the spans carry beyond failures and sharing (when present)."""
-    found: dict[str, set[str]] = defaultdict(set)
-    longest_wait, deepest_queue = 0.0, 0
-    locked: set[str] = set()
-    for trace_id, members in traces.items():
-        for span in members:
-            attrs = span.attributes
-            for key in (
-                a.SYNC_IN_EVENT_LOOP,
-                a.CONTEXT_SUMMARIZED,
-                a.CONTEXT_NO_FINAL_OUTPUT,
-                a.CONTEXT_OVERFLOW,
-                a.RETRY_BUDGET_EXHAUSTED,
-            ):
-                if attrs.get(key) is True:
-                    found[key].add(trace_id)
-            wait = attrs.get(a.QUEUE_WAIT)
-            if isinstance(wait, (int, float)) and wait >= NOTABLE_QUEUE_WAIT_S:
-                found[a.QUEUE_WAIT].add(trace_id)
-                longest_wait = max(longest_wait, float(wait))
-            depth = attrs.get(a.EXECUTOR_QUEUE_DEPTH)
-            if isinstance(depth, int):
-                deepest_queue = max(deepest_queue, depth)
-            database = attrs.get(a.DATABASE_LOCKED)
-            if isinstance(database, str):
-                found[a.DATABASE_LOCKED].add(trace_id)
-                locked.add(database)
-            if any(name == a.EVENT_CALLER_CANCELLED for name, _, _ in span.events):
-                found[a.EVENT_CALLER_CANCELLED].add(trace_id)
+def _diagnoses(findings: _Findings, origins: list[tuple[tuple[str, str, bool], int]]) -> list[str]:
+    """One sentence per finding the spans carry beyond failures and sharing (when present);
+    ``origins`` most common first."""
+    found = findings.requests
+    longest_wait, deepest_queue, locked = (
+        findings.longest_wait,
+        findings.deepest_queue,
+        findings.locked,
+    )
 
     def requests(key: str) -> str:
         count = len(found[key])
@@ -400,8 +606,8 @@ def _diagnoses(
             f"the caller stopped waiting for {requests(a.EVENT_CALLER_CANCELLED)} while the "
             "work went on"
         )
-    recovered = [(k, n) for k, n in origins.most_common() if k[2]]
-    fatal = sum(n for k, n in origins.items() if not k[2])
+    recovered = [(k, n) for k, n in origins if k[2]]
+    fatal = sum(n for k, n in origins if not k[2])
     if recovered:
         named = [f"{n} x {error} in {span}" for (span, error, _), n in recovered]
         if len(named) > MAX_NAMED_ORIGINS:
@@ -414,9 +620,7 @@ def _diagnoses(
     return sentences
 
 
-def _request(
-    trace_id: str, members: list[SpanRecord], by_id: dict[str, SpanRecord]
-) -> Request | None:
+def _request(trace_id: str, members: list[_Span], by_id: dict[str, _Span]) -> Request | None:
     roots = [s for s in members if not s.parent_id or s.parent_id not in by_id]
     servers = [s for s in roots if s.kind == "SERVER"]
     kickoffs = [s for s in roots if s.name.startswith(a.SPAN_WORKFLOW)]
@@ -450,7 +654,7 @@ def _request(
     return request
 
 
-def _cause(members: list[SpanRecord], by_id: dict[str, SpanRecord]) -> str:
+def _cause(members: list[_Span], by_id: dict[str, _Span]) -> str:
     """Where a failed request's error began, in words (the fatal origin, else the last one)."""
     origins = sorted((s for s in members if s.attributes.get(a.ERROR_ORIGIN)), key=lambda s: s.end)
     fatal = [s for s in origins if not s.attributes.get(a.ERROR_RECOVERED)]
@@ -461,7 +665,7 @@ def _cause(members: list[SpanRecord], by_id: dict[str, SpanRecord]) -> str:
     while chain[-1].parent_id and chain[-1].parent_id in by_id:
         chain.append(by_id[chain[-1].parent_id])
     for span in chain:
-        events = _shared_events(span)
+        events = span.shared
         if events or span.attributes.get(a.SHARED_INSTANCE):
             event = events[0] if events else {}
             kind = str(event.get(a.SHARED_INSTANCE_KIND, "object"))
@@ -491,7 +695,7 @@ def conclude(report: ServiceReport) -> str:
     if not total:
         return "No requests were traced."
     objects = [c for c in report.conflicts if not c.is_state]
-    state = _shared_state(report.conflicts)
+    state = _shared_state(report)
     if not report.failed:
         text = f"All {total} requests succeeded"
         if objects:
@@ -518,15 +722,52 @@ def conclude(report: ServiceReport) -> str:
     return "; ".join(parts) + "."
 
 
-def _shared_state(conflicts: list[Conflict]) -> str:
-    """The clause naming the state tool code shares between requests, with what to change."""
-    state = [c for c in conflicts if c.is_state]
-    if not state:
+def process_tags(processes: list[str]) -> dict[str, str]:
+    """``p1``, ``p2``... per process (in ``processes`` order), when there are several: the
+    labels the report's table, timeline and conclusion use."""
+    if len(processes) < 2:
+        return {}
+    return {process: f"p{n}" for n, process in enumerate(processes, 1)}
+
+
+def _shared_state(report: ServiceReport) -> str:
+    """The clause naming the state tool code shares between requests, with what to change:
+    one sentence per thing, naming the processes that each hold one (a global per process)."""
+    things: dict[tuple[str, str], list[Conflict]] = {}
+    for conflict in report.conflicts:
+        if conflict.is_state:
+            things.setdefault((conflict.kind, conflict.name), []).append(conflict)
+    if not things:
         return ""
-    named = [c.sentence() for c in state[:MAX_NAMED_STATE]]
-    if len(state) > MAX_NAMED_STATE:
-        named.append(f"and {len(state) - MAX_NAMED_STATE} more shared thing(s)")
+    tags = process_tags(report.processes)
+    named = [_state_sentence(group, tags) for group in list(things.values())[:MAX_NAMED_STATE]]
+    if len(things) > MAX_NAMED_STATE:
+        named.append(f"and {len(things) - MAX_NAMED_STATE} more shared thing(s)")
     return "the tool code shares state between concurrent requests: " + "; ".join(named)
+
+
+def _state_sentence(group: list[Conflict], tags: dict[str, str]) -> str:
+    """One thing (the same kind and name) in one or more processes, in one sentence."""
+    if len(group) == 1 and group[0].process not in tags:
+        return group[0].sentence()
+    first = group[0]
+    where = sorted({tags[c.process] for c in group if c.process in tags}, key=_tag_order)
+    at_once = max(c.at_once for c in group)
+    place = ""
+    if len(where) == 1:
+        place = f" in {where[0]}"
+    elif where:
+        place = f" in each of {', '.join(where[:-1])} and {where[-1]}"
+    count = f"up to {at_once}" if len({c.at_once for c in group}) > 1 else str(at_once)
+    verb = _STATE_VERB.get(first.kind, "used by")
+    text = f"{'a ' if first.kind != 'resource' else 'a shared '}{first.label}{place} {verb} "
+    text += f"{count} requests at once"
+    advice = _STATE_ADVICE.get(first.kind)
+    return f"{text}; {advice}" if advice else text
+
+
+def _tag_order(tag: str) -> int:
+    return int(tag[1:])
 
 
 def summary(reports: list[ServiceReport]) -> dict[str, object]:

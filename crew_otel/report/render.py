@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from crew_otel.report.analysis import ServiceReport
+from crew_otel.report.analysis import ServiceReport, process_tags
 
 TIMELINE_WIDTH = 60
 MAX_TIMELINE_ROWS = 60
@@ -48,9 +48,7 @@ def _common_prefix(names: Sequence[str]) -> str:
 
 def _process_tags(report: ServiceReport) -> dict[str, str]:
     """``p1``, ``p2``... per process, when the service ran in more than one."""
-    if len(report.processes) < 2:
-        return {}
-    return {process: f"p{n}" for n, process in enumerate(report.processes, 1)}
+    return process_tags(report.processes)
 
 
 def concurrency_label(report: ServiceReport) -> str:
