@@ -7,6 +7,12 @@ Agent's lifetime). A span is ended before anyone knows whether a later attempt s
 origin span records whether one of these layers *will retry* after its error: ``recovered=true``
 means the error did not end the operation there. When every layer gives up, exactly one origin
 of the failure is ``recovered=false``: the one whose error reached the caller.
+
+CrewAI also handles a context-window overflow (a 400) of an agent's model call itself: it
+summarises the conversation or raises ``SystemExit`` (a new error). The HTTP attempt cannot tell
+an overflow from another 400 (the body is read after its span ended), so inside an agent's
+execution a 400 counts on that handling; the model call, which sees the exception, becomes the
+fatal origin when it was not an overflow (see ``ErrorRecorder.record``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,15 @@ _AGENT_PASSTHROUGH = frozenset({"ToolExecutionFailedError", "HookAborted"})
 SWALLOWED_BY_CALLER_KEY = otel_context.create_key("crew_otel.swallowed_by_caller")
 #: Exceptions those callers raise again (a hook aborting the run).
 _NOT_SWALLOWED = frozenset({"HookAborted"})
+#: Set in the context while CrewAI handles a context-window overflow (``handle_context_length``):
+#: an overflow of its summarising call is not handled again.
+HANDLING_OVERFLOW_KEY = otel_context.create_key("crew_otel.handling_overflow")
+#: The status providers reject an overflowing request with.
+OVERFLOW_STATUS = 400
+#: CrewAI's exception for an overflow (what its agent loop handles).
+_OVERFLOW_ERRORS = frozenset({"LLMContextLengthExceededError"})
+#: Causes looked at to find an overflow behind an exception.
+_MAX_CAUSES = 8
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -101,6 +116,8 @@ def attempt_recovered(
         and budget.rate_limit_retries < RATE_LIMIT_MAX_RETRIES
     ):
         return True  # CrewAI's rate-limit wrapper retries
+    if status == OVERFLOW_STATUS and crewai_handles_overflow():
+        return True  # an overflow is CrewAI's to handle; the model call tells if it was not
     return crewai_recovers()  # the SDK's error propagates; CrewAI may go on or re-run
 
 
@@ -114,7 +131,30 @@ def crewai_recovers(exc: BaseException | None = None) -> bool:
     the call's CrewAI caller swallows it (an agent's reasoning step), or the agent re-runs."""
     if otel_context.get_value(SWALLOWED_BY_CALLER_KEY) is True and (exc is None or swallowed(exc)):
         return True
+    if exc is not None and is_overflow(exc) and crewai_handles_overflow():
+        return True  # CrewAI summarises (or raises SystemExit, a new error)
     return agent_will_retry(exc)
+
+
+def crewai_handles_overflow() -> bool:
+    """Whether CrewAI handles a context-window overflow of a model call in this context: a
+    call made in an agent's execution, other than the one summarising after an overflow."""
+    return (
+        otel_context.get_value(ATTEMPT_KEY) is not None
+        and otel_context.get_value(HANDLING_OVERFLOW_KEY) is not True
+    )
+
+
+def is_overflow(exc: BaseException) -> bool:
+    """Whether ``exc`` is (raised from) CrewAI's context-window overflow error."""
+    current: BaseException | None = exc
+    for _ in range(_MAX_CAUSES):
+        if current is None:
+            return False
+        if type(current).__name__ in _OVERFLOW_ERRORS:
+            return True
+        current = current.__cause__
+    return False
 
 
 def agent_will_retry(exc: BaseException | None = None) -> bool:

@@ -74,7 +74,9 @@ class Call(Generic[T]):
         "__weakref__",
         "_children",
         "_done",
+        "_end_ns",
         "_finished",
+        "_holds",
         "borrowed",
         "ctx",
         "data",
@@ -108,6 +110,10 @@ class Call(Generic[T]):
         self._done = False
         self._finished = False
         self._children = 0
+        #: Pending failures that keep the span open (:meth:`hold`).
+        self._holds = 0
+        #: When the call ended, for a span kept open only by a hold (its end time).
+        self._end_ns: int | None = None
 
     @property
     def elapsed(self) -> float:
@@ -134,6 +140,35 @@ class Call(Generic[T]):
         else:
             self.on_close.append(fn)
 
+    def add_closer_unless_ended(self, fn: Callable[[], None]) -> bool:
+        """:meth:`add_closer`, from any thread, unless the call has already ended (False)."""
+        with _tree_lock:
+            if self._done:
+                return False
+            self.add_closer(fn)
+        return True
+
+    def hold(self) -> Callable[[], None]:
+        """Keep the span open after the call ends, until the returned release runs (once).
+
+        For a failure whose outcome is known only later (see ``ErrorRecording.unsettled``);
+        the span then ends with the time the call ended.
+        """
+        with _tree_lock:
+            self._holds += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with _tree_lock:
+                if released:
+                    return
+                released = True
+                self._holds -= 1
+            self._finish()
+
+        return release
+
     def adopt(self, parent: Call[Any] | None) -> None:
         """Make ``parent`` finish only after this call (if it has not finished yet)."""
         with _tree_lock:
@@ -151,6 +186,8 @@ class Call(Generic[T]):
             if self._done:
                 return
             self._done = True
+            if self._holds and not self._children:
+                self._end_ns = time.time_ns()
         if self.on_close is not None:
             for fn in self.on_close:
                 safe_call(fn, default=None)
@@ -160,7 +197,7 @@ class Call(Generic[T]):
         call: Call[Any] | None = self
         while call is not None:
             with _tree_lock:
-                if not call._done or call._children or call._finished:
+                if not call._done or call._children or call._holds or call._finished:
                     return
                 call._finished = True
                 parent, call.parent = call.parent, None
@@ -168,7 +205,7 @@ class Call(Generic[T]):
                 for fn in call.on_end:
                     safe_call(fn, default=None)
             if not call.borrowed:
-                call.span.end()
+                call.span.end(end_time=call._end_ns)
             if parent is not None:
                 with _tree_lock:
                     parent._children -= 1
@@ -184,6 +221,12 @@ class ErrorRecording(NamedTuple):
     origin: bool | None = None
     #: The span is the retry layer an inner origin counted on.
     expected_retry: bool = False
+    #: Whether the error reaches the caller is decided above this call (a tool call that
+    #: CrewAI runs beside others in a thread pool: it re-raises one error and drops the
+    #: others). An origin here stays open until a span it reaches records it (then it is
+    #: recovered or not as that span says) or the call's parent ends (then it is fatal if the
+    #: exception object was raised again beyond the call's thread, else dropped: recovered).
+    unsettled: bool = False
 
 
 #: The exception recorded with the defaults: not recovered, origin by the exception chain.
@@ -249,17 +292,49 @@ class SpanWrapper(Generic[T]):
         """Record the call's exception as :meth:`error_recording` says, then :meth:`on_fail`."""
         recording = self.error_recording(call, exc)
         if recording is not None:
-            self.runtime.errors.record(
+            if not (recording.unsettled and self._record_unsettled(call, exc, recording)):
+                self.runtime.errors.record(
+                    call.span,
+                    exc,
+                    self.operation.value,
+                    recovered=recording.recovered,
+                    origin=recording.origin,
+                    since=call.start,
+                    expected_retry=recording.expected_retry,
+                )
+            call.error_type = error_type(exc)
+        self.on_fail(call, exc)
+
+    def _record_unsettled(
+        self, call: Call[T], exc: BaseException, recording: ErrorRecording
+    ) -> bool:
+        """Record an error whose outcome is decided above the call (``ErrorRecording.unsettled``):
+        an origin here keeps the span open until a span the error reaches records it, or until
+        the call's parent ends (then where the exception object went decides). False when the
+        call has no parent to wait for (recorded as usual then).
+        """
+        parent = call.parent
+        if parent is None:
+            return False
+        release = call.hold()
+        try:
+            pending = self.runtime.errors.record_unsettled(
                 call.span,
                 exc,
                 self.operation.value,
+                release,
                 recovered=recording.recovered,
-                origin=recording.origin,
                 since=call.start,
                 expected_retry=recording.expected_retry,
             )
-            call.error_type = error_type(exc)
-        self.on_fail(call, exc)
+        except BaseException:
+            release()  # never leave the span open
+            raise
+        if pending is None:
+            release()  # not an origin here: nothing to settle
+        elif not parent.add_closer_unless_ended(pending.settle_by_path):
+            pending.settle(recovered=recording.recovered)  # nothing else will tell
+        return True
 
     def record_duration(self, call: Call[T]) -> None:
         """Record the call's duration point, with the ``error.type`` of its failure if any.

@@ -10,6 +10,7 @@ later model calls carry ``gen_ai.conversation.compacted`` (set by the ``chat`` s
 
 from __future__ import annotations
 
+from contextvars import Token
 from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
@@ -18,6 +19,7 @@ from opentelemetry import trace
 from crew_otel import attributes as a
 from crew_otel import internals
 from crew_otel.context import ATTEMPT_KEY
+from crew_otel.diagnosis.retries import HANDLING_OVERFLOW_KEY
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
 from crew_otel.wrappers.observer import Observer
@@ -36,6 +38,8 @@ class _Handling(NamedTuple):
     span: trace.Span
     scope: Any
     respect: bool
+    #: Detaches the context marking the call as CrewAI's overflow handling.
+    token: Token[otel_context.Context]
 
 
 class ContextLengthObserver(Observer):
@@ -51,10 +55,14 @@ class ContextLengthObserver(Observer):
         respect = bool(self.arguments.get(args, kwargs, "respect_context_window", True))
         messages = self.arguments.get(args, kwargs, "messages", None)
         safe_call(_note, span, respect, messages, default=None)
-        return _Handling(span, otel_context.get_value(ATTEMPT_KEY), respect)
+        scope = otel_context.get_value(ATTEMPT_KEY)
+        # The summarising model calls run in it: their own overflow is not handled again.
+        token = otel_context.attach(otel_context.set_value(HANDLING_OVERFLOW_KEY, True))
+        return _Handling(span, scope, respect, token)
 
     def after_result(self, observed: _Handling, result: Any) -> None:
         """Summarised (noted before the call): the conversation is now the summary."""
+        otel_context.detach(observed.token)
         if not observed.respect:
             return
         observed.span.set_attribute(a.GEN_AI_CONVERSATION_COMPACTED, True)
@@ -62,6 +70,7 @@ class ContextLengthObserver(Observer):
             observed.scope.compacted = True
 
     def after_error(self, observed: _Handling, exc: BaseException) -> None:
+        otel_context.detach(observed.token)
         if isinstance(exc, SystemExit):
             # CrewAI's answer to an overflow it may not summarise: a new, fatal error that
             # starts here (whatever provider error is still in its implicit context).

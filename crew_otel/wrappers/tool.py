@@ -115,8 +115,14 @@ class _ToolSpanWrapper(SpanWrapper[ToolCallRecord]):
         if call.data.is_mcp_error(exc):
             return None  # recorded on this span as the MCP client raised it
         # An error escaping the tool span goes to the agent attempt, which may re-run the agent;
-        # escaping a dispatcher that turns tool errors into text means it did not.
-        return ErrorRecording(recovered=agent_will_retry(exc), expected_retry=self.swallows_errors)
+        # escaping a dispatcher that turns tool errors into text means it did not. CrewAI runs
+        # parallel tool calls in a pool and re-raises one error of theirs: whether this one
+        # reaches the caller is known only above (unsettled).
+        return ErrorRecording(
+            recovered=agent_will_retry(exc),
+            expected_retry=self.swallows_errors,
+            unsettled=self.swallows_errors,
+        )
 
     def duration_point(self, call: Call[ToolCallRecord]) -> DurationPoint:
         """The tool's duration; ``error.type`` also when the dispatcher turned the tool's
@@ -229,10 +235,12 @@ class ToolRunWrapper(_ToolSpanWrapper):
     ) -> ErrorRecording | None:
         if not call.borrowed or call.data.is_mcp_error(exc):
             return super().error_recording(call, exc)
+        swallowed = call.data.swallows_errors and isinstance(exc, Exception)
+        if not swallowed and not is_cancellation(exc):
+            return None  # goes past the dispatcher (KeyboardInterrupt, SystemExit): it records it
         # The dispatcher turns an Exception into text for the model: the error starts here and
-        # is recovered from the run's point of view. A BaseException (KeyboardInterrupt,
-        # SystemExit) goes past it to the caller.
-        return ErrorRecording(recovered=call.data.swallows_errors and isinstance(exc, Exception))
+        # is recovered from the run's point of view.
+        return ErrorRecording(recovered=swallowed)
 
     def on_fail(self, call: Call[ToolCallRecord], exc: BaseException) -> None:
         if is_locked_database_error(exc):
