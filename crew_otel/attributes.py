@@ -139,6 +139,16 @@ SHARED_INSTANCE_KIND = "crew_otel.shared_instance.kind"
 SHARED_INSTANCE_CLASS = "crew_otel.shared_instance.class"
 SHARED_INSTANCE_NAME = "crew_otel.shared_instance.name"
 SHARED_INSTANCE_OTHER_REQUEST_IDS = "crew_otel.shared_instance.other_request_ids"
+#: Cross-talk (:mod:`crew_otel.diagnosis.crosstalk`): on the kickoff span of a run that
+#: received another in-flight run's data, and on the event where the data entered.
+CROSSTALK = "crew_otel.crosstalk"
+CROSSTALK_SOURCE = "crew_otel.crosstalk.source"
+CROSSTALK_OTHER_REQUEST_IDS = "crew_otel.crosstalk.other_request_ids"
+CROSSTALK_MARKS = "crew_otel.crosstalk.marks"
+#: Values of ``crew_otel.crosstalk.source``: where the foreign data entered the run.
+CROSSTALK_TOOL_RESULT = "tool_result"
+CROSSTALK_MODEL_INPUT = "model_input"
+CROSSTALK_OUTPUT = "output"
 #: The SQLite database (path) a tool call failed on with "database is locked".
 DATABASE_LOCKED = "crew_otel.database.locked"
 SYNC_IN_EVENT_LOOP = "crew_otel.sync_in_event_loop"
@@ -152,6 +162,7 @@ CONTEXT_RESPECT_WINDOW = "crew_otel.context.respect_context_window"
 
 # Span event names.
 EVENT_SHARED_INSTANCE = "crew_otel.shared_instance"
+EVENT_CROSSTALK = "crew_otel.crosstalk"
 EVENT_RETRY = "crew_otel.retry"
 EVENT_CONTEXT_SUMMARIZED = "crew_otel.context.summarized"
 EVENT_CONTEXT_OVERFLOW = "crew_otel.context.overflow"

@@ -41,6 +41,9 @@ class CrewOtelConfig:
             providers do not see it. Off by default. Env: ``CREW_OTEL_PROPAGATE_REQUEST_ID``.
         detect_shared_instances: flag Crew/Agent/Task/tool/LLM objects used by two requests at
             once. Env: ``CREW_OTEL_DETECT_SHARED_INSTANCES``.
+        detect_crosstalk: flag runs that received another in-flight request's data (its
+            identifiers, kept only as in-memory hashes while it runs) in a tool result, a
+            model request or the output. Env: ``CREW_OTEL_DETECT_CROSSTALK``.
         defer_to_provider_instrumentation: when a provider SDK instrumentation
             (``opentelemetry-instrumentation-openai-v2``, OpenLLMetry's or OpenInference's
             openai instrumentation) hooks the SDK a model call goes through, leave the
@@ -59,6 +62,7 @@ class CrewOtelConfig:
     strip_crewai_baggage: bool = True
     propagate_request_id: bool = False
     detect_shared_instances: bool = True
+    detect_crosstalk: bool = True
     defer_to_provider_instrumentation: bool = True
     redact: Callable[[str], str] | None = None
 
@@ -140,6 +144,7 @@ class CrewOtelConfig:
             detect_shared_instances=flag(
                 "detect_shared_instances", "CREW_OTEL_DETECT_SHARED_INSTANCES", default=True
             ),
+            detect_crosstalk=flag("detect_crosstalk", "CREW_OTEL_DETECT_CROSSTALK", default=True),
             defer_to_provider_instrumentation=flag(
                 "defer_to_provider_instrumentation",
                 "CREW_OTEL_DEFER_TO_PROVIDER_INSTRUMENTATION",

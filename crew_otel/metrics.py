@@ -48,6 +48,7 @@ KICKOFF_QUEUE_WAIT = "crew_otel.kickoff.queue_wait"
 RETRIES = "crew_otel.retries"
 ERROR_ORIGINS = "crew_otel.error.origins"
 SHARED_INSTANCE_CONFLICTS = "crew_otel.shared_instance.conflicts"
+CROSSTALK = "crew_otel.crosstalk"
 
 INSTRUMENT_NAMES = (
     OPERATION_DURATION,
@@ -60,6 +61,7 @@ INSTRUMENT_NAMES = (
     RETRIES,
     ERROR_ORIGINS,
     SHARED_INSTANCE_CONFLICTS,
+    CROSSTALK,
 )
 
 # Bucket boundaries recommended by the GenAI semantic conventions.
@@ -276,6 +278,11 @@ class CrewOtelMetrics:
             unit="{conflict}",
             description="Objects used by two requests at the same time.",
         )
+        self.crosstalk_runs = meter.create_counter(
+            CROSSTALK,
+            unit="{run}",
+            description="Runs that received another in-flight request's data, by where it entered.",
+        )
         reset_in_forked_children(self)
 
     def _histogram(
@@ -363,6 +370,16 @@ class CrewOtelMetrics:
                 a.ORIGIN_OPERATION: operation,
                 a.ERROR_TYPE: error_type,
                 a.ERROR_RECOVERED: "true" if recovered else "false",
+            },
+        )
+
+    def crosstalk(self, source: str, workflow: str) -> None:
+        """Count one run that received another request's data at ``source``."""
+        self.crosstalk_runs.add(
+            1,
+            {
+                a.CROSSTALK_SOURCE: source,
+                a.GEN_AI_WORKFLOW_NAME: self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow),
             },
         )
 

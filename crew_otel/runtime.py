@@ -14,6 +14,7 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Tracer
 
 from crew_otel.config import CrewOtelConfig
+from crew_otel.diagnosis.crosstalk import CrosstalkDetector
 from crew_otel.diagnosis.errors import ErrorRecorder
 from crew_otel.diagnosis.shared_state import SharedStateWatcher
 from crew_otel.diagnosis.sharing import SharedInstanceDetector
@@ -31,6 +32,8 @@ class Runtime:
     sharing: SharedInstanceDetector
     #: Globals, files, databases and resources touched by tool code (reports to ``sharing``).
     shared_state: SharedStateWatcher
+    #: Another in-flight run's data inside a run (``None``: ``detect_crosstalk=False``).
+    crosstalk: CrosstalkDetector | None = None
     #: Switched off by ``uninstrument()``: wrappers still in flight call straight through.
     active: bool = True
     #: Attaches the request-stamping span processor once the tracer provider is a real SDK
@@ -66,4 +69,5 @@ class Runtime:
             errors=ErrorRecorder(metrics, config.capture_content),
             sharing=sharing,
             shared_state=SharedStateWatcher(sharing),
+            crosstalk=CrosstalkDetector(metrics.crosstalk) if config.detect_crosstalk else None,
         )

@@ -37,7 +37,8 @@ from opentelemetry.util.types import AttributeValue
 from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
-from crew_otel.context import ATTEMPT_KEY, LLM_CALL_KEY
+from crew_otel.context import ATTEMPT_KEY, LLM_CALL_KEY, REQUEST_ID_KEY
+from crew_otel.diagnosis.crosstalk import strings_in
 from crew_otel.diagnosis.retries import crewai_recovers
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
@@ -146,6 +147,14 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
             state,
         )
         self.track_instance(call, Kind.LLM, instance, model)
+        crosstalk = self.runtime.crosstalk
+        if crosstalk is not None and messages is not None:
+            crosstalk.check(
+                ctx.get(REQUEST_ID_KEY),  # type: ignore[arg-type]
+                strings_in(messages),
+                attributes.CROSSTALK_MODEL_INPUT,
+                span,
+            )
         return call
 
     def succeed(self, call: Call[LlmCallState], result: Any) -> Any:

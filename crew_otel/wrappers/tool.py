@@ -33,7 +33,8 @@ from opentelemetry.util.types import AttributeValue
 from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.coexistence import innermost_own_span_is
-from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, TOOL_CALL_KEY
+from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
+from crew_otel.diagnosis.crosstalk import strings_in
 from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.shared_state import RunHoldings, is_locked_database_error
@@ -107,6 +108,14 @@ class _ToolSpanWrapper(SpanWrapper[ToolCallRecord]):
 
     def succeed(self, call: Call[ToolCallRecord], result: Any) -> Any:
         self.capture_on_span(call.span, attributes.GEN_AI_TOOL_CALL_RESULT, result)
+        crosstalk = self.runtime.crosstalk
+        if crosstalk is not None and result is not None:
+            crosstalk.check(
+                call.ctx.get(REQUEST_ID_KEY),  # type: ignore[arg-type]
+                strings_in(result),
+                attributes.CROSSTALK_TOOL_RESULT,
+                call.span,
+            )
         return result
 
     def error_recording(
