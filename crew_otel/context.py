@@ -14,9 +14,10 @@ import inspect
 import logging
 import unicodedata
 import uuid
-from collections.abc import AsyncGenerator, Callable, Generator
+import weakref
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
@@ -26,7 +27,8 @@ REQUEST_ID_KEY = otel_context.create_key("crew_otel.request_id")
 """Context key of the current request ID (a ``str``)."""
 
 KICKOFF_KEY = otel_context.create_key("crew_otel.kickoff")
-"""Context key of the innermost active kickoff (``wrappers.kickoff.ActiveKickoff``)."""
+"""Context key of the innermost active kickoff (``wrappers.kickoff.ActiveKickoff``; its
+``lifetime`` is the run's :class:`RunScope`)."""
 
 ATTEMPT_KEY = otel_context.create_key("crew_otel.agent_attempt")
 """Context key of the innermost agent execution attempt (its step tracker)."""
@@ -55,14 +57,67 @@ _ENTERED: contextvars.ContextVar[tuple[tuple[int, object, RequestScope], ...]] =
 )
 
 
-class RequestScope:
-    """One entry of :class:`request`; ``ended`` once it exited. A thread started inside the
-    scope (outside any kickoff) carries the request only until then."""
+class RunScope:
+    """The extent of one run: the one definition of "the run has ended".
 
-    __slots__ = ("ended",)
+    A run is a kickoff (its lifetime, ``wrappers.kickoff.KickoffLifetime``, ends when the
+    kickoff's last work is over, whatever its span: a sampled-out or non-SDK span ends nothing)
+    or one entry of :class:`request` outside any kickoff (it ends when the ``with`` exits).
+    ``ended`` turns true once, from the run itself. What a thread carries for the run
+    (``threads.RunBoundContext``) is bound to it with :meth:`release_on_end` and lets go of the
+    run's values at that moment, even if the thread never looks at its context again.
+    """
+
+    __slots__ = ("_bound", "ended")
 
     def __init__(self) -> None:
         self.ended = False
+        self._bound: list[weakref.ref[Releasable]] = []
+
+    def release_on_end(self, held: Releasable) -> None:
+        """Call ``held.release()`` when the run ends (now, if it has); ``held`` is held weakly."""
+        bound = self._bound
+        bound.append(weakref.ref(held))
+        if len(bound) >= _PRUNE_AT and len(bound) & (len(bound) - 1) == 0:
+            bound[:] = [ref for ref in bound if ref() is not None]  # threads that are gone
+        if self.ended:
+            held.release()
+
+    def end(self) -> None:
+        """The run is over: ``ended`` turns true and what was bound to it lets go."""
+        self.ended = True
+        bound, self._bound = self._bound, []
+        for ref in bound:
+            held = ref()
+            if held is not None:
+                held.release()
+
+
+class Releasable(Protocol):
+    """Something that holds a run's values until the run ends (see :class:`RunScope`)."""
+
+    def release(self) -> None: ...
+
+
+#: :meth:`RunScope.release_on_end` drops dead references when its list reaches a power of two
+#: from this size on (a run that hands many items to long-lived threads).
+_PRUNE_AT = 64
+
+
+class RequestScope(RunScope):
+    """One entry of :class:`request`; ``ended`` once it exited. A thread started inside the
+    scope (outside any kickoff) carries the request only until then."""
+
+    __slots__ = ()
+
+
+def innermost_run(ctx: Mapping[str, object]) -> RunScope | None:
+    """The run ``ctx`` belongs to: the innermost kickoff's, else the innermost request scope's."""
+    run = getattr(ctx.get(KICKOFF_KEY), "lifetime", None)
+    if isinstance(run, RunScope):
+        return run
+    scope = ctx.get(REQUEST_SCOPE_KEY)
+    return scope if isinstance(scope, RunScope) else None
 
 
 def new_request_id() -> str:
@@ -174,7 +229,7 @@ class request:
             owner, token, scope = entered[index]
             if owner == id(self):
                 _ENTERED.set(entered[:index] + entered[index + 1 :])
-                scope.ended = True
+                scope.end()
                 otel_context.detach(cast(Any, token))
                 return
         _logger.debug("crew_otel: request scope exited in a context that did not enter it")

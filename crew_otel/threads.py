@@ -15,27 +15,35 @@ context a new thread (or ``Timer``) gets:
   it instead (``ThreadPoolExecutor.submit`` through the threading instrumentation,
   ``ThreadPool.apply``/``map``/``imap``/... through :class:`PoolSubmitHook`);
 * any other thread started inside a run gets a :class:`RunBoundContext`: the run's context
-  while the run's kickoff is in flight, an empty one once it has ended. A long-lived loop's
-  work items cannot be told apart, so after the run ended its spans are roots without a request
-  ID rather than spans in the wrong request;
+  until the run ends (its :class:`~crew_otel.context.RunScope`, whatever its span), an empty one
+  after. Such a thread may be a long-lived loop serving other runs too: when it takes an item
+  from a ``queue.Queue`` (in its own context, outside any span it opened), it works from then on
+  in the context of the code that put the item, bound to that code's run
+  (:class:`QueueHooks`); from a queue whose order crew_otel does not follow (``LifoQueue``,
+  ``PriorityQueue``, a subclass with its own ``_put``/``_get``) the item's run is unknown and it
+  works in an empty context. Spans whose run cannot be known are roots without a request ID,
+  never spans in the wrong request;
 * threads started outside any run get the current context, as before.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
+import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.context.context import Context
 
 from crew_otel import internals
-from crew_otel.context import KICKOFF_KEY, REQUEST_SCOPE_KEY
+from crew_otel.context import RunScope, innermost_run
 from crew_otel.safety import safe_call
 
 if TYPE_CHECKING:
@@ -63,43 +71,47 @@ POOL_SUBMIT_METHODS = ("apply_async", "_map_async", "imap", "imap_unordered")
 _EMPTY = Context()
 
 
-def _bound_scope_ended(kickoff: Any) -> bool:
-    """Whether the kickoff (``wrappers.kickoff.ActiveKickoff``) has ended: its span has; or
-    the request scope (``context.RequestScope``) a thread was started in has exited.
-
-    A kickoff whose span is not recording (sampled out) never reads as ended; its work is not
-    recorded under a parent-based sampler either way.
-    """
-    if getattr(kickoff, "ended", False) is True:
-        return True
-    return getattr(getattr(kickoff, "span", None), "end_time", None) is not None
-
-
 class RunBoundContext(Context):
-    """A run's context carried into a thread: it reads as empty once the run's kickoff ended.
+    """A run's context carried into a thread: it reads as empty once released, which happens
+    when its run ends (``RunScope.release_on_end``) or when the thread takes other work.
 
     Every read of the OpenTelemetry API goes through ``get`` (values, the current span) or
-    ``copy`` (``set_value``), so a span started on the thread after the run ended has no parent
-    and, having no request ID in its context, gets none from the request span processor.
-    Contexts derived from it while the run was in flight keep what they copied.
+    ``copy`` (``set_value``), so a span started on the thread after that has no parent and,
+    having no request ID in its context, gets none from the request span processor. Contexts
+    derived from it before keep what they copied. ``run`` is ``None`` for a context from outside
+    any run (an item put there): it never ends by itself.
     """
 
-    def __init__(self, values: Mapping[str, object], kickoff: Any) -> None:
+    def __init__(self, values: Mapping[str, object], run: RunScope | None) -> None:
         super().__init__(values)
-        self._kickoff = kickoff
-        self._ended = False
+        self._run = run
+        self._released = False
+        if run is not None:
+            run.release_on_end(self)
+
+    def release(self) -> None:
+        """Read as empty from now on, and let go of the run's values (once, for good)."""
+        self._released = True
+        self._run = None
+        dict.clear(self)
 
     def in_flight(self) -> bool:
-        """Whether the run this context belongs to is still in flight (once not, never again)."""
-        if self._ended:
+        """Whether this still reads as its run's context (once not, never again)."""
+        if self._released:
             return False
-        if _bound_scope_ended(self._kickoff):
-            self._ended = True
-            # A long-lived thread must not keep the ended run's objects alive.
-            dict.clear(self)
-            self._kickoff = None
+        run = self._run
+        if run is not None and run.ended:
+            self.release()
             return False
         return True
+
+    def fork(self) -> Context:
+        """What a thread started from this one carries: the same run, its own lifetime."""
+        return RunBoundContext(self._values(), self._run) if self.in_flight() else Context()
+
+    def snapshot(self) -> Context:
+        """A plain copy of what this reads as now (empty once released)."""
+        return Context(self._values())
 
     def _values(self) -> dict[str, object]:
         return dict(dict.items(self)) if self.in_flight() else {}
@@ -142,12 +154,11 @@ def carried_context(thread: Any) -> Context | None:
         return _EMPTY
     current = otel_context.get_current()
     if isinstance(current, RunBoundContext):
-        return None  # started from a thread that is itself bound to a run: same run, same end
-    # Bound to the innermost kickoff, else to the request scope the thread was started in.
-    bound = current.get(KICKOFF_KEY) or current.get(REQUEST_SCOPE_KEY)
-    if bound is None:
+        return current.fork()  # started from a thread bound to a run: same run, same end
+    run = innermost_run(current)  # the innermost kickoff's, else the request scope's
+    if run is None:
         return None
-    return RunBoundContext(current, bound)
+    return RunBoundContext(current, run)
 
 
 #: Where the threading instrumentation keeps the context a thread runs in (0.55b0-0.66b1).
@@ -163,12 +174,18 @@ class ThreadStartHook:
     ``opentelemetry-instrument``, after crew_otel) it is outside and has stored already, so
     this hook also overwrites what it stored.
 
-    ``on_pool_thread`` runs when a pool's own thread starts (before the pool takes any work).
+    ``on_pool_thread`` runs when a pool's own thread starts (before the pool takes any work),
+    ``on_bound_thread`` when a thread bound to a run starts (before it takes any).
     """
 
-    def __init__(self, on_pool_thread: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_pool_thread: Callable[[], None] | None = None,
+        on_bound_thread: Callable[[], None] | None = None,
+    ) -> None:
         self.active = True
         self._on_pool_thread = on_pool_thread
+        self._on_bound_thread = on_bound_thread
 
     def __call__(
         self,
@@ -184,8 +201,209 @@ class ThreadStartHook:
             return wrapped(*args, **kwargs)
         if ctx is _EMPTY and self._on_pool_thread is not None:
             safe_call(self._on_pool_thread, default=None)
+        if isinstance(ctx, RunBoundContext):
+            safe_call(setattr, instance, _SERVING_ATTRIBUTE, _Serving(ctx), default=None)
+            if self._on_bound_thread is not None:
+                safe_call(self._on_bound_thread, default=None)
         safe_call(setattr, instance, _INSTRUMENTATION_CONTEXT_ATTRIBUTE, ctx, default=None)
         return _run_in(ctx, wrapped, args, kwargs)
+
+
+#: Where a thread started inside a run keeps its :class:`_Serving`.
+_SERVING_ATTRIBUTE = "_crew_otel_serving"
+
+
+class _Serving:
+    """A thread started inside a run: the context crew_otel made current on it, and what the
+    queue it is taking an item from handed over with the item."""
+
+    __slots__ = ("current", "handed")
+
+    def __init__(self, current: Context) -> None:
+        self.current = current
+        self.handed: Context | None = None
+
+    def take(self, put_in: Context | None) -> None:
+        """The thread took an item put where ``put_in`` was current (``None``: unknown).
+
+        From now until it takes the next one, it works in that context, bound to its run
+        (empty when unknown or when that run is over); what it carried before lets go. A
+        context the thread's own code made current (a span around the loop, ``Context.run``)
+        is left alone: the switch happens where crew_otel's context is the current one.
+        """
+        previous = self.current
+        if otel_context.get_current() is not previous:
+            return
+        self.current = Context() if put_in is None else _bound_to(put_in)
+        if isinstance(previous, RunBoundContext):
+            previous.release()
+        # Replaced at the next item; the thread's ``run`` hook restores what was before it.
+        otel_context.attach(self.current)
+
+
+def _bound_to(ctx: Context) -> Context:
+    run = innermost_run(ctx)
+    if run is not None and run.ended:
+        return Context()
+    return RunBoundContext(ctx, run)
+
+
+class _Taking(threading.local):
+    """Per thread: the :class:`_Serving` of a thread started inside a run while it is in
+    ``Queue.get`` (where ``Queue._get`` hands it what it took), else ``None``."""
+
+    serving: _Serving | None = None
+
+
+_TAKING = _Taking()
+
+
+def _failed(exc: Exception) -> None:
+    """An error in a queue hook: reported (raised in strict mode); the queue works on."""
+    safe_call(_raise, exc, default=None)
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _current_to_hand_over() -> Context | None:
+    """What is current here, to hand over with an item put into a queue."""
+    ctx = otel_context.get_current()
+    return ctx.snapshot() if isinstance(ctx, RunBoundContext) else ctx
+
+
+#: Where a ``queue.Queue`` keeps its :class:`_QueueItems`.
+_ITEMS_ATTRIBUTE = "_crew_otel_items"
+
+
+class _QueueItems:
+    """What was current where each item of one first-in-first-out queue was put, in order.
+
+    Changed only inside ``_put``/``_get``, which run under the queue's mutex. Items the queue
+    held before crew_otel followed it, or that reached it another way (``q.queue.append``), are
+    unknown: whenever the counts disagree, every item the queue holds becomes unknown.
+    """
+
+    __slots__ = ("following", "follows", "put_in", "unknown")
+
+    def __init__(self, following: QueueHooks, held: int, follows: bool) -> None:
+        self.following = following
+        #: Whether the queue's class keeps ``queue.Queue``'s order (else nothing is noted).
+        self.follows = follows
+        self.unknown = held
+        self.put_in: collections.deque[Context | None] = collections.deque()
+
+    def in_step(self, held: int) -> _QueueItems:
+        """Make the counts agree with the ``held`` items the queue holds."""
+        if self.unknown + len(self.put_in) != held:
+            self.put_in.clear()
+            self.unknown = held
+        return self
+
+    def take_first(self) -> Context | None:
+        if self.unknown:
+            self.unknown -= 1
+            return None
+        return self.put_in.popleft() if self.put_in else None
+
+
+def _follows_order(cls: type) -> bool:
+    """Whether ``cls`` keeps ``queue.Queue``'s first-in-first-out ``_put``/``_get``."""
+    for klass in cls.__mro__:
+        if klass is queue.Queue:
+            return True
+        if "_put" in klass.__dict__ or "_get" in klass.__dict__:
+            return False
+    return False
+
+
+class QueueHooks:
+    """Around ``queue.Queue``: an item carries what was current where it was put, and a thread
+    started inside a run that takes it works for whoever put it.
+
+    ``_put`` and ``_get`` (both called under the queue's mutex) keep, for queues that keep
+    their first-in-first-out order, what was current at each ``put`` beside the queue's own
+    items. ``get`` (every subclass's) hands what was current where the taken item was put, or
+    ``None`` when that is unknown (a ``LifoQueue``, a ``PriorityQueue``, a subclass with its own
+    ``_put``/``_get``), to the thread's :class:`_Serving`. Plain functions, not wrapt wrappers,
+    because every queue operation pays for them: installed only once a thread started inside a
+    run exists, they add well under a microsecond to a ``put`` and ``get``.
+    """
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def around_put(self, put: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        """``Queue._put``: note what is current beside the item."""
+
+        @functools.wraps(put)
+        def _put(q: Any, item: Any) -> None:
+            if not self.active:
+                return put(q, item)
+            try:
+                items = self._items_of(q)
+                put_in = _current_to_hand_over()
+            except Exception as exc:
+                _failed(exc)
+                return put(q, item)
+            put(q, item)
+            if items is not None:
+                items.put_in.append(put_in)
+
+        return _put
+
+    def around_take(self, take: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``Queue._get``: hand what was noted with the item to a thread started in a run."""
+
+        @functools.wraps(take)
+        def _get(q: Any) -> Any:
+            if not self.active:
+                return take(q)
+            try:
+                items = self._items_of(q)
+            except Exception as exc:
+                _failed(exc)
+                return take(q)
+            item = take(q)
+            if items is not None:
+                put_in = items.take_first()
+                serving = _TAKING.serving
+                if serving is not None:
+                    serving.handed = put_in
+            return item
+
+        return _get
+
+    def around_get(self, get: Callable[..., Any]) -> Callable[..., Any]:
+        """``Queue.get``: a thread started inside a run works for whoever put the item."""
+
+        @functools.wraps(get)
+        def get_item(q: Any, *args: Any, **kwargs: Any) -> Any:
+            serving = threading.current_thread().__dict__.get(_SERVING_ATTRIBUTE)
+            if serving is None or not self.active:
+                return get(q, *args, **kwargs)
+            serving.handed = None
+            _TAKING.serving = serving
+            try:
+                item = get(q, *args, **kwargs)
+            finally:
+                _TAKING.serving = None
+            handed, serving.handed = serving.handed, None
+            safe_call(serving.take, handed, default=None)
+            return item
+
+        return get_item
+
+    def _items_of(self, q: Any) -> _QueueItems | None:
+        """The queue's items, if crew_otel follows its order (looked at on first use)."""
+        items = q.__dict__.get(_ITEMS_ATTRIBUTE)
+        if items is not None and items.following is self:
+            return items.in_step(len(q.queue)) if items.follows else None
+        follows = _follows_order(type(q))  # new, or left by an earlier installation
+        items = _QueueItems(self, len(q.queue) if follows else 0, follows)
+        q.__dict__[_ITEMS_ATTRIBUTE] = items
+        return items if follows else None
 
 
 class PoolSubmitHook:
@@ -240,13 +458,17 @@ def _run_in(
         otel_context.detach(token)
 
 
+#: A hook: it passes through once ``active`` is false.
+_Hook = ThreadStartHook | PoolSubmitHook | QueueHooks
+
+
 @dataclasses.dataclass
 class _Installed:
     owner: Any
     name: str
     original: Any
     wrapper: Any
-    hook: ThreadStartHook | PoolSubmitHook
+    hook: _Hook
 
 
 class ThreadContextHooks:
@@ -263,23 +485,26 @@ class ThreadContextHooks:
         self._lock = threading.Lock()
         self._active = False
         self._pools_hooked = False
+        self._queues_hooked = False
 
     def install(self, tracer_provider: Any = None) -> None:
         """Install the threading instrumentation (if given), then hook around it.
 
         Hooked: ``Thread.start``, ``Timer.start`` when the instrumentation gave ``Timer`` one of
-        its own (else a ``Timer`` would bypass the ``Thread.start`` hook) and the ``ThreadPool``
+        its own (else a ``Timer`` would bypass the ``Thread.start`` hook), the ``ThreadPool``
         submission methods: now if ``multiprocessing.pool`` is imported, else when the first
-        pool starts its threads (importing it here would cost every application start-up).
+        pool starts its threads (importing it here would cost every application start-up), and
+        ``queue.Queue`` (:class:`QueueHooks`) when the first thread bound to a run starts: an
+        application whose runs start no threads pays nothing per queue operation.
         """
         if self._instrumentation is not None:
             self._timer_had_start = "start" in threading.Timer.__dict__
             self._instrumentation.instrument(tracer_provider=tracer_provider)
         self._active = True
-        start_hook = ThreadStartHook(self._hook_pools)
+        start_hook = ThreadStartHook(self._hook_pools, self._hook_queues)
         safe_call(self._wrap, threading.Thread, "start", start_hook, default=None)
         if "start" in threading.Timer.__dict__:
-            timer_hook = ThreadStartHook(self._hook_pools)
+            timer_hook = ThreadStartHook(self._hook_pools, self._hook_queues)
             safe_call(self._wrap, threading.Timer, "start", timer_hook, default=None)
         self._hook_pools()
 
@@ -298,12 +523,39 @@ class ThreadContextHooks:
                 hook = PoolSubmitHook(pool.ThreadPool)
                 safe_call(self._wrap, pool.Pool, name, hook, default=None)
 
-    def _wrap(self, owner: Any, name: str, hook: ThreadStartHook | PoolSubmitHook) -> None:
+    def _hook_queues(self) -> None:
+        """Hook ``queue.Queue`` (once): a thread bound to a run exists from now on."""
+        if self._queues_hooked:
+            return
+        with self._lock:
+            if self._queues_hooked or not self._active:
+                return
+            self._queues_hooked = True
+            hooks = QueueHooks()
+            for name, build in (
+                ("_put", hooks.around_put),
+                ("_get", hooks.around_take),
+                ("get", hooks.around_get),
+            ):
+                safe_call(self._wrap, queue.Queue, name, hooks, build, default=None)
+
+    def _wrap(
+        self,
+        owner: Any,
+        name: str,
+        hook: _Hook,
+        build: Callable[[Any], Callable[..., Any]] | None = None,
+    ) -> None:
+        """Replace ``owner.name`` with ``build(original)``, by default a wrapt wrapper calling
+        ``hook``; either passes through once ``hook.active`` is false."""
         original = owner.__dict__.get(name)
         if not callable(original):
             _logger.debug("crew_otel: %s.%s not found; not hooked", owner.__name__, name)
             return
-        wrapper = wrapt.FunctionWrapper(original, hook)
+        if build is None:
+            wrapper: Any = wrapt.FunctionWrapper(original, cast(Callable[..., Any], hook))
+        else:
+            wrapper = build(original)
         setattr(owner, name, wrapper)
         self._installed.append(_Installed(owner, name, original, wrapper, hook))
 

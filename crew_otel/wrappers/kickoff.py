@@ -35,7 +35,8 @@ from opentelemetry.util.types import AttributeValue
 from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
 from crew_otel.coexistence import innermost_own_span_is
-from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, new_request_id
+from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, RunScope, new_request_id
+from crew_otel.diagnosis.crosstalk import strings_in
 from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.shared_state import RunHoldings
 from crew_otel.diagnosis.sharing import Kind
@@ -64,6 +65,7 @@ class ActiveKickoff:
     """The innermost kickoff in this context (kept in the OTel Context)."""
 
     __slots__ = (
+        "__weakref__",
         "cancel_noted",
         "error_type",
         "holdings",
@@ -111,7 +113,7 @@ class ActiveKickoff:
         runtime.metrics.queue_wait.record(wait, {attributes.GEN_AI_WORKFLOW_NAME: self.workflow})
 
 
-class KickoffLifetime:
+class KickoffLifetime(RunScope):
     """Ends a kickoff (span, count in flight, duration) when the last thing holding it lets go.
 
     The holders: the entry point's call until it returns or raises; the streaming output it
@@ -122,11 +124,13 @@ class KickoffLifetime:
     can yield nothing more of the run and lets go too: an abandoned stream ends with its run,
     not when the garbage collector gets to it. A stream never iterated never started a run; it
     ends when it is closed or collected.
+
+    It is the run's :class:`~crew_otel.context.RunScope`: ``ended`` turns true then, whether or
+    not the kickoff's span records anything, and the threads the run started let go of it.
     """
 
     __slots__ = (
         "_cleanups",
-        "_ended",
         "_finish",
         "_holders",
         "_lock",
@@ -136,11 +140,11 @@ class KickoffLifetime:
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._holders = 1  # the entry point's call
         self._work = 0
         self._stream = False
-        self._ended = False
         self._finish: Callable[[], None] | None = None
         self._cleanups: list[Callable[[], None]] = []
         #: The lifetime of the run this kickoff is nested in (held until this one ends).
@@ -167,7 +171,7 @@ class KickoffLifetime:
     def hold_work(self) -> bool:
         """Work for this kickoff starts; False if the kickoff already ended."""
         with self._lock:
-            if self._ended:
+            if self.ended:
                 return False
             self._holders += 1
             self._work += 1
@@ -179,7 +183,7 @@ class KickoffLifetime:
     def hold_stream(self) -> None:
         """The call returned a stream that keeps the kickoff open until the stream is over."""
         with self._lock:
-            if not self._ended and not self._stream:
+            if not self.ended and not self._stream:
                 self._stream = True
                 self._holders += 1
 
@@ -202,10 +206,11 @@ class KickoffLifetime:
                 if self._work == 0 and self._stream:
                     self._stream = False  # the run is over: its stream yields nothing more
                     self._holders -= 1
-            if self._holders > 0 or self._ended:
+            if self._holders > 0 or self.ended:
                 return
-            self._ended = True
+            self.ended = True
             finish, self._finish = self._finish, None
+        self.end()  # before the span ends: threads bound to the run let go of it first
         if finish is not None:
             finish()
 
@@ -297,7 +302,17 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
             self.track_instance(call, self.kind, instance, name, until=record.lifetime)
         self._hold_shared_state(record)
         self._join_run(record, active)
+        self._mark_run(record, ctx, kwargs.get("inputs", args[0] if args else None))
         return call
+
+    def _mark_run(self, record: ActiveKickoff, ctx: otel_context.Context, inputs: Any) -> None:
+        """The run's identifiers (kept as hashes until it ends): data of another run found in
+        it is cross-talk (:mod:`crew_otel.diagnosis.crosstalk`)."""
+        crosstalk = self.runtime.crosstalk
+        request_id = ctx.get(REQUEST_ID_KEY)
+        if crosstalk is not None and isinstance(request_id, str):
+            end = crosstalk.start_run(request_id, inputs, record.span, record.workflow)
+            record.lifetime.add_cleanup(end)
 
     def _attributes(
         self, instance: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -389,6 +404,15 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         record = call.data
         if isinstance(record, (_Delegated, _GuardrailAgent)):
             return result
+        crosstalk = self.runtime.crosstalk
+        if crosstalk is not None and not is_streaming_output(result):
+            raw = getattr(result, "raw", None)
+            crosstalk.check(
+                call.ctx.get(REQUEST_ID_KEY),  # type: ignore[arg-type]
+                [raw] if isinstance(raw, str) else strings_in(result),
+                attributes.CROSSTALK_OUTPUT,
+                record.span,
+            )
         if is_streaming_output(result) and trace_stream(
             result, call.ctx, _KickoffStream(self, call)
         ):
