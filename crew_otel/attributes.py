@@ -139,6 +139,11 @@ SHARED_INSTANCE_KIND = "crew_otel.shared_instance.kind"
 SHARED_INSTANCE_CLASS = "crew_otel.shared_instance.class"
 SHARED_INSTANCE_NAME = "crew_otel.shared_instance.name"
 SHARED_INSTANCE_OTHER_REQUEST_IDS = "crew_otel.shared_instance.other_request_ids"
+#: Why a run failed (:mod:`crew_otel.diagnosis.failure_cause`), on its kickoff span.
+FAILURE_CAUSE = "crew_otel.failure.cause"
+FAILURE_ORIGIN = "crew_otel.failure.origin"
+FAILURE_SHARED_KIND = "crew_otel.failure.shared_instance.kind"
+FAILURE_SHARED_NAME = "crew_otel.failure.shared_instance.name"
 #: Cross-talk (:mod:`crew_otel.diagnosis.crosstalk`): on the kickoff span of a run that
 #: received another in-flight run's data, and on the event where the data entered.
 CROSSTALK = "crew_otel.crosstalk"

@@ -49,6 +49,7 @@ RETRIES = "crew_otel.retries"
 ERROR_ORIGINS = "crew_otel.error.origins"
 SHARED_INSTANCE_CONFLICTS = "crew_otel.shared_instance.conflicts"
 CROSSTALK = "crew_otel.crosstalk"
+FAILURES = "crew_otel.failures"
 
 INSTRUMENT_NAMES = (
     OPERATION_DURATION,
@@ -62,6 +63,7 @@ INSTRUMENT_NAMES = (
     ERROR_ORIGINS,
     SHARED_INSTANCE_CONFLICTS,
     CROSSTALK,
+    FAILURES,
 )
 
 # Bucket boundaries recommended by the GenAI semantic conventions.
@@ -278,6 +280,11 @@ class CrewOtelMetrics:
             unit="{conflict}",
             description="Objects used by two requests at the same time.",
         )
+        self.failed_runs = meter.create_counter(
+            FAILURES,
+            unit="{run}",
+            description="Runs whose exception reached the caller, by cause.",
+        )
         self.crosstalk_runs = meter.create_counter(
             CROSSTALK,
             unit="{run}",
@@ -370,6 +377,16 @@ class CrewOtelMetrics:
                 a.ORIGIN_OPERATION: operation,
                 a.ERROR_TYPE: error_type,
                 a.ERROR_RECOVERED: "true" if recovered else "false",
+            },
+        )
+
+    def failure(self, cause: str, workflow: str) -> None:
+        """Count one failed run (call while its kickoff span is current: the exemplar)."""
+        self.failed_runs.add(
+            1,
+            {
+                a.FAILURE_CAUSE: cause,
+                a.GEN_AI_WORKFLOW_NAME: self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow),
             },
         )
 

@@ -52,6 +52,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from crew_otel import attributes as a
 from crew_otel.context import KICKOFF_KEY
 from crew_otel.diagnosis import error_text
+from crew_otel.diagnosis.failure_cause import Failure, SharedThing, classify
 from crew_otel.metrics import CrewOtelMetrics
 
 #: Runs (traces) whose marks are kept; the oldest are forgotten beyond this.
@@ -82,6 +83,13 @@ class _Mark:
     spans: set[int] = dataclasses.field(default_factory=set)
     #: Its origin, while whether it reaches the caller is not known yet.
     pending: PendingOrigin | None = None
+    #: The operation and span name of its origin (when this exception's span is one).
+    origin_operation: str | None = None
+    origin_name: str | None = None
+    #: A span it went through was in use by another request (the first seen).
+    shared: SharedThing | None = None
+    #: A span it went through found a SQLite database locked.
+    database_locked: bool = False
 
 
 class PendingOrigin:
@@ -139,6 +147,34 @@ class PendingOrigin:
             release()
 
 
+def _span_name(span: Span) -> str | None:
+    name = getattr(span, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def _note_path(mark: _Mark, span: Span) -> None:
+    """What the failure met on ``span`` (an SDK span tells): sharing, a locked database."""
+    attributes = getattr(span, "attributes", None)
+    if not isinstance(attributes, Mapping):
+        return
+    if attributes.get(a.DATABASE_LOCKED) is not None:
+        mark.database_locked = True
+    if mark.shared is None and attributes.get(a.SHARED_INSTANCE) is True:
+        mark.shared = shared_on(span)
+
+
+def shared_on(span: Span) -> SharedThing | None:
+    """The thing ``span``'s last ``crew_otel.shared_instance`` event names (SDK spans)."""
+    for event in reversed(tuple(getattr(span, "events", ()) or ())):
+        if getattr(event, "name", None) == a.EVENT_SHARED_INSTANCE:
+            attrs = event.attributes or {}
+            kind = attrs.get(a.SHARED_INSTANCE_KIND)
+            name = attrs.get(a.SHARED_INSTANCE_NAME) or attrs.get(a.SHARED_INSTANCE_CLASS)
+            if isinstance(kind, str):
+                return SharedThing(kind, str(name) if name is not None else kind)
+    return None
+
+
 def _stack_frames(frame: FrameType | None) -> frozenset[FrameType]:
     """The frames running in this thread from ``frame`` outwards (at most ``MAX_STACK``)."""
     frames: set[FrameType] = set()
@@ -177,8 +213,9 @@ class OriginLedger:
         self._runs: collections.OrderedDict[int, dict[int, _Mark]] = collections.OrderedDict()
         self._holders: dict[int, int] = {}
         #: Per run: whether the HTTP attempt that failed last inside a span (by span ID)
-        #: counted on a layer above to take over (``record_status`` of an origin).
-        self._inner: dict[int, dict[int, bool]] = {}
+        #: counted on a layer above to take over (``record_status`` of an origin), and its
+        #: span's name.
+        self._inner: dict[int, dict[int, tuple[bool, str | None]]] = {}
 
     def get(self, run: int, exc: BaseException) -> _Mark | None:
         with self._lock:
@@ -198,17 +235,19 @@ class OriginLedger:
             if len(marks) < MAX_MARKS_PER_RUN or id(mark.exc) in marks:
                 marks[id(mark.exc)] = mark
 
-    def note_inner(self, run: int, parent_span_id: int, recovered: bool) -> None:
-        """An origin without an exception (an HTTP attempt) inside the span ``parent_span_id``:
-        whether it counted on a layer above to take over."""
+    def note_inner(
+        self, run: int, parent_span_id: int, recovered: bool, name: str | None = None
+    ) -> None:
+        """An origin without an exception (an HTTP attempt, span ``name``) inside the span
+        ``parent_span_id``: whether it counted on a layer above to take over."""
         with self._lock:
             if run not in self._holders:
                 return  # outside a kickoff: nothing is kept for the run
             inner = self._inner.setdefault(run, {})
             if len(inner) < MAX_MARKS_PER_RUN or parent_span_id in inner:
-                inner[parent_span_id] = recovered
+                inner[parent_span_id] = (recovered, name)
 
-    def inner(self, run: int, span_id: int) -> bool | None:
+    def inner(self, run: int, span_id: int) -> tuple[bool, str | None] | None:
         """What :meth:`note_inner` noted for the span ``span_id`` (``None``: nothing)."""
         with self._lock:
             return self._inner.get(run, {}).get(span_id)
@@ -293,6 +332,29 @@ class ErrorRecorder:
         )
         return is_origin
 
+    def failure(self, span: Span, exc: BaseException) -> Failure:
+        """Why the run of ``span`` (its kickoff) failed with ``exc``, which reached the caller
+        (see :mod:`crew_otel.diagnosis.failure_cause`); call after recording ``exc`` there."""
+        run = run_key(span)
+        operation = origin = None
+        shared: SharedThing | None = None
+        locked = False
+        seen = 0
+        current: BaseException | None = exc
+        while current is not None and seen < error_text.MAX_CHAIN:
+            mark = self.ledger.get(run, current)
+            if mark is not None:
+                if operation is None and mark.origin_operation is not None:
+                    operation, origin = mark.origin_operation, mark.origin_name
+                shared = shared or mark.shared
+                locked = locked or mark.database_locked
+            seen += 1
+            current = current.__cause__ or current.__context__
+        if shared is None and span.is_recording():
+            shared = shared_on(span)  # a shared Crew: the kickoff's own span
+        cause = classify(exc, operation, shared, locked)
+        return Failure(cause, origin, shared if cause.value.startswith("shared") else None)
+
     def record_unsettled(
         self,
         span: Span,
@@ -354,6 +416,15 @@ class ErrorRecorder:
         pending = None
         if is_origin and release is not None:
             pending = mark.pending = PendingOrigin(self, mark, span, operation, release)
+        if is_origin:
+            mark.origin_operation, mark.origin_name = operation, _span_name(span)
+        elif origin is False and mark.origin_operation is None:
+            # a model call whose failed HTTP attempt is the origin
+            inner = self.ledger.inner(run, span.get_span_context().span_id)
+            if inner is not None:
+                mark.origin_operation, mark.origin_name = a.Operation.HTTP.value, inner[1]
+        if span.is_recording():
+            _note_path(mark, span)
         mark.spans.add(id(span))
         self.ledger.put(run, mark)
         if span.is_recording():
@@ -406,7 +477,8 @@ class ErrorRecorder:
         that attempt counted on a layer to take over: then ``span`` is the fatal origin."""
         if recovered:
             return False
-        return self.ledger.inner(run, span.get_span_context().span_id) is True
+        inner = self.ledger.inner(run, span.get_span_context().span_id)
+        return inner is not None and inner[0]
 
     def _same_failure(
         self, run: int, exc: BaseException, since: float | None, expected_retry: bool
@@ -440,7 +512,7 @@ class ErrorRecorder:
         """
         parent_id = getattr(getattr(span, "parent", None), "span_id", None)
         if isinstance(parent_id, int):
-            self.ledger.note_inner(run_key(span), parent_id, recovered)
+            self.ledger.note_inner(run_key(span), parent_id, recovered, _span_name(span))
         if span.is_recording():
             span.set_status(
                 Status(StatusCode.ERROR, description[: error_text.MAX_STATUS_DESCRIPTION])

@@ -68,6 +68,7 @@ class ActiveKickoff:
         "__weakref__",
         "cancel_noted",
         "error_type",
+        "failure_noted",
         "holdings",
         "instance_key",
         "lifetime",
@@ -94,6 +95,8 @@ class ActiveKickoff:
         #: error.type of the run's failure (for the duration metric), None while it succeeds.
         self.error_type: str | None = None
         self.cancel_noted = False
+        #: The run's failure was classified (once: the entry point and its delegates fail).
+        self.failure_noted = False
         #: Shared state the run's tool code touched (released when the kickoff ends).
         self.holdings: RunHoldings | None = None
         #: The attempt numbers of each task run in this kickoff, by ``id`` of the Task.
@@ -436,8 +439,32 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
 
     def on_fail(self, call: Call[KickoffData], exc: BaseException) -> None:
         record = _record_of(call)
-        if record is not None and record.error_type is None:
+        if record is None:
+            return
+        if record.error_type is None:
             record.error_type = call.error_type
+        if not record.failure_noted and record.lifetime.parent is None:
+            record.failure_noted = True
+            self._note_failure(record, exc)
+
+    def _note_failure(self, record: ActiveKickoff, exc: BaseException) -> None:
+        """A run's exception reached the caller: why, on the kickoff span and in the metric."""
+        failure = self.runtime.errors.failure(record.span, exc)
+        span = record.span
+        if span.is_recording():
+            attrs: dict[str, AttributeValue] = {attributes.FAILURE_CAUSE: failure.cause.value}
+            if failure.origin is not None:
+                attrs[attributes.FAILURE_ORIGIN] = failure.origin
+            if failure.shared is not None:
+                attrs[attributes.FAILURE_SHARED_KIND] = failure.shared.kind
+                attrs[attributes.FAILURE_SHARED_NAME] = failure.shared.name
+            span.set_attributes(attrs)
+        ctx = trace.set_span_in_context(span)
+        token = otel_context.attach(ctx)  # the point's exemplar links the failed run's trace
+        try:
+            self.runtime.metrics.failure(failure.cause.value, record.workflow)
+        finally:
+            otel_context.detach(token)
 
     def duration_point(self, call: Call[KickoffData]) -> DurationPoint | None:
         record = _record_of(call)
