@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 
 from crew_otel.testing.crews import prepare_offline_environment
 
@@ -25,9 +26,43 @@ import crew_otel  # noqa: E402
 from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults  # noqa: E402
 from crew_otel.testing.crews import make_llm, research_crew  # noqa: E402
 
+#: The seed's bug: the ticket being looked up, kept in a module global.
+CURRENT_TICKET = {"ticket": ""}
+
+
+def crosstalk(provider: FakeOpenAIProvider) -> None:
+    """Two requests whose tool keeps the current ticket in a module global: both write it,
+    then (a barrier: both have written) each reads it back, so one of them answers with the
+    other's ticket (crew_otel.crosstalk, CrewOtelCrossTalk)."""
+    from crewai.tools import tool
+
+    barrier = threading.Barrier(2)
+
+    @tool("lookup_ticket")
+    def lookup_ticket(query: str) -> str:
+        """Look a support ticket up."""
+        CURRENT_TICKET["ticket"] = query
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        return f"Status of {CURRENT_TICKET['ticket']}: open"
+
+    def one(i: int) -> None:
+        with crew_otel.request(f"crosstalk-{i}"):
+            crew = research_crew(lambda: make_llm(provider.base_url), tools=[lookup_ticket])
+            crew.kickoff(inputs={"topic": f"[[TCK-{48210 + i}]]"})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
 
 def workload(provider: FakeOpenAIProvider) -> None:
-    """The shared mixed workload, plus a 429 the rate-limit layer retries and async kickoffs."""
+    """The shared mixed workload, plus a 429 the rate-limit layer retries, async kickoffs and
+    two requests sharing a ticket through a module global."""
     provider.script(Fault.error(429, 0.01), key="limited")
 
     def rate_limited() -> None:
@@ -41,7 +76,14 @@ def workload(provider: FakeOpenAIProvider) -> None:
             research_crew(lambda: make_llm(provider.base_url)).akickoff(inputs={"topic": "[[ak]]"}),
         )
 
-    mixed_workload(provider, extra_jobs=[rate_limited, lambda: asyncio.run(async_kickoffs())])
+    mixed_workload(
+        provider,
+        extra_jobs=[
+            rate_limited,
+            lambda: asyncio.run(async_kickoffs()),
+            lambda: crosstalk(provider),
+        ],
+    )
 
 
 def main() -> None:

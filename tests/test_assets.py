@@ -119,6 +119,7 @@ def test_expected_alerts_exist() -> None:
         "CrewOtelProvider429Storm",
         "CrewOtelRetryAmplification",
         "CrewOtelSharedInstanceConflict",
+        "CrewOtelCrossTalk",
         "CrewOtelKickoffsNearLimit",
         "CrewOtelWorkflowErrorRatioHigh",
     } <= names
@@ -136,6 +137,17 @@ def test_alert_annotations(rule: dict[str, Any]) -> None:
     )
     assert "Suspect" in runbook or "Fix" in runbook
     assert rule.get("labels", {}).get("severity") in {"warning", "critical"}
+
+
+def test_crosstalk_alert_is_critical_and_names_no_request() -> None:
+    """A data leak between users pages; its text never carries a request ID or content."""
+    (rule,) = [r for r in ALERTS if r["alert"] == "CrewOtelCrossTalk"]
+    assert rule["labels"]["severity"] == "critical"
+    assert "crew_otel_crosstalk_total" in rule["expr"]
+    text = " ".join(rule["annotations"].values())
+    assert "crew_otel.crosstalk=true" in text
+    used = set(re.findall(r"\$labels\.(\w+)", text))
+    assert used <= {"job", "gen_ai_workflow_name", "crew_otel_crosstalk_source"}, used
 
 
 def test_every_alert_has_firing_and_silent_cases() -> None:
@@ -561,9 +573,17 @@ def test_dashboards_link_to_jaeger_searches() -> None:
         for link in panel.get("fieldConfig", {}).get("defaults", {}).get("links", [])
     ]
     text = "\n".join(urls)
-    for tag in ('"crew_otel.error.origin":"true"', '"crew_otel.shared_instance":"true"'):
+    for tag in (
+        '"crew_otel.error.origin":"true"',
+        '"crew_otel.shared_instance":"true"',
+        '"crew_otel.crosstalk":"true"',
+    ):
         assert tag in text, f"no Jaeger UI link searching {tag}"
-    for tag in ("crew_otel.error.origin=true", "crew_otel.shared_instance=true"):
+    for tag in (
+        "crew_otel.error.origin=true",
+        "crew_otel.shared_instance=true",
+        "crew_otel.crosstalk=true",
+    ):
         assert tag in text, f"no Explore link searching {tag}"
     assert "crew_otel.request.id" in text
     assert any(url.startswith("${jaeger_url}/search?") for url in urls)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from crew_otel.demo.driver import request_id
 from crew_otel.version import __version__
 
 CLI = shutil.which("crew-otel") or "crew-otel"
@@ -124,12 +125,12 @@ def test_demo_names_the_state_the_halffixed_service_still_shares(demo_run):
     assert set(by_kind) == {"global", "file"}, halffixed["conflicts"]
     assert by_kind["global"]["name"] == "halffixed_service.shared_context"
     assert by_kind["file"]["name"].endswith(os.sep + "report.json")
-    sent = {f"h-{i:03d}" for i in range(20)}
+    sent = {request_id("halffixed", i) for i in range(20)}
     for conflict in by_kind.values():
         assert len(conflict["request_ids"]) >= 2
         assert set(conflict["request_ids"]) <= sent
         # the first four requests ran one at a time: none of them shared anything
-        assert not {f"h-{i:03d}" for i in range(4)} & set(conflict["request_ids"])
+        assert not {request_id("halffixed", i) for i in range(4)} & set(conflict["request_ids"])
     conclusion = halffixed["conclusion"]
     assert "a module global 'halffixed_service.shared_context' written by the tool code" in (
         conclusion
@@ -151,6 +152,88 @@ def test_demo_names_the_state_the_halffixed_service_still_shares(demo_run):
     assert "Successful answers carrying another request's ticket" in result.stdout
     # the fixed service: nothing shared at all
     assert figures["services"]["support-api-fixed"]["conflicts"] == []
+
+
+def test_crew_otel_flags_exactly_the_halffixed_answers_carrying_another_ticket(demo_run):
+    """The demo reads each answer for another request's ticket; crew_otel, inside the service,
+    flags the runs that received another in-flight request's data: the same answers, request
+    by request, where it entered (the tool result, then the model and the output) and why
+    (the module global both requests wrote). The fixed service: none."""
+    result = demo_run["result"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(demo_run["summary"].read_text())
+    clients = figures["client_results"]
+    crossed = {
+        r["request_id"] for r in clients if r["service"] == "halffixed" and r["foreign_ticket"]
+    }
+    assert crossed, "no half-fixed answer carried another request's ticket"
+    crosstalk = figures["services"]["support-api-halffixed"]["crosstalk"]
+    assert set(crosstalk["request_ids"]) == crossed
+    assert crosstalk["carrying"] == len(crossed)
+    assert crosstalk["answers"] == sum(
+        1 for r in clients if r["service"] == "halffixed" and r["status"] == 200
+    )
+    assert crosstalk["by_source"]["tool_result"] == len(crossed)
+    causes = {c["name"]: c["answers"] for c in crosstalk["causes"]}
+    assert causes["halffixed_service.shared_context"] == len(crossed)
+    assert crosstalk["no_cause"] == 0
+
+    fixed = figures["services"]["support-api-fixed"]["crosstalk"]
+    assert fixed["carrying"] == 0
+    assert fixed["answers"] == 20
+    assert not any(r["foreign_ticket"] for r in clients if r["service"] == "fixed")
+    # the broken service: never more flagged than the answers carrying a concurrent ticket
+    broken = figures["services"]["support-api-broken"]["crosstalk"]
+    assert broken["carrying"] <= sum(
+        1 for r in clients if r["service"] == "broken" and r["foreign_ticket"]
+    )
+
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert f"Answers carrying another request's data: {len(crossed)} of " in text
+    assert f"halffixed {len(crossed)} of {crosstalk['answers']}" in text
+    assert "flagged by crew_otel: " in text
+    conclusion = figures["services"]["support-api-halffixed"]["conclusion"]
+    assert f"{len(crossed)} of {crosstalk['answers']} answers carried another request's data (" in (
+        conclusion
+    )
+    assert f"module global 'halffixed_service.shared_context' in {len(crossed)}" in conclusion
+
+
+def test_the_demo_fails_when_crew_otel_and_its_count_disagree() -> None:
+    """The demo's check: an answer carrying a concurrent request's ticket that crew_otel did
+    not flag is a disagreement; one carrying only the ticket of a request answered before it
+    was sent (stale state, which crew_otel does not flag) is not."""
+    import io
+
+    from rich.console import Console
+
+    from crew_otel.demo.driver import ClientResult, _print_crosstalk
+
+    def answer(index: int, foreign: list[str], sent: float, answered: float) -> ClientResult:
+        rid = request_id("halffixed", index)
+        return ClientResult(
+            "halffixed",
+            index,
+            "parallel",
+            200,
+            None,
+            1.0,
+            bool(foreign),
+            rid,
+            foreign,
+            sent,
+            answered,
+        )
+
+    console = Console(file=io.StringIO(), width=300)
+    earlier = answer(0, [], 0.0, 1.0)
+    concurrent = [answer(1, ["halffixed-10002"], 2.0, 3.0), answer(2, [], 2.0, 3.0)]
+    assert _print_crosstalk(console, [], [earlier, *concurrent]) == [
+        "halffixed: demo 1, crew_otel 0"
+    ]
+    assert "halffixed 1 of 3" in console.file.getvalue()  # type: ignore[attr-defined]
+    stale = [answer(1, ["halffixed-10000"], 2.0, 3.0)]
+    assert _print_crosstalk(console, [], [earlier, *stale]) == []
 
 
 def test_report_on_the_demo_file_reproduces_the_same_figures(demo_run, tmp_path):

@@ -134,3 +134,29 @@ def test_every_metric_name_the_assets_use_is_emitted(prometheus):
         if not name.startswith(SPAN_METRICS_PREFIX)
     }
     assert missing == set()
+
+
+def test_the_crosstalk_alert_fires_and_names_no_request_or_content(prometheus):
+    """The workload's two requests sharing a ticket through a module global: CrewOtelCrossTalk
+    fires (critical) for the service, workflow and where the data entered, and its text holds
+    neither request IDs nor tickets."""
+    _, client, base = prometheus
+
+    def firing() -> list[dict]:
+        alerts = client.get(f"{base}/alerts").json()["data"]["alerts"]
+        return [
+            a
+            for a in alerts
+            if a["labels"]["alertname"] == "CrewOtelCrossTalk" and a["state"] == "firing"
+        ]
+
+    alerts = wait_for(firing, 30, "CrewOtelCrossTalk to fire")
+    assert {a["labels"]["crew_otel_crosstalk_source"] for a in alerts} >= {"tool_result"}
+    for alert in alerts:
+        assert alert["labels"]["job"] == "support-api"
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["labels"]["gen_ai_workflow_name"]
+        text = " ".join(alert["annotations"].values())
+        assert "crew_otel.crosstalk=true" in text
+        for secret in ("crosstalk-0", "crosstalk-1", "TCK-", "48210", "48211"):
+            assert secret not in text + str(alert["labels"])

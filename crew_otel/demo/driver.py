@@ -6,10 +6,13 @@
    uvicorn, each exporting its spans as OTLP/JSON lines.
 3. Drive each with the debugging procedure of the article: requests one at a time, then bursts
    of ``--concurrency`` in parallel. Each request's ticket is a ``[[marker]]`` the provider
-   echoes, so an answer that carries another request's ticket (silent cross-talk) is counted.
+   echoes (``[[halffixed-10003]]``: five digits, so crew_otel's cross-talk detection takes it
+   for an identifier), so an answer that carries another request's ticket (silent cross-talk)
+   is counted.
 4. Stop the services (which flushes their spans), merge the span files and print the report
    (the same analysis as ``crew-otel report FILE``), plus a consistency check against what the
-   provider saw.
+   provider and the clients saw: the answers crew_otel flagged as carrying another request's
+   data must be as many as those the demo found carrying another request's ticket.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from rich.console import Console
 from crew_otel.demo.options import DemoOptions, ServeOptions
 from crew_otel.demo.services import SERVICES, service_name
 from crew_otel.otlp_json import OtlpJsonError, read_file
-from crew_otel.report.analysis import analyse, summary
+from crew_otel.report.analysis import Crosstalk, ServiceReport, analyse, summary
 from crew_otel.report.render import print_reports, save_timeline_svg
 from crew_otel.testing.ports import free_port
 from crew_otel.testing.provider import MARKER, FakeOpenAIProvider, RandomFaults
 
 STARTUP_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 60.0
+#: Request ``i`` of a service carries ticket number ``TICKET_BASE + i`` (five digits: a mark).
+TICKET_BASE = 10_000
 
 
 class DemoError(RuntimeError):
@@ -55,6 +60,28 @@ class ClientResult:
     seconds: float
     foreign_ticket: bool = False
     """The answer carries another request's ticket (cross-talk between requests)."""
+    request_id: str = ""
+    """The ``X-Request-ID`` sent (the services that read it make it the request ID)."""
+    foreign_tickets: list[str] = dataclasses.field(default_factory=list)
+    """The other requests' tickets in the answer (``halffixed-10007``)."""
+    sent_at: float = 0.0
+    answered_at: float = 0.0
+    """When the request was sent and its answer (or error) came, in seconds since the
+    service's first request."""
+
+    def overlaps(self, other: ClientResult) -> bool:
+        """Whether the two requests were in flight at the same time (as the client saw it)."""
+        return self.sent_at < other.answered_at and other.sent_at < self.answered_at
+
+
+def ticket(service: str, index: int) -> str:
+    """Request ``index``'s ticket: ``[[halffixed-10003]]``."""
+    return f"[[{service}-{TICKET_BASE + index}]]"
+
+
+def request_id(service: str, index: int) -> str:
+    """Request ``index``'s ``X-Request-ID``: ``h-10003`` (the number of its ticket)."""
+    return f"{service[0]}-{TICKET_BASE + index}"
 
 
 #: How many ports a service tries before the demo gives up (another process took the port).
@@ -128,22 +155,36 @@ def _drive(service: str, url: str, options: DemoOptions) -> list[ClientResult]:
     sequential = max(1, min(4, options.requests // 5))
     results: list[ClientResult] = []
 
+    first = time.perf_counter()
+
     def send(client: httpx.Client, index: int, phase: str) -> ClientResult:
-        ticket = f"[[{service}-{index:03d}]]"
+        own, rid = ticket(service, index), request_id(service, index)
         started = time.perf_counter()
+        status: int | None = None
+        error: str | None = None
+        foreign: list[str] = []
         try:
             response = client.post(
-                f"{url}/tickets",
-                json={"ticket": ticket},
-                headers={"X-Request-ID": f"{service[0]}-{index:03d}"},
+                f"{url}/tickets", json={"ticket": own}, headers={"X-Request-ID": rid}
             )
-            seconds = time.perf_counter() - started
-            foreign = response.status_code == 200 and _foreign_ticket(response, ticket)
-            return ClientResult(service, index, phase, response.status_code, None, seconds, foreign)
+            status = response.status_code
+            foreign = _foreign_tickets(response, own) if status == 200 else []
         except httpx.HTTPError as exc:
-            return ClientResult(
-                service, index, phase, None, type(exc).__name__, time.perf_counter() - started
-            )
+            error = type(exc).__name__
+        ended = time.perf_counter()
+        return ClientResult(
+            service,
+            index,
+            phase,
+            status,
+            error,
+            ended - started,
+            bool(foreign),
+            rid,
+            foreign,
+            started - first,
+            ended - first,
+        )
 
     limits = httpx.Limits(max_connections=options.concurrency + 2)
     with httpx.Client(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
@@ -158,14 +199,29 @@ def _drive(service: str, url: str, options: DemoOptions) -> list[ClientResult]:
     return results
 
 
-def _foreign_ticket(response: httpx.Response, ticket: str) -> bool:
-    """Whether the answer names a ticket other than the request's own."""
+def _foreign_tickets(response: httpx.Response, ticket: str) -> list[str]:
+    """The tickets other than the request's own that the answer names."""
     try:
         answer = str(response.json().get("result", ""))
     except (ValueError, AttributeError):
-        return False
+        return []
     own = ticket.strip("[]")
-    return any(marker not in (own, "none") for marker in MARKER.findall(answer))
+    found = dict.fromkeys(MARKER.findall(answer))
+    return [marker for marker in found if marker not in (own, "none")]
+
+
+def _tickets_by_when(
+    result: ClientResult, results: dict[str, ClientResult]
+) -> tuple[list[str], list[str]]:
+    """The foreign tickets in ``result``'s answer: (those of requests in flight at the same
+    time as the client saw it, those of requests answered before it was sent). ``results`` is
+    by ticket; a ticket the demo did not send counts as in flight."""
+    in_flight: list[str] = []
+    earlier: list[str] = []
+    for foreign in result.foreign_tickets:
+        other = results.get(foreign)
+        (in_flight if other is None or other.overlaps(result) else earlier).append(foreign)
+    return in_flight, earlier
 
 
 def run(options: DemoOptions, console: Console) -> int:
@@ -250,14 +306,7 @@ def _report(
         f"traces show {traced_requests}.",
         highlight=False,
     )
-    crosstalk = Counter(r.service for r in client_results if r.foreign_ticket)
-    sent = Counter(r.service for r in client_results)
-    console.print(
-        "Successful answers carrying another request's ticket (silent cross-talk): "
-        + ", ".join(f"{s} {crosstalk[s]} of {sent[s]}" for s in sent)
-        + ".",
-        highlight=False,
-    )
+    mismatch = _print_crosstalk(console, reports, client_results)
     if options.summary_json is not None:
         figures = summary(reports)
         figures.update(
@@ -273,6 +322,71 @@ def _report(
         problems.append("requests in the traces do not match the requests sent")
     if any(r.status is None for r in client_results):
         problems.append("some requests got no HTTP response at all")
+    if mismatch:
+        problems.append(
+            "answers carrying another request's data: crew_otel and the demo disagree ("
+            + ", ".join(mismatch)
+            + ")"
+        )
     if problems:
         raise DemoError("; ".join(problems))
     return 0
+
+
+def _print_crosstalk(
+    console: Console, reports: list[ServiceReport], client_results: list[ClientResult]
+) -> list[str]:
+    """Print, per service, the successful answers carrying another request's ticket (what the
+    demo saw) and those crew_otel flagged as carrying another in-flight request's data; return
+    the services where the two disagree (``halffixed: demo 7, crew_otel 6``).
+
+    crew_otel flags only data of runs in flight at the same time. When no answer of a service
+    carries the ticket of a request answered before it was sent, the demo's count of answers
+    carrying another request's ticket must equal crew_otel's. When some do (stale state: a
+    shared Agent remembering earlier runs), the client cannot tell which runs overlapped in
+    the service (a run may wait there for a worker thread), so crew_otel's count must only not
+    exceed the answers carrying the ticket of a request in flight at the same time as the
+    client saw it."""
+    by_service = {r.service: r.crosstalk for r in reports}
+    services = list(dict.fromkeys(r.service for r in client_results))
+    by_ticket = {ticket(r.service, r.index).strip("[]"): r for r in client_results}
+    answered = Counter(r.service for r in client_results if r.status == 200)
+    foreign: Counter[str] = Counter()
+    in_flight: Counter[str] = Counter()  # with the ticket of a request in flight at the time
+    stale: Counter[str] = Counter()  # with the ticket of a request answered before it was sent
+    stale_only: Counter[str] = Counter()  # with no other
+    for result in (r for r in client_results if r.foreign_ticket):
+        current, earlier = _tickets_by_when(result, by_ticket)
+        foreign[result.service] += 1
+        in_flight[result.service] += bool(current)
+        stale[result.service] += bool(earlier)
+        stale_only[result.service] += not current
+    flagged = {s: by_service.get(service_name(s), Crosstalk()) for s in services}
+
+    def seen(service: str) -> str:
+        text = f"{service} {foreign[service]} of {answered[service]}"
+        if stale[service]:
+            text += (
+                f" ({stale[service]} with the ticket of a request answered before it was sent, "
+                f"{stale_only[service]} with no other)"
+            )
+        return text
+
+    console.print(
+        "Successful answers carrying another request's ticket (silent cross-talk), seen by the "
+        f"demo: {', '.join(seen(s) for s in services)}; answers carrying another in-flight "
+        "request's data, flagged by crew_otel: "
+        + ", ".join(f"{s} {flagged[s].carrying} of {flagged[s].answers}" for s in services)
+        + ".",
+        highlight=False,
+    )
+
+    def disagree(service: str) -> bool:
+        carrying = flagged[service].carrying
+        if stale[service]:  # which runs overlapped in the service: the client cannot tell
+            return carrying > in_flight[service]
+        return carrying != foreign[service]
+
+    return [
+        f"{s}: demo {foreign[s]}, crew_otel {flagged[s].carrying}" for s in services if disagree(s)
+    ]

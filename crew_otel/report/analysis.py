@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -123,6 +124,64 @@ class OriginCount:
     count: int
 
 
+#: Where foreign data entered a run, in the order the report names them.
+CROSSTALK_SOURCES = (a.CROSSTALK_TOOL_RESULT, a.CROSSTALK_MODEL_INPUT, a.CROSSTALK_OUTPUT)
+
+
+@dataclasses.dataclass
+class CrosstalkCause:
+    """A shared thing both requests of a cross-talk pair touched (a ``crew_otel.shared_instance``
+    event of one naming the other), with how many answers it explains."""
+
+    kind: str
+    name: str
+    what: str
+    answers: int
+
+
+@dataclasses.dataclass
+class Crosstalk:
+    """Answers carrying another request's data (``crew_otel.crosstalk``).
+
+    A run is an outermost kickoff span (a crew a flow kicks off is part of the flow's run); an
+    *answer* is a run that ended without error. A run is carrying when its kickoff span has
+    ``crew_otel.crosstalk=true`` or a ``crew_otel.crosstalk`` event sits on it or below it.
+    Failed runs are no answers (they answered nobody): those carrying foreign data are counted
+    in :attr:`failed_runs` only.
+    """
+
+    answers: int = 0
+    carrying: int = 0
+    request_ids: list[str] = dataclasses.field(default_factory=list)
+    """The request IDs of the carrying answers (those that have one), sorted."""
+    by_source: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Carrying answers per ``crew_otel.crosstalk.source`` (an answer counts once per source)."""
+    causes: list[CrosstalkCause] = dataclasses.field(default_factory=list)
+    """Shared things both requests of a pair touched, most answers first."""
+    no_cause: int = 0
+    """Carrying answers for which no shared thing was named (state crew_otel cannot see)."""
+    failed_runs: int = 0
+
+    def clause(self) -> str:
+        """``3 of 5 answers carried another request's data (both requests touched ...)``, or
+        nothing when no answer did."""
+        if not self.carrying:
+            return ""
+        text = f"{self.carrying} of {self.answers} answers carried another request's data"
+        why = self.why()
+        return f"{text} ({why})" if why else text
+
+    def why(self) -> str:
+        """The shared things named as the cause, and how many answers have none."""
+        parts = []
+        if self.causes:
+            things = ", ".join(f"{c.what} in {c.answers}" for c in self.causes)
+            parts.append(f"both requests touched {things}")
+        if self.causes and self.no_cause:
+            parts.append(f"no shared thing named in {self.no_cause}")
+        return "; ".join(parts)
+
+
 @dataclasses.dataclass
 class ServiceReport:
     """Everything the report says about one service."""
@@ -143,6 +202,7 @@ class ServiceReport:
     processes: list[str] = dataclasses.field(default_factory=list)
     diagnoses: list[str] = dataclasses.field(default_factory=list)
     """Findings the spans carry besides failures and sharing, one sentence each."""
+    crosstalk: Crosstalk = dataclasses.field(default_factory=Crosstalk)
 
     @property
     def failed(self) -> int:
@@ -164,6 +224,7 @@ _KEPT_ATTRIBUTES = frozenset(
         a.ERROR_ORIGIN,
         a.ERROR_RECOVERED,
         a.SHARED_INSTANCE,
+        a.CROSSTALK,
         a.HTTP_RESEND_COUNT,
         "http.request.method",
         "http.method",
@@ -199,6 +260,8 @@ class _Span:
     process: str
     attributes: dict[str, Any]
     shared: tuple[dict[str, object], ...]
+    crosstalk: tuple[tuple[str, tuple[str, ...]], ...]
+    """``crew_otel.crosstalk`` events: (source, other request IDs)."""
     rate_limit_retries: int
     seq: int
 
@@ -215,6 +278,14 @@ def _compact(span: SpanRecord, seq: int) -> _Span:
         process=span.process,
         attributes={k: v for k, v in span.attributes.items() if k in _KEPT_ATTRIBUTES},
         shared=tuple(attrs for name, _, attrs in span.events if name == a.EVENT_SHARED_INSTANCE),
+        crosstalk=tuple(
+            (
+                str(attrs.get(a.CROSSTALK_SOURCE, "")),
+                tuple(_ids(attrs, a.CROSSTALK_OTHER_REQUEST_IDS)),
+            )
+            for name, _, attrs in span.events
+            if name == a.EVENT_CROSSTALK
+        ),
         rate_limit_retries=sum(
             1
             for name, _, attrs in span.events
@@ -264,7 +335,12 @@ def _is_http_attempt(span: _Span, by_id: dict[str, _Span]) -> bool:
 
 
 def _other_ids(event: dict[str, object]) -> list[str]:
-    others = event.get(a.SHARED_INSTANCE_OTHER_REQUEST_IDS) or ()
+    return _ids(event, a.SHARED_INSTANCE_OTHER_REQUEST_IDS)
+
+
+def _ids(event: dict[str, object], key: str) -> list[str]:
+    """A string-array attribute of an event (a lone string is one)."""
+    others = event.get(key) or ()
     if isinstance(others, str):
         return [others]
     return [str(o) for o in others] if isinstance(others, (list, tuple)) else []
@@ -340,12 +416,49 @@ class _Findings:
             self.requests[a.EVENT_CALLER_CANCELLED].add(trace_id)
 
 
+#: What makes shared things one: (process, kind, class for objects, name).
+_ThingKey = tuple[str, str, str, str]
+
+
+@dataclasses.dataclass(slots=True)
+class _CarryingRun:
+    """An answer that carried another request's data: what the report keeps of it."""
+
+    request_id: str | None
+    sources: set[str]
+    others: set[str]
+
+
+def _pair(one: str, other: str) -> tuple[str, str]:
+    return (one, other) if one <= other else (other, one)
+
+
+def _outermost_kickoff(span: _Span, by_id: dict[str, _Span]) -> _Span | None:
+    """The run ``span`` belongs to: the outermost kickoff span above it (or itself)."""
+    found = None
+    current: _Span | None = span
+    for _ in range(len(by_id) + 1):  # a parent cycle in a hostile file ends here
+        if current is None:
+            break
+        if current.name.startswith(a.SPAN_WORKFLOW):
+            found = current
+        current = by_id.get(current.parent_id or "")
+    return found
+
+
 class _Service:
     """One service's figures, built as its spans stream in and its traces finish."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.conflicts: dict[tuple[str, str, str, str], Conflict] = {}
+        self.conflicts: dict[_ThingKey, Conflict] = {}
+        #: Two requests (sorted) -> the shared things an event of one named the other at.
+        self.shared_pairs: dict[tuple[str, str], set[_ThingKey]] = {}
+        #: Runs that ended without error, those of them that carried another request's
+        #: data, and failed runs that did (per-run facts: kept after their trace is done).
+        self.answers = 0
+        self.carrying: list[_CarryingRun] = []
+        self.failed_carrying = 0
         self.findings = _Findings()
         self.origins: Counter[tuple[str, str, bool]] = Counter()
         self.origin_seq: dict[tuple[str, str, bool], int] = {}
@@ -392,6 +505,11 @@ class _Service:
             others = _other_ids(event)
             conflict.request_ids.update(o for o in others if o != "unknown")
             conflict.at_once = max(conflict.at_once, 1 + len(others))
+            if isinstance(own, str):
+                for other in others:
+                    if other not in ("unknown", own):
+                        pair = _pair(sys.intern(own), sys.intern(other))
+                        self.shared_pairs.setdefault(pair, set()).add(key)
 
     def sweep(self, clock: int, settle_ns: int, abandon_ns: int) -> None:
         """Finish the traces that are complete: every parent read and ``settle_ns`` of file
@@ -425,6 +543,7 @@ class _Service:
                 resend = span.attributes.get(a.HTTP_RESEND_COUNT)
                 if isinstance(resend, int) and resend > 0:
                     self.retries[a.RETRY_LAYER_HTTP] += 1
+        self._runs(trace.spans, by_id)
         made = self.finished.get(trace_id, False)
         if not made:
             request = _request(trace_id, trace.spans, by_id)
@@ -432,6 +551,67 @@ class _Service:
                 self.requests.append((trace.seq, request))
                 made = True
         self.finished[trace_id] = made
+
+    def _runs(self, spans: list[_Span], by_id: dict[str, _Span]) -> None:
+        """Count the trace's runs (outermost kickoffs): answers, and those carrying another
+        request's data with where it entered (the cross-talk events below each)."""
+        entered: dict[str, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
+        for span in spans:
+            if span.crosstalk:
+                run = _outermost_kickoff(span, by_id)
+                if run is not None:
+                    entered[run.span_id].extend(span.crosstalk)
+        for span in spans:
+            if not span.name.startswith(a.SPAN_WORKFLOW):
+                continue
+            if _outermost_kickoff(span, by_id) is not span:
+                continue
+            events = entered.get(span.span_id, [])
+            carrying = bool(events) or span.attributes.get(a.CROSSTALK) is True
+            if span.status == "ERROR":
+                self.failed_carrying += carrying
+                continue
+            self.answers += 1
+            if carrying:
+                request_id = span.attributes.get(a.REQUEST_ID)
+                self.carrying.append(
+                    _CarryingRun(
+                        sys.intern(request_id) if isinstance(request_id, str) else None,
+                        {source for source, _ in events},
+                        {other for _, others in events for other in others},
+                    )
+                )
+
+    def crosstalk(self) -> Crosstalk:
+        """The answers carrying another request's data, where it entered and the shared
+        things both requests of a pair touched."""
+        sources: Counter[str] = Counter()
+        causes: Counter[tuple[str, str, str]] = Counter()
+        no_cause = 0
+        for run in self.carrying:
+            sources.update(run.sources)
+            things: set[_ThingKey] = set()
+            if run.request_id is not None:
+                for other in run.others:
+                    things |= self.shared_pairs.get(_pair(run.request_id, other), set())
+            named = {(k[1], k[3], self.conflicts[k].label) for k in things}
+            causes.update(named)
+            no_cause += not named
+        order = [*CROSSTALK_SOURCES, *sorted(set(sources) - set(CROSSTALK_SOURCES))]
+        return Crosstalk(
+            answers=self.answers,
+            carrying=len(self.carrying),
+            request_ids=sorted(r.request_id for r in self.carrying if r.request_id is not None),
+            by_source={source: sources[source] for source in order if sources[source]},
+            causes=[
+                CrosstalkCause(kind, name, what, n)
+                for (kind, name, what), n in sorted(
+                    causes.items(), key=lambda kn: (-kn[1], kn[0][2])
+                )
+            ],
+            no_cause=no_cause,
+            failed_runs=self.failed_carrying,
+        )
 
     def report(self) -> ServiceReport:
         for trace_id in sorted(self.open, key=lambda t: self.open[t].seq):
@@ -464,6 +644,7 @@ class _Service:
             concurrency_scope=scope,
             processes=sorted({r.process for r in requests if r.process}),
             diagnoses=_diagnoses(self.findings, origins),
+            crosstalk=self.crosstalk(),
         )
         report.conclusion = conclude(report)
         return report
@@ -696,14 +877,19 @@ def conclude(report: ServiceReport) -> str:
         return "No requests were traced."
     objects = [c for c in report.conflicts if not c.is_state]
     state = _shared_state(report)
+    harm = report.crosstalk.clause()
     if not report.failed:
         text = f"All {total} requests succeeded"
-        if objects:
-            text += f", but {len(objects)} shared object(s) were used by concurrent requests"
-        if state:
-            text += ("; " if objects else ", but ") + state
+        objects_used = (
+            f"{len(objects)} shared object(s) were used by concurrent requests" if objects else ""
+        )
+        buts = [clause for clause in (harm, objects_used, state) if clause]
+        if buts:
+            text += ", but " + "; ".join(buts)
         return "; ".join([text, *report.diagnoses]) + "."
     parts = [f"{report.failed} of {total} requests failed"]
+    if harm:
+        parts.append(harm)
     for cause, count in report.causes.most_common():
         verb = (
             "began in"
@@ -797,6 +983,7 @@ def summary(reports: list[ServiceReport]) -> dict[str, object]:
                 "concurrency_scope": r.concurrency_scope,
                 "processes": r.processes,
                 "diagnoses": r.diagnoses,
+                "crosstalk": dataclasses.asdict(r.crosstalk),
                 "causes": dict(r.causes.most_common()),
                 "conclusion": r.conclusion,
             }

@@ -91,6 +91,37 @@ def timeline(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Text:
     return text
 
 
+def crosstalk_lines(report: ServiceReport) -> list[Text]:
+    """``Answers carrying another request's data: N of M``, where it entered, and the shared
+    things both requests of each pair touched (nothing when the service made no answer)."""
+    crosstalk = report.crosstalk
+    if not crosstalk.answers and not crosstalk.failed_runs:
+        return []
+    style = "red" if crosstalk.carrying else "green"
+    line = Text.assemble(
+        ("Answers carrying another request's data: ", "bold"),
+        (f"{crosstalk.carrying} of {crosstalk.answers}", style),
+    )
+    if crosstalk.by_source:
+        where = ", ".join(f"{source} {n}" for source, n in crosstalk.by_source.items())
+        line.append(f"   entered at {where}")
+    lines = [line]
+    why = []
+    if crosstalk.causes:
+        things = ", ".join(f"{c.what} in {c.answers}" for c in crosstalk.causes)
+        why.append(f"cause: both requests touched {things}")
+    if crosstalk.no_cause:
+        why.append(f"no shared thing named in {crosstalk.no_cause}")
+    if why:
+        lines.append(Text("  " + "; ".join(why)))
+    if crosstalk.failed_runs:
+        runs = "run also" if crosstalk.failed_runs == 1 else "runs also"
+        lines.append(
+            Text(f"  {crosstalk.failed_runs} failed {runs} carried another request's data")
+        )
+    return lines
+
+
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for column in columns:
@@ -113,6 +144,8 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
             f"  ({failures})" if failures else "",
         )
     )
+
+    parts.extend(crosstalk_lines(report))
 
     if report.origins:
         origins = _table(

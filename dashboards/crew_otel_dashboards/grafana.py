@@ -143,6 +143,7 @@ ANY_ORIGIN = TraceSearch("error origins", {a.ERROR_ORIGIN: TRUE})
 FATAL = TraceSearch("unrecovered error origins", {a.ERROR_ORIGIN: TRUE, a.ERROR_RECOVERED: "false"})
 RECOVERED = TraceSearch("retried (recovered) errors", {a.ERROR_RECOVERED: TRUE})
 SHARED = TraceSearch("shared-instance conflicts", {a.SHARED_INSTANCE: TRUE})
+CROSSTALK = TraceSearch("runs carrying another request's data", {a.CROSSTALK: TRUE})
 REQUEST = TraceSearch("traces of request ${request_id}", {a.REQUEST_ID: "${request_id}"})
 
 

@@ -1,12 +1,23 @@
 """Shared-instance conflicts: one Crew, Agent, Task, tool or LLM object used by two requests at
-the same time, next to concurrency."""
+the same time, next to concurrency, and the harm itself: answers carrying another request's
+data (cross-talk)."""
 
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as db
 
 from . import promql as q
-from .grafana import SHARED, Ids, base_dashboard, query, row, stat_panel, table_panel, ts
+from .grafana import (
+    CROSSTALK,
+    SHARED,
+    Ids,
+    base_dashboard,
+    query,
+    row,
+    stat_panel,
+    table_panel,
+    ts,
+)
 
 
 def build() -> db.Dashboard:
@@ -72,6 +83,24 @@ def build() -> db.Dashboard:
                 "short",
                 searches=(SHARED,),
                 bars=True,
+            )
+        )
+        .with_panel(
+            ts(
+                ids,
+                "Answers carrying another request's data",
+                "Runs per second that received another in-flight request's data "
+                "(crew_otel.crosstalk), by where it entered (tool_result, model_input, output) "
+                "and workflow: a data leak between users, whatever shared it. The traces: "
+                "crew_otel.crosstalk=true on the kickoff span.",
+                [
+                    query(
+                        q.sum_by(q.by(q.CROSSTALK_SOURCE, q.WORKFLOW), q.rate(q.CROSSTALK)),
+                        q.legend(q.CROSSTALK_SOURCE, q.WORKFLOW),
+                    )
+                ],
+                "reqps",
+                searches=(CROSSTALK,),
             )
         )
         .with_panel(
