@@ -190,8 +190,6 @@ ERROR_TYPE_GUARDRAIL_REJECTED = "guardrail_rejected"
 
 # Values of crew_otel.origin.operation that are no gen_ai.operation.name (see Operation).
 ORIGIN_HTTP = Operation.HTTP.value
-ORIGIN_TASK = Operation.TASK.value
-ORIGIN_STEP = Operation.STEP.value
 
 MAX_NAME_LENGTH = 64
 
@@ -209,7 +207,6 @@ FLOW_KIND_START = "start"
 FLOW_KIND_LISTEN = "listen"
 FLOW_KIND_ROUTER = "router"
 DEFAULT_FLOW_METHOD_NAME = "method"
-ORIGIN_FLOW_STEP = Operation.FLOW_STEP.value
 
 DEFAULT_AGENT_NAME = "agent"
 DEFAULT_TOOL_NAME = "tool"
@@ -524,7 +521,6 @@ CREWAI_MEMORY_QUEUE_WAIT = "crewai.memory.queue_wait"
 #: ``plan``, INTERNAL); its model calls nest under it.
 SPAN_PLAN = Operation.PLAN.value
 OP_PLAN = Operation.PLAN.value
-ORIGIN_PLAN = Operation.PLAN.value
 #: Whose plan it is: ``crew`` (``Crew(planning=True)``) or ``agent`` (an agent's reasoning).
 CREWAI_PLAN_SCOPE = "crewai.plan.scope"
 PLAN_SCOPE_CREW = "crew"

@@ -512,10 +512,6 @@ def iter_lines(lines: Iterable[bytes | str], log: ReadLog) -> Iterator[SpanRecor
         yield from records
 
 
-def _text(line: bytes | str) -> str:
-    return line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-
-
 def _document(
     head: list[bytes | str], rest: Iterator[tuple[int, bytes | str]], log: ReadLog
 ) -> Iterator[SpanRecord]:

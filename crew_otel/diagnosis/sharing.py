@@ -50,12 +50,6 @@ class Kind(StrEnum):
 
 
 # The kinds by their former names.
-KIND_CREW = Kind.CREW
-KIND_AGENT = Kind.AGENT
-KIND_TASK = Kind.TASK
-KIND_TOOL = Kind.TOOL
-KIND_LLM = Kind.LLM
-KIND_TASK_INPUTS = Kind.TASK_INPUTS
 KIND_GLOBAL = Kind.GLOBAL
 KIND_FILE = Kind.FILE
 KIND_DATABASE = Kind.DATABASE
