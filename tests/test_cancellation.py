@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -39,9 +39,8 @@ from tests.test_metrics import points
 Outcome = tuple[str, bool, str]
 ORIGIN = "crew_otel.error.origin"
 RECOVERED = "crew_otel.error.recovered"
-#: How long the fake provider holds the cancelled runs' first model call.
-MODEL_DELAY = 1.0
-SETTLE_DEADLINE = 10.0
+#: A bound against a broken test (a run that never reaches its model call), not a measurement.
+PARK_TIMEOUT = 60.0
 
 
 class StartEndTracker(SpanProcessor):
@@ -89,15 +88,10 @@ class Tracked:
             tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
         )
 
-    def settle(self, provider: FakeOpenAIProvider) -> Spans:
-        """Wait (bounded) until the provider answered everything and every span ended."""
-        deadline = time.monotonic() + SETTLE_DEADLINE
-        while time.monotonic() < deadline:
-            answered = all(r.finished for r in provider.requests)
-            if answered and not self.tracker.open_spans():
-                break
-            time.sleep(0.05)
-        time.sleep(0.1)  # a span ending after the last one we waited for would show up here
+    def spans(self) -> Spans:
+        """What was exported. Call it once every thread that ran CrewAI code has finished:
+        ``asyncio.run`` returns only when its loop's worker threads (where a cancelled run's
+        model call goes on until the provider answers) are done, and the tests join theirs."""
         return Spans(self.exporter.get_finished_spans())
 
 
@@ -162,24 +156,34 @@ def cancelled_runs(
 ) -> Callable[[], Any]:
     """A coroutine factory: one ``wait_for(akickoff)`` per marker, all concurrently.
 
-    Each timeout starts once the provider holds the run's first model request (delayed by
-    ``MODEL_DELAY``), so it expires while that model call is in flight, however slow the
-    machine is to get there.
+    The provider parks each run's first model request at a gate of its own; the timeout starts
+    once it is parked and the gate opens only when the timeout has expired, so the run is
+    cancelled while that model call is in flight, however slow the machine is.
     """
+    gates = {marker: provider.gate(f"cancel:{marker}") for marker in markers}
+    for marker, gate in gates.items():
+        provider.script(Fault.hold(gate.name), key=marker)
 
-    async def run(marker: str, timeout: float) -> BaseException | None:
+    async def run(marker: str, timeout: float, waiter: ThreadPoolExecutor) -> BaseException | None:
         crew = research_crew(lambda: make_llm(provider.base_url))
+        gate = gates[marker]
         kickoff = asyncio.ensure_future(crew.akickoff(inputs={"topic": f"[[{marker}]]"}))
-        while not kickoff.done() and not any(marker in r.markers for r in provider.requests):
-            await asyncio.sleep(0.01)
         try:
-            await asyncio.wait_for(kickoff, timeout)
-        except BaseException as exc:
-            return exc
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(waiter, gate.wait_parked, 1, PARK_TIMEOUT)
+            try:
+                await asyncio.wait_for(kickoff, timeout)
+            except BaseException as exc:
+                return exc
+        finally:
+            gate.open()
         return None
 
     async def main() -> list[BaseException | None]:
-        return list(await asyncio.gather(*(run(k, t) for k, t in zip(markers, timeouts))))
+        # not the loop's executor for the waits: the runs' steps use that one
+        with ThreadPoolExecutor(len(markers)) as waiter:
+            runs = (run(k, t, waiter) for k, t in zip(markers, timeouts, strict=True))
+            return list(await asyncio.gather(*runs))
 
     return main
 
@@ -192,8 +196,6 @@ def test_wait_for_timeouts_during_model_calls_close_every_span(
     tracked, fake_provider, metric_reader
 ):
     markers = [f"wf{i}" for i in range(4)]
-    for marker in markers:
-        fake_provider.script(Fault.delay(MODEL_DELAY), key=marker)
     timeouts = [0.05, 0.1, 0.2, 0.3]
 
     async def main() -> tuple[list[BaseException | None], str]:
@@ -207,7 +209,7 @@ def test_wait_for_timeouts_during_model_calls_close_every_span(
     results, raw = asyncio.run(main())
     assert all(isinstance(r, TimeoutError) for r in results), results
     assert "[[fine]]" in raw, "a sibling run in the same loop is unaffected"
-    spans = tracked.settle(fake_provider)
+    spans = tracked.spans()
     assert_whole_trace(tracked, spans)
     for marker in markers:
         assert_cancelled_run(trace_of(spans, fake_provider, marker))
@@ -221,8 +223,6 @@ def test_wait_for_timeouts_in_loops_of_several_threads_close_every_span(
     tracked, fake_provider, metric_reader
 ):
     markers = [f"th{i}" for i in range(4)]
-    for marker in markers:
-        fake_provider.script(Fault.delay(MODEL_DELAY), key=marker)
     results: dict[int, list[BaseException | None]] = {}
 
     def in_thread(i: int) -> None:
@@ -237,7 +237,7 @@ def test_wait_for_timeouts_in_loops_of_several_threads_close_every_span(
     got = [r for i in range(2) for r in results[i]]
     assert len(got) == 4
     assert all(isinstance(r, TimeoutError) for r in got), got
-    spans = tracked.settle(fake_provider)
+    spans = tracked.spans()
     assert_whole_trace(tracked, spans)
     for marker in markers:
         assert_cancelled_run(trace_of(spans, fake_provider, marker))
@@ -255,8 +255,9 @@ def interrupted_loops(provider: FakeOpenAIProvider, tag: str) -> tuple[list[Outc
 
     outcomes: dict[int, Outcome] = {}
     sibling: list[str] = []
-    # The ordinary run's model calls are slow enough to overlap the interrupted ones.
-    provider.script(Fault.delay(0.3), Fault.delay(0.3), key=f"{tag}sib")
+    # The ordinary run is inside its first model call until both interrupted loops ended.
+    gate = provider.gate(f"{tag}sib")
+    provider.script(Fault.hold(gate.name), key=f"{tag}sib")
 
     def interrupted(i: int) -> None:
         raised: list[BaseException] = []
@@ -282,11 +283,17 @@ def interrupted_loops(provider: FakeOpenAIProvider, tag: str) -> tuple[list[Outc
         sibling.append(asyncio.run(crew.akickoff(inputs={"topic": f"[[{tag}sib]]"})).raw)
 
     threads = [threading.Thread(target=interrupted, args=(i,)) for i in range(2)]
-    threads.append(threading.Thread(target=ordinary))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    ordinary_thread = threading.Thread(target=ordinary)
+    ordinary_thread.start()
+    try:
+        gate.wait_parked(1, PARK_TIMEOUT)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        gate.open()
+    ordinary_thread.join(timeout=30)
     return [outcomes[i] for i in range(2)], sibling[0]
 
 
@@ -303,7 +310,7 @@ def test_keyboard_interrupt_in_a_tool_under_akickoff_has_one_origin(
     assert outcomes == plain, "the caller gets the same as without instrumentation"
     assert "[[otelsib]]" in sibling
 
-    spans = tracked.settle(fake_provider)
+    spans = tracked.spans()
     assert_whole_trace(tracked, spans)
     flagged = [s for s in spans.all if attr(s, ORIGIN)]
     assert [s.name for s in flagged] == ["execute_tool interrupting_lookup"] * 2

@@ -206,11 +206,19 @@ def test_memory_knowledge_and_embeddings_spans_under_concurrent_requests(
 def test_a_memory_shared_by_two_requests_is_flagged_on_its_spans(otel, fake_provider, tmp_path):
     shared = own_memory(fake_provider, tmp_path / "shared")
     markers = ["s0", "s1"]
-    for marker in markers:  # slow embeddings make the two requests' memory calls overlap
-        fake_provider.script(*[Fault.delay(0.3)] * 3, key=marker, endpoint="embeddings")
+    # A run's first embeddings request of its own is its memory search's: both requests are
+    # inside a search of the shared memory at once.
+    gate = fake_provider.gate("searching")
+    for marker in markers:
+        fake_provider.script(Fault.hold(gate.name), key=marker, endpoint="embeddings")
     crews = {m: memory_crew(fake_provider, m, shared) for m in markers}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(markers, pool.map(lambda m: crews[m].kickoff(), markers), strict=True))
+        try:
+            futures = {m: pool.submit(crews[m].kickoff) for m in markers}
+            gate.wait_parked(len(markers))
+        finally:
+            gate.open()
+        results = {m: future.result() for m, future in futures.items()}
     for marker in markers:
         assert f"[[{marker}]]" in results[marker].raw
     spans = Spans(otel.get_finished_spans())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
-import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +13,7 @@ from opentelemetry.sdk.metrics.export import Histogram, InMemoryMetricReader
 
 import crew_otel
 from crew_otel import metrics as m
-from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults
+from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID
 from tests.workloads import mixed_workload
@@ -34,6 +32,7 @@ ALLOWED_METRIC_ATTRIBUTES = {
     "crew_otel.origin.operation",
     "crew_otel.error.recovered",
     "crew_otel.shared_instance.kind",
+    "crew_otel.failure.cause",  # one of a fixed set of causes (crew_otel.failures)
 }
 
 
@@ -62,7 +61,8 @@ def total(points_: list, **attributes: str) -> float:
 def test_every_instrument_after_a_concurrent_mixed_run(otel, fake_provider, metric_reader):
     mixed_workload(fake_provider)
     found = points(metric_reader)
-    assert set(m.INSTRUMENT_NAMES) - {m.KICKOFF_QUEUE_WAIT} <= set(found)
+    # (no run of this workload receives another's data: cross-talk has tests of its own)
+    assert set(m.INSTRUMENT_NAMES) - {m.KICKOFF_QUEUE_WAIT, m.CROSSTALK} <= set(found)
 
     workflows = found[m.WORKFLOW_DURATION]
     assert total(workflows) == 6
@@ -221,80 +221,75 @@ def test_exemplars_point_at_exported_traces(otel, fake_provider, metric_reader):
     }
 
 
-class ActiveSampler:
-    """Samples crew_otel.kickoffs.active through the metric reader while a run is going."""
-
-    def __init__(self, reader: InMemoryMetricReader) -> None:
-        self.reader = reader
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self.current())
-            time.sleep(0.005)
-
-    def current(self) -> float:
-        return sum(p.value for p in points(self.reader).get(m.KICKOFFS_ACTIVE, []))
-
-    def __enter__(self) -> ActiveSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def in_flight(reader: InMemoryMetricReader) -> float:
+    """crew_otel.kickoffs.active now."""
+    return sum(p.value for p in points(reader).get(m.KICKOFFS_ACTIVE, []))
 
 
 @pytest.mark.parametrize("n", [1, 5, 12])
-def test_peak_in_flight_equals_concurrent_kickoffs_threads(otel, metric_reader, n):
-    with FakeOpenAIProvider(random_faults=RandomFaults(latency=0.3)) as provider:
-        barrier = threading.Barrier(n)
+def test_peak_in_flight_equals_concurrent_kickoffs_threads(otel, fake_provider, metric_reader, n):
+    gate = fake_provider.gate("peak")
+    for i in range(n):
+        fake_provider.script(Fault.hold(gate.name), key=f"n{i}")
 
-        def run(i: int) -> None:
-            crew = research_crew(lambda: make_llm(provider.base_url))
-            barrier.wait()
-            crew.kickoff(inputs={"topic": f"[[n{i}]]"})
+    def run(i: int) -> None:
+        research_crew(lambda: make_llm(fake_provider.base_url)).kickoff(
+            inputs={"topic": f"[[n{i}]]"}
+        )
 
-        with ActiveSampler(metric_reader) as sampler, ThreadPoolExecutor(n) as pool:
-            list(pool.map(run, range(n)))
-        assert max(sampler.samples) == n
-        assert sampler.current() == 0
+    with ThreadPoolExecutor(n) as pool:
+        try:
+            futures = [pool.submit(run, i) for i in range(n)]
+            gate.wait_parked(n)  # every run is inside its first model call
+            peak = in_flight(metric_reader)
+        finally:
+            gate.open()
+        for future in futures:
+            future.result()
+    assert peak == n
+    assert in_flight(metric_reader) == 0
 
 
-def test_in_flight_returns_to_zero_after_cancellations_and_base_exceptions(otel, metric_reader):
-    with FakeOpenAIProvider(random_faults=RandomFaults(latency=0.3)) as provider:
+def test_in_flight_returns_to_zero_after_cancellations_and_base_exceptions(
+    otel, fake_provider, metric_reader
+):
+    runs = 6
+    gate = fake_provider.gate("cancel")
+    for i in range(runs):
+        fake_provider.script(Fault.hold(gate.name), key=f"can{i}")
 
-        async def main() -> None:
-            crews = [research_crew(lambda: make_llm(provider.base_url)) for _ in range(6)]
-            tasks = [
-                asyncio.create_task(c.akickoff(inputs={"topic": f"[[can{i}]]"}))
-                for i, c in enumerate(crews)
-            ]
-            await asyncio.sleep(0.5)
-            assert sampler.current() == 6
+    async def main() -> float:
+        crews = [research_crew(lambda: make_llm(fake_provider.base_url)) for _ in range(runs)]
+        tasks = [
+            asyncio.create_task(c.akickoff(inputs={"topic": f"[[can{i}]]"}))
+            for i, c in enumerate(crews)
+        ]
+        try:
+            with ThreadPoolExecutor(1) as waiter:  # not the loop's executor: the runs use it
+                await asyncio.get_running_loop().run_in_executor(waiter, gate.wait_parked, runs)
+            peak = in_flight(metric_reader)  # every run is inside its first model call
             for task in tasks[:3]:
                 task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 3
+        finally:
+            gate.open()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 3
+        return peak
 
-        def interrupted(inputs):
-            raise KeyboardInterrupt
+    def interrupted(inputs):
+        raise KeyboardInterrupt
 
-        with ActiveSampler(metric_reader) as sampler:
-            asyncio.run(main())
-            with pytest.raises(TypeError):  # bad arguments to an async entry point
-                asyncio.run(research_crew(lambda: make_llm(provider.base_url)).akickoff(bogus=1))
-            with pytest.raises(KeyboardInterrupt):
-                research_crew(
-                    lambda: make_llm(provider.base_url), before_kickoff_callbacks=[interrupted]
-                ).kickoff(inputs={"topic": "[[kb]]"})
-            assert sampler.current() == 0
-        assert max(sampler.samples) == 6
-        # let cancelled kickoffs' worker threads finish before the provider stops
-        time.sleep(1.0)
-    assert sampler.current() == 0
+    # asyncio.run returns once the loop's worker threads (the cancelled runs' model calls
+    # included) are done
+    peak = asyncio.run(main())
+    assert peak == runs
+    with pytest.raises(TypeError):  # bad arguments to an async entry point
+        asyncio.run(research_crew(lambda: make_llm(fake_provider.base_url)).akickoff(bogus=1))
+    with pytest.raises(KeyboardInterrupt):
+        research_crew(
+            lambda: make_llm(fake_provider.base_url), before_kickoff_callbacks=[interrupted]
+        ).kickoff(inputs={"topic": "[[kb]]"})
+    assert in_flight(metric_reader) == 0
 
 
 def test_instruments_are_created_once_per_meter_provider(otel_tracer_provider):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,6 +15,7 @@ import crew_otel
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import Spans, attr
+from tests.workloads import run_while_held
 
 ORIGIN = "crew_otel.error.origin"
 RECOVERED = "crew_otel.error.recovered"
@@ -100,16 +100,17 @@ def test_shared_agent_failures_each_have_one_fatal_origin(otel, fake_provider):
     use with "Executor is already running", and the retry budget is shared too)."""
     from crewai import Crew, Task
 
-    for i in range(6):
-        fake_provider.script(Fault.delay(0.4), key=f"shared{i}")
     agent = make_agent(make_llm(fake_provider.base_url), "Support Analyst")
 
     def run(i: int) -> None:
-        time.sleep(0.05 * i)
         task = Task(description=f"Triage [[shared{i}]]", expected_output="x", agent=agent)
         Crew(agents=[agent], tasks=[task]).kickoff()
 
-    outcomes = run_requests(run, 6)
+    # five requests run while the first one holds the agent (inside its model call)
+    first, rest = run_while_held(
+        fake_provider, "shared0", lambda: run_requests(run, 1), [lambda: run_requests(run, 5, 1)]
+    )
+    outcomes = {**first, **rest}
     spans = Spans(otel.get_finished_spans())
     failed = assert_one_fatal_origin_per_failure(spans, outcomes)
     if crewai_release() >= (1, 14):

@@ -10,11 +10,9 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,7 +31,9 @@ from crew_otel import attributes as a
 from crew_otel.metrics import KICKOFFS_ACTIVE, WORKFLOW_DURATION
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
+from tests.loopback import free_port
 from tests.test_compat import console_spans
+from tests.test_outage import Receiver
 
 HERE = Path(__file__).resolve().parent
 KICKOFF = "invoke_workflow research"
@@ -168,20 +168,39 @@ def test_a_forked_child_inherits_no_runs_in_flight(otel, fake_provider, metric_r
     runtime = crew_otel.CrewAIInstrumentor().runtime
     assert runtime is not None
     crew = research_crew(lambda: make_llm(fake_provider.base_url))
-    fake_provider.script(Fault.delay(1.5), key="slow")
+    gate = fake_provider.gate("parent")
+    fake_provider.script(Fault.hold(gate.name), key="slow")
     parent_run = threading.Thread(target=crew.kickoff, kwargs={"inputs": {"topic": "[[slow]]"}})
     parent_run.start()
-    deadline = time.monotonic() + 10
-    while not (runtime.metrics.in_flight and runtime.sharing.users_of(crew)):
-        assert time.monotonic() < deadline, "the parent's kickoff never started"
-        time.sleep(0.01)
+    try:
+        gate.wait_parked(1)  # the parent's kickoff is inside its first model call
+        assert runtime.metrics.in_flight
+        assert runtime.sharing.users_of(crew)
+        raw, status = _fork_and_report(crew, fake_provider.base_url, metric_reader)
+    finally:
+        gate.open()
+    parent_run.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0
+    report = json.loads(raw)
 
+    assert report["in_flight"] == 0, "the parent's kickoff is not running in the child"
+    assert report["active"] == [0]
+    assert report["tracked"] == 0
+    assert report["users"] == []
+    assert report["conflicted"] is False, "the parent's use is no conflict in the child"
+    # the parent is unaffected and its kickoff was counted out
+    assert runtime.metrics.in_flight == 0
+    assert runtime.sharing.tracked_objects == 0
+
+
+def _fork_and_report(crew: Any, base_url: str, metric_reader: Any) -> tuple[bytes, int]:
+    """Fork; the child reports what it sees of the parent's run: (its report, wait status)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report through the pipe, never return into pytest
         code = 1
         try:
-            report = _child_report(crew, fake_provider.base_url)
+            report = _child_report(crew, base_url)
             data = metric_reader.get_metrics_data()
             report["active"] = [
                 point.value
@@ -203,18 +222,7 @@ def test_a_forked_child_inherits_no_runs_in_flight(otel, fake_provider, metric_r
     finally:
         os.close(read_end)
         _, status = os.waitpid(pid, 0)
-    parent_run.join(30)
-    assert os.waitstatus_to_exitcode(status) == 0
-    report = json.loads(raw)
-
-    assert report["in_flight"] == 0, "the parent's kickoff is not running in the child"
-    assert report["active"] == [0]
-    assert report["tracked"] == 0
-    assert report["users"] == []
-    assert report["conflicted"] is False, "the parent's use is no conflict in the child"
-    # the parent is unaffected and its kickoff was counted out
-    assert runtime.metrics.in_flight == 0
-    assert runtime.sharing.tracked_objects == 0
+    return raw, status
 
 
 POOL_JOB = """
@@ -316,16 +324,23 @@ def test_flush_exports_traces_and_final_metrics(configure_sdk, receiver, fake_pr
     assert len(receiver.metrics) > received, "shutdown flushes metrics too"
 
 
-def test_shutdown_returns_within_its_bound_when_the_collector_is_down(configure_sdk, fake_provider):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    setup = configure_sdk(f"http://127.0.0.1:{closed_port}")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda i: kickoff(fake_provider.base_url, i), range(2)))
-    started = time.monotonic()
-    setup.shutdown(timeout_millis=1000)
-    assert time.monotonic() - started < 1.6, "traces and metrics share one bounded wait"
+def test_shutdown_returns_within_its_bound_when_the_collector_is_down(
+    configure_sdk, fake_provider, monkeypatch
+):
+    """A collector that never answers (it holds every export) cannot hold the process:
+    shutdown returns, reporting that its one wait for traces and metrics ran out, while the
+    collector still holds the export it started."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "300")  # the exporter would wait that long
+    collector = Receiver(free_port(), hold=True)
+    try:
+        setup = configure_sdk(collector.endpoint)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda i: kickoff(fake_provider.base_url, i), range(2)))
+        assert setup.shutdown(timeout_millis=1000) is False
+        collector.wait_arrived()  # the flush did reach the collector...
+        assert collector.holding, "...which has not answered"
+    finally:
+        collector.close()
 
 
 # --- 12. under opentelemetry-instrument ------------------------------------------------------

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 import threading
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +13,7 @@ from crew_otel.instrumentor import CrewAIInstrumentor
 from crew_otel.testing import FakeOpenAIProvider, Fault, RandomFaults
 from crew_otel.testing.crews import make_agent, make_llm, make_lookup_tool, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
+from tests.workloads import outcome_of, run_while_held
 
 EVENT = "crew_otel.shared_instance"
 
@@ -60,12 +60,21 @@ def assert_names_both_requests(spans: Spans, kind: str) -> None:
         assert "." in event["crew_otel.shared_instance.class"]
 
 
-def test_one_crew_shared_by_concurrent_requests(otel, caplog):
-    with slow_provider() as provider:
-        shared = research_crew(lambda: make_llm(provider.base_url))
-        with caplog.at_level(logging.WARNING, logger="crew_otel"):
-            for round_ in range(2):
-                start_together(lambda i: shared.kickoff(inputs={"topic": f"[[s{round_}-{i}]]"}), 5)
+def test_one_crew_shared_by_concurrent_requests(otel, fake_provider, caplog):
+    shared = research_crew(lambda: make_llm(fake_provider.base_url))
+
+    def kickoff(round_: int, i: int) -> object:
+        return shared.kickoff(inputs={"topic": f"[[s{round_}-{i}]]"})
+
+    with caplog.at_level(logging.WARNING, logger="crew_otel"):
+        for round_ in range(2):
+            # four requests run while the first one is inside a model call of its kickoff
+            run_while_held(
+                fake_provider,
+                f"s{round_}-0",
+                lambda round_=round_: kickoff(round_, 0),
+                [lambda round_=round_, i=i: kickoff(round_, i) for i in range(1, 5)],
+            )
     spans = Spans(otel.get_finished_spans())
     assert_names_both_requests(spans, "crew")
     crew_warnings = [m for m in caplog.messages if "crew Crew 'research'" in m]
@@ -81,15 +90,15 @@ def test_module_level_agent_shared_by_per_request_crews(otel, fake_provider):
     agent = make_agent(
         make_llm(fake_provider.base_url), "Support Analyst", tools=[make_lookup_tool()]
     )
-    # the first request holds the agent long enough for every other one to start meanwhile
-    fake_provider.script(Fault.delay(1.5), key="m0")
 
     def handle(i: int):
-        time.sleep(0.05 * i)
         task = Task(description="Investigate ticket {topic}", expected_output="x", agent=agent)
         return Crew(agents=[agent], tasks=[task]).kickoff(inputs={"topic": f"[[m{i}]]"})
 
-    results = start_together(handle, 5)
+    # the other requests run while the first one holds the agent (inside its model call)
+    results = run_while_held(
+        fake_provider, "m0", lambda: handle(0), [lambda i=i: handle(i) for i in range(1, 5)]
+    )
     spans = Spans(otel.get_finished_spans())
     assert_names_both_requests(spans, "agent")
     # CrewAI >= 1.14 refuses concurrent use of the agent's executor ("Executor is already
@@ -109,16 +118,19 @@ def origins_of(spans: Spans) -> list:
 def test_llm_and_tool_objects_shared_by_per_request_agents(otel, fake_provider):
     from crewai.tools import tool
 
+    runs = 3
     shared_llm = make_llm(fake_provider.base_url)
+    in_the_tool = threading.Barrier(runs, timeout=60)
 
     @tool("slow_lookup")
     def slow_lookup(query: str) -> str:
-        """A module-level tool (shared), slow enough to overlap."""
-        time.sleep(0.4)
+        """A module-level tool (shared); every request is inside it at once."""
+        in_the_tool.wait()
         return f"FACTS about {query}"
 
-    for i in range(3):
-        fake_provider.script(Fault.delay(0.5), key=f"l{i}")
+    gate = fake_provider.gate("llm")
+    for i in range(runs):
+        fake_provider.script(Fault.hold(gate.name), key=f"l{i}")
 
     def handle(i: int):
         researcher = make_agent(shared_llm, "Researcher", tools=[slow_lookup])
@@ -126,7 +138,13 @@ def test_llm_and_tool_objects_shared_by_per_request_agents(otel, fake_provider):
             lambda: make_llm(fake_provider.base_url), researcher=researcher
         ).kickoff(inputs={"topic": f"[[l{i}]]"})
 
-    results = start_together(handle, 3)
+    with ThreadPoolExecutor(max_workers=runs) as pool:
+        try:
+            futures = [pool.submit(outcome_of, lambda i=i: handle(i)) for i in range(runs)]
+            gate.wait_parked(runs)  # every request is inside a model call of the shared LLM
+        finally:
+            gate.open()
+        results = [future.result() for future in futures]
     assert not [r for r in results if isinstance(r, Exception)], "sharing these is survivable"
     spans = Spans(otel.get_finished_spans())
     assert_names_both_requests(spans, "llm")
@@ -143,22 +161,14 @@ def test_llm_and_tool_objects_shared_by_per_request_agents(otel, fake_provider):
 
 def test_task_run_with_another_requests_inputs_is_flagged(otel, fake_provider):
     shared = research_crew(lambda: make_llm(fake_provider.base_url))
-    fake_provider.script(Fault.delay(0.6), key="first")
 
-    def first() -> object:
-        return shared.kickoff(inputs={"topic": "[[first]]"})
-
-    def second() -> object:
-        time.sleep(0.2)  # starts (and interpolates its inputs) while the first one runs
-        return shared.kickoff(inputs={"topic": "[[second]]"})
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(first), pool.submit(second)]
-        for future in futures:
-            try:
-                future.result()
-            except Exception:
-                pass
+    # the second kickoff starts (and interpolates its inputs) while the first one runs
+    run_while_held(
+        fake_provider,
+        "first",
+        lambda: shared.kickoff(inputs={"topic": "[[first]]"}),
+        [lambda: shared.kickoff(inputs={"topic": "[[second]]"})],
+    )
     spans = Spans(otel.get_finished_spans())
     cross_talk = [
         (s, e) for s, e in conflicts(spans) if e["crew_otel.shared_instance.kind"] == "task_inputs"

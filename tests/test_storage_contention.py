@@ -7,8 +7,9 @@ timeout) and runs a Memory's saves on one writer thread. So concurrent requests 
 memory *wait*: in the save queue (``crewai.memory.queue_wait``) and for the lock
 (``crewai.memory.lock_wait``), and the spans name the storage (class and path) and flag it as
 shared. Here 4 requests (threads) remember into one Memory while another process holds the
-storage's lock, as a second worker process writing the same memory would; it lets go
-``HOLD_SECONDS`` after the first save embedded its text (the lock comes after that).
+storage's lock, as a second worker process writing the same memory would; it lets go once the
+memory's writer thread is waiting for the lock and every request's save is queued behind it.
+The spans' waits then cover at least the time the test saw them waiting, ``HOLD_S`` or more.
 """
 
 from __future__ import annotations
@@ -21,22 +22,27 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import crew_otel
-from crew_otel.testing import FakeOpenAIProvider
+from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import Spans, attr
 
 KEY = "sk-fake-key-for-the-loopback-provider"
 N_REQUESTS = 4
-HOLD_SECONDS = 0.8
-#: An uncontended lock is taken in about a millisecond; a wait this long is the holder's.
-WAITED = HOLD_SECONDS / 4
+#: A bound against a broken test (a state never reached), not a measurement.
+WAIT_S = 60.0
 SAVE = "crewai.memory.save"
+REQUEST_THREAD = "request"
+#: How long the other process keeps the lock once the saves are seen waiting: the waits the
+#: spans show cover at least this (an uncontended lock is taken in about 0.1 ms). Not an
+#: overlap made by sleeping: the saves are waiting already; a lower bound, never flaky.
+HOLD_S = 0.25
 
 HOLDER = """
 import sys, portalocker
@@ -55,17 +61,49 @@ def lock_file(storage_path: Path) -> str:
     return os.path.join(tempfile.gettempdir(), f"{channel}.lock")
 
 
-def wait_for_embedded_fact(provider: FakeOpenAIProvider, timeout: float = 60.0) -> None:
-    """Until the provider has answered an embeddings request for a request's fact."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(
-            "embeddings" in r.path and any(m.startswith("fact") for m in r.markers)
-            for r in provider.requests
-        ):
-            return
-        time.sleep(0.02)
-    raise AssertionError("no save embedded its fact")
+def functions_on_stack(prefix: str) -> list[list[tuple[str, str]]]:
+    """(file, function) of every frame, innermost first, of each thread named ``prefix...``."""
+    frames = sys._current_frames()
+    found = []
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or -1)
+        if not thread.name.startswith(prefix) or frame is None:
+            continue
+        stack = []
+        while frame is not None:
+            stack.append((frame.f_code.co_filename, frame.f_code.co_name))
+            frame = frame.f_back
+        found.append(stack)
+    return found
+
+
+def a_save_waits_for_the_lock() -> bool:
+    """Whether a thread is inside the storage lock's acquisition (CrewAI's memory writes from
+    its writer thread, or from a worker thread of the loop that thread runs)."""
+    return any(
+        any("portalocker" in file and function == "acquire" for file, function in stack)
+        for stack in functions_on_stack("")
+    )
+
+
+def requests_waiting_for_their_save() -> int:
+    """Request threads inside ``Memory.remember``, waiting for the writer thread's result."""
+    return sum(
+        1
+        for stack in functions_on_stack(REQUEST_THREAD)
+        if any(function == "remember" for _, function in stack)
+        and any("concurrent/futures" in file and function == "result" for file, function in stack)
+    )
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> float:
+    """Poll (bounded) until ``condition()``, a state of threads nothing signals; when it was
+    seen (``perf_counter``, the clock of the spans' waits)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.005)
+    return time.perf_counter()
 
 
 def test_requests_sharing_a_memory_show_their_waits_on_the_shared_storage(
@@ -91,20 +129,33 @@ def test_requests_sharing_a_memory_show_their_waits_on_the_shared_storage(
     try:
         assert holder.stdout.readline().strip() == "held"
 
+        # every request's search is in flight at once: each one's embeddings call waits there
+        searching = fake_provider.gate("searching")
+        for i in range(N_REQUESTS):
+            fake_provider.script(Fault.hold(searching.name), key=f"recall{i}")
+
         def one(i: int) -> Any:
             with crew_otel.request(f"req-{i}"):
                 record = memory.remember(f"Fact [[fact{i}]] about refunds.")
-                memory.recall("refunds", depth="shallow")  # the searches overlap
+                memory.recall(f"refunds [[recall{i}]]", depth="shallow")
                 return record
 
-        with ThreadPoolExecutor(max_workers=N_REQUESTS) as pool:
+        with ThreadPoolExecutor(N_REQUESTS, thread_name_prefix=REQUEST_THREAD) as pool:
             futures = [pool.submit(one, i) for i in range(N_REQUESTS)]
-            wait_for_embedded_fact(fake_provider)
-            time.sleep(HOLD_SECONDS)
+            waiting_seen = wait_for(a_save_waits_for_the_lock, "a save waiting for the lock")
+            queued_seen = wait_for(
+                lambda: requests_waiting_for_their_save() == N_REQUESTS, "every save queued"
+            )
+            time.sleep(HOLD_S)
+            assert a_save_waits_for_the_lock(), "the first save waits for the lock still"
+            released = time.perf_counter()
             holder.stdin.write("release\n")
             holder.stdin.flush()
+            searching.wait_parked(N_REQUESTS, WAIT_S)
+            searching.open()
             records = [f.result() for f in futures]
     finally:
+        fake_provider.gate("searching").open()
         holder.stdin.close()
         holder.wait(timeout=30)
     assert all(r is not None for r in records)
@@ -118,9 +169,11 @@ def test_requests_sharing_a_memory_show_their_waits_on_the_shared_storage(
         assert attr(span, "crewai.memory.storage.path") == str(path)
         assert isinstance(attr(span, "crewai.memory.lock_wait"), float)
         assert isinstance(attr(span, "crewai.memory.queue_wait"), float)
-    # the first save waited for the other process's lock; the rest queued behind it
-    assert max(attr(s, "crewai.memory.lock_wait") for s in saves) >= WAITED
-    assert max(attr(s, "crewai.memory.queue_wait") for s in saves) >= WAITED
+    # the first save waited for the other process's lock at least while the test saw it wait;
+    # the rest queued behind it at least from when the test saw them queued to the release
+    assert max(attr(s, "crewai.memory.lock_wait") for s in saves) >= released - waiting_seen
+    queue_waits = sorted(attr(s, "crewai.memory.queue_wait") for s in saves)
+    assert all(wait >= released - queued_seen for wait in queue_waits[1:]), queue_waits
     # saves run one at a time on the memory's writer thread; the searches overlap
     searches = [s for s in spans.named("crewai.memory.search") if attr(s, "crew_otel.request.id")]
     assert len(searches) == N_REQUESTS

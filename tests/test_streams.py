@@ -10,11 +10,13 @@ the kickoff's worker thread goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -23,19 +25,16 @@ from opentelemetry.sdk.trace import ReadableSpan
 import crew_otel
 from crew_otel import attributes as a
 from crew_otel import metrics as m
-from crew_otel.testing import FakeOpenAIProvider, RandomFaults
+from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import make_llm, research_crew
-from crew_otel.testing.provider import MARKER
+from crew_otel.testing.provider import MARKER, Gate
 from tests.spans import REQUEST_ID, Spans, attr
 
+T = TypeVar("T")
+
 N = 4
-LATENCY = 0.25  # per model request: a run takes >= 3 requests, long enough to stop watching
-
-
-@pytest.fixture
-def slow_provider() -> Iterator[FakeOpenAIProvider]:
-    with FakeOpenAIProvider(random_faults=RandomFaults(latency=LATENCY)) as provider:
-        yield provider
+#: A bound against a broken test (a run that never gets there), not a measurement.
+WAIT_S = 60.0
 
 
 @pytest.fixture
@@ -65,37 +64,47 @@ def active(reader: InMemoryMetricReader) -> float:
     return value
 
 
-class Sampler:
-    """Samples ``crew_otel.kickoffs.active`` in a background thread."""
-
-    def __init__(self, reader: InMemoryMetricReader) -> None:
-        self.reader = reader
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(active(self.reader))
-            time.sleep(0.005)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def hold_each(provider: FakeOpenAIProvider, gate: Gate, markers: list[str], nth: int = 1) -> None:
+    """Park the ``nth`` model request of each marker's run at ``gate``."""
+    for marker in markers:
+        provider.script(*[None] * (nth - 1), Fault.hold(gate.name), key=marker)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> float | None:
-    """Poll until ``predicate()``; the time it became true, or None on timeout."""
+@contextlib.contextmanager
+def when_parked(gate: Gate, count: int, look: Callable[[], T]) -> Iterator[list[T]]:
+    """While the body runs the runs: once ``count`` requests are parked at ``gate`` (their runs
+    in flight together), note ``look()`` in the list yielded, then open the gate."""
+    seen: list[T] = []
+    failed: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            gate.wait_parked(count, WAIT_S)
+            seen.append(look())
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            gate.open()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+        watcher.join()
+    finally:
+        gate.open()
+    if failed:
+        raise failed[0]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+    """Poll until ``predicate()`` (a run's end, in a thread CrewAI owns); False on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
-            return time.time_ns()
+            return True
         time.sleep(0.01)
-    return None
+    return False
 
 
 def kickoffs(spans: Spans) -> list[ReadableSpan]:
@@ -188,48 +197,55 @@ def run_async_streams(provider: FakeOpenAIProvider, entrypoint: str, tag: str) -
 
 @pytest.mark.parametrize("entrypoint", ["kickoff_async", "akickoff"])
 def test_concurrent_async_streams_are_one_trace_each(
-    otel, metric_reader, slow_provider, entrypoint
+    otel, metric_reader, fake_provider, entrypoint
 ):
-    with Sampler(metric_reader) as sampler:
-        outputs = run_async_streams(slow_provider, entrypoint, "as")
-        assert active(metric_reader) == 0
-    assert max(sampler.samples) == N
-    assert min(sampler.samples) == 0
+    gate = fake_provider.gate("streams")
+    hold_each(fake_provider, gate, [f"as{i}" for i in range(N)])
+
+    def look() -> tuple[float, int]:
+        return active(metric_reader), len(kickoffs(Spans(otel.get_finished_spans())))
+
+    with when_parked(gate, N, look) as seen:
+        outputs = run_async_streams(fake_provider, entrypoint, "as")
+    # every run inside its first model call: all in flight, no kickoff span ended yet
+    assert seen == [(N, 0)]
+    assert active(metric_reader) == 0
 
     spans = Spans(otel.get_finished_spans())
     markers = [f"[[as{i}]]" for i in range(N)]
-    roots = assert_one_trace_per_kickoff(spans, slow_provider, markers)
+    roots = assert_one_trace_per_kickoff(spans, fake_provider, markers)
     for _marker, root in roots.items():
         assert attr(root, "crewai.kickoff.entrypoint") == entrypoint
         assert len(spans.kids(root, "crewai.task")) == 2, "the run is under the kickoff span"
-        assert root.end_time >= last_chat_end(spans, root)
-        assert (root.end_time - root.start_time) / 1e9 >= 3 * LATENCY, "lasts as long as the run"
+        assert root.end_time >= last_chat_end(spans, root), "lasts as long as the run"
     for i, (text, raw) in enumerate(outputs):
         assert f"[[as{i}]]" in raw
         assert text
 
     crew_otel.uninstrument()
-    slow_provider.reset()
-    baseline = run_async_streams(slow_provider, entrypoint, "as")
+    fake_provider.reset()
+    baseline = run_async_streams(fake_provider, entrypoint, "as")
     assert [raw for _, raw in baseline] == [raw for _, raw in outputs]
     assert_same_chunks([t for t, _ in baseline], [t for t, _ in outputs])
 
 
 @pytest.mark.parametrize("entrypoint", ["kickoff_for_each_async", "akickoff_for_each"])
-def test_for_each_async_stream_is_one_trace(otel, metric_reader, slow_provider, entrypoint):
+def test_for_each_async_stream_is_one_trace(otel, metric_reader, fake_provider, entrypoint):
     topics = [f"[[fe{i}]]" for i in range(2)]
+    gate = fake_provider.gate("copies")
+    hold_each(fake_provider, gate, ["fe0", "fe1"])
 
     async def main() -> tuple[str, list[str]]:
-        streaming = await getattr(stream_crew(slow_provider), entrypoint)(
+        streaming = await getattr(stream_crew(fake_provider), entrypoint)(
             [{"topic": t} for t in topics]
         )
         text = "".join([chunk.content async for chunk in streaming])
         return text, [r.raw for r in streaming.results]
 
-    with Sampler(metric_reader) as sampler:
+    with when_parked(gate, 2, lambda: active(metric_reader)) as seen:
         text, raws = asyncio.run(main())
-        assert active(metric_reader) == 0
-    assert max(sampler.samples) == 1, "one kickoff in flight: the copies nest in it"
+    assert seen == [1], "both copies in flight, one kickoff: the copies nest in it"
+    assert active(metric_reader) == 0
 
     spans = Spans(otel.get_finished_spans())
     assert len(spans.traces()) == 1, "one trace, not one per copy and per stream"
@@ -255,38 +271,44 @@ def test_for_each_async_stream_is_one_trace(otel, metric_reader, slow_provider, 
 
 
 def test_abandoned_sync_streams_end_with_their_runs(
-    otel, metric_reader, slow_provider, no_cyclic_gc
+    otel, metric_reader, fake_provider, no_cyclic_gc
 ):
     """Streams taken from threads, iterated partly or not at all, then dropped."""
     barrier = threading.Barrier(N + 1)
     first_chunks: list[str] = []
+    # the runs of the iterated streams go on until the test lets their last model call answer
+    gate = fake_provider.gate("abandoned")
+    hold_each(fake_provider, gate, ["ab0", "ab2"], nth=3)
 
     def run(i: int) -> None:
-        streaming = stream_crew(slow_provider).kickoff(inputs={"topic": f"[[ab{i}]]"})
+        streaming = stream_crew(fake_provider).kickoff(inputs={"topic": f"[[ab{i}]]"})
         if i % 2 == 0:
             first_chunks.append(next(iter(streaming)).content)
         del streaming  # abandoned: no close, no further iteration
         barrier.wait()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(N)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    for thread in threads:
-        thread.join()
-    started = N // 2  # streams that were iterated: only those ran
-    assert active(metric_reader) == N, "the two started runs and the two untouched streams"
+    try:
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        for thread in threads:
+            thread.join()
+        started = N // 2  # streams that were iterated: only those ran
+        assert active(metric_reader) == N, "the two started runs and the two untouched streams"
+    finally:
+        gate.open()
     assert wait_until(lambda: active(metric_reader) == N - started), (
         "kickoffs whose run finished are no longer in flight (without a garbage collection)"
     )
     spans = Spans(otel.get_finished_spans())
     assert len(kickoffs(spans)) == started
-    roots = assert_one_trace_per_kickoff(spans, slow_provider, ["[[ab0]]", "[[ab2]]"])
+    roots = assert_one_trace_per_kickoff(spans, fake_provider, ["[[ab0]]", "[[ab2]]"])
     for root in roots.values():
         assert root.end_time >= last_chat_end(spans, root)
         assert len(spans.kids(root, "crewai.task")) == 2, "the whole run, under its kickoff"
     # Streams never iterated never ran: they end when the object is collected.
-    assert not [r for r in slow_provider.requests if {"ab1", "ab3"} & set(r.markers)]
+    assert not [r for r in fake_provider.requests if {"ab1", "ab3"} & set(r.markers)]
     gc.collect()
     assert active(metric_reader) == 0
     assert len(kickoffs(Spans(otel.get_finished_spans()))) == N
@@ -295,10 +317,13 @@ def test_abandoned_sync_streams_end_with_their_runs(
 @pytest.mark.parametrize("how", ["aclose", "abandon"])
 @pytest.mark.parametrize("entrypoint", ["kickoff_async", "akickoff"])
 def test_async_streams_closed_or_abandoned_end_every_span(
-    otel, metric_reader, slow_provider, no_cyclic_gc, entrypoint, how
+    otel, metric_reader, fake_provider, no_cyclic_gc, entrypoint, how
 ):
+    gate = fake_provider.gate("one-chunk")
+    hold_each(fake_provider, gate, [f"ac{i}" for i in range(N)])
+
     async def take_one_chunk(i: int) -> None:
-        crew = stream_crew(slow_provider)
+        crew = stream_crew(fake_provider)
         streaming = await getattr(crew, entrypoint)(inputs={"topic": f"[[ac{i}]]"})
         chunks = streaming.__aiter__()
         await chunks.__anext__()
@@ -313,47 +338,53 @@ def test_async_streams_closed_or_abandoned_end_every_span(
         done = await loop.run_in_executor(None, wait_until, lambda: active(metric_reader) == 0)
         assert done, "kickoffs.active back to 0 once the runs' work is over"
 
-    with Sampler(metric_reader) as sampler:
+    with when_parked(gate, N, lambda: active(metric_reader)) as seen:
         asyncio.run(main())
-    assert max(sampler.samples) == N
-    assert min(sampler.samples) == 0
+    assert seen == [N], "every run inside its first model call"
+    assert active(metric_reader) == 0
     spans = Spans(otel.get_finished_spans())
     markers = [f"[[ac{i}]]" for i in range(N)]
-    roots = assert_one_trace_per_kickoff(spans, slow_provider, markers)
+    roots = assert_one_trace_per_kickoff(spans, fake_provider, markers)
     for root in roots.values():
         assert root.end_time >= last_chat_end(spans, root)
 
 
 def test_caller_timeout_keeps_the_kickoff_open_until_its_thread_finishes(
-    otel, metric_reader, slow_provider
+    otel, metric_reader, fake_provider
 ):
+    # every run's first model call waits until the callers have stopped waiting
+    gate = fake_provider.gate("timeout")
+    hold_each(fake_provider, gate, [f"to{i}" for i in range(N)])
     timeout = 0.3
 
     async def main() -> int:
-        crews = [research_crew(lambda: make_llm(slow_provider.base_url)) for _ in range(N)]
-        results = await asyncio.gather(
-            *(
-                asyncio.wait_for(c.kickoff_async(inputs={"topic": f"[[to{i}]]"}), timeout)
-                for i, c in enumerate(crews)
-            ),
-            return_exceptions=True,
-        )
-        cancelled_at = time.time_ns()
-        assert all(isinstance(r, asyncio.TimeoutError) for r in results), results
-        assert active(metric_reader) == N, "the worker threads still run the kickoffs"
-        assert not kickoffs(Spans(otel.get_finished_spans())), "none ended at the timeout"
-        while active(metric_reader) != 0:  # asyncio.run waits for the threads anyway
-            await asyncio.sleep(0.01)
-        return cancelled_at
+        crews = [research_crew(lambda: make_llm(fake_provider.base_url)) for _ in range(N)]
+        try:
+            results = await asyncio.gather(
+                *(
+                    asyncio.wait_for(c.kickoff_async(inputs={"topic": f"[[to{i}]]"}), timeout)
+                    for i, c in enumerate(crews)
+                ),
+                return_exceptions=True,
+            )
+            cancelled_at = time.time_ns()
+            assert all(isinstance(r, asyncio.TimeoutError) for r in results), results
+            with ThreadPoolExecutor(1) as waiter:  # not the loop's executor: the runs use it
+                await asyncio.get_running_loop().run_in_executor(
+                    waiter, gate.wait_parked, N, WAIT_S
+                )
+            assert active(metric_reader) == N, "the worker threads still run the kickoffs"
+            assert not kickoffs(Spans(otel.get_finished_spans())), "none ended at the timeout"
+        finally:
+            gate.open()
+        return cancelled_at  # asyncio.run returns once the worker threads are done
 
-    with Sampler(metric_reader) as sampler:
-        cancelled_at = asyncio.run(main())
-    assert max(sampler.samples) == N
-    assert min(sampler.samples) == 0
+    cancelled_at = asyncio.run(main())
+    assert active(metric_reader) == 0
 
     spans = Spans(otel.get_finished_spans())
     markers = [f"[[to{i}]]" for i in range(N)]
-    roots = assert_one_trace_per_kickoff(spans, slow_provider, markers)
+    roots = assert_one_trace_per_kickoff(spans, fake_provider, markers)
     for root in roots.values():
         events = [e.name for e in root.events]
         assert a.EVENT_CALLER_CANCELLED in events
@@ -363,7 +394,7 @@ def test_caller_timeout_keeps_the_kickoff_open_until_its_thread_finishes(
 
 
 def test_streaming_flows_from_threads_are_one_trace_each(
-    otel, metric_reader, slow_provider, monkeypatch
+    otel, metric_reader, fake_provider, monkeypatch
 ):
     """A streaming Flow (crewai 1.15: ``StreamSession``, 1.12: ``FlowStreamingOutput``)."""
     # A streaming flow prints to the console, which asks PyPI for a newer CrewAI.
@@ -375,7 +406,7 @@ def test_streaming_flows_from_threads_are_one_trace_each(
 
         @start()
         def research(self) -> str:
-            crew = research_crew(lambda: make_llm(slow_provider.base_url))
+            crew = research_crew(lambda: make_llm(fake_provider.base_url))
             return str(crew.kickoff(inputs={"topic": self.state["topic"]}).raw)
 
     def run(i: int) -> Any:
@@ -394,12 +425,14 @@ def test_streaming_flows_from_threads_are_one_trace_each(
             thread.join()
         return results
 
-    with Sampler(metric_reader) as sampler:
+    gate = fake_provider.gate("flows")
+    hold_each(fake_provider, gate, [f"fl{i}" for i in range(N)])
+    with when_parked(gate, N, lambda: active(metric_reader)) as seen:
         results = run_all()
-        assert active(metric_reader) == 0
-    assert max(sampler.samples) == N
+    assert seen == [N], "every flow's crew inside its first model call"
+    assert active(metric_reader) == 0
     spans = Spans(otel.get_finished_spans())
-    roots = assert_one_trace_per_kickoff(spans, slow_provider, [f"[[fl{i}]]" for i in range(N)])
+    roots = assert_one_trace_per_kickoff(spans, fake_provider, [f"[[fl{i}]]" for i in range(N)])
     for root in roots.values():
         assert attr(root, "crewai.kickoff.entrypoint") == "flow.kickoff"
         crews = [s for s in spans.descendants(root) if s.name == "invoke_workflow research"]

@@ -8,7 +8,6 @@ look for it in what was recorded.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,10 +26,6 @@ def mixed_workload(
     from crewai import Crew, Task
 
     provider.script(*[Fault.error(500, FAST)] * 9, key=f"{prefix}fail")
-    # Both requests sharing the agent hold it for 0.8 s at least, whichever gets it first (on a
-    # loaded machine the later-started one can): they overlap however the threads are scheduled.
-    provider.script(Fault.delay(0.8), key=f"{prefix}share0")
-    provider.script(Fault.delay(0.8), key=f"{prefix}share1")
     shared_agent = make_agent(make_llm(provider.base_url), "Support Analyst")
 
     def topic(name: str) -> dict[str, str]:
@@ -51,25 +46,68 @@ def mixed_workload(
         )
 
     def shared(i: int) -> None:
-        time.sleep(0.3 * i)  # the second request starts while the first holds the agent
         task = Task(description="Triage {topic}", expected_output="x", agent=shared_agent)
         try:
             Crew(agents=[shared_agent], tasks=[task]).kickoff(inputs=topic(f"share{i}"))
         except RuntimeError:  # "Executor is already running" (CrewAI >= 1.14)
             pass
 
+    def sharing_the_agent() -> None:
+        # the second request runs while the first holds the agent (inside its model call)
+        outcomes = run_while_held(
+            provider, f"{prefix}share0", lambda: shared(0), [lambda: shared(1)]
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     jobs = [
         lambda: ok(0),
         lambda: ok(1),
         persistent_500,
         raising_tool,
-        lambda: shared(0),
-        lambda: shared(1),
+        sharing_the_agent,
         *extra_jobs,
     ]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         for future in [pool.submit(job) for job in jobs]:
             future.result()
+
+
+def outcome_of(fn: Callable[[], Any]) -> Any:
+    """What ``fn()`` returned, or the exception it raised."""
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
+
+
+def run_while_held(
+    provider: FakeOpenAIProvider,
+    key: str,
+    holder: Callable[[], Any],
+    others: Sequence[Callable[[], Any]],
+    timeout: float = 60.0,
+) -> list[Any]:
+    """Run ``others`` (together, to their end) while ``holder`` is inside a model call: its
+    first model request carrying ``[[key]]`` is parked at a gate until they are done, so each
+    of them overlaps the holder's run as a fact, however the threads are scheduled. What each
+    returned or raised, the holder's first.
+
+    With one shared Agent, the holder holds it the whole time: CrewAI >= 1.14 refuses the
+    others ("Executor is already running"), 1.12 runs them beside it.
+    """
+    gate = provider.gate(f"held:{key}")
+    provider.script(Fault.hold(gate.name, seconds=timeout), key=key)
+    with ThreadPoolExecutor(max_workers=1 + len(others)) as pool:
+        try:
+            held = pool.submit(outcome_of, holder)
+            gate.wait_parked(1, timeout)
+            running = [pool.submit(outcome_of, fn) for fn in others]
+            outcomes = [future.result(timeout) for future in running]
+        finally:
+            gate.open()
+        return [held.result(timeout), *outcomes]
 
 
 def kickoff_concurrently(
