@@ -260,6 +260,15 @@ def test_a_failing_service_pages_and_a_healthy_one_stays_silent(stack: dict[str,
     assert "error.type=500" in runbook
     assert "crew_otel.error.origin=true" in runbook
     assert "HTTP 500" in annotations["summary"]
+    # why the runs failed, from crew_otel_failures_total: every run of the broken service fails,
+    # with the provider's 500s after every retry or on the Agent another request holds
+    causes = annotations["failure_causes"]
+    assert re.match(
+        rf"\d+ runs of {BROKEN} failed in the last 5 min, by crew_otel.failure.cause \(most "
+        r"first\): (provider_error|shared_instance) \d+",
+        causes,
+    ), causes
+    assert "crew_otel.failure.cause=<cause>" in causes
 
     # where the errors originate: the origin-operation label, on the rule that carries it
     def origins_rising() -> set[tuple[str, str, str]]:

@@ -120,6 +120,7 @@ def test_expected_alerts_exist() -> None:
         "CrewOtelRetryAmplification",
         "CrewOtelSharedInstanceConflict",
         "CrewOtelCrossTalk",
+        "CrewOtelFailuresFromSharing",
         "CrewOtelKickoffsNearLimit",
         "CrewOtelWorkflowErrorRatioHigh",
     } <= names
@@ -148,6 +149,56 @@ def test_crosstalk_alert_is_critical_and_names_no_request() -> None:
     assert "crew_otel.crosstalk=true" in text
     used = set(re.findall(r"\$labels\.(\w+)", text))
     assert used <= {"job", "gen_ai_workflow_name", "crew_otel_crosstalk_source"}, used
+
+
+FAILURE_CAUSE_LABEL = "crew_otel_failure_cause"
+
+
+def test_error_origin_and_storm_alerts_name_the_failed_runs_causes() -> None:
+    """The pages about errors say why runs failed (crew_otel.failure.cause, most common first)
+    from crew_otel_failures_total, through a query in the annotation: a label would change the
+    alert's identity, and restart its ``for``, whenever the top cause changes."""
+    (record,) = [r for _, r in iter_rules() if r.get("record") == "crew_otel:failures:increase5m"]
+    assert "crew_otel_failures_total" in record["expr"]
+    assert f"by (job, {FAILURE_CAUSE_LABEL})" in record["expr"]
+    for name in (
+        "CrewOtelErrorOriginsRising",
+        "CrewOtelProvider5xxStorm",
+        "CrewOtelProvider429Storm",
+    ):
+        (rule,) = [r for r in ALERTS if r["alert"] == name]
+        text = rule["annotations"]["failure_causes"]
+        assert "crew_otel:failures:increase5m" in text, name
+        assert "| query" in text, name
+        assert f"Labels.{FAILURE_CAUSE_LABEL}" in text, name
+        assert "crew_otel.failure.cause=" in text, name
+
+
+def test_sharing_failures_alert_is_critical_and_names_no_request() -> None:
+    """Runs failed by sharing are a bug every time: a critical page that names the cause and
+    the Jaeger search, never a request ID or content."""
+    (rule,) = [r for r in ALERTS if r["alert"] == "CrewOtelFailuresFromSharing"]
+    assert rule["labels"]["severity"] == "critical"
+    assert 'crew_otel_failure_cause=~"shared_instance|shared_state"' in rule["expr"]
+    assert "for" not in rule
+    text = " ".join(rule["annotations"].values())
+    assert "crew_otel.failure.cause={{ $labels.crew_otel_failure_cause }}" in text
+    assert "crew_otel.failure.shared_instance.name" in text
+    used = set(re.findall(r"\$labels\.(\w+)", text))
+    assert used <= {"job", "gen_ai_workflow_name", FAILURE_CAUSE_LABEL}, used
+    assert "request.id" not in text
+
+
+def test_sharing_failures_page_once_with_the_conflicts_they_explain() -> None:
+    """A shared object that fails runs also raises CrewOtelSharedInstanceConflict for the same
+    service: the shipped Alertmanager config notifies about the failures only."""
+    config = load_yaml(COLLECTOR_DIR / "alertmanager" / "alertmanager.yml")
+    assert any(
+        "CrewOtelFailuresFromSharing" in " ".join(rule["source_matchers"])
+        and "CrewOtelSharedInstanceConflict" in " ".join(rule["target_matchers"])
+        and rule["equal"] == ["job"]
+        for rule in config["inhibit_rules"]
+    )
 
 
 def test_every_alert_has_firing_and_silent_cases() -> None:
@@ -577,17 +628,53 @@ def test_dashboards_link_to_jaeger_searches() -> None:
         '"crew_otel.error.origin":"true"',
         '"crew_otel.shared_instance":"true"',
         '"crew_otel.crosstalk":"true"',
+        '"crew_otel.failure.cause":"${__field.labels.crew_otel_failure_cause',
     ):
         assert tag in text, f"no Jaeger UI link searching {tag}"
     for tag in (
         "crew_otel.error.origin=true",
         "crew_otel.shared_instance=true",
         "crew_otel.crosstalk=true",
+        "crew_otel.failure.cause=${__field.labels.crew_otel_failure_cause",
     ):
         assert tag in text, f"no Explore link searching {tag}"
     assert "crew_otel.request.id" in text
     assert any(url.startswith("${jaeger_url}/search?") for url in urls)
     assert any(url.startswith("/explore?") for url in urls)
+
+
+def test_error_origins_dashboard_says_why_requests_failed() -> None:
+    """Failed runs by cause over time and the top causes now, each series linked to the Jaeger
+    search of its cause."""
+    dashboard = DASHBOARDS["crew-otel-error-origins.json"]
+    panels = list(iter_panels(dashboard))
+    assert any(p["type"] == "row" and p["title"] == "Why requests failed" for p in panels)
+    by_cause = [
+        p
+        for p in panels
+        if any(
+            "crew_otel_failures_total" in t.get("expr", "")
+            and f"by (job, {FAILURE_CAUSE_LABEL})" in t.get("expr", "")
+            for t in p.get("targets", [])
+        )
+    ]
+    kinds = {p["type"] for p in by_cause}
+    assert "timeseries" in kinds
+    assert kinds & {"stat", "bargauge"}
+    for panel in by_cause:
+        (target,) = panel["targets"]
+        if panel["type"] == "timeseries":
+            assert target["expr"].startswith(f"sum by (job, {FAILURE_CAUSE_LABEL}) (rate(")
+        else:
+            assert target["instant"] is True
+            assert target["expr"].startswith("sort_desc(")
+        links = " ".join(urllib.parse.unquote(link["url"]) for link in panel_links(panel))
+        assert '"crew_otel.failure.cause":"${__field.labels.crew_otel_failure_cause' in links
+        assert "service=${__field.labels.job" in links
+
+
+def panel_links(panel: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(panel.get("fieldConfig", {}).get("defaults", {}).get("links", []))
 
 
 # --- metric names --------------------------------------------------------------------------

@@ -107,11 +107,45 @@ def test_demo_runs_offline_and_names_the_shared_agent(demo_run):
     assert "Overlap timeline" in text
     if broken["failed"]:
         assert "requests failed; " in text
-        assert "began in a shared Agent 'Support Analyst'" in text
+        assert "failed runs by cause: shared_instance " in broken["conclusion"]
         assert "✗" in text
     else:
         assert "shared object(s) were used by concurrent requests" in text
     assert demo_run["svg"].read_text().lstrip().startswith("<svg")
+
+
+def test_every_failed_request_of_the_broken_service_is_the_shared_agent(demo_run):
+    """Each failed request of the broken service is one failed run whose cause is the shared
+    Agent (crew_otel.failure.cause=shared_instance, naming it), but for any run the provider
+    failed after every retry (a fatal HTTP 500 origin: provider_error); the report's count
+    by cause is what the service's crew_otel.failures metric counted. CrewAI 1.12 lets the
+    requests share the Agent without failing: then nothing failed and nothing is counted."""
+    result = demo_run["result"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(demo_run["summary"].read_text())
+    broken = figures["services"]["support-api-broken"]
+    provider_failed = sum(
+        o["count"] for o in broken["origins"] if o["span"] == "HTTP attempt" and not o["recovered"]
+    )
+    expected = {
+        "shared_instance": broken["failed"] - provider_failed,
+        "provider_error": provider_failed,
+    }
+    assert broken["failed_runs_by_cause"] == {c: n for c, n in expected.items() if n}
+    text = " ".join(result.stdout.replace("│", " ").split())
+    metric = ", ".join(f"{c} {n}" for c, n in broken["failed_runs_by_cause"].items()) or "none"
+    assert (
+        f"counted by the services' crew_otel.failures metric: broken {metric}; halffixed none; "
+        "fixed none." in text
+    )
+    shared = broken["failed_runs_by_cause"].get("shared_instance")
+    if shared:
+        assert broken["failure_shared"] == [
+            {"cause": "shared_instance", "what": "Agent 'Support Analyst'", "runs": shared}
+        ]
+        assert f"Failed runs by cause: shared_instance {shared} (Agent 'Support Analyst')" in text
+    for service in ("support-api-halffixed", "support-api-fixed"):
+        assert figures["services"][service]["failed_runs_by_cause"] == {}
 
 
 def test_demo_names_the_state_the_halffixed_service_still_shares(demo_run):

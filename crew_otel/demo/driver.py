@@ -12,7 +12,9 @@
 4. Stop the services (which flushes their spans), merge the span files and print the report
    (the same analysis as ``crew-otel report FILE``), plus a consistency check against what the
    provider and the clients saw: the answers crew_otel flagged as carrying another request's
-   data must be as many as those the demo found carrying another request's ticket.
+   data must be as many as those the demo found carrying another request's ticket, and the
+   report's failed runs by cause (from ``crew_otel.failure.cause`` on the spans) must be what
+   each service's ``crew_otel.failures`` counter counted.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import httpx
 from rich.console import Console
 
 from crew_otel.demo.options import DemoOptions, ServeOptions
-from crew_otel.demo.services import SERVICES, service_name
+from crew_otel.demo.services import SERVICES, failures_file, service_name
 from crew_otel.otlp_json import OtlpJsonError, read_file
 from crew_otel.report.analysis import Crosstalk, ServiceReport, analyse, summary
 from crew_otel.report.render import print_reports, save_timeline_svg
@@ -307,6 +309,7 @@ def _report(
         highlight=False,
     )
     mismatch = _print_crosstalk(console, reports, client_results)
+    causes_mismatch = _print_failure_causes(console, reports, processes)
     if options.summary_json is not None:
         figures = summary(reports)
         figures.update(
@@ -328,9 +331,56 @@ def _report(
             + ", ".join(mismatch)
             + ")"
         )
+    if causes_mismatch:
+        problems.append(
+            "failed runs by cause: the report and the crew_otel.failures metric disagree ("
+            + "; ".join(causes_mismatch)
+            + ")"
+        )
     if problems:
         raise DemoError("; ".join(problems))
     return 0
+
+
+def _metric_failures(process: ServiceProcess) -> dict[str, int] | None:
+    """What the service's ``crew_otel.failures`` counter counted, by cause (None: the service
+    wrote nothing, e.g. it was killed)."""
+    try:
+        data = json.loads(failures_file(process.trace_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and v}
+
+
+def _print_failure_causes(
+    console: Console, reports: list[ServiceReport], processes: list[ServiceProcess]
+) -> list[str]:
+    """Print, per service, the failed runs by cause as the ``crew_otel.failures`` metric counted
+    them inside the service; return the services where the report (from the spans'
+    ``crew_otel.failure.cause``) says otherwise."""
+    by_service = {r.service: {c.cause: c.runs for c in r.failure_causes} for r in reports}
+    seen: list[str] = []
+    mismatch: list[str] = []
+    for process in processes:
+        metric = _metric_failures(process)
+        if metric is None:
+            continue
+        spans = by_service.get(service_name(process.service), {})
+        ordered = sorted(metric.items(), key=lambda cn: (-cn[1], cn[0]))  # as the report
+        counted = ", ".join(f"{c} {n}" for c, n in ordered)
+        seen.append(f"{process.service} {counted or 'none'}")
+        if spans != metric:
+            mismatch.append(f"{process.service}: report {spans}, metric {metric}")
+    if seen:
+        console.print(
+            "Failed runs by cause, counted by the services' crew_otel.failures metric: "
+            + "; ".join(seen)
+            + ".",
+            highlight=False,
+        )
+    return mismatch
 
 
 def _print_crosstalk(

@@ -24,6 +24,12 @@ def service_name(service: str) -> str:
     return f"support-api-{service}"
 
 
+def failures_file(trace_file: Path) -> Path:
+    """Where a demo service writes its ``crew_otel.failures`` counts when it stops (next to
+    its trace file): ``{"shared_instance": 7, ...}``."""
+    return trace_file.with_name(trace_file.stem + ".failures.json")
+
+
 def example_path(service: str) -> Path:
     """Path of the example file for ``service`` (a key of :data:`SERVICES`)."""
     filename = SERVICES[service]

@@ -55,6 +55,21 @@ _STATE_ADVICE = {
 }
 
 
+#: How the report names a shared object of each ``crew_otel.shared_instance.kind`` when only
+#: the kind is known (``crew_otel.failure.shared_instance.kind`` carries no class).
+_OBJECT_KIND_WORDS = {
+    "crew": "Crew",
+    "agent": "Agent",
+    "task": "Task",
+    "tool": "tool",
+    "llm": "LLM",
+    "task_inputs": "Task inputs",
+    "flow": "Flow",
+}
+#: A ``crew_otel.failure.cause`` longer than this (a hostile file) is cut.
+MAX_CAUSE_CHARS = 64
+
+
 def describe(kind: str, class_name: str, name: str) -> str:
     """What a shared thing is, in words: ``module global 'app.CACHE'``, ``Agent 'Analyst'``."""
     short = class_name.rsplit(".", 1)[-1]
@@ -110,10 +125,39 @@ class Request:
     request_id: str | None
     error_type: str | None
     cause: str | None = None
+    """Where its failure began, in words (from the error origins: every file has them)."""
+    classified: bool = False
+    """A failed run of it carries ``crew_otel.failure.cause`` (then the conclusion says why
+    from the attribute, and :attr:`cause` is where it began only)."""
     concurrency: int = 1
     """The most requests in flight at once during this one (itself included), counted in its
     process when the spans name the process, else in its service."""
     process: str = ""
+
+
+@dataclasses.dataclass
+class CauseCount:
+    """Failed runs with one ``crew_otel.failure.cause``, and the shared things named on them
+    (``crew_otel.failure.shared_instance.*``), most runs first."""
+
+    cause: str
+    runs: int
+    shared: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    """(the shared thing in words, runs it failed)."""
+
+    def phrase(self) -> str:
+        """``shared_instance 7 (Agent 'Support Analyst')``."""
+        text = f"{self.cause} {self.runs}"
+        if len(self.shared) == 1:
+            return f"{text} ({self.shared[0][0]})"
+        if self.shared:
+            return f"{text} ({', '.join(f'{what} {n}' for what, n in self.shared)})"
+        return text
+
+
+def causes_clause(causes: list[CauseCount]) -> str:
+    """``shared_instance 7 (Agent 'Support Analyst'), provider_error 2``."""
+    return ", ".join(c.phrase() for c in causes)
 
 
 @dataclasses.dataclass
@@ -203,6 +247,9 @@ class ServiceReport:
     diagnoses: list[str] = dataclasses.field(default_factory=list)
     """Findings the spans carry besides failures and sharing, one sentence each."""
     crosstalk: Crosstalk = dataclasses.field(default_factory=Crosstalk)
+    failure_causes: list[CauseCount] = dataclasses.field(default_factory=list)
+    """Failed runs (outermost kickoffs whose exception reached the caller) by
+    ``crew_otel.failure.cause``, most first; empty for files written before it existed."""
 
     @property
     def failed(self) -> int:
@@ -225,6 +272,9 @@ _KEPT_ATTRIBUTES = frozenset(
         a.ERROR_RECOVERED,
         a.SHARED_INSTANCE,
         a.CROSSTALK,
+        a.FAILURE_CAUSE,
+        a.FAILURE_SHARED_KIND,
+        a.FAILURE_SHARED_NAME,
         a.HTTP_RESEND_COUNT,
         "http.request.method",
         "http.method",
@@ -459,6 +509,9 @@ class _Service:
         self.answers = 0
         self.carrying: list[_CarryingRun] = []
         self.failed_carrying = 0
+        #: Failed runs by crew_otel.failure.cause, and by (cause, shared thing in words).
+        self.failure_causes: Counter[str] = Counter()
+        self.failure_shared: Counter[tuple[str, str]] = Counter()
         self.findings = _Findings()
         self.origins: Counter[tuple[str, str, bool]] = Counter()
         self.origin_seq: dict[tuple[str, str, bool], int] = {}
@@ -543,18 +596,20 @@ class _Service:
                 resend = span.attributes.get(a.HTTP_RESEND_COUNT)
                 if isinstance(resend, int) and resend > 0:
                     self.retries[a.RETRY_LAYER_HTTP] += 1
-        self._runs(trace.spans, by_id)
+        classified = self._runs(trace.spans, by_id)
         made = self.finished.get(trace_id, False)
         if not made:
-            request = _request(trace_id, trace.spans, by_id)
+            request = _request(trace_id, trace.spans, by_id, classified)
             if request is not None:
                 self.requests.append((trace.seq, request))
                 made = True
         self.finished[trace_id] = made
 
-    def _runs(self, spans: list[_Span], by_id: dict[str, _Span]) -> None:
-        """Count the trace's runs (outermost kickoffs): answers, and those carrying another
-        request's data with where it entered (the cross-talk events below each)."""
+    def _runs(self, spans: list[_Span], by_id: dict[str, _Span]) -> bool:
+        """Count the trace's runs (outermost kickoffs): answers, those carrying another
+        request's data with where it entered (the cross-talk events below each), and failed
+        runs by cause. Whether a failed run of the trace carries its cause."""
+        classified = False
         entered: dict[str, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
         for span in spans:
             if span.crosstalk:
@@ -570,6 +625,7 @@ class _Service:
             carrying = bool(events) or span.attributes.get(a.CROSSTALK) is True
             if span.status == "ERROR":
                 self.failed_carrying += carrying
+                classified = self._failure(span) or classified
                 continue
             self.answers += 1
             if carrying:
@@ -581,6 +637,36 @@ class _Service:
                         {other for _, others in events for other in others},
                     )
                 )
+        return classified
+
+    def _failure(self, kickoff: _Span) -> bool:
+        """Count a failed run by its ``crew_otel.failure.cause`` (and the shared thing it
+        names); False when it carries none (a file from before the attribute)."""
+        cause = kickoff.attributes.get(a.FAILURE_CAUSE)
+        if not isinstance(cause, str) or not cause:
+            return False
+        cause = sys.intern(cause[:MAX_CAUSE_CHARS])
+        self.failure_causes[cause] += 1
+        kind = kickoff.attributes.get(a.FAILURE_SHARED_KIND)
+        if isinstance(kind, str) and kind:
+            name = kickoff.attributes.get(a.FAILURE_SHARED_NAME)
+            what = describe(
+                kind, _OBJECT_KIND_WORDS.get(kind, kind), name if isinstance(name, str) else ""
+            )
+            self.failure_shared[(cause, what)] += 1
+        return True
+
+    def causes(self) -> list[CauseCount]:
+        """Failed runs by cause, most first (ties by name), each with its shared things."""
+        shared: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for (cause, what), runs in sorted(
+            self.failure_shared.items(), key=lambda kn: (-kn[1], kn[0][1])
+        ):
+            shared[cause].append((what, runs))
+        return [
+            CauseCount(cause, runs, shared.get(cause, []))
+            for cause, runs in sorted(self.failure_causes.items(), key=lambda kn: (-kn[1], kn[0]))
+        ]
 
     def crosstalk(self) -> Crosstalk:
         """The answers carrying another request's data, where it entered and the shared
@@ -645,6 +731,7 @@ class _Service:
             processes=sorted({r.process for r in requests if r.process}),
             diagnoses=_diagnoses(self.findings, origins),
             crosstalk=self.crosstalk(),
+            failure_causes=self.causes(),
         )
         report.conclusion = conclude(report)
         return report
@@ -801,7 +888,9 @@ def _diagnoses(findings: _Findings, origins: list[tuple[tuple[str, str, bool], i
     return sentences
 
 
-def _request(trace_id: str, members: list[_Span], by_id: dict[str, _Span]) -> Request | None:
+def _request(
+    trace_id: str, members: list[_Span], by_id: dict[str, _Span], classified: bool = False
+) -> Request | None:
     roots = [s for s in members if not s.parent_id or s.parent_id not in by_id]
     servers = [s for s in roots if s.kind == "SERVER"]
     kickoffs = [s for s in roots if s.name.startswith(a.SPAN_WORKFLOW)]
@@ -829,6 +918,7 @@ def _request(trace_id: str, members: list[_Span], by_id: dict[str, _Span]) -> Re
         request_id=request_id,
         error_type=str(error_type) if error_type is not None else None,
         process=root.process,
+        classified=failed and classified,
     )
     if failed:
         request.cause = _cause(members, by_id)
@@ -890,7 +980,13 @@ def conclude(report: ServiceReport) -> str:
     parts = [f"{report.failed} of {total} requests failed"]
     if harm:
         parts.append(harm)
-    for cause, count in report.causes.most_common():
+    if report.failure_causes:
+        parts.append("failed runs by cause: " + causes_clause(report.failure_causes))
+    # where no run says why (a file from before crew_otel.failure.cause): from the origins
+    unclassified = Counter(
+        r.cause for r in report.requests if r.failed and r.cause and not r.classified
+    )
+    for cause, count in unclassified.most_common():
         verb = (
             "began in"
             if cause.startswith("a shared")
@@ -985,6 +1081,12 @@ def summary(reports: list[ServiceReport]) -> dict[str, object]:
                 "diagnoses": r.diagnoses,
                 "crosstalk": dataclasses.asdict(r.crosstalk),
                 "causes": dict(r.causes.most_common()),
+                "failed_runs_by_cause": {c.cause: c.runs for c in r.failure_causes},
+                "failure_shared": [
+                    {"cause": c.cause, "what": what, "runs": runs}
+                    for c in r.failure_causes
+                    for what, runs in c.shared
+                ],
                 "conclusion": r.conclusion,
             }
             for r in reports

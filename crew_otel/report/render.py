@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from crew_otel.report.analysis import ServiceReport, process_tags
+from crew_otel.report.analysis import ServiceReport, causes_clause, process_tags
 
 TIMELINE_WIDTH = 60
 MAX_TIMELINE_ROWS = 60
@@ -122,6 +122,19 @@ def crosstalk_lines(report: ServiceReport) -> list[Text]:
     return lines
 
 
+def failure_cause_lines(report: ServiceReport) -> list[Text]:
+    """``Failed runs by cause: shared_instance 7 (Agent 'Support Analyst'), provider_error 2``
+    (``crew_otel.failure.cause`` on the failed runs' kickoff spans); nothing when no run
+    carries it (no failure, or a file from before the attribute)."""
+    if not report.failure_causes:
+        return []
+    return [
+        Text.assemble(
+            ("Failed runs by cause: ", "bold"), (causes_clause(report.failure_causes), "red")
+        )
+    ]
+
+
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for column in columns:
@@ -145,6 +158,7 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
         )
     )
 
+    parts.extend(failure_cause_lines(report))
     parts.extend(crosstalk_lines(report))
 
     if report.origins:

@@ -1,5 +1,5 @@
-"""Error origins: which span each failure originated in, its error type, and whether a retry
-recovered it."""
+"""Error origins: why requests failed (crew_otel.failure.cause), which span each failure
+originated in, its error type, and whether a retry recovered it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from grafana_foundation_sdk.builders import dashboard as db
 from . import promql as q
 from .grafana import (
     ANY_ORIGIN,
+    FAILURE_CAUSE,
     FATAL,
     ORIGINS_OF_SERIES,
     RECOVERED,
     Ids,
+    bar_gauge_panel,
     base_dashboard,
     query,
     row,
@@ -19,6 +21,9 @@ from .grafana import (
     table_panel,
     ts,
 )
+
+#: The window of "top causes now".
+TOP_WINDOW = "5m"
 
 
 def build() -> db.Dashboard:
@@ -29,8 +34,47 @@ def build() -> db.Dashboard:
         base_dashboard(
             "crew-otel-error-origins",
             "crew_otel / Error origins",
-            "Which span each failure originated in (crew_otel.error.origin): the operation, "
-            "the error type, and whether a retry recovered it.",
+            "Why requests failed (crew_otel.failure.cause, one per failed run), which span "
+            "each failure originated in (crew_otel.error.origin): the operation, the error "
+            "type, and whether a retry recovered it.",
+        )
+        .with_row(row(ids, "Why requests failed"))
+        .with_panel(
+            ts(
+                ids,
+                "Failed runs by cause",
+                "Runs per second whose exception reached the caller, by crew_otel.failure.cause "
+                "(one per failed run): shared_instance and shared_state are bugs (an object or "
+                "state in use by another request); rate_limit, provider_error and "
+                "provider_timeout the provider after every retry; context_window, guardrail, "
+                "tool_error, cancelled, application_error the rest. Follow a series' link to "
+                "its runs in Jaeger.",
+                [
+                    query(
+                        q.sum_by(q.by(q.FAILURE_CAUSE), q.rate(q.FAILURES)),
+                        q.legend(q.FAILURE_CAUSE),
+                        exemplar=True,
+                    )
+                ],
+                "reqps",
+                searches=(FAILURE_CAUSE,),
+                span=16,
+            )
+        )
+        .with_panel(
+            bar_gauge_panel(
+                ids,
+                "Top causes now (last 5 min)",
+                "Failed runs of the last 5 minutes by cause, the most common first. Follow a "
+                "bar's link to its runs in Jaeger (crew_otel.failure.cause=<cause>).",
+                "sort_desc("
+                + q.sum_by(q.by(q.FAILURE_CAUSE), q.increase(q.FAILURES, window=TOP_WINDOW))
+                + ")",
+                q.legend(q.FAILURE_CAUSE),
+                "short",
+                span=8,
+                searches=(FAILURE_CAUSE,),
+            )
         )
         .with_row(row(ids, "Where errors start"))
         .with_panel(

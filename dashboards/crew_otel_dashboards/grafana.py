@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from grafana_foundation_sdk.builders import bargauge, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
@@ -144,6 +144,9 @@ FATAL = TraceSearch("unrecovered error origins", {a.ERROR_ORIGIN: TRUE, a.ERROR_
 RECOVERED = TraceSearch("retried (recovered) errors", {a.ERROR_RECOVERED: TRUE})
 SHARED = TraceSearch("shared-instance conflicts", {a.SHARED_INSTANCE: TRUE})
 CROSSTALK = TraceSearch("runs carrying another request's data", {a.CROSSTALK: TRUE})
+FAILURE_CAUSE = TraceSearch(
+    "failed runs of this cause", label_tags={a.FAILURE_CAUSE: q.FAILURE_CAUSE}
+)
 REQUEST = TraceSearch("traces of request ${request_id}", {a.REQUEST_ID: "${request_id}"})
 
 
@@ -272,6 +275,39 @@ def stat_panel(
         .span(span)
         .height(5)
         .thresholds(thresholds(*steps))
+        .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .with_target(instant(expr, legend, table_format=False))
+    )
+    if searches:
+        panel = panel.data_links(links(Frame.SERIES, *searches))
+    return panel
+
+
+def bar_gauge_panel(
+    ids: Ids,
+    title: str,
+    description: str,
+    expr: str,
+    legend: str,
+    unit: str,
+    *,
+    span: int = 6,
+    searches: tuple[TraceSearch, ...] = (),
+) -> bargauge.Panel:
+    """One bar per series of an instant query (in the query's order: ``sort_desc`` puts the
+    largest first); links read each bar's series labels."""
+    panel = (
+        bargauge.Panel()
+        .id(ids())
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(span)
+        .height(8)
+        .orientation(cm.VizOrientation.HORIZONTAL)
+        .display_mode(cm.BarGaugeDisplayMode.BASIC)
+        .thresholds(thresholds((None, "red")))
         .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
         .with_target(instant(expr, legend, table_format=False))
     )

@@ -73,6 +73,7 @@ RETRIES = prometheus_name(m.RETRIES, "{retry}", counter=True)
 ERROR_ORIGINS = prometheus_name(m.ERROR_ORIGINS, "{error}", counter=True)
 SHARED_CONFLICTS = prometheus_name(m.SHARED_INSTANCE_CONFLICTS, "{conflict}", counter=True)
 CROSSTALK = prometheus_name(m.CROSSTALK, "{run}", counter=True)
+FAILURES = prometheus_name(m.FAILURES, "{run}", counter=True)
 
 # --- the Collector's span_metrics connector (collector/*.yaml: namespace traces.span.metrics,
 # histogram unit ms) --------------------------------------------------------------------------
@@ -110,6 +111,7 @@ ERROR_RECOVERED = label(a.ERROR_RECOVERED)
 ERROR_ORIGIN = label(a.ERROR_ORIGIN)
 SHARED_KIND = label(a.SHARED_INSTANCE_KIND)
 CROSSTALK_SOURCE = label(a.CROSSTALK_SOURCE)
+FAILURE_CAUSE = label(a.FAILURE_CAUSE)
 
 # --- matchers ----------------------------------------------------------------------------------
 
