@@ -129,7 +129,12 @@ def make_metric_exporter() -> Any:
 class Pipeline:
     """An SDK TracerProvider (BatchSpanProcessor -> OTLP encode -> discard) and MeterProvider."""
 
-    def __init__(self, set_global: bool = True, **batch_options: Any) -> None:
+    def __init__(
+        self,
+        set_global: bool = True,
+        metric_interval_millis: float | None = None,
+        **batch_options: Any,
+    ) -> None:
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -147,7 +152,11 @@ class Pipeline:
         # The SDK's default export interval (60 s): metrics cost what they cost in production.
         self.meter_provider = MeterProvider(
             resource=resource,
-            metric_readers=[PeriodicExportingMetricReader(self.metric_exporter)],
+            metric_readers=[
+                PeriodicExportingMetricReader(
+                    self.metric_exporter, export_interval_millis=metric_interval_millis
+                )
+            ],
         )
         if set_global:
             trace.set_tracer_provider(self.tracer_provider)

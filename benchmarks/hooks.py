@@ -330,7 +330,49 @@ def smoke(seconds: float = 0.03) -> dict[str, Any]:
     return results
 
 
+def instruction_windows(calls: int) -> dict[str, Any]:
+    """Each benchmark's ``calls`` calls (and the span flush after them) as a callgrind window
+    of its own, dumped under the benchmark's name, after a warm-up of ``calls`` calls.
+
+    Run under ``valgrind --tool=callgrind --instr-atstart=no`` (:mod:`benchmarks.instructions`
+    does); outside Valgrind it only makes the calls.
+    """
+    from opentelemetry import context as otel_context
+
+    from benchmarks import callgrind
+
+    fixtures = Fixtures()
+    spans = {}
+    for name in NAMES:
+        pipeline, ctx, call = fixtures.calls[name]
+        token = otel_context.attach(ctx) if ctx is not None else None
+        try:
+            for _ in range(calls):  # warm-up: caches, first-call paths
+                call()
+            if pipeline is not None:
+                pipeline.flush()
+                before = pipeline.span_exporter.spans
+            callgrind.start_instrumentation()
+            callgrind.zero_stats()
+            for _ in range(calls):
+                call()
+            if pipeline is not None:
+                pipeline.flush()
+            callgrind.dump_stats_at(name)
+            callgrind.stop_instrumentation()
+            if pipeline is not None:
+                spans[name] = (pipeline.span_exporter.spans - before) / calls
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+    return {"calls": calls, "spans_per_call": spans, "on_valgrind": callgrind.running_on_valgrind()}
+
+
 def main() -> None:
+    if "--callgrind" in sys.argv:
+        calls = int(sys.argv[sys.argv.index("--callgrind") + 1])
+        print(json.dumps(instruction_windows(calls)))
+        return
     if "--smoke" in sys.argv:
         out = sys.argv[sys.argv.index("-o") + 1]
         with open(out, "w", encoding="utf-8") as handle:

@@ -212,6 +212,7 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     targets += start_targets
     shared_lines, shared_targets = _render_shared_state(shared, outside, outside_other)
     targets += shared_targets
+    instruction_lines = _render_instructions(_read(directory, "instructions.json"))
     for block in (
         e2e_lines,
         flow_lines,
@@ -220,6 +221,7 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
         soak_lines,
         start_lines,
         shared_lines,
+        instruction_lines,
     ):
         if block:
             sections.append("\n".join(block))
@@ -267,6 +269,61 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
             "Not measured: " + "; ".join(f"{k}: {v}" for k, v in system["skipped"].items()),
         ]
     return "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _render_instructions(data: Any) -> list[str]:
+    """Executed instructions per kickoff (callgrind), per variant and window length."""
+    if not data or not data.get("variants"):
+        return []
+    variants = data["variants"]
+    windows = [w["kickoffs"] for w in next(iter(variants.values()))["windows"]]
+    base = variants.get("baseline")
+    lines = [
+        "Executed instructions per kickoff (callgrind, every thread, "
+        f"{data['settings']['timers']} export timers; `instructions.json`):",
+        "",
+        "| variant | spans | "
+        + " | ".join(f"M instructions, {k} kickoffs" for k in windows)
+        + " | added | of which span export |",
+        "|---|---|" + "---|" * len(windows) + "---|---|",
+    ]
+    for variant in common.VARIANTS:
+        entry = variants.get(variant)
+        if entry is None:
+            continue
+        counts = [w["per_kickoff"] for w in entry["windows"]]
+        reference = base["windows"][-1]["per_kickoff"] if base else None
+        added = (
+            f"+{(counts[-1] - reference) / 1e6:.1f} M ({counts[-1] / reference:.3f} x)"
+            if reference and variant != "baseline"
+            else ""
+        )
+        export = entry["windows"][-1].get("span_export_per_kickoff", 0.0) / 1e6
+        lines.append(
+            f"| {common.LABELS[variant]} | {entry['windows'][-1]['spans_per_kickoff']:.0f} | "
+            + " | ".join(
+                f"{w['per_kickoff'] / 1e6:.1f}" + ("*" if _full_collections(w) else "")
+                for w in entry["windows"]
+            )
+            + f" | {added} | {export:.1f} M |"
+        )
+    lines += [
+        "",
+        "\\* the window contained a full (generation 2) garbage collection, which walks the "
+        "whole heap: "
+        + ", ".join(
+            f"{common.LABELS[v]} {e['full_gc'] / 1e6:.0f} M"
+            for v, e in variants.items()
+            if "full_gc" in e and v in common.LABELS
+        )
+        + " instructions each when forced.",
+    ]
+    return lines
+
+
+def _full_collections(window: dict[str, Any]) -> int:
+    collections = window.get("gc_collections") or []
+    return int(collections[2]) if len(collections) > 2 else 0
 
 
 def _competitor_versions(e2e: Any) -> str:

@@ -63,6 +63,9 @@ class Settings:
     flow_warmup: int
     #: Seconds the whole run may spend waiting for other processes to calm down.
     quiet_budget: float
+    #: Executed instructions (callgrind): warm-up kickoffs per process, measured windows.
+    instructions_warmup: int
+    instructions_windows: tuple[int, ...]
 
 
 FULL = Settings(
@@ -97,6 +100,8 @@ FULL = Settings(
     flow_kickoffs=1,
     flow_warmup=3,
     quiet_budget=600.0,
+    instructions_warmup=3,
+    instructions_windows=(3, 12),
 )
 #: A smoke run: the same sections, a fraction of the repetitions (numbers, not statistics).
 QUICK = dataclasses.replace(
@@ -123,8 +128,18 @@ QUICK = dataclasses.replace(
     flow_rounds=2,
     flow_warmup=1,
     quiet_budget=20.0,
+    instructions_windows=(3,),
 )
-SECTIONS = ("startup", "hooks", "e2e", "flow-memory", "shared-state", "soak", "report")
+SECTIONS = (
+    "startup",
+    "hooks",
+    "e2e",
+    "flow-memory",
+    "shared-state",
+    "soak",
+    "report",
+    "instructions",
+)
 QUIET = common.QUIET
 DISTURBED = common.DISTURBED
 #: Longest wait for a quiet machine before one round.
@@ -159,11 +174,14 @@ class Worker:
         env: dict[str, str],
         stderr: IO[str],
         workload: str = common.STANDARD,
+        prefix: Sequence[str] = (),
+        options: Sequence[str] = (),
     ) -> None:
         self.variant = variant
         self.workload = workload
         self.process = subprocess.Popen(
             [
+                *prefix,  # e.g. valgrind and its options
                 sys.executable,
                 "-m",
                 "benchmarks.worker",
@@ -173,6 +191,7 @@ class Worker:
                 base_url,
                 "--workload",
                 workload,
+                *options,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -240,6 +259,8 @@ class Bench:
         self.log = Log(self.out / "run.log")
         self.worker_log = open(self.out / "workers.log", "a", encoding="utf-8")  # noqa: SIM115
         self.quick = args.quick
+        #: Keep the SDK's export timers in the instructions section (see benchmarks.instructions).
+        self.instructions_timers: bool = getattr(args, "instructions_timers", False)
         self.sections = tuple(args.only) if args.only else SECTIONS
         self.variants: list[str] = [common.BASELINE, common.CREW_OTEL]
         self.overlays: dict[str, Path] = {}
@@ -842,6 +863,12 @@ class Bench:
             self.log(f"report: {line}")
         return data
 
+    # --- 9. executed instructions (callgrind) -------------------------------------------------
+    def instructions(self) -> dict[str, Any]:
+        from benchmarks import instructions
+
+        return instructions.measure(self)
+
 
 def _previous_system(directory: Path) -> dict[str, Any] | None:
     path = directory / "system.json"
@@ -871,6 +898,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-competitors", action="store_true", help="skip OpenInference and OpenLLMetry"
+    )
+    parser.add_argument(
+        "--instructions-timers",
+        action="store_true",
+        help="instructions section: keep the SDK's span and metric export timers",
     )
     args = parser.parse_args(argv)
 

@@ -35,6 +35,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -369,11 +370,73 @@ def profile(
     return summary
 
 
+#: ``--quiet-timers``: a day, i.e. never during a run.
+QUIET_TIMER_MILLIS = 86_400_000.0
+
+
+#: The dump of a window's span flush is named after the window plus this.
+EXPORT_SUFFIX = ".export"
+
+
+def instructions(
+    workload: Workload, kickoffs: int, label: str, what: str = "kickoffs"
+) -> dict[str, Any]:
+    """Callgrind counts instructions (every thread) only around ``kickoffs`` sequential
+    kickoffs and the span flush after them (``what="kickoffs"``; dumps ``label`` and, for the
+    flush, ``label + EXPORT_SUFFIX``), or around one collection and export of the metrics
+    (``what="metrics"``), or around one full garbage collection (``what="gc"``; these two
+    dump ``label``).
+
+    The process runs under ``valgrind --tool=callgrind --instr-atstart=no`` (see
+    :mod:`benchmarks.instructions`); outside Valgrind this only runs the work.
+    """
+    from benchmarks import callgrind
+
+    exporter = workload.pipeline.span_exporter
+    spans_before, errors_before = exporter.spans, workload.errors
+    collections_before = [generation["collections"] for generation in gc.get_stats()]
+    callgrind.start_instrumentation()
+    callgrind.zero_stats()
+    wall0 = time.perf_counter()
+    if what == "metrics":
+        workload.pipeline.meter_provider.force_flush()
+    elif what == "gc":
+        gc.collect()
+    else:
+        workload.run("threads", 1, kickoffs)
+        callgrind.dump_stats_at(label)  # the kickoffs; the flush is a dump of its own
+        workload.pipeline.flush()
+    wall = time.perf_counter() - wall0
+    callgrind.dump_stats_at(label + EXPORT_SUFFIX if what == "kickoffs" else label)
+    callgrind.stop_instrumentation()
+    collections = [generation["collections"] for generation in gc.get_stats()]
+    return {
+        "label": label,
+        "what": what,
+        "kickoffs": kickoffs,
+        "wall": wall,
+        "spans": exporter.spans - spans_before,
+        "errors": workload.errors - errors_before,
+        "first_error": workload.first_error,
+        "threads": [thread.name for thread in threading.enumerate()],
+        #: Garbage collections per generation during the window.
+        "gc_collections": [b - a for a, b in zip(collections_before, collections, strict=True)],
+        "gc_objects": len(gc.get_objects()),
+        "on_valgrind": callgrind.running_on_valgrind(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", required=True, choices=common.WORKER_VARIANTS)
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--workload", default=common.STANDARD, choices=common.WORKER_WORKLOADS)
+    parser.add_argument(
+        "--quiet-timers",
+        action="store_true",
+        help="no timed span or metric export: spans at each flush, metrics when asked "
+        "(the instructions section, where a kickoff lasts 50-100 times longer)",
+    )
     args = parser.parse_args()
 
     # The protocol gets the real stdout; anything CrewAI prints goes to stderr.
@@ -397,7 +460,15 @@ def main() -> None:
     timings["import_crewai"] = time.perf_counter() - start
     # CrewAI warns on every call that it estimates tokens for a non-OpenAI base URL.
     logging.getLogger("crewai.llms.base_llm").setLevel(logging.ERROR)
-    pipeline = common.Pipeline()
+    pipeline = (
+        common.Pipeline(
+            metric_interval_millis=QUIET_TIMER_MILLIS,
+            schedule_delay_millis=QUIET_TIMER_MILLIS,
+            max_queue_size=1_000_000,
+        )
+        if args.quiet_timers
+        else common.Pipeline()
+    )
     start = time.perf_counter()
     instrumentation_versions = setup_variant(args.variant, pipeline)
     timings["instrument"] = time.perf_counter() - start
@@ -410,6 +481,7 @@ def main() -> None:
             "timings": timings,
             "versions": instrumentation_versions,
             "rss": common.rss_bytes(),
+            "threads": [thread.name for thread in threading.enumerate()],
         }
     )
 
@@ -433,6 +505,13 @@ def main() -> None:
                     command["out"],
                     int(command.get("top", 40)),
                     command.get("dump"),
+                )
+            elif op == "instructions":
+                reply = instructions(
+                    workload,
+                    int(command.get("kickoffs", 0)),
+                    str(command["label"]),
+                    str(command.get("what", "kickoffs")),
                 )
             elif op == "spans":
                 exporter = pipeline.span_exporter

@@ -66,7 +66,7 @@ def test_marks_are_found_through_nested_inputs_and_compared_case_blind():
     assert marks_in_text("tck-48213 jane.doe@EXAMPLE.com") <= found
 
 
-# --- the detector on its own: in flight only, nobody's marks, what it keeps ------------------------
+# --- the detector on its own: in flight only, nobody's marks, what it keeps ---------------------
 @pytest.fixture
 def spans_and_tracer():
     exporter = InMemorySpanExporter()
@@ -110,7 +110,8 @@ def test_detector_flags_only_data_of_a_run_in_flight_at_the_same_time(spans_and_
         }
     flagged = {s.name: attr(s, "crew_otel.crosstalk") for s in exporter.get_finished_spans()}
     assert flagged["invoke_workflow b"] is True
-    assert flagged["invoke_workflow a"] is None and flagged["invoke_workflow c"] is None
+    assert flagged["invoke_workflow a"] is None
+    assert flagged["invoke_workflow c"] is None
     assert counted == [("tool_result", "wf")], "counted once per run and source"
 
 
@@ -327,9 +328,7 @@ def test_a_shared_crew_carries_the_other_requests_ticket_into_a_model_call(
     for span, event in into_model:
         assert span.name.startswith("chat ")
         assert event["crew_otel.crosstalk.other_request_ids"] == ("req-2",)
-    kickoff_span = next(
-        s for s in spans.named("invoke_workflow") if attr(s, REQUEST_ID) == "req-1"
-    )
+    kickoff_span = next(s for s in spans.named("invoke_workflow") if attr(s, REQUEST_ID) == "req-1")
     assert attr(kickoff_span, "crew_otel.crosstalk") is True
     found = points(metric_reader)["crew_otel.crosstalk"]
     assert total(found, crew_otel__crosstalk__source="model_input") >= 1
