@@ -37,6 +37,7 @@ from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.http import (
+    HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
     CrewAIBaggageFilter,
     HttpAttemptObserver,
@@ -334,8 +335,21 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             names = (client.module, client.pool_module)
             if imported is not None and imported not in names:
                 continue
-            if all(is_imported(name, imported) for name in names):
-                self._install_http_client(pending, imported)
+            if not all(is_imported(name, imported) for name in names):
+                continue
+            if imported is not None and _other_http_import_in_progress(imported):
+                # Installing imports the HTTP instrumentation, which imports every client: while
+                # another thread imports one of them, that could close a cycle of import locks
+                # (Python then hands one thread a half-initialised module). Install at the next
+                # kickoff or model call instead, outside any import.
+                pending.runtime.install_pending_http = self._install_deferred_http
+                continue
+            self._install_http_client(pending, imported)
+
+    def _install_deferred_http(self) -> None:
+        """Install the HTTP clients whose post-import hook deferred it (a client still being
+        imported installs from its own hook)."""
+        self._http_modules_imported(None)
 
     def _install_http_client(self, pending: _PendingHttp, imported: str | None) -> None:
         runtime, client = pending.runtime, pending.client
@@ -470,6 +484,16 @@ class _PendingHttp:
 def _install_failed(exc: Exception) -> None:
     """Re-raise a row's installation error (through ``safe_call``: raised in strict mode only)."""
     raise exc
+
+
+def _other_http_import_in_progress(hooked: str) -> bool:
+    """Whether an HTTP client module or pool other than ``hooked`` is being imported now."""
+    for client in HTTP_CLIENTS:
+        for name in (client.module, client.pool_module):
+            module = sys.modules.get(name)
+            if name != hooked and module is not None and initializing(module):
+                return True
+    return False
 
 
 def _register_import_hook(name: str) -> None:

@@ -42,6 +42,9 @@ class Runtime:
     attach_processor: Callable[[], bool] | None = None
     #: Wraps LLM classes defined since the last call (provider modules load on first use).
     refresh_llm_classes: Callable[[], None] | None = None
+    #: Installs the HTTP layer a post-import hook deferred (see ``CrewAIInstrumentor``);
+    #: cleared before it runs (a hook deferring meanwhile sets it again).
+    install_pending_http: Callable[[], None] | None = None
 
     @property
     def recording(self) -> bool:
@@ -57,6 +60,14 @@ class Runtime:
         refresh = self.refresh_llm_classes
         if refresh is not None:
             refresh()
+        self.before_model_call()
+
+    def before_model_call(self) -> None:
+        """Install the HTTP layer if a post-import hook deferred it (one attribute check)."""
+        install = self.install_pending_http
+        if install is not None:
+            self.install_pending_http = None
+            install()
 
     @classmethod
     def create(cls, tracer: Tracer, config: CrewOtelConfig, metrics: CrewOtelMetrics) -> Runtime:

@@ -206,3 +206,67 @@ def test_modules_imported_after_instrument_get_their_hooks_and_after_uninstrumen
     assert result["after_instrument"] or result["after_uninstrument"], (
         "no HTTP client left unimported to test with"
     )
+
+
+def test_an_http_client_imported_while_another_is_being_imported_installs_before_its_use() -> None:
+    """Installing the HTTP layer imports the HTTP instrumentation, which imports every client:
+    done inside one client's import while another thread imports the other client, it closed a
+    cycle of import locks and Python handed a thread a half-initialised ``httpx2`` (a Celery
+    worker's concurrent first tasks failed with ImportError). The hook then defers: the layer
+    installs at the next kickoff or model call, outside any import, before the first HTTP
+    attempt."""
+    result = run_fresh(
+        """
+        import importlib.util, types
+        from crew_otel.testing import FakeOpenAIProvider
+        from crew_otel.testing.crews import make_llm, research_crew
+
+        crew_otel.instrument(tracer_provider=provider)
+        used = next(c for c in HTTP_CLIENTS if c.module in sys.modules)
+        other = next(c for c in HTTP_CLIENTS if c is not used)
+        # Another thread is importing the other client's pool right now (as Python marks it).
+        busy = types.ModuleType(other.pool_module)
+        busy.__spec__ = importlib.util.spec_from_loader(other.pool_module, loader=None)
+        busy.__spec__._initializing = True
+        real = sys.modules.get(other.pool_module)
+        sys.modules[other.pool_module] = busy
+        imported_inside_hook = []
+
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                pool = sys.modules.get(used.pool_module)
+                if pool is not None and getattr(pool.__spec__, "_initializing", False):
+                    imported_inside_hook.append(name)
+                return None
+
+        sys.meta_path.insert(0, Spy())
+        with FakeOpenAIProvider() as fake:
+            crew = research_crew(lambda: make_llm(fake.base_url))
+            assert used.pool_module in sys.modules  # the LLMs imported the pool: hooks ran
+            deferred = http_reports()[used.key]
+            result = crew.kickoff(inputs={"topic": "[[first]]"})
+        if real is None:
+            del sys.modules[other.pool_module]
+        else:
+            sys.modules[other.pool_module] = real
+        spans = exporter.get_finished_spans()
+        chats = [s for s in spans if s.name.startswith("chat")]
+        http = [s for s in spans
+                if s.instrumentation_scope.name.startswith("opentelemetry.instrumentation.httpx")]
+        print(json.dumps({
+            "deferred": deferred, "after": http_reports()[used.key],
+            "imported_inside_hook": [n for n in imported_inside_hook
+                                     if n.startswith("opentelemetry.instrumentation")],
+            "answered": "[[first]]" in str(result.raw),
+            "chats": len(chats),
+            "chats_with_http": len({s.parent.span_id for s in http if s.parent}
+                                   & {c.context.span_id for c in chats}),
+        }))
+        """
+    )
+    assert result["imported_inside_hook"] == [], "the hook imported the HTTP instrumentation"
+    assert result["deferred"] == "pending"
+    assert result["after"] == "installed"
+    assert result["answered"]
+    assert result["chats"] == 3
+    assert result["chats_with_http"] == 3, "the first run's model calls have their HTTP attempts"

@@ -117,6 +117,7 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
         existing: LlmCallState | None = ctx.get(LLM_CALL_KEY)  # type: ignore[assignment]
         if existing is not None and trace.get_current_span(ctx) is existing.span:
             return None  # a provider delegating to another call of its own
+        self.runtime.before_model_call()
         model = attributes.model_name(instance)
         cls = type(instance)
         provider = attributes.provider_name(instance)
