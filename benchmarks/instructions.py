@@ -147,9 +147,18 @@ def measure(bench: Any) -> dict[str, Any]:
                 for v in (common.BASELINE, common.CREW_OTEL)
             }
             hooks = pool.submit(_hooks, bench, scratch)
+            detectors = {
+                name: pool.submit(_detector_window, bench, Worker, name, overlay, scratch)
+                for name, overlay in DETECTOR_VARIANTS.items()
+            }
             results["variants"] = {v: future.result() for v, future in variants.items()}
             results["threads"] = {v: future.result() for v, future in threads.items()}
             results["hooks"] = hooks.result()
+            results["detectors"] = {
+                "concurrency": DETECTOR_CONCURRENCY,
+                "kickoffs": DETECTOR_KICKOFFS,
+                "per_kickoff": {name: future.result() for name, future in detectors.items()},
+            }
         crew_otel = results["variants"].get(common.CREW_OTEL, {})
         if crew_otel.get("dump_of_longest_window"):
             text = annotate(crew_otel["dump_of_longest_window"])
@@ -162,6 +171,48 @@ def measure(bench: Any) -> dict[str, Any]:
         entry.pop("dump_of_longest_window", None)
     bench.write("instructions.json", results)
     return results
+
+
+#: crew_otel with each detector switched off, against all on: concurrent kickoffs, so the
+#: cross-talk checks scan what enters each run (a run alone skips them) and the shared-state
+#: bookkeeping sees requests in flight together.
+DETECTOR_VARIANTS: dict[str, dict[str, str]] = {
+    "all_on": {},
+    "crosstalk_off": {"CREW_OTEL_DETECT_CROSSTALK": "false"},
+    "shared_instances_off": {"CREW_OTEL_DETECT_SHARED_INSTANCES": "false"},
+}
+DETECTOR_CONCURRENCY = 4
+DETECTOR_KICKOFFS = 8
+
+
+def _detector_window(
+    bench: Any, worker_class: Any, name: str, overlay: dict[str, str], scratch: str
+) -> float:
+    """Instructions per kickoff of crew_otel with ``overlay`` in its environment."""
+    out_file = os.path.join(scratch, f"callgrind.out.detectors-{name}")
+    worker = worker_class(
+        common.CREW_OTEL,
+        bench.base_url,
+        {**bench.env_for(common.CREW_OTEL), **overlay},
+        bench.worker_log,
+        prefix=valgrind_prefix(out_file, False),
+        options=_worker_options(bench),
+    )
+    worker.wait_ready()
+    try:
+        worker.run("threads", DETECTOR_CONCURRENCY, DETECTOR_KICKOFFS)
+        reply = worker.request(
+            op="instructions",
+            kickoffs=DETECTOR_KICKOFFS,
+            concurrency=DETECTOR_CONCURRENCY,
+            label="detectors",
+        )
+        _check(reply, f"crew_otel ({name})")
+    finally:
+        worker.close()
+    total = sum(d.get("instructions", 0) for d in read_dumps(out_file))
+    bench.log(f"instructions: detectors {name}: {total / DETECTOR_KICKOFFS / 1e6:.2f} M/kickoff")
+    return total / DETECTOR_KICKOFFS
 
 
 def _worker_options(bench: Any) -> list[str]:

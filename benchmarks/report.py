@@ -318,6 +318,22 @@ def _render_instructions(data: Any) -> list[str]:
         )
         + " instructions each when forced.",
     ]
+    detectors = data.get("detectors")
+    if detectors and detectors.get("per_kickoff", {}).get("all_on"):
+        counts = detectors["per_kickoff"]
+        on = counts["all_on"]
+        lines += [
+            "",
+            f"Detectors, {detectors['kickoffs']} kickoffs {detectors['concurrency']} at a time "
+            "(crew_otel, every detector on against one switched off): "
+            + ", ".join(
+                f"{name.removesuffix('_off').replace('_', ' ')} "
+                f"{(on - counts[name]) / 1e6:+.2f} M per kickoff ({on / counts[name]:.4f} x)"
+                for name in ("crosstalk_off", "shared_instances_off")
+                if counts.get(name)
+            )
+            + ".",
+        ]
     return lines
 
 

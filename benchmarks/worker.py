@@ -379,13 +379,13 @@ EXPORT_SUFFIX = ".export"
 
 
 def instructions(
-    workload: Workload, kickoffs: int, label: str, what: str = "kickoffs"
+    workload: Workload, kickoffs: int, label: str, what: str = "kickoffs", concurrency: int = 1
 ) -> dict[str, Any]:
-    """Callgrind counts instructions (every thread) only around ``kickoffs`` sequential
-    kickoffs and the span flush after them (``what="kickoffs"``; dumps ``label`` and, for the
-    flush, ``label + EXPORT_SUFFIX``), or around one collection and export of the metrics
-    (``what="metrics"``), or around one full garbage collection (``what="gc"``; these two
-    dump ``label``).
+    """Callgrind counts instructions (every thread) only around ``kickoffs`` kickoffs
+    (``concurrency`` at a time) and the span flush after them (``what="kickoffs"``; dumps
+    ``label`` and, for the flush, ``label + EXPORT_SUFFIX``), or around one collection and
+    export of the metrics (``what="metrics"``), or around one full garbage collection
+    (``what="gc"``; these two dump ``label``).
 
     The process runs under ``valgrind --tool=callgrind --instr-atstart=no`` (see
     :mod:`benchmarks.instructions`); outside Valgrind this only runs the work.
@@ -403,7 +403,7 @@ def instructions(
     elif what == "gc":
         gc.collect()
     else:
-        workload.run("threads", 1, kickoffs)
+        workload.run("threads", concurrency, kickoffs)
         callgrind.dump_stats_at(label)  # the kickoffs; the flush is a dump of its own
         workload.pipeline.flush()
     wall = time.perf_counter() - wall0
@@ -512,6 +512,7 @@ def main() -> None:
                     int(command.get("kickoffs", 0)),
                     str(command["label"]),
                     str(command.get("what", "kickoffs")),
+                    int(command.get("concurrency", 1)),
                 )
             elif op == "spans":
                 exporter = pipeline.span_exporter
