@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
@@ -382,23 +382,15 @@ class CrewOtelMetrics:
 
     def failure(self, cause: str, workflow: str) -> None:
         """Count one failed run (call while its kickoff span is current: the exemplar)."""
-        self.failed_runs.add(
-            1,
-            {
-                a.FAILURE_CAUSE: cause,
-                a.GEN_AI_WORKFLOW_NAME: self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow),
-            },
-        )
+        self._count_run(self.failed_runs, a.FAILURE_CAUSE, cause, workflow)
 
     def crosstalk(self, source: str, workflow: str) -> None:
         """Count one run that received another request's data at ``source``."""
-        self.crosstalk_runs.add(
-            1,
-            {
-                a.CROSSTALK_SOURCE: source,
-                a.GEN_AI_WORKFLOW_NAME: self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow),
-            },
-        )
+        self._count_run(self.crosstalk_runs, a.CROSSTALK_SOURCE, source, workflow)
+
+    def _count_run(self, counter: Counter, key: str, value: str, workflow: str) -> None:
+        name = self.names.value(a.GEN_AI_WORKFLOW_NAME, workflow)
+        counter.add(1, {key: value, a.GEN_AI_WORKFLOW_NAME: name})
 
     def shared_conflict(self, kind: str) -> None:
         """Count one object used by two requests at once."""

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from crew_otel.testing.crews import prepare_offline_environment
+from tests.workloads import meet_in_tool
 
 prepare_offline_environment()
 
@@ -36,23 +37,11 @@ CONNECTION: Any = None
 _gate: dict[str, threading.Barrier] = {}
 
 
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def record_ticket(query: str) -> str:
     """Record the ticket in the shared ledger."""
     for _ in range(ROWS_PER_TOOL_CALL):
         CONNECTION.execute("INSERT INTO tickets VALUES (?)", (query,))
-    if not _on_event_loop():  # CrewAI 1.12 runs akickoff tools on the loop: all in flight
-        try:
-            _gate["barrier"].wait(timeout=60)  # every request is inside its tool call together
-        except threading.BrokenBarrierError:
-            pass
+    meet_in_tool(_gate.get("barrier"), timeout=60)  # every request is in its tool call
     return f"recorded {query}"
 
 

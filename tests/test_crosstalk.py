@@ -27,6 +27,7 @@ from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
 from tests.test_metrics import points, total
+from tests.workloads import meet_in_tool
 
 EVENT = "crew_otel.crosstalk"
 N = 8
@@ -133,23 +134,10 @@ _gate: dict[str, threading.Barrier] = {}
 RETURNED: dict[str, str] = {}
 
 
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def handle_ticket(query: str) -> str:
     """Look the ticket up (the seed's bug: the current ticket lives in a module variable)."""
     CURRENT_TICKET["ticket"] = query
-    barrier = _gate.get("barrier")
-    if barrier is not None and not _on_event_loop():
-        try:
-            barrier.wait(timeout=30)  # every request wrote; each now reads the last one's
-        except threading.BrokenBarrierError:
-            pass
+    meet_in_tool(_gate.get("barrier"))  # every request wrote; each now reads the last one's
     answer = f"Status of {CURRENT_TICKET['ticket']}: open"
     own = _TICKET.search(query)
     if own is not None:
@@ -159,12 +147,7 @@ def handle_ticket(query: str) -> str:
 
 def own_ticket_only(query: str) -> str:
     """The fixed tool: per-call state only."""
-    barrier = _gate.get("barrier")
-    if barrier is not None and not _on_event_loop():
-        try:
-            barrier.wait(timeout=30)
-        except threading.BrokenBarrierError:
-            pass
+    meet_in_tool(_gate.get("barrier"))
     return f"Status of {query}: open"
 
 

@@ -24,6 +24,7 @@ import crew_otel
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
 from tests.test_metrics import points, total
+from tests.workloads import meet_in_tool
 
 EVENT = "crew_otel.shared_instance"
 N = 6
@@ -36,25 +37,8 @@ _gate: dict[str, threading.Barrier] = {}
 
 
 def _meet() -> None:
-    """Wait until every request of the test is inside its tool call (bounded).
-
-    Not on an event loop's thread (CrewAI 1.12 runs ``akickoff`` tools there): waiting would
-    stop the other runs; they are all in flight in that loop anyway.
-    """
-    barrier = _gate.get("barrier")
-    if barrier is not None and not _on_event_loop():
-        try:
-            barrier.wait(timeout=20)
-        except threading.BrokenBarrierError:
-            pass
-
-
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    """Wait until every request of the test is inside its tool call (bounded)."""
+    meet_in_tool(_gate.get("barrier"), timeout=20)
 
 
 def remember_ticket(query: str) -> str:

@@ -8,6 +8,7 @@ look for it in what was recorded.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -147,3 +148,25 @@ def outcome_summary(outcome: Any) -> tuple[str, str]:
     if isinstance(outcome, BaseException):
         return type(outcome).__name__, str(outcome)
     return "ok", outcome.raw
+
+
+def meet_in_tool(barrier: threading.Barrier | None, timeout: float = 30.0) -> None:
+    """Inside tool code: wait until every request of the test is in its tool call (bounded).
+
+    Not on an event loop's thread (CrewAI 1.12 runs ``akickoff`` tools there): waiting would
+    stop the other runs, which are all in flight in that loop anyway.
+    """
+    if barrier is None or _on_event_loop():
+        return
+    try:
+        barrier.wait(timeout=timeout)
+    except threading.BrokenBarrierError:
+        pass
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
