@@ -155,42 +155,42 @@ def _tool_failure_policy_raises() -> bool:
     return "tool_failure_policy" in Crew.model_fields
 
 
-def test_a_raising_tool_nothing_takes_over_is_a_tool_error(otel, fake_provider, metric_reader):
+def _ledger_tool(error: BaseException) -> Any:
+    """A tool built per request (one shared by the runs would be a shared_instance cause)."""
     from crewai.tools import tool
 
+    @tool("ledger")
+    def ledger(query: str) -> str:
+        """Record the ticket in the ledger."""
+        raise error
+
+    return ledger
+
+
+def test_a_raising_tool_nothing_takes_over_is_a_tool_error(otel, fake_provider, metric_reader):
     if _tool_failure_policy_raises():  # CrewAI >= 1.15: the tool's error ends the run
-
-        @tool("ledger")
-        def ledger(query: str) -> str:
-            """Record the ticket in the ledger."""
-            raise ConnectionRefusedError("ledger service unavailable")
-
+        error: BaseException = ConnectionRefusedError("ledger service unavailable")
         crew_options: dict[str, Any] = {"tool_failure_policy": "raise"}
         markers = MARKERS
     else:  # older CrewAI hands every Exception back to the model: an exit is not handed back
-
-        @tool("ledger")
-        def ledger(query: str) -> str:
-            """Record the ticket in the ledger."""
-            raise SystemExit("ledger gave up")
-
+        error = SystemExit("ledger gave up")
         crew_options = {}
         markers = MARKERS[:THREADS]  # an exit stops an event loop: only threads here
+
+    def make_crew(marker: str) -> Any:
+        return one_task_crew(fake_provider, marker, tools=[_ledger_tool(error)], crew=crew_options)
+
     outcomes: dict[str, Any] = {}
 
     def run(marker: str) -> None:
-        crew = one_task_crew(fake_provider, marker, tools=[ledger], crew=crew_options)
+        crew = make_crew(marker)
         try:
             outcomes[marker] = crew.kickoff()
         except BaseException as exc:
             outcomes[marker] = exc
 
     if len(markers) == len(MARKERS):
-        outcomes = kickoff_concurrently(
-            lambda m: one_task_crew(fake_provider, m, tools=[ledger], crew=crew_options),
-            markers,
-            THREADS,
-        )
+        outcomes = kickoff_concurrently(make_crew, markers, THREADS)
     else:
         with ThreadPoolExecutor(max_workers=len(markers)) as pool:
             list(pool.map(run, markers))
