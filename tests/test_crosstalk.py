@@ -190,6 +190,8 @@ def run_async(fake_provider, tool: Callable[[str], str], extra: str = "") -> lis
             return str((await crew.akickoff(inputs=_inputs(i, extra))).raw)
 
     async def main() -> list[str]:
+        # CrewAI runs agent steps (and tools) in the loop's default executor: room for all N
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=N))
         return list(await asyncio.gather(*(one(i) for i in range(N))))
 
     return asyncio.run(main())
