@@ -10,7 +10,6 @@ when that cannot be known), never under the run that started the thread.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import itertools
 import logging
@@ -19,7 +18,6 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -38,6 +36,7 @@ from crew_otel.context import KICKOFF_KEY
 from crew_otel.safety import reset_reported_errors
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
+from tests.test_threads import run_requests
 
 LOG = logging.getLogger("tests.thread_run_end")
 WAIT = 30.0
@@ -59,30 +58,8 @@ def kickoff_at_once(
 ) -> None:
     """One crew per tag, all at once, each inside ``crew_otel.request("req-TAG")``: tags in
     ``on_loop`` with ``akickoff`` on one event loop, the others with ``kickoff`` in threads."""
-
-    def crew_for(tag: str) -> Any:
-        return research_crew(
-            lambda: make_llm(fake_provider.base_url), tools=[fetch_tool(bodies[tag])]
-        )
-
-    def threaded(tag: str) -> None:
-        with crew_otel.request(f"req-{tag}"):
-            crew_for(tag).kickoff(inputs={"topic": f"[[{tag}]]"})
-
-    async def one_async(tag: str) -> None:
-        with crew_otel.request(f"req-{tag}"):
-            await crew_for(tag).akickoff(inputs={"topic": f"[[{tag}]]"})
-
-    async def all_async() -> None:
-        await asyncio.gather(*(one_async(tag) for tag in sorted(on_loop)))
-
-    threaded_tags = [tag for tag in bodies if tag not in on_loop]
-    with ThreadPoolExecutor(max_workers=len(threaded_tags) + 1) as callers:
-        futures = [callers.submit(threaded, tag) for tag in threaded_tags]
-        if on_loop:
-            futures.append(callers.submit(asyncio.run, all_async()))
-        for future in futures:
-            future.result()
+    threaded = [tag for tag in bodies if tag not in on_loop]
+    run_requests(fake_provider, lambda tag: fetch_tool(bodies[tag]), threaded, sorted(on_loop))
 
 
 # --- 1. a run ends for its threads whatever the sampler -----------------------------------------

@@ -56,7 +56,7 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 _COMMON_SHAPE = re.compile(
     r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 2026-12-06
     r"|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"  # 06.12.2026
-    r"|[\d.]+"  # 1.15.30, 3.14159, 20261206 is kept by the next line
+    r"|[\d.]+"  # 1.15.30, 3.14159 (a pure number never gets here: see _is_mark)
 )
 _PURE_NUMBER = re.compile(r"\d+")
 _EDGE_PUNCTUATION = "._#/+-@"
@@ -238,8 +238,8 @@ class CrosstalkDetector:
     def check(self, request_id: str | None, texts: Iterable[str], source: str, span: Span) -> None:
         """Look for other runs' marks in ``texts``, which entered ``request_id``'s run at
         ``span`` (as ``source``: ``tool_result``, ``model_input`` or ``output``)."""
-        if request_id is None:
-            return
+        if request_id is None or len(self._runs) < 2:
+            return  # a run alone (or no run): nothing can be foreign; no lock on this path
         with self._lock:
             run = self._runs.get(request_id)
             if run is None or run.ended is not None or len(self._runs) < 2:
