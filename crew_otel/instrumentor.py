@@ -14,7 +14,6 @@ It is registered as the ``crew_otel`` entry point of ``opentelemetry_instrumento
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib
@@ -23,12 +22,11 @@ import importlib.util
 import logging
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import wrapt
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import propagate
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,
 )
@@ -36,6 +34,8 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
+from crew_otel.hook_kinds import Layer, Source, Status
+from crew_otel.hookset import HookSet
 from crew_otel.http import (
     HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
@@ -43,22 +43,10 @@ from crew_otel.http import (
     HttpAttemptObserver,
     HttpClient,
 )
-from crew_otel.metrics import CrewOtelMetrics
 from crew_otel.package import _instruments
 from crew_otel.plan import (
     ASYNC_POOL_METHOD,
     LLM_CLASSES_KEY,
-    SOURCE_BAGGAGE,
-    SOURCE_HTTP_CLIENT,
-    SOURCE_HTTP_POOL,
-    SOURCE_LLM_CLASS,
-    SOURCE_SHARED_STATE,
-    SOURCE_TARGET,
-    SOURCE_THREADING,
-    STATUS_FAILED,
-    STATUS_INSTALLED,
-    STATUS_PENDING,
-    STATUS_SKIPPED,
     Plan,
     PlanRow,
     build_plan,
@@ -70,39 +58,23 @@ from crew_otel.plan import (
     target_row,
 )
 from crew_otel.plan import imported as is_imported
+from crew_otel.providers import (
+    disable_processors,
+    metrics_for,
+    processor_attacher,
+    tracer_for,
+    warn_if_crewai_owns_global_provider,
+)
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
-from crew_otel.version import __version__
 from crew_otel.wrappers.llm import ChatWrapper
 
 if TYPE_CHECKING:
-    from crew_otel.processor import RequestSpanProcessor
     from crew_otel.threads import ThreadContextHooks
 
-__all__ = [
-    "STATUS_FAILED",
-    "STATUS_INSTALLED",
-    "STATUS_PENDING",
-    "STATUS_SKIPPED",
-    "CrewAIInstrumentor",
-    "HookReport",
-]
+__all__ = ["CrewAIInstrumentor", "HookReport"]
 
 _logger = logging.getLogger("crew_otel")
-
-SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
-CREWAI_TELEMETRY_SERVICE = "crewAI-telemetry"
-
-
-@dataclasses.dataclass
-class Hook:
-    """One installed wrapper: ``owner.__dict__[name]`` was ``original``, now ``wrapper``."""
-
-    key: str
-    owner: Any
-    name: str
-    original: Any
-    wrapper: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +82,16 @@ class HookReport:
     """What happened to one row of the plan (see :mod:`crew_otel.plan`)."""
 
     key: str
-    layer: str
-    status: str
+    layer: Layer
+    status: Status
     detail: str = ""
 
 
-# One span processor per tracer provider, re-enabled on re-instrumentation (the SDK has no way
-# to remove a processor).
-_processors: weakref.WeakKeyDictionary[Any, RequestSpanProcessor] = weakref.WeakKeyDictionary()
-_processors_lock = threading.Lock()
 # Modules with crew_otel's post-import hook. wrapt's hooks cannot be removed: one per module
 # per process, which installs only what the current instrumentation left pending (targets of
 # modules CrewAI imports on first use, the HTTP layer).
 _import_hooks: set[str] = set()
 _import_hooks_lock = threading.Lock()
-# Instruments are created once per meter provider.
-_metrics_by_provider: weakref.WeakKeyDictionary[Any, CrewOtelMetrics] = weakref.WeakKeyDictionary()
 
 
 class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -134,16 +100,16 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def __init__(self) -> None:
         # BaseInstrumentor is a singleton: __init__ runs on every CrewAIInstrumentor() call.
         if not hasattr(self, "_hooks"):
-            self._hooks: list[Hook] = []
+            self._hooks = HookSet("instrument")
             self._reports: list[HookReport] = []
             self._runtime: Runtime | None = None
             self._owned_instrumentors: list[Any] = []
             self._baggage_filter: CrewAIBaggageFilter | None = None
-            self._llm_lock = threading.Lock()
+            #: Guards the install state below against post-import hooks, kickoff-time
+            #: refreshes and ``uninstrument()`` in other threads.
+            self._install_lock = threading.Lock()
             self._http_pending: dict[str, _PendingHttp] = {}
             self._pending_targets: dict[str, list[tuple[t.Target, Runtime]]] = {}
-            #: ``(id(owner), name)`` of every installed hook (a slot is hooked once).
-            self._taken: set[tuple[int, str]] = set()
             self._left_to_auto: dict[str, bool] = {}
             self._providers: tuple[Any, Any] = (None, None)
             self._thread_hooks: ThreadContextHooks | None = None
@@ -180,13 +146,12 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         tracer_provider = kwargs.pop("tracer_provider", None)
         meter_provider = kwargs.pop("meter_provider", None)
         config = CrewOtelConfig.resolve(kwargs)
-        tracer = trace.get_tracer("crew_otel", __version__, tracer_provider, schema_url=SCHEMA_URL)
-        runtime = Runtime.create(tracer, config, _metrics_for(meter_provider))
+        runtime = Runtime.create(tracer_for(tracer_provider), config, metrics_for(meter_provider))
         self._runtime = runtime
         self._reports = []
         self._providers = (tracer_provider, meter_provider)
-        runtime.attach_processor = _processor_attacher(tracer_provider, runtime)
-        _warn_if_crewai_owns_global_provider(tracer_provider)
+        runtime.attach_processor = processor_attacher(tracer_provider, runtime)
+        warn_if_crewai_owns_global_provider(tracer_provider)
         try:
             self._apply_plan(build_plan(config), runtime)
         except BaseException:
@@ -199,7 +164,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         """Install the plan's rows in order; pending rows install when their module arrives."""
         waited: list[str] = []
         for row in plan.rows:
-            if row.status == STATUS_PENDING:
+            if row.status == Status.PENDING:
                 self._wait_for_import(row, runtime)
                 waited.extend(row.waits_for)
             else:
@@ -217,8 +182,8 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _apply_row(self, row: PlanRow, runtime: Runtime) -> HookReport:
         """Install one row that is due now; a row that raises is skipped and reported."""
-        if row.status != STATUS_INSTALLED:
-            if row.status == STATUS_SKIPPED and row.target is not None:
+        if row.status != Status.INSTALLED:
+            if row.status == Status.SKIPPED and row.target is not None:
                 _logger.debug("crew_otel: skipping %s: %s", row.key, row.detail)
             return HookReport(row.key, row.layer, row.status, row.detail)
         try:
@@ -231,33 +196,46 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 exc,
             )
             safe_call(_install_failed, exc, default=None)  # strict mode: roll everything back
-            return HookReport(row.key, row.layer, STATUS_FAILED, f"{type(exc).__name__}: {exc}")
-        return HookReport(row.key, row.layer, STATUS_INSTALLED, detail)
+            return HookReport(row.key, row.layer, Status.FAILED, f"{type(exc).__name__}: {exc}")
+        return HookReport(row.key, row.layer, Status.INSTALLED, detail)
 
     def _install_row(self, row: PlanRow, runtime: Runtime) -> str:
         """Install ``row`` entirely or, raising, leave nothing of it installed."""
-        if row.source == SOURCE_TARGET and row.target is not None and row.resolved is not None:
-            wrapper = t.build_wrapper(row.target.factory, runtime, row.resolved)
-            self._apply(row.key, row.resolved, wrapper)
-        elif row.source == SOURCE_LLM_CLASS and row.resolved is not None:
-            chat = ChatWrapper(
-                runtime, t.rate_limit_layer_present(), is_async=row.resolved.is_async
-            )
-            self._apply(row.key, row.resolved, chat)
-        elif row.source == SOURCE_HTTP_POOL and row.resolved is not None:
-            is_async = row.resolved.name == ASYNC_POOL_METHOD
-            self._apply(row.key, row.resolved, HttpAttemptObserver(runtime, is_async=is_async))
-        elif row.source == SOURCE_HTTP_CLIENT and row.client is not None:
-            return self._install_http_instrumentor(row.client)
-        elif row.source == SOURCE_THREADING:
-            self._install_threading()
-        elif row.source == SOURCE_BAGGAGE:
-            self._install_baggage_filter(runtime.config)
-        elif row.source == SOURCE_SHARED_STATE:
-            shared_state.activate(runtime.shared_state)
-        else:
+        installer = self._installers.get(row.source)
+        if installer is None:
             raise ValueError(f"no installer for {row.source} row {row.key}")
-        return row.detail
+        detail = installer(row, runtime)
+        return detail if detail is not None else row.detail
+
+    @functools.cached_property
+    def _installers(self) -> dict[Source, Callable[[PlanRow, Runtime], str | None]]:
+        """One installer per kind of row (a detail returned replaces the row's)."""
+        return {
+            Source.TARGET: self._install_target,
+            Source.LLM_CLASS: self._install_llm_class,
+            Source.HTTP_POOL: self._install_http_pool,
+            Source.HTTP_CLIENT: self._install_http_client_row,
+            Source.THREADING: lambda row, runtime: self._install_threading(),
+            Source.BAGGAGE: lambda row, runtime: self._install_baggage_filter(runtime.config),
+            Source.SHARED_STATE: lambda row, runtime: shared_state.activate(runtime.shared_state),
+        }
+
+    def _install_target(self, row: PlanRow, runtime: Runtime) -> None:
+        target, resolved = _required(row.target, row), _required(row.resolved, row)
+        self._apply(row.key, resolved, t.build_wrapper(target.factory, runtime, resolved))
+
+    def _install_llm_class(self, row: PlanRow, runtime: Runtime) -> None:
+        resolved = _required(row.resolved, row)
+        chat = ChatWrapper(runtime, t.rate_limit_layer_present(), is_async=resolved.is_async)
+        self._apply(row.key, resolved, chat)
+
+    def _install_http_pool(self, row: PlanRow, runtime: Runtime) -> None:
+        resolved = _required(row.resolved, row)
+        is_async = resolved.name == ASYNC_POOL_METHOD
+        self._apply(row.key, resolved, HttpAttemptObserver(runtime, is_async=is_async))
+
+    def _install_http_client_row(self, row: PlanRow, runtime: Runtime) -> str:
+        return self._install_http_instrumentor(_required(row.client, row))
 
     def _wait_for_import(self, row: PlanRow, runtime: Runtime) -> None:
         """Install ``row`` when its module is first imported, not import it now.
@@ -267,13 +245,13 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         cost (and importing them in a background thread raced the application's own import):
         a post-import hook installs the row in the importing thread, before the import returns.
         """
-        self._reports.append(HookReport(row.key, row.layer, STATUS_PENDING, row.detail))
-        with self._llm_lock:
+        self._reports.append(HookReport(row.key, row.layer, Status.PENDING, row.detail))
+        with self._install_lock:
             if row.target is not None:
                 self._pending_targets.setdefault(row.target.module, []).append(
                     (row.target, runtime)
                 )
-            elif row.source == SOURCE_HTTP_CLIENT and row.client is not None:
+            elif row.source == Source.HTTP_CLIENT and row.client is not None:
                 self._http_pending[row.client.module] = _PendingHttp(
                     row.client, runtime, left_to_auto_instrumentation(row.client.module)
                 )
@@ -281,25 +259,15 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _module_imported(self, name: str) -> None:
         """Install what waited for ``name`` (its post-import hook runs)."""
-        with self._llm_lock:
+        with self._install_lock:
             for target, runtime in self._pending_targets.pop(name, []):
                 if runtime.active and self._runtime is runtime:
-                    row = target_row(target, self._taken)
+                    row = target_row(target, self._hooks.slots())
                     self._set_report(self._apply_row(row, runtime))
         self._http_modules_imported(name)
 
     def _apply(self, key: str, resolved: t.Resolved, wrapper: Callable[..., Any]) -> None:
-        function_wrapper = wrapt.FunctionWrapper(resolved.original, wrapper)
-        try:
-            setattr(resolved.owner, resolved.name, function_wrapper)
-        except BaseException:
-            if resolved.owner.__dict__.get(resolved.name) is function_wrapper:
-                setattr(resolved.owner, resolved.name, resolved.original)
-            raise
-        self._hooks.append(
-            Hook(key, resolved.owner, resolved.name, resolved.original, function_wrapper)
-        )
-        self._taken.add((id(resolved.owner), resolved.name))
+        self._hooks.wrap(resolved.owner, resolved.name, wrapper, key=key)
 
     def _refresh_llm_classes(self, runtime: Runtime) -> None:
         """Wrap ``call``/``acall`` of the BaseLLM subclasses, and ``__call__`` of the embedding
@@ -308,19 +276,20 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         Runs at each kickoff, so provider classes imported later (CrewAI imports provider
         modules on first use), custom LLMs and custom embedders are covered.
         """
-        found = (*llm_class_rows(self._taken), *embedder_class_rows(self._taken))
-        rows = [r for r in found if r.status == STATUS_INSTALLED]
+        taken = self._hooks.slots()
+        found = (*llm_class_rows(taken), *embedder_class_rows(taken))
+        rows = [r for r in found if r.status == Status.INSTALLED]
         if not rows:
             return
-        with self._llm_lock:
+        with self._install_lock:
             # A kickoff that began before ``uninstrument()`` may get here after it: wrapping
             # then would leave hooks nothing removes (and a later instrument() would skip them).
             if not runtime.active or self._runtime is not runtime:
                 return
             self._reports = [r for r in self._reports if r.key != LLM_CLASSES_KEY]
             for row in rows:
-                if row.resolved is not None and (id(row.resolved.owner), row.resolved.name) not in (
-                    self._taken
+                if row.resolved is not None and not self._hooks.holds(
+                    row.resolved.owner, row.resolved.name
                 ):
                     self._set_report(self._apply_row(row, runtime))
 
@@ -357,7 +326,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             return
         # Imported outside the lock: an import may wait for another thread's import.
         importlib.import_module(HTTP_INSTRUMENTATION)
-        with self._llm_lock:
+        with self._install_lock:
             # uninstrument() (or another hook) may have come first.
             if self._http_pending.get(client.module) is not pending or not runtime.active:
                 return
@@ -435,7 +404,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _uninstrument(self, **kwargs: Any) -> None:
         # Under the locks the kickoff-time refreshes take, so none of them can re-wrap a class
         # or re-enable a processor after this point.
-        with self._llm_lock:
+        with self._install_lock:
             runtime, self._runtime = self._runtime, None
             # Their post-import hooks (wrapt's cannot be removed) now install nothing.
             self._http_pending = {}
@@ -443,9 +412,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if runtime is not None:
                 runtime.active = False
                 shared_state.deactivate(runtime.shared_state)
-        with _processors_lock:
-            for processor in list(_processors.values()):
-                processor.enabled = False
+        disable_processors()
         # The thread hooks and the threading instrumentation crew_otel installed under them.
         thread_hooks, self._thread_hooks = self._thread_hooks, None
         if thread_hooks is not None:
@@ -453,18 +420,11 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for instrumentor in reversed(self._owned_instrumentors):
             safe_call(instrumentor.uninstrument, default=None)
         self._owned_instrumentors = []
-        with self._llm_lock:
-            hooks, self._hooks = self._hooks, []
-            self._taken = set()
+        with self._install_lock:
             self._left_to_auto = {}
-        for hook in reversed(hooks):
-            current = hook.owner.__dict__.get(hook.name)
-            if current is hook.wrapper:
-                setattr(hook.owner, hook.name, hook.original)
-            else:
-                # Someone wrapped on top of ours: leave the chain intact; ours passes through
-                # because the runtime is inactive.
-                _logger.debug("crew_otel: %s was re-wrapped by another library", hook.key)
+        # A wrapper someone wrapped on top of stays in that chain; it passes through because
+        # the runtime is inactive.
+        self._hooks.remove_all()
         if self._baggage_filter is not None:
             if propagate.get_global_textmap() is self._baggage_filter:
                 propagate.set_global_textmap(self._baggage_filter.inner)
@@ -479,6 +439,16 @@ class _PendingHttp:
     runtime: Runtime
     #: opentelemetry-instrument loads this client's instrumentor itself (decided at instrument()).
     left_to_auto_instrumentation: bool
+
+
+_T = TypeVar("_T")
+
+
+def _required(value: _T | None, row: PlanRow) -> _T:
+    """A part the row's kind always has (a row built without it is a bug in the plan)."""
+    if value is None:
+        raise ValueError(f"plan row {row.key} ({row.source}) lacks a part its installer needs")
+    return value
 
 
 def _install_failed(exc: Exception) -> None:
@@ -512,71 +482,3 @@ def _register_import_hook(name: str) -> None:
 def _module_imported(name: str, module: Any) -> None:
     # Runs inside the application's import: an exception here would fail that import.
     safe_call(CrewAIInstrumentor()._module_imported, name, default=None)
-
-
-def _metrics_for(meter_provider: Any) -> CrewOtelMetrics:
-    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
-    try:
-        cached = _metrics_by_provider.get(provider)
-    except TypeError:
-        cached = None
-    if cached is not None:
-        return cached
-    meter = metrics.get_meter("crew_otel", __version__, provider, schema_url=SCHEMA_URL)
-    created = CrewOtelMetrics(meter)
-    with contextlib.suppress(TypeError):
-        _metrics_by_provider[provider] = created
-    return created
-
-
-def _processor_attacher(tracer_provider: Any, runtime: Runtime) -> Callable[[], bool]:
-    """A callable that adds the request processor to the provider once it is a real one.
-
-    It does nothing once ``runtime`` is switched off: a kickoff that began before
-    ``uninstrument()`` must not re-enable the processor after it.
-    """
-
-    def attach() -> bool:
-        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
-        if isinstance(provider, trace.ProxyTracerProvider):
-            return False  # no SDK provider yet; try again at the next kickoff
-        add = getattr(provider, "add_span_processor", None)
-        if not callable(add):
-            _logger.warning(
-                "crew_otel: the tracer provider %s is not an SDK TracerProvider; spans will not "
-                "carry crew_otel.request.id and thread.* (pass an SDK TracerProvider)",
-                type(provider).__name__,
-            )
-            return True
-        with _processors_lock:
-            if not runtime.active:
-                return True
-            processor = _processors.get(provider)
-            if processor is None:
-                # Imported here: it subclasses the SDK's SpanProcessor, and an SDK provider
-                # (hence the SDK) is present by now; ``import crew_otel`` needs only the API.
-                from crew_otel.processor import RequestSpanProcessor
-
-                processor = RequestSpanProcessor()
-                add(processor)
-                _processors[provider] = processor
-            processor.enabled = True
-        return True
-
-    return attach
-
-
-def _warn_if_crewai_owns_global_provider(tracer_provider: Any) -> None:
-    """crewai < 1.15.15 installs its own telemetry provider as the global one at import."""
-    if tracer_provider is not None:
-        return
-    provider = trace.get_tracer_provider()
-    resource = getattr(provider, "resource", None)
-    service = getattr(resource, "attributes", {}).get("service.name")
-    if service == CREWAI_TELEMETRY_SERVICE:
-        _logger.warning(
-            "crew_otel: the global tracer provider is CrewAI's own telemetry provider (crewai < "
-            "1.15.15 installs it at import), so your spans would go to CrewAI, not to you. Set "
-            "CREWAI_DISABLE_TELEMETRY=true before importing crewai, or pass your provider: "
-            "crew_otel.instrument(tracer_provider=...)."
-        )

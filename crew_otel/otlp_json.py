@@ -274,10 +274,6 @@ class SpanRecord:
     #: empty when the resource does not say).
     process: str = ""
 
-    @property
-    def duration_s(self) -> float:
-        return max(self.end - self.start, 0) / 1e9
-
 
 def _id(raw: object, length: int) -> str:
     what = "trace" if length == 32 else "span"

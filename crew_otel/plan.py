@@ -24,27 +24,8 @@ from typing import Any
 
 from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
+from crew_otel.hook_kinds import Layer, Source, Status
 from crew_otel.http import HTTP_CLIENTS, HTTP_INSTRUMENTATION, HttpClient
-
-STATUS_INSTALLED = "installed"
-STATUS_SKIPPED = "skipped"
-#: Installs when its module is first imported (a post-import hook).
-STATUS_PENDING = "pending"
-#: Installing raised: the row was skipped and nothing of it is left installed.
-STATUS_FAILED = "failed"
-
-SOURCE_TARGET = "target"
-SOURCE_LLM_CLASS = "llm class"
-SOURCE_HTTP_CLIENT = "http client"
-SOURCE_HTTP_POOL = "http pool"
-SOURCE_THREADING = "threading"
-SOURCE_BAGGAGE = "baggage"
-SOURCE_SHARED_STATE = "shared state"
-
-LAYER_HTTP = "http"
-LAYER_CONTEXT = "context"
-LAYER_PRIVACY = "privacy"
-LAYER_DIAGNOSIS = "diagnosis"
 
 BASE_LLM_MODULE = "crewai.llms.base_llm"
 LLM_METHODS = ("call", "acall")
@@ -62,10 +43,10 @@ class PlanRow:
     """One hook and what ``instrument()`` does with it."""
 
     key: str
-    layer: str
-    status: str
+    layer: Layer
+    status: Status
     detail: str
-    source: str
+    source: Source
     #: Pending rows: the modules that must be imported first.
     waits_for: tuple[str, ...] = ()
     #: Target rows: the row of the targets table.
@@ -114,24 +95,24 @@ def target_row(target: t.Target, taken: set[tuple[int, str]]) -> PlanRow:
         if findable(target.module):
             return _row(
                 target,
-                STATUS_PENDING,
+                Status.PENDING,
                 f"installs when {target.module} is imported",
                 waits_for=(target.module,),
             )
-        return _row(target, STATUS_SKIPPED, f"module {target.module} not importable (not found)")
+        return _row(target, Status.SKIPPED, f"module {target.module} not importable (not found)")
     try:
         resolved = t.resolve(target)  # the module is imported: resolve() imports nothing
     except t.Unresolved as reason:
-        return _row(target, STATUS_SKIPPED, str(reason))
+        return _row(target, Status.SKIPPED, str(reason))
     slot = (id(resolved.owner), resolved.name)
     if slot in taken:
-        return _row(target, STATUS_SKIPPED, "same object as another row")
+        return _row(target, Status.SKIPPED, "same object as another row")
     taken.add(slot)
-    return _row(target, STATUS_INSTALLED, target.note, resolved=resolved)
+    return _row(target, Status.INSTALLED, target.note, resolved=resolved)
 
 
-def _row(target: t.Target, status: str, detail: str, **fields: Any) -> PlanRow:
-    return PlanRow(target.key, target.layer, status, detail, SOURCE_TARGET, target=target, **fields)
+def _row(target: t.Target, status: Status, detail: str, **fields: Any) -> PlanRow:
+    return PlanRow(target.key, target.layer, status, detail, Source.TARGET, target=target, **fields)
 
 
 # --- provider LLM classes ----------------------------------------------------------------
@@ -151,12 +132,10 @@ def llm_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
             detail = f"found at each kickoff once {BASE_LLM_MODULE} is imported"
             waits = (BASE_LLM_MODULE,)
             return [
-                PlanRow(
-                    LLM_CLASSES_KEY, t.LAYER_LLM, STATUS_PENDING, detail, SOURCE_LLM_CLASS, waits
-                )
+                PlanRow(LLM_CLASSES_KEY, Layer.LLM, Status.PENDING, detail, Source.LLM_CLASS, waits)
             ]
         detail = f"BaseLLM not in {BASE_LLM_MODULE}"
-        return [PlanRow(LLM_CLASSES_KEY, t.LAYER_LLM, STATUS_SKIPPED, detail, SOURCE_LLM_CLASS)]
+        return [PlanRow(LLM_CLASSES_KEY, Layer.LLM, Status.SKIPPED, detail, Source.LLM_CLASS)]
     rows = []
     for cls in subclasses(base)[1:]:  # BaseLLM's own call/acall are abstract
         for name in LLM_METHODS:
@@ -165,10 +144,10 @@ def llm_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
             rows.append(
                 PlanRow(
                     f"{cls.__module__}:{cls.__qualname__}.{name}",
-                    t.LAYER_LLM,
-                    STATUS_INSTALLED,
+                    Layer.LLM,
+                    Status.INSTALLED,
                     "provider class",
-                    SOURCE_LLM_CLASS,
+                    Source.LLM_CLASS,
                     resolved=t.resolve_attribute(cls, name),
                 )
             )
@@ -213,14 +192,14 @@ def embedder_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
         if "__call__" not in cls.__dict__ or (id(cls), "__call__") in taken:
             continue
         target = t.Target(
-            cls.__module__, f"{cls.__qualname__}.__call__", EmbeddingsWrapper, t.LAYER_MEMORY
+            cls.__module__, f"{cls.__qualname__}.__call__", EmbeddingsWrapper, Layer.MEMORY
         )
         try:
             resolved = t.resolve_attribute(cls, "__call__")
         except t.Unresolved as reason:
-            rows.append(_row(target, STATUS_SKIPPED, str(reason)))
+            rows.append(_row(target, Status.SKIPPED, str(reason)))
             continue
-        rows.append(_row(target, STATUS_INSTALLED, "embedder class", resolved=resolved))
+        rows.append(_row(target, Status.INSTALLED, "embedder class", resolved=resolved))
     return rows
 
 
@@ -228,10 +207,10 @@ def embedder_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
 def http_rows(config: CrewOtelConfig, hooked: str | None = None) -> list[PlanRow]:
     """Each HTTP client's instrumentation and the attempt observers on its pools."""
     if not config.http:
-        return [PlanRow("http", LAYER_HTTP, STATUS_SKIPPED, "http=False", SOURCE_HTTP_CLIENT)]
+        return [PlanRow("http", Layer.HTTP, Status.SKIPPED, "http=False", Source.HTTP_CLIENT)]
     if not findable(HTTP_INSTRUMENTATION):
         detail = "opentelemetry-instrumentation-httpx is not installed"
-        return [PlanRow("http", LAYER_HTTP, STATUS_SKIPPED, detail, SOURCE_HTTP_CLIENT)]
+        return [PlanRow("http", Layer.HTTP, Status.SKIPPED, detail, Source.HTTP_CLIENT)]
     rows: list[PlanRow] = []
     for client in HTTP_CLIENTS:
         rows.extend(http_client_rows(client, hooked))
@@ -244,30 +223,30 @@ def http_client_rows(client: HttpClient, hooked: str | None = None) -> list[Plan
         detail = f"{client.module} not installed"
         return [
             PlanRow(
-                client.key, LAYER_HTTP, STATUS_SKIPPED, detail, SOURCE_HTTP_CLIENT, client=client
+                client.key, Layer.HTTP, Status.SKIPPED, detail, Source.HTTP_CLIENT, client=client
             )
         ]
     instrumentation = sys.modules.get(HTTP_INSTRUMENTATION)
     if instrumentation is not None and not hasattr(instrumentation, client.instrumentor):
         detail = f"this opentelemetry-instrumentation-httpx has no {client.instrumentor}"
         return [
-            PlanRow(key, LAYER_HTTP, STATUS_SKIPPED, detail, source, client=client)
+            PlanRow(key, Layer.HTTP, Status.SKIPPED, detail, source, client=client)
             for key, source in _client_keys(client)
         ]
     names = (client.module, client.pool_module)
     if not all(imported(name, hooked) for name in names):
         detail = f"installs when {client.module} and {client.pool_module} are imported"
         return [
-            PlanRow(key, LAYER_HTTP, STATUS_PENDING, detail, source, names, client=client)
+            PlanRow(key, Layer.HTTP, Status.PENDING, detail, source, names, client=client)
             for key, source in _client_keys(client)
         ]
     rows = [
         PlanRow(
             client.key,
-            LAYER_HTTP,
-            STATUS_INSTALLED,
+            Layer.HTTP,
+            Status.INSTALLED,
             http_client_detail(client),
-            SOURCE_HTTP_CLIENT,
+            Source.HTTP_CLIENT,
             client=client,
         )
     ]
@@ -278,16 +257,16 @@ def http_client_rows(client: HttpClient, hooked: str | None = None) -> list[Plan
         if not isinstance(cls, type) or method not in cls.__dict__:
             detail = f"{cls_name}.{method} not in this {client.pool_module}"
             rows.append(
-                PlanRow(key, LAYER_HTTP, STATUS_SKIPPED, detail, SOURCE_HTTP_POOL, client=client)
+                PlanRow(key, Layer.HTTP, Status.SKIPPED, detail, Source.HTTP_POOL, client=client)
             )
             continue
         rows.append(
             PlanRow(
                 key,
-                LAYER_HTTP,
-                STATUS_INSTALLED,
+                Layer.HTTP,
+                Status.INSTALLED,
                 "HTTP attempt observer",
-                SOURCE_HTTP_POOL,
+                Source.HTTP_POOL,
                 resolved=t.resolve_attribute(cls, method),
                 client=client,
             )
@@ -295,9 +274,9 @@ def http_client_rows(client: HttpClient, hooked: str | None = None) -> list[Plan
     return rows
 
 
-def _client_keys(client: HttpClient) -> list[tuple[str, str]]:
-    keys = [(client.key, SOURCE_HTTP_CLIENT)]
-    keys.extend((pool_key(client, cls, method), SOURCE_HTTP_POOL) for cls, method in pools(client))
+def _client_keys(client: HttpClient) -> list[tuple[str, Source]]:
+    keys = [(client.key, Source.HTTP_CLIENT)]
+    keys.extend((pool_key(client, cls, method), Source.HTTP_POOL) for cls, method in pools(client))
     return keys
 
 
@@ -330,33 +309,33 @@ def threading_row(config: CrewOtelConfig) -> PlanRow:
     """The thread hooks (and the threading instrumentation, unless someone else installs it)."""
     if not config.threading:
         return PlanRow(
-            "threading", LAYER_CONTEXT, STATUS_SKIPPED, "threading=False", SOURCE_THREADING
+            "threading", Layer.CONTEXT, Status.SKIPPED, "threading=False", Source.THREADING
         )
     if not findable(THREADING_INSTRUMENTATION):
         detail = "opentelemetry-instrumentation-threading missing"
-        return PlanRow("threading", LAYER_CONTEXT, STATUS_SKIPPED, detail, SOURCE_THREADING)
+        return PlanRow("threading", Layer.CONTEXT, Status.SKIPPED, detail, Source.THREADING)
     detail = "a run's context carried into new threads while the run is in flight"
-    return PlanRow("threading", LAYER_CONTEXT, STATUS_INSTALLED, detail, SOURCE_THREADING)
+    return PlanRow("threading", Layer.CONTEXT, Status.INSTALLED, detail, Source.THREADING)
 
 
 def baggage_row(config: CrewOtelConfig) -> PlanRow:
     """The propagator filter on the global textmap."""
     if not (config.strip_crewai_baggage or config.propagate_request_id):
         detail = "strip_crewai_baggage=False and propagate_request_id=False"
-        return PlanRow("baggage", LAYER_PRIVACY, STATUS_SKIPPED, detail, SOURCE_BAGGAGE)
+        return PlanRow("baggage", Layer.PRIVACY, Status.SKIPPED, detail, Source.BAGGAGE)
     detail = "CrewAI baggage kept off outgoing requests"
     if config.propagate_request_id:
         detail += "; request ID carried as baggage"
-    return PlanRow("baggage", LAYER_PRIVACY, STATUS_INSTALLED, detail, SOURCE_BAGGAGE)
+    return PlanRow("baggage", Layer.PRIVACY, Status.INSTALLED, detail, Source.BAGGAGE)
 
 
 def shared_state_row(config: CrewOtelConfig) -> PlanRow:
     """The file and SQLite watchers of the shared-state diagnosis."""
     if not config.detect_shared_instances:
         detail = "detect_shared_instances=False"
-        return PlanRow("shared state", LAYER_DIAGNOSIS, STATUS_SKIPPED, detail, SOURCE_SHARED_STATE)
+        return PlanRow("shared state", Layer.DIAGNOSIS, Status.SKIPPED, detail, Source.SHARED_STATE)
     detail = "open, io.open, os.open and sqlite3.connect watched inside tool calls"
-    return PlanRow("shared state", LAYER_DIAGNOSIS, STATUS_INSTALLED, detail, SOURCE_SHARED_STATE)
+    return PlanRow("shared state", Layer.DIAGNOSIS, Status.INSTALLED, detail, Source.SHARED_STATE)
 
 
 # --- imports, without importing ------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from crew_otel import internals
 from crew_otel.diagnosis.sharing import Kind
+from crew_otel.hook_kinds import Layer
 from crew_otel.runtime import Runtime
 from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
 from crew_otel.wrappers.base import SpanWrapper
@@ -70,17 +71,6 @@ class SpanFactory:
 #: at construction whether the target is a coroutine function), or a callable of the runtime.
 WrapperFactory = Callable[[Runtime], Callable[..., Any]] | SpanFactory
 
-LAYER_KICKOFF = "kickoff"
-LAYER_TASK = "task"
-LAYER_AGENT = "agent"
-LAYER_STEP = "step"
-LAYER_TOOL = "tool"
-LAYER_LLM = "llm"
-LAYER_FLOW = "flow"
-LAYER_MEMORY = "memory"
-LAYER_PLAN = "plan"
-LAYER_WAIT = "wait"
-
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -89,7 +79,7 @@ class Target:
     module: str
     path: str
     factory: WrapperFactory
-    layer: str
+    layer: Layer
     #: Wrap on the class of the MRO that defines the method (e.g. ``Flow.kickoff``, defined
     #: on a base class in some versions) instead of requiring it in the class's own dict.
     inherited: bool = False
@@ -156,7 +146,7 @@ def _kickoffs(
             module,
             f"{cls}.{method}",
             _kickoff(f"{entrypoint}.{method}", kind),
-            LAYER_KICKOFF,
+            Layer.KICKOFF,
             inherited=inherited,
             note=note,
         )
@@ -201,7 +191,7 @@ _STEP_MODULES = (
 TARGETS: tuple[Target, ...] = (
     # --- kickoffs -------------------------------------------------------------------------
     *(
-        Target("crewai.crew", f"Crew.{method}", _kickoff(method, Kind.CREW), LAYER_KICKOFF)
+        Target("crewai.crew", f"Crew.{method}", _kickoff(method, Kind.CREW), Layer.KICKOFF)
         for method in (
             "kickoff",
             "kickoff_async",
@@ -226,7 +216,7 @@ TARGETS: tuple[Target, ...] = (
         "crewai.flow.flow",
         "Flow._execute_method",
         FlowStepWrapper,
-        LAYER_FLOW,
+        Layer.FLOW,
         inherited=True,
         note="@start/@listen/@router methods of user flows (internal flows are skipped)",
     ),
@@ -235,18 +225,18 @@ TARGETS: tuple[Target, ...] = (
         "crewai.task",
         "Task._execute_core",
         TaskWrapper,
-        LAYER_TASK,
+        Layer.TASK,
         note="sync tasks and async_execution tasks (their thread)",
     ),
     Target(
-        "crewai.task", "Task._aexecute_core", TaskWrapper, LAYER_TASK, note="native async tasks"
+        "crewai.task", "Task._aexecute_core", TaskWrapper, Layer.TASK, note="native async tasks"
     ),
     *(
         Target(
             "crewai.task",
             f"Task.{method}",
             GuardrailRunWrapper,
-            LAYER_TASK,
+            Layer.TASK,
             note="one guardrail checked; the agent re-run after a rejection",
         )
         for method in ("_invoke_guardrail_function", "_ainvoke_guardrail_function")
@@ -255,7 +245,7 @@ TARGETS: tuple[Target, ...] = (
         "crewai.task",
         "process_guardrail",
         GuardrailWrapper,
-        LAYER_TASK,
+        Layer.TASK,
         note="module binding of crewai.utilities.guardrail.process_guardrail: one evaluation",
     ),
     *(
@@ -263,7 +253,7 @@ TARGETS: tuple[Target, ...] = (
             module,
             "process_guardrail",
             GuardrailWrapper,
-            LAYER_AGENT,
+            Layer.AGENT,
             note="module binding: one evaluation of a standalone agent's guardrail",
         )
         for module in ("crewai.agent.core", "crewai.lite_agent")
@@ -272,7 +262,7 @@ TARGETS: tuple[Target, ...] = (
         "crewai.crew",
         "Crew._interpolate_inputs",
         InterpolationObserver,
-        LAYER_TASK,
+        Layer.TASK,
         note="which request interpolated inputs into which Task",
     ),
     # --- planning -------------------------------------------------------------------------
@@ -280,25 +270,25 @@ TARGETS: tuple[Target, ...] = (
         "crewai.crew",
         "Crew._handle_crew_planning",
         CrewPlanningWrapper,
-        LAYER_PLAN,
+        Layer.PLAN,
         note="Crew(planning=True): the planner's task and model calls",
     ),
     Target(
         "crewai.utilities.reasoning_handler",
         "AgentReasoning.handle_agent_reasoning",
         AgentReasoningWrapper,
-        LAYER_PLAN,
+        Layer.PLAN,
         note="an agent's reasoning (planning) step before its task",
     ),
     # --- agent attempts and steps ---------------------------------------------------------
-    Target("crewai.agent.core", "Agent.execute_task", AgentAttemptWrapper, LAYER_AGENT),
-    Target("crewai.agent.core", "Agent.aexecute_task", AgentAttemptWrapper, LAYER_AGENT),
+    Target("crewai.agent.core", "Agent.execute_task", AgentAttemptWrapper, Layer.AGENT),
+    Target("crewai.agent.core", "Agent.aexecute_task", AgentAttemptWrapper, Layer.AGENT),
     *(
         Target(
             module,
             function,
             AgentStepWrapper,
-            LAYER_STEP,
+            Layer.STEP,
             note="module binding of crewai.utilities.agent_utils." + function,
         )
         for module in _STEP_MODULES
@@ -309,7 +299,7 @@ TARGETS: tuple[Target, ...] = (
             module,
             "handle_context_length",
             ContextLengthObserver,
-            LAYER_AGENT,
+            Layer.AGENT,
             note="context window exceeded: summarise or SystemExit",
         )
         for module in _STEP_MODULES
@@ -320,7 +310,7 @@ TARGETS: tuple[Target, ...] = (
             module,
             f"{cls}._execute_single_native_tool_call",
             NativeToolCallWrapper,
-            LAYER_TOOL,
+            Layer.TOOL,
             note="native function-calling dispatcher",
         )
         for module, cls in _EXECUTOR_MODULES
@@ -329,84 +319,84 @@ TARGETS: tuple[Target, ...] = (
         "crewai.tools.tool_usage",
         "ToolUsage.use",
         ToolUsageWrapper,
-        LAYER_TOOL,
+        Layer.TOOL,
         note="text/ReAct dispatcher",
     ),
     Target(
         "crewai.tools.tool_usage",
         "ToolUsage.ause",
         ToolUsageWrapper,
-        LAYER_TOOL,
+        Layer.TOOL,
         note="text/ReAct dispatcher",
     ),
     *(
-        Target("crewai.tools.base_tool", f"{cls}.{method}", ToolRunWrapper, LAYER_TOOL)
+        Target("crewai.tools.base_tool", f"{cls}.{method}", ToolRunWrapper, Layer.TOOL)
         for cls in ("BaseTool", "Tool")
         for method in ("run", "arun")
     ),
-    Target("crewai.tools.structured_tool", "CrewStructuredTool.invoke", ToolRunWrapper, LAYER_TOOL),
+    Target("crewai.tools.structured_tool", "CrewStructuredTool.invoke", ToolRunWrapper, Layer.TOOL),
     Target(
-        "crewai.tools.structured_tool", "CrewStructuredTool.ainvoke", ToolRunWrapper, LAYER_TOOL
+        "crewai.tools.structured_tool", "CrewStructuredTool.ainvoke", ToolRunWrapper, Layer.TOOL
     ),
     Target(
         "mcp.client.session",
         "ClientSession.call_tool",
         McpToolResultObserver,
-        LAYER_TOOL,
+        Layer.TOOL,
         note="an MCP tool result with isError: the origin on the tool span (error.type tool_error)",
     ),
     Target(
         "crewai.tools.mcp_native_tool",
         "MCPNativeTool._run_async",
         McpToolErrorObserver,
-        LAYER_TOOL,
+        Layer.TOOL,
         note="an MCP tool's client error, before CrewAI wraps it in a RuntimeError",
     ),
     # --- model calls ----------------------------------------------------------------------
-    Target("crewai.llm", "LLM.call", _chat, LAYER_LLM, note="litellm fallback"),
-    Target("crewai.llm", "LLM.acall", _chat, LAYER_LLM, note="litellm fallback"),
-    Target("crewai.llms.providers.openai.completion", "OpenAICompletion.call", _chat, LAYER_LLM),
-    Target("crewai.llms.providers.openai.completion", "OpenAICompletion.acall", _chat, LAYER_LLM),
+    Target("crewai.llm", "LLM.call", _chat, Layer.LLM, note="litellm fallback"),
+    Target("crewai.llm", "LLM.acall", _chat, Layer.LLM, note="litellm fallback"),
+    Target("crewai.llms.providers.openai.completion", "OpenAICompletion.call", _chat, Layer.LLM),
+    Target("crewai.llms.providers.openai.completion", "OpenAICompletion.acall", _chat, Layer.LLM),
     Target(
         "crewai.llms.base_llm",
         "BaseLLM._track_token_usage_internal",
         lambda rt: LlmResponseObserver(rt, _USAGE_FIELDS, take_usage=True),
-        LAYER_LLM,
+        Layer.LLM,
         note="token usage per response",
     ),
     Target(
         "crewai.llms.base_llm",
         "BaseLLM._emit_call_completed_event",
         lambda rt: LlmResponseObserver(rt, _COMPLETED_FIELDS, take_usage=False),
-        LAYER_LLM,
+        Layer.LLM,
         note="finish reason and response ID",
     ),
     Target(
         "crewai.llms.providers.openai.completion",
         "OpenAICompletion._extract_openai_token_usage",
         LlmResponseObjectObserver,
-        LAYER_LLM,
+        Layer.LLM,
         note="the SDK's response object: response model, finish reasons, response ID",
     ),
     Target(
         "openai._streaming",
         "Stream.__iter__",
         StreamChunkObserver,
-        LAYER_LLM,
+        Layer.LLM,
         note="a streamed answer's chunks inside a model call: model and finish reasons",
     ),
     Target(
         "openai._streaming",
         "AsyncStream.__aiter__",
         lambda rt: StreamChunkObserver(rt, is_async=True),
-        LAYER_LLM,
+        Layer.LLM,
         note="a streamed answer's chunks inside a model call: model and finish reasons",
     ),
     Target(
         RATE_LIMIT_MODULE,
         "get_retry_delay_seconds",
         RateLimitRetryObserver,
-        LAYER_LLM,
+        Layer.LLM,
         note="CrewAI's rate-limit retry layer (crewai >= 1.15.25)",
     ),
     # --- waits ----------------------------------------------------------------------------
@@ -414,14 +404,14 @@ TARGETS: tuple[Target, ...] = (
         "crewai.utilities.rpm_controller",
         "RPMController.check_or_wait",
         RpmLimiterWrapper,
-        LAYER_WAIT,
+        Layer.WAIT,
         note="max_rpm: a call that waited for the limiter (slept, or waited for its lock)",
     ),
     Target(
         "crewai.utilities.rpm_controller",
         "RPMController._wait_for_next_minute",
         RpmSleepObserver,
-        LAYER_WAIT,
+        Layer.WAIT,
         note="max_rpm: the limiter's 60 s sleep (holding the lock every caller needs)",
     ),
     *(
@@ -429,7 +419,7 @@ TARGETS: tuple[Target, ...] = (
             "crewai.core.providers.human_input",
             f"SyncHumanInputProvider.{method}",
             HumanInputWrapper,
-            LAYER_WAIT,
+            Layer.WAIT,
             note="human_input: one prompt of the default provider, until the human answers",
         )
         for method in ("_prompt_input", "_prompt_input_async")
@@ -439,49 +429,49 @@ TARGETS: tuple[Target, ...] = (
         "chromadb.utils.embedding_functions.openai_embedding_function",
         "OpenAIEmbeddingFunction.__call__",
         EmbeddingsWrapper,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="the OpenAI embedder CrewAI builds for memory and knowledge",
     ),
     Target(
         "openai.resources.embeddings",
         "Embeddings.create",
         EmbeddingsUsageObserver,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="input tokens of an embeddings call",
     ),
     Target(
         "crewai.memory.unified_memory",
         "Memory.recall",
         MemorySearchWrapper,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="unified memory search (arecall delegates to it)",
     ),
     Target(
         "crewai.memory.unified_memory",
         "Memory._encode_batch",
         MemorySaveWrapper,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="unified memory save (remember and remember_many's background saves)",
     ),
     Target(
         "crewai.memory.unified_memory",
         "Memory.extract_memories",
         MemoryExtractWrapper,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="the memory's model call on a task's result",
     ),
     Target(
         "crewai.memory.unified_memory",
         "Memory._submit_save",
         SaveQueueObserver,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="when a save was queued (one save thread per Memory)",
     ),
     Target(
         "crewai.memory.storage.lancedb_storage",
         "store_lock",
         StorageLockObserver,
-        LAYER_MEMORY,
+        Layer.MEMORY,
         note="module binding of CrewAI's storage lock: the memory's wait for it",
     ),
     *(
@@ -489,20 +479,20 @@ TARGETS: tuple[Target, ...] = (
             "crewai.rag.chromadb.client",
             f"ChromaDBClient.{method}",
             KnowledgeSearchErrorObserver,
-            LAYER_MEMORY,
+            Layer.MEMORY,
             note="knowledge search errors (KnowledgeStorage returns [] for them)",
         )
         for method in ("search", "asearch")
     ),
     *(
         Target(
-            "crewai.knowledge.knowledge", f"Knowledge.{method}", KnowledgeQueryWrapper, LAYER_MEMORY
+            "crewai.knowledge.knowledge", f"Knowledge.{method}", KnowledgeQueryWrapper, Layer.MEMORY
         )
         for method in ("query", "aquery")
     ),
     *(
         Target(
-            "crewai.knowledge.knowledge", f"Knowledge.{method}", KnowledgeAddWrapper, LAYER_MEMORY
+            "crewai.knowledge.knowledge", f"Knowledge.{method}", KnowledgeAddWrapper, Layer.MEMORY
         )
         for method in ("add_sources", "aadd_sources")
     ),

@@ -340,17 +340,17 @@ def test_doctor_after_instrument_says_crew_otel_instrumented_httpx(otel_tracer_p
 
     import crew_otel
     from crew_otel.cli import doctor
+    from crew_otel.hook_kinds import Status
     from crew_otel.http import HTTP_CLIENTS
-    from crew_otel.plan import STATUS_INSTALLED
 
     key = HTTP_CLIENTS[0].key
     crew_otel.uninstrument()
     instrumentor = crew_otel.instrument(tracer_provider=otel_tracer_provider)
     try:
         reports = {r.key: r for r in instrumentor.reports}
-        assert reports[key].status == STATUS_INSTALLED
+        assert reports[key].status == Status.INSTALLED
         row = next(r for r in doctor.hook_statuses() if r.key == key)
-        assert row.status == STATUS_INSTALLED
+        assert row.status == Status.INSTALLED
         assert "already instrumented by the application" not in row.detail
         assert row.detail == "HTTPXClientInstrumentor, installed by crew_otel"
         assert [(r.key, r.status) for r in doctor.hook_statuses()] == [
@@ -365,7 +365,7 @@ def test_doctor_after_instrument_says_crew_otel_instrumented_httpx(otel_tracer_p
         instrumentor = crew_otel.instrument(tracer_provider=otel_tracer_provider)
         try:
             row = next(r for r in doctor.hook_statuses() if r.key == key)
-            assert row.status == STATUS_INSTALLED
+            assert row.status == Status.INSTALLED
             assert row.detail.startswith("already instrumented by the application")
         finally:
             crew_otel.uninstrument()

@@ -16,6 +16,7 @@ from opentelemetry.trace import StatusCode
 
 import crew_otel
 from crew_otel import plan, targets
+from crew_otel.hook_kinds import Layer, Status
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
 
@@ -211,14 +212,14 @@ def test_the_step_hook_is_a_row_of_the_plan_and_uninstrument_removes_it(otel):
 
     row = plan.build_plan().row(ROW)
     assert row is not None
-    assert row.layer == targets.LAYER_FLOW
+    assert row.layer == Layer.FLOW
     (target,) = [t for t in targets.TARGETS if t.key == ROW]
     # crewai >= 1.12 runs every flow method through Flow._execute_method (a base class's in
     # newer versions); a CrewAI without it would skip the row, never fail.
-    assert row.status == plan.STATUS_INSTALLED, row.detail
+    assert row.status == Status.INSTALLED, row.detail
     wrapped = targets.resolve(target).original
     assert hasattr(wrapped, "__wrapped__")
     crew_otel.uninstrument()
     original = targets.resolve(target).original
     assert original is wrapped.__wrapped__
-    assert plan.build_plan().row(ROW).status == plan.STATUS_INSTALLED  # resolvable again
+    assert plan.build_plan().row(ROW).status == Status.INSTALLED  # resolvable again

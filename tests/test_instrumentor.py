@@ -12,7 +12,8 @@ import pytest
 
 import crew_otel
 from crew_otel import targets
-from crew_otel.instrumentor import STATUS_INSTALLED, STATUS_SKIPPED, CrewAIInstrumentor
+from crew_otel.hook_kinds import Status
+from crew_otel.instrumentor import CrewAIInstrumentor
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import Spans
 
@@ -103,10 +104,10 @@ def test_a_target_missing_from_the_installed_crewai_is_skipped(
         instrumentor = crew_otel.instrument(tracer_provider=otel_tracer_provider)
     try:
         reports = {r.key: r for r in instrumentor.reports}
-        assert reports["crewai.crew:Crew.akickoff_for_each"].status == STATUS_SKIPPED
+        assert reports["crewai.crew:Crew.akickoff_for_each"].status == Status.SKIPPED
         assert "not defined" in reports["crewai.crew:Crew.akickoff_for_each"].detail
-        assert reports["crewai.not_a_module:Thing.run"].status == STATUS_SKIPPED
-        assert reports["crewai.crew:Crew.kickoff"].status == STATUS_INSTALLED
+        assert reports["crewai.not_a_module:Thing.run"].status == Status.SKIPPED
+        assert reports["crewai.crew:Crew.kickoff"].status == Status.INSTALLED
         assert any("skipping crewai.crew:Crew.akickoff_for_each" in m for m in caplog.messages)
         concurrent_kickoffs(fake_provider, 2)
         assert len(Spans(span_exporter.get_finished_spans()).named("invoke_workflow")) == 2
@@ -194,6 +195,6 @@ def test_http_is_instrumented_when_instrument_returns_and_no_thread_is_started(
         assert set(threading.enumerate()) <= threads_before
         assert isinstance(httpcore.ConnectionPool.__dict__["handle_request"], wrapt.FunctionWrapper)
         http_reports = [r for r in CrewAIInstrumentor().reports if r.layer == "http"]
-        assert any(r.status == STATUS_INSTALLED for r in http_reports)
+        assert any(r.status == Status.INSTALLED for r in http_reports)
     finally:
         crew_otel.uninstrument()

@@ -25,8 +25,9 @@ import crew_otel
 from crew_otel import targets
 from crew_otel.cli import doctor
 from crew_otel.config import CrewOtelConfig
-from crew_otel.instrumentor import STATUS_INSTALLED, CrewAIInstrumentor
-from crew_otel.plan import STATUS_FAILED, STATUS_PENDING, PlanRow, build_plan
+from crew_otel.hook_kinds import Layer, Status
+from crew_otel.instrumentor import CrewAIInstrumentor
+from crew_otel.plan import PlanRow, build_plan
 from crew_otel.safety import reset_reported_errors, set_strict
 from crew_otel.testing.crews import make_llm, research_crew
 from crew_otel.wrappers.tool import ToolRunWrapper
@@ -50,8 +51,8 @@ def _refusing_factory(runtime: Any) -> Any:
 
 
 FAILING_ROWS = (
-    targets.Target(__name__, "FrozenTool.run", ToolRunWrapper, targets.LAYER_TOOL),
-    targets.Target("crewai.crew", "Crew.train", _refusing_factory, targets.LAYER_KICKOFF),
+    targets.Target(__name__, "FrozenTool.run", ToolRunWrapper, Layer.TOOL),
+    targets.Target("crewai.crew", "Crew.train", _refusing_factory, Layer.KICKOFF),
 )
 
 
@@ -118,14 +119,14 @@ def test_doctor_lists_what_instrument_installs(otel_tracer_provider, fake_provid
         reports = instrumentor.reports
         assert rows(reports) == rows(list(plan.rows))
         by_key = {r.key: r.status for r in reports}
-        assert by_key[f"{__name__}:{EchoLLM.__qualname__}.call"] == STATUS_INSTALLED
-        assert by_key["httpcore:ConnectionPool.handle_request"] == STATUS_INSTALLED
-        assert by_key["httpcore:AsyncConnectionPool.handle_async_request"] == STATUS_INSTALLED
-        assert by_key["crewai.crew:Crew.kickoff"] == STATUS_INSTALLED
-        assert by_key["threading"] == STATUS_INSTALLED
+        assert by_key[f"{__name__}:{EchoLLM.__qualname__}.call"] == Status.INSTALLED
+        assert by_key["httpcore:ConnectionPool.handle_request"] == Status.INSTALLED
+        assert by_key["httpcore:AsyncConnectionPool.handle_async_request"] == Status.INSTALLED
+        assert by_key["crewai.crew:Crew.kickoff"] == Status.INSTALLED
+        assert by_key["threading"] == Status.INSTALLED
         # every row said installed is hooked, exactly there
         for row in plan.rows:
-            if row.status == STATUS_INSTALLED and row.resolved is not None:
+            if row.status == Status.INSTALLED and row.resolved is not None:
                 current = row.resolved.owner.__dict__[row.resolved.name]
                 assert isinstance(current, wrapt.FunctionWrapper), row.key
                 assert current.__wrapped__ is row.resolved.original, row.key
@@ -133,7 +134,7 @@ def test_doctor_lists_what_instrument_installs(otel_tracer_provider, fake_provid
         assert isinstance(httpcore.ConnectionPool.__dict__["handle_request"], wrapt.FunctionWrapper)
         # a module imported by CrewAI on first use: pending in the plan and in the reports
         if "crewai.lite_agent" not in sys.modules:
-            assert by_key["crewai.lite_agent:LiteAgent.kickoff"] == STATUS_PENDING
+            assert by_key["crewai.lite_agent:LiteAgent.kickoff"] == Status.PENDING
 
         # doctor, in the same process state: its dry run and the installed hooks
         assert statuses(doctor.hook_statuses()) == statuses(reports)
@@ -173,12 +174,12 @@ def test_a_failing_row_is_reported_and_skipped_and_uninstrument_leaves_a_clean_s
     try:
         assert instrumentor.is_instrumented_by_opentelemetry
         by_key = {r.key: r for r in instrumentor.reports}
-        assert by_key[f"{__name__}:FrozenTool.run"].status == STATUS_FAILED
+        assert by_key[f"{__name__}:FrozenTool.run"].status == Status.FAILED
         assert "frozen" in by_key[f"{__name__}:FrozenTool.run"].detail
-        assert by_key["crewai.crew:Crew.train"].status == STATUS_FAILED
+        assert by_key["crewai.crew:Crew.train"].status == Status.FAILED
         assert "cannot be built" in by_key["crewai.crew:Crew.train"].detail
         after_failures = targets.TARGETS[targets.TARGETS.index(FAILING_ROWS[-1]) + 1 :]
-        assert any(by_key[t.key].status == STATUS_INSTALLED for t in after_failures)
+        assert any(by_key[t.key].status == Status.INSTALLED for t in after_failures)
         # nothing of the failed rows is installed
         assert hooked_state()["Crew.train"] is before["Crew.train"]
         assert hooked_state()["FrozenTool.run"] is before["FrozenTool.run"]
@@ -231,7 +232,7 @@ def assert_instrument_works_again(
     instrumentor = crew_otel.instrument(tracer_provider=tracer_provider)
     try:
         assert instrumentor.is_instrumented_by_opentelemetry
-        assert STATUS_FAILED not in {r.status for r in instrumentor.reports}
+        assert Status.FAILED not in {r.status for r in instrumentor.reports}
         exporter.clear()
         outputs = concurrent_kickoffs(fake_provider)
         assert all(f"[[k{i}]]" in out for i, out in enumerate(outputs))

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import wrapt
 
 import crew_otel
-from crew_otel.instrumentor import _processor_attacher
+from crew_otel.providers import processor_attacher
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
 
@@ -50,7 +50,7 @@ def test_uninstrument_racing_a_kickoff(
     assert runtime is not None
     assert _wrapped_llm_methods(), "model calls are hooked while instrumented"
     held, release = threading.Event(), threading.Event()
-    attach = _processor_attacher(otel_tracer_provider, runtime)
+    attach = processor_attacher(otel_tracer_provider, runtime)
 
     def held_attach() -> bool:
         held.set()

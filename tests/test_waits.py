@@ -28,6 +28,7 @@ import pytest
 
 import crew_otel
 from crew_otel import plan
+from crew_otel.hook_kinds import Status
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import REQUEST_ID, Spans, attr, traces_by_marker, whole_run
 from tests.workloads import outcome_summary
@@ -219,7 +220,7 @@ def test_the_rpm_limiter_leaves_no_span_when_no_call_waits(otel, fake_provider):
     for key in RPM_ROWS:
         row = built.row(key)
         assert row is not None, key
-        assert row.status == plan.STATUS_INSTALLED, row.detail
+        assert row.status == Status.INSTALLED, row.detail
     markers = [f"r{i}" for i in range(N_THREADS + N_ASYNC)]
 
     def make_crew(marker: str) -> Any:

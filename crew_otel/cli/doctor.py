@@ -14,13 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from crew_otel import export, internals
+from crew_otel.hook_kinds import Source, Status
 from crew_otel.instrumentor import CrewAIInstrumentor, HookReport
 from crew_otel.plan import (
-    SOURCE_HTTP_CLIENT,
-    STATUS_FAILED,
-    STATUS_INSTALLED,
-    STATUS_PENDING,
-    STATUS_SKIPPED,
     PlanRow,
     build_plan,
 )
@@ -39,10 +35,10 @@ DISTRIBUTIONS = (
 )
 MINIMUM_CREWAI = (1, 12)
 _COLOURS = {
-    STATUS_INSTALLED: "green",
-    STATUS_PENDING: "cyan",
-    STATUS_SKIPPED: "yellow",
-    STATUS_FAILED: "red",
+    Status.INSTALLED: "green",
+    Status.PENDING: "cyan",
+    Status.SKIPPED: "yellow",
+    Status.FAILED: "red",
 }
 
 
@@ -76,9 +72,9 @@ def hook_statuses() -> list[PlanRow]:
 def _by_crew_otel(row: PlanRow, report: HookReport | None) -> PlanRow:
     """``row``, saying crew_otel instrumented its HTTP client when ``report`` shows it did."""
     client = row.client
-    if row.source != SOURCE_HTTP_CLIENT or client is None or report is None:
+    if row.source != Source.HTTP_CLIENT or client is None or report is None:
         return row
-    if report.status != STATUS_INSTALLED or report.detail != client.instrumentor:
+    if report.status != Status.INSTALLED or report.detail != client.instrumentor:
         return row  # instrumented by the application, by opentelemetry-instrument, or not at all
     return dataclasses.replace(row, detail=f"{client.instrumentor}, installed by crew_otel")
 
@@ -137,8 +133,8 @@ def run(console: Console) -> int:
     _import_crewai()
     statuses = hook_statuses()
     console.print(_hook_table("Hooks (what instrument() does here)", statuses))
-    installed = sum(1 for s in statuses if s.status == STATUS_INSTALLED)
-    pending = sum(1 for s in statuses if s.status == STATUS_PENDING)
+    installed = sum(1 for s in statuses if s.status == Status.INSTALLED)
+    pending = sum(1 for s in statuses if s.status == Status.PENDING)
     console.print(
         f"{installed} of {len(statuses)} hooks install at instrument(), "
         f"{pending} when their module is first imported."

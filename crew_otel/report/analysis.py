@@ -415,8 +415,6 @@ class _Trace:
     awaited: set[str] = dataclasses.field(default_factory=set)
     """Parents named by its spans and not read yet (remote parents of SERVER spans aside)."""
     newest: int = 0
-    continued: bool = False
-    """Spans read after the trace was finished: counted, but its request was made before."""
 
     def add(self, span: _Span) -> None:
         self.spans.append(span)
@@ -532,9 +530,7 @@ class _Service:
             self.retries[a.RETRY_LAYER_AGENT] += 1
         trace = self.open.get(span.trace_id)
         if trace is None:
-            trace = self.open[span.trace_id] = _Trace(
-                seq=seq, continued=span.trace_id in self.finished
-            )
+            trace = self.open[span.trace_id] = _Trace(seq=seq)
         trace.add(_compact(span, seq))
         return trace
 
