@@ -9,10 +9,11 @@ the call site, so that
 
 * a read never raises and returns ``None`` when the internal is missing (the diagnosis is then
   skipped, as before);
-* :meth:`Internal.check` says whether the internal still resolves on the installed versions
-  (the attribute is declared on the class, the parameter is in the signature, the message text
-  is still in CrewAI's source), ``crew-otel doctor`` lists every accessor with its status and a
-  test on the lowest and latest CrewAI fails when one stops resolving;
+* :func:`crew_otel.internals_check.check` says whether the internal still resolves on the
+  installed versions (the attribute is declared on the class, the parameter is in the
+  signature, the message text is still in CrewAI's source), ``crew-otel doctor`` lists every
+  accessor with its status and a test on the lowest and latest CrewAI fails when one stops
+  resolving;
 * positional arguments are read by parameter name, bound with :func:`inspect.signature` once
   when the hook is installed (:meth:`Parameters.bind`), not by a hand-copied order.
 
@@ -20,13 +21,13 @@ A *part* is one place an internal lives (a class, a module, a parameter). A part
 only in some versions declares the versions it was checked absent in (``missing_in``); the
 test checks that declaration too.
 
-``check()`` imports the modules it inspects (CrewAI, the SDK): it is for ``doctor`` and tests,
-never for the instrumentation's hot path, which only calls the readers.
+Checking lives in :mod:`crew_otel.internals_check`: it imports the modules it inspects (CrewAI,
+the SDK) and reads their source, for ``doctor`` and tests, never for the instrumentation's hot
+path, which only calls the readers here.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import importlib
 import importlib.machinery
@@ -34,11 +35,8 @@ import importlib.metadata
 import importlib.util
 import inspect
 import logging
-import re
 import sys
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
@@ -87,73 +85,6 @@ class Part:
         return f"Part({self.where!r}, missing_in={self.missing_in!r})"
 
 
-class PartStatus:
-    """Whether one part resolves on the installed version, and whether it is declared absent."""
-
-    __slots__ = ("declared_missing", "resolved", "where")
-
-    def __init__(self, where: str, resolved: bool, declared_missing: bool) -> None:
-        self.where = where
-        self.resolved = resolved
-        self.declared_missing = declared_missing
-
-    def __repr__(self) -> str:
-        return (
-            f"PartStatus({self.where!r}, resolved={self.resolved}, "
-            f"declared_missing={self.declared_missing})"
-        )
-
-    @property
-    def as_declared(self) -> bool:
-        """The part is present exactly when it is not declared missing in this version."""
-        return self.resolved != self.declared_missing
-
-
-class InternalStatus:
-    """The result of :meth:`Internal.check`."""
-
-    __slots__ = ("checked_on", "distribution", "name", "parts", "version", "what")
-
-    def __init__(
-        self,
-        name: str,
-        what: str,
-        distribution: str,
-        version: str | None,
-        checked_on: tuple[str, ...],
-        parts: tuple[PartStatus, ...],
-    ) -> None:
-        self.name = name
-        self.what = what
-        self.distribution = distribution
-        #: The installed version of ``distribution`` (None: not installed).
-        self.version = version
-        self.checked_on = checked_on
-        self.parts = parts
-
-    def __repr__(self) -> str:
-        return f"InternalStatus({self.name!r}, ok={self.ok}, parts={self.parts!r})"
-
-    @property
-    def ok(self) -> bool:
-        """Every part expected in this version resolves (an internal whose parts are all
-        declared missing in this version is fine: the diagnosis does not exist here)."""
-        return all(p.resolved for p in self.parts if not p.declared_missing)
-
-    @property
-    def detail(self) -> str:
-        """The parts that do not resolve, or those resolving against their declaration."""
-        missing = [p.where for p in self.parts if not p.resolved and not p.declared_missing]
-        if missing:
-            return "not found: " + ", ".join(missing)
-        surprising = [p.where for p in self.parts if not p.as_declared]
-        if surprising:
-            return "declared missing here but present: " + ", ".join(surprising)
-        if not any(p.resolved for p in self.parts):
-            return "not in this version (declared)"
-        return ", ".join(p.where for p in self.parts if p.resolved)
-
-
 class Internal:
     """One private thing crew_otel reads; subclasses say how to read it and where it lives."""
 
@@ -173,89 +104,14 @@ class Internal:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
-    def resolves(self, part: Part) -> bool:
-        """Whether ``part`` exists on the installed versions (may import and raise)."""
-        raise NotImplementedError
 
-    def check(self) -> InternalStatus:
-        """Whether each part resolves on the installed versions; never raises."""
-        version = installed_version(self.distribution)
-        statuses = []
-        for part in self.parts:
-            try:
-                resolved = bool(self.resolves(part))
-            except Exception:  # an import error, a changed class: it does not resolve
-                _logger.debug("internal %s: %s does not resolve", self.name, part, exc_info=True)
-                resolved = False
-            statuses.append(PartStatus(part.where, resolved, version in part.missing_in))
-        return InternalStatus(
-            self.name, self.what, self.distribution, version, self.checked_on, tuple(statuses)
-        )
-
-
-# --- helpers for check() ----------------------------------------------------------------------
-def _source(module: str) -> str:
-    """The source text of ``module``, found on its package's path (CrewAI rewrites the
-    ``__name__``/``__spec__`` of some modules, so ``sys.modules`` may point elsewhere)."""
-    parent, _, leaf = module.rpartition(".")
-    if parent:
-        path = getattr(importlib.import_module(parent), "__path__", None)
-        spec = importlib.machinery.PathFinder.find_spec(leaf, path) if path else None
-    else:
-        spec = importlib.machinery.PathFinder.find_spec(module)
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return ""
-    with open(spec.origin, encoding="utf-8") as handle:
-        return handle.read()
-
-
-def _load(where: str) -> Any:
+def load(where: str) -> Any:
     """The object named by ``module:qualname``."""
     module, _, qualname = where.partition(":")
     obj: Any = importlib.import_module(module)
     for piece in qualname.split("."):
         obj = getattr(obj, piece)
     return obj
-
-
-def _declares(cls: type, attribute: str) -> bool:
-    """Whether ``cls`` declares ``attribute``: a pydantic private attribute or field, a class
-    attribute, an annotation, a slot, or an assignment ``self.<attribute> =`` in its source."""
-    if attribute in (getattr(cls, "__private_attributes__", None) or {}):
-        return True
-    if attribute in (getattr(cls, "model_fields", None) or {}):
-        return True
-    for klass in cls.__mro__:
-        if klass is object:
-            continue
-        if attribute in vars(klass) or attribute in getattr(klass, "__annotations__", {}):
-            return True
-        if attribute in (getattr(klass, "__slots__", None) or ()):
-            return True
-        try:
-            source = _source(klass.__module__)
-        except (ImportError, OSError, ValueError):  # a base class without readable source
-            continue
-        if _assigned_on_self(source, klass.__name__, attribute):
-            return True
-    return False
-
-
-def _assigned_on_self(source: str, class_name: str, attribute: str) -> bool:
-    """Whether a method of ``class_name`` in ``source`` assigns ``self.<attribute>``."""
-    if attribute not in source:
-        return False
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return any(
-                isinstance(target, ast.Attribute)
-                and isinstance(target.ctx, ast.Store)
-                and isinstance(target.value, ast.Name)
-                and target.value.id == "self"
-                and target.attr == attribute
-                for target in ast.walk(node)
-            )
-    return False
 
 
 # --- attributes ---------------------------------------------------------------------------------
@@ -289,15 +145,12 @@ class PrivateAttribute(Internal):
             return False
         return True
 
-    def resolves(self, part: Part) -> bool:
-        cls = _load(part.where)
-        return isinstance(cls, type) and _declares(cls, self.attribute)
-
 
 class AttributePath(Internal):
     """A chain of private attributes (``a._b._c``) of a stdlib or SDK object.
 
-    ``check()`` builds a real sample object (``sample``) and reads the chain from it.
+    ``check()`` builds a real sample object (``sample``: the name of a sample builder in
+    :mod:`crew_otel.internals_check`) and reads the chain from it.
     """
 
     def __init__(
@@ -306,12 +159,13 @@ class AttributePath(Internal):
         what: str,
         path: tuple[str, ...],
         owner: str,
-        sample: Callable[[], AbstractContextManager[Any]],
+        sample: str,
         distribution: str,
     ) -> None:
         super().__init__(name, what, (Part(f"{owner}.{'.'.join(path)}"),), distribution)
         self.path = path
-        self._sample = sample
+        #: The sample ``check()`` reads the chain from (:data:`crew_otel.internals_check.SAMPLES`).
+        self.sample = sample
 
     def read(self, obj: object) -> Any:
         """The end of the chain from ``obj``, or None when a link is missing (never raises)."""
@@ -323,10 +177,6 @@ class AttributePath(Internal):
         except Exception:
             return None
         return obj
-
-    def resolves(self, part: Part) -> bool:
-        with self._sample() as obj:
-            return self.read(obj) is not None
 
 
 class MessageText(Internal):
@@ -354,9 +204,6 @@ class MessageText(Internal):
             return None
         return message if self.matches(message) else None
 
-    def resolves(self, part: Part) -> bool:
-        return self.text in _source(part.where)
-
 
 class ClassNames(Internal):
     """CrewAI classes recognised by name (``parts``: ``module:Class``)."""
@@ -372,9 +219,6 @@ class ClassNames(Internal):
     def read(self, obj: object) -> str | None:
         """The class name of ``obj`` when it is one of the classes, else None."""
         return type(obj).__name__ if self.matches(obj) else None
-
-    def resolves(self, part: Part) -> bool:
-        return isinstance(_load(part.where), type)
 
 
 class TracerScope(Internal):
@@ -401,9 +245,6 @@ class TracerScope(Internal):
         """Whether ``span`` was made by this instrumentation."""
         return self.read(span) is not None
 
-    def resolves(self, part: Part) -> bool:
-        return re.search(r"get_tracer\(\s*__name__", _source(part.where)) is not None
-
 
 # --- functions --------------------------------------------------------------------------------
 class PrivateFunction(Internal):
@@ -424,7 +265,7 @@ class PrivateFunction(Internal):
     ) -> None:
         super().__init__(name, what, (Part(where),), distribution)
         try:
-            found = _load(where)
+            found = load(where)
         except Exception:
             found = None
         #: The private function, or ``fallback`` when it is missing.
@@ -436,9 +277,6 @@ class PrivateFunction(Internal):
             return self.function()
         except Exception:
             return None
-
-    def resolves(self, part: Part) -> bool:
-        return callable(_load(part.where))
 
 
 def _running_loop_fallback() -> asyncio.AbstractEventLoop | None:
@@ -463,7 +301,7 @@ class CallerFunction(Internal):
         #: How many frames above the asking one are looked at.
         self.depth = depth
 
-    def _code(self) -> CodeType | None:
+    def code(self) -> CodeType | None:
         module, _, qualname = self.where.partition(":")
         obj: Any = sys.modules.get(module)
         for piece in qualname.split("."):
@@ -474,7 +312,7 @@ class CallerFunction(Internal):
     def on_stack(self) -> bool:
         """Whether the function is among the callers of the caller (never raises)."""
         try:
-            code = self._code()
+            code = self.code()
             if code is None:
                 return False
             frame = inspect.currentframe()
@@ -487,11 +325,6 @@ class CallerFunction(Internal):
         except Exception:
             return False
         return False
-
-    def resolves(self, part: Part) -> bool:
-        module = part.where.partition(":")[0]
-        importlib.import_module(module)
-        return self._code() is not None
 
 
 # --- positional arguments -------------------------------------------------------------------
@@ -544,16 +377,16 @@ class Parameters(Internal):
         #: A method: the wrapper's ``args`` do not include ``self``.
         self.method = method
 
-    def _signature(self) -> inspect.Signature:
+    def signature(self) -> inspect.Signature:
         module = self.function.partition(":")[0]
         if module not in sys.modules:
             importlib.import_module(module)
-        return inspect.signature(_load(self.function))
+        return inspect.signature(load(self.function))
 
     def bind(self) -> BoundArguments:
         """The argument reader for the installed function (keywords only if it is missing)."""
         try:
-            parameters = list(self._signature().parameters.values())
+            parameters = list(self.signature().parameters.values())
         except Exception:
             _logger.debug("internal %s: no signature", self.name, exc_info=True)
             return BoundArguments(())
@@ -565,48 +398,10 @@ class Parameters(Internal):
     def accepts(self, parameter: str) -> bool:
         """Whether the installed function takes ``parameter`` (False when it is missing)."""
         try:
-            return parameter in self._signature().parameters
+            return parameter in self.signature().parameters
         except Exception:
             _logger.debug("internal %s: no signature", self.name, exc_info=True)
             return False
-
-    def resolves(self, part: Part) -> bool:
-        return part.where in self._signature().parameters
-
-
-# --- samples for check() ------------------------------------------------------------------------
-@contextmanager
-def _loop_with_default_executor() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    executor = ThreadPoolExecutor(max_workers=1)
-    loop.set_default_executor(executor)
-    try:
-        yield loop
-    finally:
-        executor.shutdown(wait=False)
-        loop.close()
-
-
-@contextmanager
-def _batch_span_processor() -> Iterator[Any]:
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    processor = BatchSpanProcessor(InMemorySpanExporter())
-    try:
-        yield processor
-    finally:
-        processor.shutdown()  # type: ignore[no-untyped-call]
-
-
-@contextmanager
-def _function_wrapper() -> Iterator[Any]:
-    import wrapt
-
-    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        return wrapped(*args, **kwargs)
-
-    yield wrapt.FunctionWrapper(len, wrapper)
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -731,7 +526,7 @@ LOOP_EXECUTOR_QUEUE = AttributePath(
     "the work queue of the event loop's default executor: async kickoff queueing",
     ("_default_executor", "_work_queue"),
     "asyncio event loop",
-    _loop_with_default_executor,
+    "loop_with_default_executor",
     PYTHON,
 )
 SDK_BATCH_PROCESSOR = AttributePath(
@@ -739,7 +534,7 @@ SDK_BATCH_PROCESSOR = AttributePath(
     "the BatchSpanProcessor's worker: bounded shutdown",
     ("_batch_processor",),
     "BatchSpanProcessor",
-    _batch_span_processor,
+    "batch_span_processor",
     OTEL_SDK,
 )
 SDK_BATCH_QUEUE = AttributePath(
@@ -747,7 +542,7 @@ SDK_BATCH_QUEUE = AttributePath(
     "the BatchSpanProcessor's span queue: counted drops when full",
     ("_batch_processor", "_queue"),
     "BatchSpanProcessor",
-    _batch_span_processor,
+    "batch_span_processor",
     OTEL_SDK,
 )
 SDK_BATCH_QUEUE_LIMIT = AttributePath(
@@ -755,7 +550,7 @@ SDK_BATCH_QUEUE_LIMIT = AttributePath(
     "the BatchSpanProcessor's queue size limit: counted drops when full",
     ("_batch_processor", "_max_queue_size"),
     "BatchSpanProcessor",
-    _batch_span_processor,
+    "batch_span_processor",
     OTEL_SDK,
 )
 SDK_BATCH_SHUTDOWN_ARGS = Parameters(
@@ -785,7 +580,7 @@ WRAPT_WRAPPER = AttributePath(
     "the wrapper function of a wrapt FunctionWrapper: whose hook it is",
     ("_self_wrapper",),
     "wrapt.FunctionWrapper",
-    _function_wrapper,
+    "function_wrapper",
     WRAPT,
 )
 HTTPX_TRACER = TracerScope(
@@ -823,8 +618,3 @@ REGISTRY: tuple[Internal, ...] = (
     WRAPT_WRAPPER,
     HTTPX_TRACER,
 )
-
-
-def statuses(registry: tuple[Internal, ...] = REGISTRY) -> list[InternalStatus]:
-    """``check()`` of every internal (imports CrewAI and the SDK)."""
-    return [internal.check() for internal in registry]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from crew_otel import export, internals
+from crew_otel import export, internals, internals_check
 from crew_otel.hook_kinds import Source, Status
 from crew_otel.instrumentor import CrewAIInstrumentor, HookReport
 from crew_otel.plan import (
@@ -178,12 +178,12 @@ def span_export_report(processors: Sequence[export.CountingBatchSpanProcessor]) 
 
 def internal_statuses(
     registry: tuple[internals.Internal, ...] = internals.REGISTRY,
-) -> list[internals.InternalStatus]:
+) -> list[internals_check.InternalStatus]:
     """Whether each CrewAI/SDK internal the diagnoses read resolves on the installed versions."""
-    return internals.statuses(registry)
+    return internals_check.statuses(registry)
 
 
-def internals_table(statuses: list[internals.InternalStatus]) -> Table:
+def internals_table(statuses: list[internals_check.InternalStatus]) -> Table:
     """The internals table: name, status, installed version, versions checked on, detail."""
     table = Table(title="Internals read by the diagnoses", show_header=True)
     table.add_column("internal")
