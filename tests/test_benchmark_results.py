@@ -1,7 +1,7 @@
 """The committed performance figures are what the raw benchmark results say.
 
 ``benchmarks/results/summary.md`` must be exactly what ``python -m benchmarks.report`` renders
-from the raw files next to it, and every ratio quoted in the README's Performance section must
+from the raw files next to it, and every ratio quoted in docs/performance.md must
 appear in that summary: no figure is typed in by hand or left behind by a newer run.
 """
 
@@ -17,10 +17,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _performance_section() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("## Performance")
-    end = readme.index("\n## ", start + 1)
-    return readme[start:end]
+    return (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
 
 
 def test_committed_summary_is_rendered_from_the_raw_results():

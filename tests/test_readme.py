@@ -1,9 +1,14 @@
-"""Every Python snippet of the README runs as written.
+"""Every Python snippet of the README and of ``docs/`` runs as written; every link resolves.
 
-Each ```python block is run in a fresh interpreter after a short prelude that supplies what the
-README leaves to the reader (a FastAPI ``app``, a ``Ticket`` model, ``build_crew()`` and ``crew``
-talking to the loopback provider), followed by a check of what the snippet promises. A block
-this file does not know yet still has to run without error, so no snippet can break silently.
+Each ```python block of README.md and docs/*.md is run in a fresh interpreter after a short
+prelude that supplies what the pages leave to the reader (a FastAPI ``app``, a ``Ticket`` model,
+``build_crew()`` and ``crew`` talking to the loopback provider), followed by a check of what the
+snippet promises. A block this file does not know yet still has to run without error, so no
+snippet can break silently.
+
+Every link between these files (relative, in-page anchors, and the README's absolute links into
+the repository, which it uses because it is also the package's description on PyPI) must point
+to a file and heading that exist.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from crew_otel.context import MAX_REQUEST_ID_LENGTH
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# The README is also the PyPI page, where relative links do not resolve: it links into the
+# repository (pyproject's Homepage) instead, and those links are checked against this tree.
+REPOSITORY_URL = re.compile(r"https://github\.com/crew-otel/crew-otel/(?:blob|tree)/main/([^#]*)")
 
 PRELUDE = """
 from crew_otel.testing.crews import make_llm, prepare_offline_environment, research_crew
@@ -129,8 +138,23 @@ print("shut down", telemetry.flush(), round(time.monotonic() - started, 1))
 """
 
 
+def documents() -> list[Path]:
+    """The README and every page of ``docs/``."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    return [block for _, block in _located_python_blocks()]
+
+
+def _located_python_blocks() -> list[tuple[str, str]]:
+    """Each ```python block with ``file:index`` (its test id)."""
+    located = []
+    for document in documents():
+        blocks = re.findall(r"```python\n(.*?)```", document.read_text(encoding="utf-8"), re.S)
+        name = document.relative_to(ROOT).as_posix()
+        located += [(f"{name}:{index}", block) for index, block in enumerate(blocks)]
+    return located
 
 
 def _kind(block: str) -> str:
@@ -177,9 +201,12 @@ def test_readme_has_the_snippets_this_file_checks() -> None:
     assert {"handler", "lifespan", "logs", "prometheus", "pytest"} <= set(kinds), kinds
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_snippet_runs_as_written(index: int, fake_provider, tmp_path: Path) -> None:
-    block = python_blocks()[index]
+@pytest.mark.parametrize(
+    "block",
+    [block for _, block in _located_python_blocks()],
+    ids=[i for i, _ in _located_python_blocks()],
+)
+def test_readme_snippet_runs_as_written(block: str, fake_provider, tmp_path: Path) -> None:
     kind = _kind(block)
     if kind == "pytest":
         test_file = tmp_path / "test_snippet.py"
@@ -251,3 +278,103 @@ def _check_handler(report: dict[str, list]) -> None:
     assert len(rest) == 1, ids
     assert rest[0].endswith("-id")
     assert rest[0].isprintable()
+
+
+def test_every_link_resolves() -> None:
+    """Relative links, in-page anchors and links into the repository name a file and heading."""
+    broken = [problem for document in documents() for problem in link_problems(document)]
+    assert broken == []
+
+
+def test_readme_links_work_on_pypi() -> None:
+    """PyPI renders README.md on its own: a link there is an in-page anchor or absolute."""
+    relative = [
+        target
+        for target in _link_targets(README.read_text(encoding="utf-8"))
+        if not target.startswith(("#", "https://", "http://", "mailto:"))
+    ]
+    assert relative == []
+
+
+def test_link_check_catches_a_missing_file_heading_or_reference(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other page\n\n## Cross-talk: a `run`'s data\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n[ok](other.md#cross-talk-a-runs-data) [ok](#page) [ok][ref]\n"
+        "[no file](missing.md) [no heading](other.md#performance) [no anchor](#nowhere)\n"
+        "[undefined][nobody] `[in code](missing-too.md)`\n\n"
+        "```text\n[in a fence](missing-as-well.md)\n```\n\n[ref]: other.md\n"
+    )
+    assert link_problems(page, root=tmp_path) == [
+        "page.md: missing.md (no such file)",
+        "page.md: other.md#performance (no such heading)",
+        "page.md: #nowhere (no such heading)",
+        "page.md: [nobody] (no such reference)",
+    ]
+
+
+def link_problems(document: Path, root: Path = ROOT) -> list[str]:
+    """The links of ``document`` that point nowhere, as ``file: target (reason)``."""
+    text = document.read_text(encoding="utf-8")
+    name = document.relative_to(root).as_posix()
+    problems = [
+        f"{name}: {target} ({why})"
+        for target in _link_targets(text)
+        if (why := _unresolved(document, target, root))
+    ]
+    defined = {label.lower() for label, _ in _REFERENCE_DEFINITION.findall(_prose(text))}
+    used = _REFERENCE_USE.findall(_prose(text))
+    problems += [
+        f"{name}: [{label}] (no such reference)" for label in used if label.lower() not in defined
+    ]
+    return problems
+
+
+_INLINE_LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_REFERENCE_DEFINITION = re.compile(r"^\[([^\]]+)\]:\s*(\S+)", re.M)
+_REFERENCE_USE = re.compile(r"\]\[([^\]]+)\]")
+
+
+def _prose(text: str) -> str:
+    """``text`` without fenced code blocks and inline code spans, where nothing is a link."""
+    without_fences = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", without_fences)
+
+
+def _link_targets(text: str) -> list[str]:
+    prose = _prose(text)
+    return _INLINE_LINK.findall(prose) + [
+        target for _, target in _REFERENCE_DEFINITION.findall(prose)
+    ]
+
+
+def _unresolved(document: Path, target: str, root: Path) -> str:
+    """Why ``target`` (a link in ``document``) points nowhere; empty when it resolves."""
+    in_repository = REPOSITORY_URL.match(target)
+    if in_repository:
+        path, _, anchor = target.partition("#")
+        file = root / in_repository.group(1)
+    elif target.startswith(("https://", "http://", "mailto:")):
+        return ""
+    else:
+        path, _, anchor = target.partition("#")
+        file = (document.parent / path) if path else document
+    if not file.exists():
+        return "no such file"
+    if anchor and (file.suffix != ".md" or anchor not in _heading_anchors(file)):
+        return "no such heading"
+    return ""
+
+
+def _heading_anchors(markdown: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``markdown`` (``-1``, ``-2`` for repeats)."""
+    anchors: set[str] = set()
+    prose = re.sub(r"^```.*?^```", "", markdown.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6} (.+)$", prose, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        candidate, repeat = slug, 0
+        while candidate in anchors:
+            repeat += 1
+            candidate = f"{slug}-{repeat}"
+        anchors.add(candidate)
+    return anchors
