@@ -16,6 +16,7 @@ import functools
 import re
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry.util.types import AttributeValue
 
@@ -49,6 +50,39 @@ GEN_AI_TOOL_CALL_RESULT = "gen_ai.tool.call.result"
 GEN_AI_WORKFLOW_NAME = "gen_ai.workflow.name"
 GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+# Request parameters, set where the LLM object (or the SDK call) says them; never content.
+GEN_AI_REQUEST_SEED = "gen_ai.request.seed"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
+GEN_AI_REQUEST_TOP_K = "gen_ai.request.top_k"
+GEN_AI_REQUEST_FREQUENCY_PENALTY = "gen_ai.request.frequency_penalty"
+GEN_AI_REQUEST_PRESENCE_PENALTY = "gen_ai.request.presence_penalty"
+GEN_AI_REQUEST_STOP_SEQUENCES = "gen_ai.request.stop_sequences"
+GEN_AI_REQUEST_CHOICE_COUNT = "gen_ai.request.choice.count"
+GEN_AI_REQUEST_STREAM = "gen_ai.request.stream"
+GEN_AI_REQUEST_ENCODING_FORMATS = "gen_ai.request.encoding_formats"
+GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
+#: ``json`` when the call asks for structured output (a ``response_model`` or
+#: ``response_format``): the requested modality, not the answer's format.
+GEN_AI_OUTPUT_TYPE = "gen_ai.output.type"
+OUTPUT_TYPE_JSON = "json"
+GEN_AI_EMBEDDINGS_DIMENSION_COUNT = "gen_ai.embeddings.dimension.count"
+GEN_AI_TOOL_DESCRIPTION = "gen_ai.tool.description"
+GEN_AI_TOOL_TYPE = "gen_ai.tool.type"
+#: CrewAI runs every tool itself, in the agent's process: a function in the conventions' terms.
+TOOL_TYPE_FUNCTION = "function"
+GEN_AI_DATA_SOURCE_ID = "gen_ai.data_source.id"
+GEN_AI_MEMORY_STORE_ID = "gen_ai.memory.store.id"
+GEN_AI_MEMORY_RECORD_COUNT = "gen_ai.memory.record.count"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+#: The OpenAI refinement of the inference span: ``chat_completions`` or ``responses``.
+OPENAI_API_TYPE = "openai.api.type"
+OPENAI_API_CHAT_COMPLETIONS = "chat_completions"
+OPENAI_API_RESPONSES = "responses"
+#: Longest tool description recorded (the developer's text, sent to the model with the tool).
+MAX_DESCRIPTION_LENGTH = 1024
 
 
 class StrEnum(str, Enum):
@@ -64,8 +98,9 @@ class StrEnum(str, Enum):
 
 class Operation(StrEnum):
     """Values of ``crew_otel.origin.operation`` (the operation of an error's origin span);
-    ``invoke_workflow``, ``invoke_agent``, ``execute_tool``, ``chat``, ``embeddings`` and ``plan``
-    are also ``gen_ai.operation.name`` values."""
+    ``invoke_workflow``, ``invoke_agent``, ``execute_tool``, ``chat``, ``embeddings``, ``plan``,
+    ``search_memory``, ``upsert_memory`` and ``retrieval`` are also ``gen_ai.operation.name``
+    values."""
 
     INVOKE_WORKFLOW = "invoke_workflow"
     INVOKE_AGENT = "invoke_agent"
@@ -77,7 +112,16 @@ class Operation(StrEnum):
     GUARDRAIL = "guardrail"
     FLOW_STEP = "flow_step"
     EMBEDDINGS = "embeddings"
+    #: A memory recall (``Memory.recall``).
+    SEARCH_MEMORY = "search_memory"
+    #: A memory save (``Memory._encode_batch``): CrewAI may create, update or consolidate
+    #: records without the caller choosing which, the conventions' ``upsert_memory``.
+    UPSERT_MEMORY = "upsert_memory"
+    #: A knowledge query (``Knowledge.query``).
+    RETRIEVAL = "retrieval"
+    #: The memory's own extraction model call (``crewai.memory.extract``).
     MEMORY = "memory"
+    #: A knowledge ingestion (``crewai.knowledge.add``).
     KNOWLEDGE = "knowledge"
     PLAN = "plan"
     #: A wait for CrewAI's ``max_rpm`` limiter or for a human (``crewai.rpm.wait``,
@@ -350,6 +394,21 @@ def agent_attributes(agent: Any, role: str) -> dict[str, AttributeValue]:
     return attrs
 
 
+def agent_request_attributes(agent: Any, task: Any) -> dict[str, AttributeValue]:
+    """What an agent attempt asks of its model: its LLM's request parameters, and
+    ``gen_ai.output.type`` when its task wants structured output (``output_pydantic`` /
+    ``output_json``, the LLM's ``response_format``)."""
+    llm = getattr(agent, "llm", None)
+    attrs = request_parameters(llm) if llm is not None and not isinstance(llm, str) else {}
+    if (
+        getattr(task, "output_pydantic", None) is not None
+        or getattr(task, "output_json", None) is not None
+        or getattr(llm, "response_format", None)
+    ):
+        attrs[GEN_AI_OUTPUT_TYPE] = OUTPUT_TYPE_JSON
+    return attrs
+
+
 def task_name(task: Any) -> str:
     """The task's code-defined name, or ``"task"`` (never its description)."""
     return bounded_name(getattr(task, "name", None), DEFAULT_TASK_NAME)
@@ -426,6 +485,99 @@ def llm_attributes(
     return attrs
 
 
+#: LLM field -> attribute, for the float request parameters.
+_FLOAT_PARAMETERS = (
+    ("temperature", GEN_AI_REQUEST_TEMPERATURE),
+    ("top_p", GEN_AI_REQUEST_TOP_P),
+    ("frequency_penalty", GEN_AI_REQUEST_FREQUENCY_PENALTY),
+    ("presence_penalty", GEN_AI_REQUEST_PRESENCE_PENALTY),
+)
+_MAX_STOP_SEQUENCES = 8
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def request_parameters(llm: Any) -> dict[str, AttributeValue]:
+    """The request parameters an LLM object sets (CrewAI sends only those that are set):
+    temperature, top_p, top_k, penalties, max tokens, seed, stop sequences, choice count."""
+    attrs: dict[str, AttributeValue] = {}
+    for field, key in _FLOAT_PARAMETERS:
+        value = getattr(llm, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            attrs[key] = float(value)
+    max_tokens = getattr(llm, "max_tokens", None)
+    if not _integer(max_tokens):
+        max_tokens = getattr(llm, "max_completion_tokens", None)
+    if _integer(max_tokens):
+        attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+    for field, key in (("seed", GEN_AI_REQUEST_SEED), ("top_k", GEN_AI_REQUEST_TOP_K)):
+        value = getattr(llm, field, None)
+        if _integer(value):
+            attrs[key] = value
+    choices = getattr(llm, "n", None)
+    if _integer(choices) and choices != 1:
+        attrs[GEN_AI_REQUEST_CHOICE_COUNT] = choices
+    stop = getattr(llm, "stop", None)
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, list) and stop:
+        attrs[GEN_AI_REQUEST_STOP_SEQUENCES] = tuple(
+            s[:MAX_NAME_LENGTH] for s in stop[:_MAX_STOP_SEQUENCES] if isinstance(s, str)
+        )
+    return attrs
+
+
+def server_attributes(url: object) -> dict[str, AttributeValue]:
+    """``server.address`` and ``server.port`` of a provider's base URL (none for no URL)."""
+    text = str(url) if url is not None else ""
+    return dict(_server_attributes(text)) if text else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _server_attributes(url: str) -> tuple[tuple[str, AttributeValue], ...]:
+    """Parsed once per base URL (a handful per process); no credentials, path or query."""
+    try:
+        parts = urlsplit(url if "//" in url else f"//{url}")
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a malformed port
+        return ()
+    if not host:
+        return ()
+    if port is None:
+        port = 80 if parts.scheme == "http" else 443
+    return ((SERVER_ADDRESS, host[:MAX_NAME_LENGTH]), (SERVER_PORT, port))
+
+
+def llm_base_url(llm: Any) -> object:
+    """The base URL an LLM object sends to (``base_url``, ``api_base``), else its SDK
+    client's (which knows the provider's default)."""
+    for field in ("base_url", "api_base"):
+        value = getattr(llm, field, None)
+        if isinstance(value, str) and value:
+            return value
+    client = getattr(llm, "_client", None)
+    return getattr(client, "base_url", None) if client is not None else None
+
+
+def openai_api_type(llm: Any) -> str:
+    """``openai.api.type`` of an OpenAI model call: CrewAI's ``api`` (``responses``) or chat."""
+    if getattr(llm, "api", None) == "responses":
+        return OPENAI_API_RESPONSES
+    return OPENAI_API_CHAT_COMPLETIONS
+
+
+def tool_description_attributes(tool: object) -> dict[str, AttributeValue]:
+    """``gen_ai.tool.type`` and ``gen_ai.tool.description`` (the developer's description, as
+    CrewAI sends it to the model) of a CrewAI tool object."""
+    attrs: dict[str, AttributeValue] = {GEN_AI_TOOL_TYPE: TOOL_TYPE_FUNCTION}
+    description = getattr(tool, "description", None)
+    if isinstance(description, str) and description.strip():
+        attrs[GEN_AI_TOOL_DESCRIPTION] = description.strip()[:MAX_DESCRIPTION_LENGTH]
+    return attrs
+
+
 def usage_attributes(
     usage: object, finish_reason: object, response_id: object
 ) -> dict[str, AttributeValue]:
@@ -489,20 +641,27 @@ def _http_status(exc: BaseException) -> str | None:
 #: ``embeddings {model}`` (CLIENT): one embeddings call to the provider.
 SPAN_EMBEDDINGS = Operation.EMBEDDINGS.value
 OP_EMBEDDINGS = Operation.EMBEDDINGS.value
-#: Unified memory: a save (the encoding of one batch of items), a search (``recall``) and the
-#: extraction of memories from a task's result (a model call of the memory's own).
-SPAN_MEMORY_SAVE = "crewai.memory.save"
-SPAN_MEMORY_SEARCH = "crewai.memory.search"
+#: Unified memory: a save (the encoding of one batch of items) and a search (``recall``) are the
+#: conventions' memory operations (span name = the operation); the extraction of memories from
+#: a task's result (a model call of the memory's own) is CrewAI's.
+SPAN_MEMORY_SAVE = Operation.UPSERT_MEMORY.value
+SPAN_MEMORY_SEARCH = Operation.SEARCH_MEMORY.value
 SPAN_MEMORY_EXTRACT = "crewai.memory.extract"
-SPAN_KNOWLEDGE_QUERY = "crewai.knowledge.query"
+#: ``retrieval {gen_ai.data_source.id}``: a knowledge query.
+SPAN_KNOWLEDGE_QUERY = Operation.RETRIEVAL.value
+#: CrewAI's knowledge collection when a Knowledge has no name of its own.
+DEFAULT_KNOWLEDGE_COLLECTION = "knowledge"
 #: The knowledge sources embedded and stored (at crew construction and, in CrewAI 1.15, again
 #: when an agent's executor is built during a kickoff).
 SPAN_KNOWLEDGE_ADD = "crewai.knowledge.add"
 CREWAI_MEMORY_TYPE = "crewai.memory.type"
 #: The storage class behind a memory (``LanceDBStorage``, ``QdrantEdgeStorage``, a custom one).
 CREWAI_MEMORY_STORAGE = "crewai.memory.storage"
-#: Records saved, matches found, memories extracted.
+#: Records saved, matches found, memories extracted (on memory operations also as
+#: ``gen_ai.memory.record.count``).
 CREWAI_MEMORY_RESULT_COUNT = "crewai.memory.result_count"
+#: A memory recall's ``limit``.
+CREWAI_MEMORY_LIMIT = "crewai.memory.limit"
 CREWAI_KNOWLEDGE_STORAGE = "crewai.knowledge.storage"
 CREWAI_KNOWLEDGE_COLLECTION = "crewai.knowledge.collection"
 CREWAI_KNOWLEDGE_RESULT_COUNT = "crewai.knowledge.result_count"
@@ -517,10 +676,15 @@ CREWAI_MEMORY_QUEUE_WAIT = "crewai.memory.queue_wait"
 
 
 # --- Planning (a crew's planning, an agent's reasoning step) ---------------------------------
-#: ``plan {crew}`` / ``plan {role}``: the GenAI conventions' plan span (``gen_ai.operation.name``
+#: ``plan {gen_ai.agent.name}``: the GenAI conventions' plan span (``gen_ai.operation.name``
 #: ``plan``, INTERNAL); its model calls nest under it.
 SPAN_PLAN = Operation.PLAN.value
 OP_PLAN = Operation.PLAN.value
+#: The role of the agent CrewAI's ``CrewPlanner`` builds for ``Crew(planning=True)`` (the same
+#: in crewai 1.12 and 1.15; built inside the planning hook, so named here).
+CREW_PLANNER_ROLE = "Task Execution Planner"
+#: The crew whose planning a ``plan`` span is (its ``gen_ai.agent.name`` is the planner's).
+CREWAI_CREW_NAME = "crewai.crew.name"
 #: Whose plan it is: ``crew`` (``Crew(planning=True)``) or ``agent`` (an agent's reasoning).
 CREWAI_PLAN_SCOPE = "crewai.plan.scope"
 PLAN_SCOPE_CREW = "crew"
@@ -530,8 +694,11 @@ CREWAI_PLAN_READY = "crewai.plan.ready"
 
 
 def crew_plan_attributes(crew: Any, name: str) -> dict[str, AttributeValue]:
-    """Attributes of a crew's ``plan`` span."""
-    attrs = _operation_attributes(OP_PLAN, GEN_AI_WORKFLOW_NAME, name, CREWAI_CREW_ID, crew)
+    """Attributes of a crew's ``plan`` span: the planner agent's, with the crew's name."""
+    attrs = _operation_attributes(
+        OP_PLAN, GEN_AI_AGENT_NAME, CREW_PLANNER_ROLE, CREWAI_CREW_ID, crew
+    )
+    attrs[CREWAI_CREW_NAME] = name
     attrs[CREWAI_PLAN_SCOPE] = PLAN_SCOPE_CREW
     return attrs
 

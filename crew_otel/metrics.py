@@ -34,6 +34,7 @@ from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Ob
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
+from crew_otel import semconv
 
 # Names of the instruments (OpenTelemetry names; Prometheus translates "." to "_" and adds
 # the unit and "_total" suffixes, e.g. crew_otel.retries -> crew_otel_retries_total).
@@ -246,6 +247,28 @@ class CrewOtelMetrics:
             buckets=AGENT_DURATION_BUCKETS,
         )
         self.tool_duration = self._histogram(meter, TOOL_DURATION, "Duration of tool calls.")
+        # Model calls' duration and tokens: the released names, or the GenAI conventions' main
+        # under OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental (see crew_otel.semconv).
+        self.inference_duration = self.operation_duration
+        #: Token histograms by token type under the opt-in (``None``: ``token_usage``).
+        self.inference_tokens: dict[str, CappedHistogram] | None = None
+        if semconv.latest_experimental():
+            self.inference_duration = self._histogram(
+                meter, semconv.INFERENCE_DURATION_LATEST, "Duration of GenAI inference calls."
+            )
+            self.inference_tokens = {
+                token_type: self._histogram(
+                    meter,
+                    name,
+                    f"{token_type.capitalize()} tokens used per inference call.",
+                    unit="{token}",
+                    buckets=TOKEN_BUCKETS,
+                )
+                for token_type, name in (
+                    ("input", semconv.INFERENCE_INPUT_TOKENS_LATEST),
+                    ("output", semconv.INFERENCE_OUTPUT_TOKENS_LATEST),
+                )
+            }
         # Kickoffs in flight are counted exactly in-process (the count also goes on each
         # kickoff span) and observed at collection time: no SDK work per kickoff.
         self._in_flight = 0

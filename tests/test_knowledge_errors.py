@@ -5,7 +5,7 @@ knowledge store is invisible: the agent just answers without its knowledge. Here
 really fails: the crew's knowledge collection was filled with 1536-dimension embeddings (an
 earlier deployment's embedding model) and the crews of 8 concurrent requests (4 threads, 4 on
 an event loop) embed with 8 dimensions, so Chroma rejects every query. Each request's
-``crewai.knowledge.query`` span carries the error (``error.type``, exception event) as an origin
+``retrieval knowledge_crew`` span carries the error (``error.type``, exception event) as an origin
 CrewAI handled (``crew_otel.error.recovered=true``), no span claims a fatal origin, and the
 callers get what they get without instrumentation.
 
@@ -29,7 +29,7 @@ from tests.workloads import kickoff_concurrently, outcome_summary
 KEY = "sk-fake-key-for-the-loopback-provider"
 N_THREADS = 4
 MARKERS = [f"k{i}" for i in range(8)]
-KNOWLEDGE = "crewai.knowledge.query"
+KNOWLEDGE = "retrieval"
 #: Chroma's error for a query vector of the wrong size (sync path); CrewAI's async path
 #: fails before embedding (``asearch`` needs Chroma's async client, CrewAI builds a sync one).
 STORAGE_ERRORS = {"InvalidArgumentError", "TypeError"}
@@ -87,7 +87,7 @@ def origin_points(reader: InMemoryMetricReader) -> list[Any]:
         for metric in scope.metrics
         if metric.name == "crew_otel.error.origins"
         for point in metric.data.data_points
-        if point.attributes.get("crew_otel.origin.operation") == "knowledge"
+        if point.attributes.get("crew_otel.origin.operation") == "retrieval"
     ]
 
 
@@ -106,6 +106,7 @@ def test_a_knowledge_storage_error_is_the_origin_on_the_knowledge_span(
         queries = run.named(KNOWLEDGE)
         assert queries, marker
         for span in queries:
+            assert span.name == "retrieval knowledge_crew"
             assert span.status.status_code is StatusCode.ERROR, marker
             assert attr(span, "error.type") in STORAGE_ERRORS, marker
             assert attr(span, "crew_otel.error.origin") is True

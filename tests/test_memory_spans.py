@@ -2,8 +2,9 @@
 
 Each scenario runs 8 requests at once (4 threads calling ``kickoff``, 4 ``akickoff`` on one
 event loop), each with its own crew, unified memory (its own storage path) and a knowledge
-source, against the loopback provider: ``crewai.memory.search``/``save``/``extract`` and
-``crewai.knowledge.query`` spans with their model and ``embeddings`` calls below them, the
+source, against the loopback provider: the GenAI conventions' memory operations
+(``search_memory``, ``upsert_memory``), ``crewai.memory.extract`` and ``retrieval
+{data source}`` spans with their model and ``embeddings`` calls below them, the
 HTTP attempts of each embeddings call below it (a 429 is the origin there), the request ID on
 every span of a run, no orphans; then again uninstrumented: the caller gets the same answers.
 """
@@ -28,10 +29,12 @@ KEY = "sk-fake-key-for-the-loopback-provider"
 N_THREADS = 4
 N_ASYNC = 4
 MARKERS = [f"m{i}" for i in range(N_THREADS + N_ASYNC)]
-SEARCH = "crewai.memory.search"
-SAVE = "crewai.memory.save"
+SEARCH = "search_memory"
+SAVE = "upsert_memory"
 EXTRACT = "crewai.memory.extract"
-KNOWLEDGE = "crewai.knowledge.query"
+KNOWLEDGE = "retrieval"
+#: The crews' knowledge collection (``Crew.knowledge`` is named "crew").
+DATA_SOURCE = "knowledge_crew"
 KNOWLEDGE_ADD = "crewai.knowledge.add"
 STORE_SPANS = (SEARCH, SAVE, EXTRACT, KNOWLEDGE)
 ORIGIN = "crew_otel.error.origin"
@@ -100,7 +103,7 @@ def is_http(span: ReadableSpan) -> bool:
 
 
 def under_store_span(run: Spans, span: ReadableSpan) -> bool:
-    return any(a.name in (*STORE_SPANS, KNOWLEDGE_ADD) for a in run.ancestors(span))
+    return any(a.name.split(" ")[0] in (*STORE_SPANS, KNOWLEDGE_ADD) for a in run.ancestors(span))
 
 
 def check_run(run: Spans, on_loop: bool) -> None:
@@ -111,14 +114,27 @@ def check_run(run: Spans, on_loop: bool) -> None:
         assert found, f"no {name} span"
         for span in found:
             assert agent in run.ancestors(span), f"{name} outside the agent"
-            assert span.kind is SpanKind.INTERNAL
+            # a knowledge query is a retrieval CLIENT span; memory runs in the process
+            assert span.kind is (SpanKind.CLIENT if name == KNOWLEDGE else SpanKind.INTERNAL)
     for span in run.named(SEARCH) + run.named(SAVE):
+        assert span.name in (SEARCH, SAVE)  # the span name is the operation
+        assert attr(span, "gen_ai.operation.name") == span.name
         assert attr(span, "crewai.memory.type") == "unified"
         assert attr(span, "crewai.memory.storage") == "LanceDBStorage"
-        assert isinstance(attr(span, "crewai.memory.result_count"), int)
+        assert attr(span, "gen_ai.memory.store.id") == attr(span, "crewai.memory.storage.path")
+        count = attr(span, "crewai.memory.result_count")
+        assert isinstance(count, int)
+        assert attr(span, "gen_ai.memory.record.count") == count
+    for span in run.named(SEARCH):
+        assert attr(span, "crewai.memory.limit") > 0
     for span in run.named(SAVE):
         assert [s for s in run.descendants(span) if s.name.startswith("embeddings ")]
     for span in run.named(KNOWLEDGE):
+        assert span.name == f"retrieval {DATA_SOURCE}"
+        assert attr(span, "gen_ai.operation.name") == "retrieval"
+        assert attr(span, "gen_ai.data_source.id") == DATA_SOURCE
+        assert attr(span, "gen_ai.request.top_k") > 0
+        assert attr(agent, "gen_ai.data_source.id") == DATA_SOURCE
         assert attr(span, "crewai.knowledge.storage") == "KnowledgeStorage"
         assert isinstance(attr(span, "crewai.knowledge.result_count"), int)
         if not on_loop:  # CrewAI 1.15's aquery fails before embedding (see below)

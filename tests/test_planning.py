@@ -1,4 +1,5 @@
-"""Planning and reasoning under concurrent runs: ``plan {crew}`` for ``Crew(planning=True)``
+"""Planning and reasoning under concurrent runs: ``plan Task Execution Planner`` (CrewAI's
+planner agent, the crew in ``crewai.crew.name``) for ``Crew(planning=True)``
 under the kickoff with the planner's task, agent and model calls below it; ``plan {role}`` for
 an agent's reasoning step under its ``invoke_agent`` attempt with its model calls below it;
 failures inside planning recorded where they start.
@@ -31,7 +32,8 @@ N_ASYNC = 4
 MARKERS = [f"plan{i}" for i in range(N_THREADS + N_ASYNC)]
 CREW = "planned"
 PLAN = "plan"
-CREW_PLAN = f"{PLAN} {CREW}"
+PLANNER = "Task Execution Planner"
+CREW_PLAN = f"{PLAN} {PLANNER}"
 REASONING = f"{PLAN} Writer"
 PLANNER_AGENT = "invoke_agent Task Execution Planner"
 ORIGIN = "crew_otel.error.origin"
@@ -114,12 +116,13 @@ def compare_uninstrumented(
 
 
 def crew_plan(run: Spans) -> ReadableSpan:
-    """The run's one ``plan {crew}`` span: under the kickoff, with the planner inside."""
+    """The run's one crew ``plan`` span: under the kickoff, with the planner inside."""
     root = whole_run(run, f"invoke_workflow {CREW}")
     (plan,) = run.named(CREW_PLAN)
     assert run.parent(plan) is root
     assert attr(plan, "gen_ai.operation.name") == PLAN
-    assert attr(plan, "gen_ai.workflow.name") == CREW
+    assert attr(plan, "gen_ai.agent.name") == PLANNER  # the conventions' plan {agent}
+    assert attr(plan, "crewai.crew.name") == CREW
     assert attr(plan, "crewai.plan.scope") == "crew"
     assert isinstance(attr(plan, "thread.id"), int)
     planner = run.named(PLANNER_AGENT)
@@ -178,7 +181,10 @@ def test_plan_spans_hold_the_planning_and_reasoning_model_calls(otel, fake_provi
             assert attr(step, "crewai.task.name") == "write"
             assert isinstance(attr(step, "crewai.plan.ready"), bool)
             assert any(s.name.startswith("chat ") for s in run.descendants(step))
-        assert not run.named(f"{PLAN} Task Execution Planner"), "the planner does not reason"
+        reasoning_planner = [
+            s for s in run.named(CREW_PLAN) if attr(s, "crewai.plan.scope") == "agent"
+        ]
+        assert not reasoning_planner, "the planner does not reason"
         chats = run.named("chat")
         for chat in chats:  # every model call sits in a plan or in an agent step
             assert any(

@@ -42,8 +42,11 @@ class AgentScope:
         "call",
         "closed",
         "compacted",
+        "finish_reasons",
+        "input_tokens",
         "iteration",
         "number",
+        "output_tokens",
         "role",
         "shared_flagged",
         "step",
@@ -68,6 +71,34 @@ class AgentScope:
         #: CrewAI summarised the conversation to fit the context window: the later model calls
         #: of this execution use the summary (``gen_ai.conversation.compacted``).
         self.compacted = False
+        #: Usage summed over the model calls of the agent's own LLM, and the finish reasons
+        #: of the latest (``None``/empty until one reports them).
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.finish_reasons: tuple[str, ...] = ()
+
+    def note_model_call(
+        self, input_tokens: int | None, output_tokens: int | None, finish_reasons: tuple[str, ...]
+    ) -> None:
+        """One model call of the agent's LLM ended (called in the calling thread of the call;
+        one agent attempt's calls are sequential)."""
+        if input_tokens is not None:
+            self.input_tokens = (self.input_tokens or 0) + input_tokens
+        if output_tokens is not None:
+            self.output_tokens = (self.output_tokens or 0) + output_tokens
+        if finish_reasons:
+            self.finish_reasons = finish_reasons
+
+    def usage_attributes(self) -> dict[str, AttributeValue]:
+        """The attempt's usage totals and its last finish reasons, for its span's end."""
+        attrs: dict[str, AttributeValue] = {}
+        if self.input_tokens is not None:
+            attrs[attributes.GEN_AI_USAGE_INPUT_TOKENS] = self.input_tokens
+        if self.output_tokens is not None:
+            attrs[attributes.GEN_AI_USAGE_OUTPUT_TOKENS] = self.output_tokens
+        if self.finish_reasons:
+            attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = self.finish_reasons
+        return attrs
 
     def open(self, call: Call[Any]) -> None:
         """The scope belongs to ``call``: ending the call ends the scope's open step."""
@@ -150,7 +181,7 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
             self.runtime, ctx, instance, task, self._attempt_number(ctx, instance, task)
         )
         role = attributes.agent_role(instance)
-        span = self._start_span(ctx, instance, role, number)
+        span = self._start_span(ctx, instance, task, role, number)
         scope = AgentScope(instance, id(task), number, role)
         call_ctx = otel_context.set_value(ATTEMPT_KEY, scope, trace.set_span_in_context(span, ctx))
         call = Call(span, call_ctx, scope)
@@ -160,7 +191,7 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
         return call
 
     def _start_span(
-        self, ctx: otel_context.Context, agent: Any, role: str, number: int
+        self, ctx: otel_context.Context, agent: Any, task: Any, role: str, number: int
     ) -> trace.Span:
         """The attempt's span: the agent, the attempt's number, what is left of its retries."""
         budget = _RetryBudget(agent)
@@ -170,6 +201,8 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
         span = self.tracer.start_span(
             attributes.span_name(attributes.SPAN_AGENT, role), context=ctx, attributes=attrs
         )
+        if span.is_recording():
+            span.set_attributes(attributes.agent_request_attributes(agent, task))
         if budget.exhausted:
             budget.note_exhausted(span)
         return span
@@ -198,6 +231,8 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
         self.runtime.metrics.retry(attributes.RETRY_LAYER_AGENT, error_type)
 
     def succeed(self, call: Call[AgentScope], result: Any) -> Any:
+        if call.span.is_recording():
+            call.span.set_attributes(call.data.usage_attributes())
         if is_no_final_output(result) and call.span.is_recording():
             call.span.set_attribute(attributes.CONTEXT_NO_FINAL_OUTPUT, True)
             call.span.add_event(
@@ -215,6 +250,12 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
         return _RETRY_LAYER
 
     def on_fail(self, call: Call[AgentScope], exc: BaseException) -> None:
+        if call.span.is_recording():
+            call.span.set_attributes(call.data.usage_attributes())
+            # the attempt ended without its answer
+            call.span.set_attribute(
+                attributes.GEN_AI_RESPONSE_FINISH_REASONS, (attributes.FINISH_REASON_ERROR,)
+            )
         if isinstance(exc, RuntimeError) and internals.EXECUTOR_BUSY_MESSAGE.matches(safe_str(exc)):
             self._attribute_busy_executor(call, call.data)
 

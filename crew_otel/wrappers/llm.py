@@ -26,6 +26,7 @@ context window carries ``gen_ai.conversation.compacted``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -53,8 +54,11 @@ class LlmCallState:
     """What one model call learns while it runs (kept in the OTel Context)."""
 
     __slots__ = (
+        "agent",
         "deferred",
         "finish_reason_known",
+        "finish_reasons",
+        "first_chunk_seen",
         "input_tokens",
         "last_error_type",
         "last_http_failed",
@@ -66,6 +70,7 @@ class LlmCallState:
         "rate_limit_retries",
         "record_metrics",
         "span",
+        "started",
     )
 
     def __init__(
@@ -86,6 +91,13 @@ class LlmCallState:
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.finish_reason_known = False
+        #: The finish reasons of the latest response (the agent attempt reports its last).
+        self.finish_reasons: tuple[str, ...] = ()
+        #: When the call started (``perf_counter``): a stream's first chunk is timed from it.
+        self.started = time.perf_counter()
+        self.first_chunk_seen = False
+        #: The agent attempt whose LLM this call is (it sums the usage of its calls).
+        self.agent: Any = None
         #: A provider SDK instrumentation makes the inference span: no gen_ai.* on ours.
         self.deferred = False
         #: Whether crew_otel records this call's gen_ai.client.* points (else the provider
@@ -136,12 +148,17 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
             self.capture(attrs, attributes.GEN_AI_INPUT_MESSAGES, messages)
             if _conversation_compacted(ctx):
                 attrs[attributes.GEN_AI_CONVERSATION_COMPACTED] = True
+            # where the call goes decides sampling too: at the span's start
+            attrs.update(attributes.server_attributes(attributes.llm_base_url(instance)))
             name, kind = attributes.span_name(attributes.SPAN_CHAT, model), SpanKind.CLIENT
         span = self.tracer.start_span(name, context=ctx, kind=kind, attributes=attrs)
         state = LlmCallState(span, provider, model, _max_retries(instance), self.rate_limit_layer)
         if deferral is not None:
             state.deferred = True
             state.record_metrics = not deferral.records_metrics
+        elif span.is_recording():
+            span.set_attributes(_request_attributes(instance, provider, kwargs))
+            state.agent = _agent_scope_of(ctx, instance)
         call = Call(
             span,
             otel_context.set_value(LLM_CALL_KEY, state, trace.set_span_in_context(span, ctx)),
@@ -162,6 +179,10 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
         state = call.data
         if state.record_metrics:
             self._record_tokens(state)
+        if state.agent is not None:
+            state.agent.note_model_call(
+                state.input_tokens, state.output_tokens, state.finish_reasons
+            )
         if state.deferred:
             return result  # the provider instrumentation's span has the response
         if not state.finish_reason_known and isinstance(result, list) and result:
@@ -171,15 +192,24 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
         return result
 
     def _record_tokens(self, state: LlmCallState) -> None:
-        token_usage = self.runtime.metrics.token_usage
+        metrics = self.runtime.metrics
+        by_type = metrics.inference_tokens  # main's per-type histograms (semconv opt-in)
         for token_type, tokens in (("input", state.input_tokens), ("output", state.output_tokens)):
-            if tokens is not None:
-                token_usage.record(
+            if tokens is None:
+                continue
+            if by_type is not None:
+                by_type[token_type].record(tokens, _metric_attributes(state))
+            else:
+                metrics.token_usage.record(
                     tokens, {**_metric_attributes(state), attributes.GEN_AI_TOKEN_TYPE: token_type}
                 )
 
     def on_fail(self, call: Call[LlmCallState], exc: BaseException) -> None:
         state = call.data
+        if state.agent is not None:
+            state.agent.note_model_call(
+                state.input_tokens, state.output_tokens, (attributes.FINISH_REASON_ERROR,)
+            )
         if not state.deferred and not state.finish_reason_known:
             # No answer: the conventions report the generation's end as "error", not nothing.
             call.span.set_attribute(
@@ -198,7 +228,7 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
         state = call.data
         if not state.record_metrics:
             return None  # the provider instrumentation records gen_ai.client.* points
-        return DurationPoint(self.runtime.metrics.operation_duration, _metric_attributes(state))
+        return DurationPoint(self.runtime.metrics.inference_duration, _metric_attributes(state))
 
 
 def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
@@ -207,6 +237,27 @@ def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
         attributes.GEN_AI_PROVIDER_NAME: state.provider,
         attributes.GEN_AI_REQUEST_MODEL: state.model,
     }
+
+
+def _request_attributes(
+    llm: Any, provider: str, kwargs: dict[str, Any]
+) -> dict[str, AttributeValue]:
+    """What the call asks beyond its messages: the LLM's parameters, an output format (a
+    ``response_model`` for this call or the LLM's ``response_format``), the OpenAI API used."""
+    attrs = attributes.request_parameters(llm)
+    if kwargs.get("response_model") is not None or getattr(llm, "response_format", None):
+        attrs[attributes.GEN_AI_OUTPUT_TYPE] = attributes.OUTPUT_TYPE_JSON
+    if provider == "openai":
+        attrs[attributes.OPENAI_API_TYPE] = attributes.openai_api_type(llm)
+    return attrs
+
+
+def _agent_scope_of(ctx: otel_context.Context, llm: Any) -> Any:
+    """The agent attempt running in ``ctx`` when ``llm`` is its agent's LLM (the memory's
+    or a planner's own LLM is not the agent's), else ``None``."""
+    scope: Any = ctx.get(ATTEMPT_KEY)
+    agent = getattr(scope, "agent", None)
+    return scope if agent is not None and getattr(agent, "llm", None) is llm else None
 
 
 def _conversation_compacted(ctx: otel_context.Context) -> bool:
@@ -256,8 +307,10 @@ class LlmResponseObserver(Observer):
         )
         if not attrs:
             return
-        if attributes.GEN_AI_RESPONSE_FINISH_REASONS in attrs:
+        reasons = attrs.get(attributes.GEN_AI_RESPONSE_FINISH_REASONS)
+        if isinstance(reasons, tuple):
             state.finish_reason_known = True
+            state.finish_reasons = reasons
         input_tokens = attrs.get(attributes.GEN_AI_USAGE_INPUT_TOKENS)
         output_tokens = attrs.get(attributes.GEN_AI_USAGE_OUTPUT_TOKENS)
         if isinstance(input_tokens, int):
@@ -288,9 +341,8 @@ def _record_response(
     if isinstance(response_id, str) and response_id:
         attrs[attributes.GEN_AI_RESPONSE_ID] = response_id[: attributes.MAX_NAME_LENGTH]
     if reasons:
-        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = tuple(
-            reason[: attributes.MAX_NAME_LENGTH] for reason in reasons
-        )
+        state.finish_reasons = tuple(reason[: attributes.MAX_NAME_LENGTH] for reason in reasons)
+        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = state.finish_reasons
         state.finish_reason_known = True
     if attrs:
         state.span.set_attributes(attrs)
@@ -343,6 +395,12 @@ class _StreamNotes:
         self.finish_reasons: dict[int, str | None] = {}
 
     def note(self, chunk: Any) -> None:
+        if not self.state.first_chunk_seen:
+            self.state.first_chunk_seen = True
+            self.state.span.set_attribute(
+                attributes.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
+                time.perf_counter() - self.state.started,
+            )
         choices = getattr(chunk, "choices", None)
         if self.model is None:
             self.model = getattr(chunk, "model", None)
@@ -385,6 +443,7 @@ class StreamChunkObserver:
         state = safe_call(_current_call, default=None)
         if state is None:
             return chunks
+        state.span.set_attribute(attributes.GEN_AI_REQUEST_STREAM, True)
         notes = _StreamNotes(state)
         return _anoted(chunks, notes) if self.is_async else _noted(chunks, notes)
 

@@ -6,13 +6,20 @@
   context, so its HTTP attempts are nested under it and a failed attempt (a 429, a 500) is the
   error's origin, as for chat. The input tokens come from the SDK's response
   (:class:`EmbeddingsUsageObserver`).
-* ``crewai.memory.search`` (``Memory.recall``; ``arecall`` delegates to it),
-  ``crewai.memory.save`` (``Memory._encode_batch``: the encoding of one batch, for ``remember``
-  and for the background saves of ``remember_many``) and ``crewai.memory.extract``
-  (``Memory.extract_memories``, the memory's own model call on a task's result): their model
-  calls, embeddings calls and storage errors nest under them.
-* ``crewai.knowledge.query`` (``Knowledge.query``/``aquery``) and ``crewai.knowledge.add``
-  (``Knowledge.add_sources``/``aadd_sources``: the sources embedded and stored).
+* the GenAI conventions' memory operations (span name = ``gen_ai.operation.name``):
+  ``search_memory`` (``Memory.recall``; ``arecall`` delegates to it) and ``upsert_memory``
+  (``Memory._encode_batch``: the encoding of one batch, for ``remember`` and for the background
+  saves of ``remember_many``; CrewAI may create, update or consolidate records without the
+  caller choosing which), with ``gen_ai.memory.store.id`` (the storage path, else its class)
+  and ``gen_ai.memory.record.count``; INTERNAL, as the conventions allow for a memory store in
+  the process (LanceDB). ``crewai.memory.extract`` (``Memory.extract_memories``, the memory's
+  own model call on a task's result) is CrewAI's. Their model calls, embeddings calls and
+  storage errors nest under them; crew_otel's details stay as ``crewai.memory.*``.
+* ``retrieval {gen_ai.data_source.id}`` (CLIENT, ``Knowledge.query``/``aquery``: the data
+  source is CrewAI's knowledge collection, the result limit ``gen_ai.request.top_k``, or
+  ``gen_ai.retrieval.top_k`` under :mod:`crew_otel.semconv`'s opt-in) and
+  ``crewai.knowledge.add`` (``Knowledge.add_sources``/``aadd_sources``: the sources embedded
+  and stored).
 
 The memory's storage and the knowledge's storage are watched by the shared-instance
 detection (kinds ``memory`` and ``knowledge``): one store used by two requests at once is
@@ -30,9 +37,9 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from crew_otel import attributes, internals
+from crew_otel import attributes, internals, semconv
 from crew_otel.attributes import Operation
-from crew_otel.context import LLM_CALL_KEY
+from crew_otel.context import ATTEMPT_KEY, LLM_CALL_KEY
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
 from crew_otel.safety import safe_call
@@ -112,8 +119,15 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
 
     def succeed(self, call: Call[EmbeddingsCallState], result: Any) -> Any:
         state = call.data
-        if state.input_tokens is not None:
-            self.runtime.metrics.token_usage.record(
+        if state.input_tokens is None:
+            return result
+        metrics = self.runtime.metrics
+        if metrics.inference_tokens is not None:
+            # semconv opt-in: main replaced gen_ai.client.token.usage and names no embeddings
+            # token metric; the input histogram, told apart by gen_ai.operation.name
+            metrics.inference_tokens["input"].record(state.input_tokens, _metric_attributes(state))
+        else:
+            metrics.token_usage.record(
                 state.input_tokens,
                 {**_metric_attributes(state), attributes.GEN_AI_TOKEN_TYPE: "input"},
             )
@@ -138,28 +152,61 @@ def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
 
 
 class EmbeddingsUsageObserver(Observer):
-    """The OpenAI SDK's ``Embeddings.create``: its response's input tokens -> the embeddings
-    span in progress (nothing outside one)."""
+    """The OpenAI SDK's ``Embeddings.create`` -> the embeddings span in progress (nothing
+    outside one): where it sends (``server.*``), the encoding and dimensions asked, and from
+    the response the model, the embeddings' dimensions and the input tokens."""
 
     def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         state = otel_context.get_value(LLM_CALL_KEY)
-        return state if isinstance(state, EmbeddingsCallState) else None
+        if not isinstance(state, EmbeddingsCallState):
+            return None
+        if state.span.is_recording():
+            attrs = attributes.server_attributes(
+                getattr(getattr(instance, "_client", None), "base_url", None)
+            )
+            # The SDK asks for base64 (and decodes it) unless told otherwise.
+            encoding = kwargs.get("encoding_format")
+            attrs[attributes.GEN_AI_REQUEST_ENCODING_FORMATS] = (
+                encoding if isinstance(encoding, str) else _SDK_ENCODING_FORMAT,
+            )
+            dimensions = kwargs.get("dimensions")
+            if isinstance(dimensions, int) and not isinstance(dimensions, bool):
+                attrs[attributes.GEN_AI_EMBEDDINGS_DIMENSION_COUNT] = dimensions
+            state.span.set_attributes(attrs)
+        return state
 
     def after_result(self, observed: EmbeddingsCallState, result: Any) -> None:
         tokens = getattr(getattr(result, "usage", None), "prompt_tokens", None)
         if isinstance(tokens, int) and not isinstance(tokens, bool):
             observed.input_tokens = (observed.input_tokens or 0) + tokens
             observed.span.set_attribute(attributes.GEN_AI_USAGE_INPUT_TOKENS, observed.input_tokens)
+        if not observed.span.is_recording():
+            return
+        model = getattr(result, "model", None)
+        if isinstance(model, str) and model:
+            observed.span.set_attribute(
+                attributes.GEN_AI_RESPONSE_MODEL, model[: attributes.MAX_NAME_LENGTH]
+            )
+        data = getattr(result, "data", None)
+        vector = getattr(data[0], "embedding", None) if isinstance(data, list) and data else None
+        if isinstance(vector, list) and vector:
+            observed.span.set_attribute(attributes.GEN_AI_EMBEDDINGS_DIMENSION_COUNT, len(vector))
+
+
+#: The encoding the OpenAI SDK requests when its caller names none.
+_SDK_ENCODING_FORMAT = "base64"
 
 
 class StoreCallState:
     """What one memory or knowledge operation learns while it runs."""
 
-    __slots__ = ("lock_wait",)
+    __slots__ = ("lock_wait", "operation")
 
-    def __init__(self) -> None:
+    def __init__(self, operation: str) -> None:
         #: Seconds spent waiting for the storage lock so far.
         self.lock_wait = 0.0
+        #: ``crew_otel.origin.operation`` of an error recorded on the span by a hook below it.
+        self.operation = operation
 
 
 class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
@@ -171,7 +218,10 @@ class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
 
     span_name: str
     count_key: str
+    #: ``gen_ai.memory.record.count`` too (memory operations).
+    record_count = False
     kind: Kind
+    span_kind = SpanKind.INTERNAL
     #: Where the call is kept in the context for the hooks below it (``None``: not kept).
     context_key: str | None = None
 
@@ -179,22 +229,42 @@ class _StoreSpanWrapper(SpanWrapper[StoreCallState]):
         """The span's attributes and the store object watched for sharing (``None``: none)."""
         raise NotImplementedError
 
+    def name(self, attrs: dict[str, AttributeValue]) -> str:
+        """The span's name (from its attributes)."""
+        return self.span_name
+
+    def arguments(
+        self, attrs: dict[str, AttributeValue], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Add what the call's arguments say (a limit) to ``attrs``."""
+
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Call[StoreCallState] | None:
         ctx = otel_context.get_current()
         attrs, store = self.describe(instance)
-        span = self.tracer.start_span(self.span_name, context=ctx, attributes=attrs)
-        call = Call(span, trace.set_span_in_context(span, ctx), StoreCallState())
+        self.arguments(attrs, args, kwargs)
+        span = self.tracer.start_span(
+            self.name(attrs), context=ctx, kind=self.span_kind, attributes=attrs
+        )
+        call = Call(
+            span, trace.set_span_in_context(span, ctx), StoreCallState(self.operation.value)
+        )
         if self.context_key is not None:
             call.ctx = otel_context.set_value(self.context_key, call, call.ctx)
         if store is not None:
             self.track_instance(call, self.kind, store, type(store).__name__)
+        self.started(call, attrs)
         return call
 
+    def started(self, call: Call[StoreCallState], attrs: dict[str, AttributeValue]) -> None:
+        """The span started with ``attrs``."""
+
     def succeed(self, call: Call[StoreCallState], result: Any) -> Any:
-        if isinstance(result, (list, tuple)):
+        if isinstance(result, (list, tuple)) and call.span.is_recording():
             call.span.set_attribute(self.count_key, len(result))
+            if self.record_count:
+                call.span.set_attribute(attributes.GEN_AI_MEMORY_RECORD_COUNT, len(result))
         return result
 
 
@@ -221,28 +291,44 @@ class _MemoryWrapper(_StoreSpanWrapper):
         attrs: dict[str, AttributeValue] = {
             attributes.CREWAI_MEMORY_TYPE: attributes.MEMORY_TYPE_UNIFIED
         }
+        if self.operation is not Operation.MEMORY:
+            attrs[attributes.GEN_AI_OPERATION_NAME] = self.operation.value
         storage = internals.MEMORY_STORAGE.read(instance)
         if storage is not None:
-            attrs[attributes.CREWAI_MEMORY_STORAGE] = type(storage).__name__[
-                : attributes.MAX_NAME_LENGTH
-            ]
+            store_class = type(storage).__name__[: attributes.MAX_NAME_LENGTH]
+            attrs[attributes.CREWAI_MEMORY_STORAGE] = store_class
             path = internals.LANCEDB_STORAGE_PATH.read(storage)
             if path is not None:
                 attrs[attributes.CREWAI_MEMORY_STORAGE_PATH] = str(path)
+            # The store's identity: where it lives (two memories on one path share it).
+            attrs[attributes.GEN_AI_MEMORY_STORE_ID] = (
+                str(path) if path is not None else store_class
+            )
         return attrs, storage
 
 
 class MemorySearchWrapper(_MemoryWrapper):
-    """``Memory.recall``: ``crewai.memory.search``."""
+    """``Memory.recall``: ``search_memory``, with the recall's ``limit``."""
 
+    operation = Operation.SEARCH_MEMORY
     span_name = attributes.SPAN_MEMORY_SEARCH
+    record_count = True
+
+    def arguments(
+        self, attrs: dict[str, AttributeValue], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        limit = kwargs.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            attrs[attributes.CREWAI_MEMORY_LIMIT] = limit
 
 
 class MemorySaveWrapper(_MemoryWrapper):
-    """``Memory._encode_batch``: ``crewai.memory.save`` (one batch encoded and stored), with
-    the time the save waited in the memory's save queue when it was queued."""
+    """``Memory._encode_batch``: ``upsert_memory`` (one batch encoded and stored), with the
+    time the save waited in the memory's save queue when it was queued."""
 
+    operation = Operation.UPSERT_MEMORY
     span_name = attributes.SPAN_MEMORY_SAVE
+    record_count = True
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -264,7 +350,7 @@ class MemoryExtractWrapper(_MemoryWrapper):
 
 class SaveSubmitted:
     """A save handed to the memory's save queue at ``at`` (``perf_counter``); the first
-    ``crewai.memory.save`` that starts in its context takes it."""
+    ``upsert_memory`` span that starts in its context takes it."""
 
     __slots__ = ("_taken", "at")
 
@@ -358,11 +444,11 @@ class _TimedLock:
             return
         span.set_attribute(attributes.CREWAI_MEMORY_LOCK_WAIT, state.lock_wait)
         if exc is not None:
-            self._runtime.errors.record(span, exc, Operation.MEMORY.value, since=self._call.start)
+            self._runtime.errors.record(span, exc, state.operation, since=self._call.start)
 
 
 class KnowledgeSearchErrorObserver(Observer):
-    """The vector store's search under ``crewai.knowledge.query`` (``ChromaDBClient.search`` /
+    """The vector store's search under ``retrieval`` (``ChromaDBClient.search`` /
     ``asearch``): CrewAI's ``KnowledgeStorage.search`` turns every error into an empty result,
     so the error is recorded here, on the knowledge span, as an origin CrewAI handled
     (``crew_otel.error.recovered=true``): the app still gets ``[]``."""
@@ -377,20 +463,15 @@ class KnowledgeSearchErrorObserver(Observer):
         self.runtime.errors.record(
             observed.span,
             exc,
-            Operation.KNOWLEDGE.value,
+            observed.data.operation,
             recovered=True,
             since=observed.start,
         )
 
 
-class KnowledgeQueryWrapper(_StoreSpanWrapper):
-    """``Knowledge.query``/``aquery``: ``crewai.knowledge.query``."""
-
-    operation = Operation.KNOWLEDGE
-    span_name = attributes.SPAN_KNOWLEDGE_QUERY
+class _KnowledgeWrapper(_StoreSpanWrapper):
     count_key = attributes.CREWAI_KNOWLEDGE_RESULT_COUNT
     kind = Kind.KNOWLEDGE
-    context_key: str | None = KNOWLEDGE_CALL_KEY
 
     def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
         attrs: dict[str, AttributeValue] = {}
@@ -407,11 +488,62 @@ class KnowledgeQueryWrapper(_StoreSpanWrapper):
         return attrs, storage
 
 
-class KnowledgeAddWrapper(KnowledgeQueryWrapper):
+def knowledge_data_source(collection: object) -> str:
+    """The collection CrewAI's knowledge storage searches: ``knowledge_{name}``, or
+    ``knowledge`` for a Knowledge without a name."""
+    if isinstance(collection, str) and collection:
+        return f"{attributes.DEFAULT_KNOWLEDGE_COLLECTION}_{collection}"[
+            : attributes.MAX_NAME_LENGTH
+        ]
+    return attributes.DEFAULT_KNOWLEDGE_COLLECTION
+
+
+class KnowledgeQueryWrapper(_KnowledgeWrapper):
+    """``Knowledge.query``/``aquery``: ``retrieval {gen_ai.data_source.id}`` (CLIENT)."""
+
+    operation = Operation.RETRIEVAL
+    span_name = attributes.SPAN_KNOWLEDGE_QUERY
+    span_kind = SpanKind.CLIENT
+    context_key: str | None = KNOWLEDGE_CALL_KEY
+
+    def describe(self, instance: Any) -> tuple[dict[str, AttributeValue], object]:
+        attrs, storage = super().describe(instance)
+        attrs[attributes.GEN_AI_OPERATION_NAME] = attributes.SPAN_KNOWLEDGE_QUERY
+        attrs[attributes.GEN_AI_DATA_SOURCE_ID] = knowledge_data_source(
+            attrs.get(attributes.CREWAI_KNOWLEDGE_COLLECTION)
+        )
+        return attrs, storage
+
+    def name(self, attrs: dict[str, AttributeValue]) -> str:
+        return attributes.span_name(self.span_name, str(attrs[attributes.GEN_AI_DATA_SOURCE_ID]))
+
+    def arguments(
+        self, attrs: dict[str, AttributeValue], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        limit = kwargs.get("results_limit", args[1] if len(args) > 1 else _DEFAULT_RESULTS_LIMIT)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            attrs[semconv.retrieval_top_k()] = limit
+
+    def started(self, call: Call[StoreCallState], attrs: dict[str, AttributeValue]) -> None:
+        """The agent attempt this query runs in uses the data source: ``gen_ai.data_source.id``
+        on its span too."""
+        scope: Any = call.ctx.get(ATTEMPT_KEY)
+        span = getattr(getattr(scope, "call", None), "span", None)
+        if span is not None and span.is_recording():
+            span.set_attribute(
+                attributes.GEN_AI_DATA_SOURCE_ID, attrs[attributes.GEN_AI_DATA_SOURCE_ID]
+            )
+
+
+#: ``Knowledge.query``'s default ``results_limit`` (crewai 1.12 and 1.15).
+_DEFAULT_RESULTS_LIMIT = 5
+
+
+class KnowledgeAddWrapper(_KnowledgeWrapper):
     """``Knowledge.add_sources``/``aadd_sources``: ``crewai.knowledge.add``."""
 
+    operation = Operation.KNOWLEDGE
     span_name = attributes.SPAN_KNOWLEDGE_ADD
-    context_key = None  # nothing below an ingestion reports to it
 
     def error_recording(self, call: Call[StoreCallState], exc: BaseException) -> ErrorRecording:
         """An ingestion error reaches the caller (an Agent's knowledge: CrewAI re-raises it),

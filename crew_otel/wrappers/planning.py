@@ -1,5 +1,5 @@
-"""Planning: a ``plan {crew}`` span for a crew's planning and a ``plan {role}`` span for an
-agent's reasoning step, with their model calls below.
+"""Planning: a ``plan {gen_ai.agent.name}`` span for a crew's planning (CrewAI's planner agent)
+and for an agent's reasoning step, with their model calls below.
 
 The GenAI conventions name a planning or task-decomposition phase ``gen_ai.operation.name=plan``
 with an INTERNAL span ``plan {gen_ai.agent.name}``; the model call that makes the plan is its
@@ -8,10 +8,11 @@ child. CrewAI has two such phases:
 * ``Crew(planning=True)``: before the crew's tasks run, ``Crew._handle_crew_planning`` (called
   by ``prepare_kickoff`` inside the kickoff) has ``CrewPlanner`` run one task of its own
   planner agent (``Task Execution Planner``, structured output) and appends each task's plan to
-  its description. The span is named after the crew (the planner agent is the same for every
-  crew, and it is built inside the hook), carries ``gen_ai.workflow.name`` and nests under the
-  kickoff; the planner's task, agent attempts (numbered, retried like any agent) and model calls
-  nest under it.
+  its description. The span is the planner agent's, ``plan Task Execution Planner`` with
+  ``gen_ai.agent.name`` (the same role for every crew, built inside the hook, so named from
+  :data:`~crew_otel.attributes.CREW_PLANNER_ROLE`), the crew in ``crewai.crew.name``; it nests
+  under the kickoff; the planner's task, agent attempts (numbered, retried like any agent) and
+  model calls nest under it.
 * ``Agent(reasoning=True)`` (``planning_config`` in newer CrewAI): before the agent works on a
   task, ``AgentReasoning.handle_agent_reasoning`` asks the agent's LLM for a plan (and may
   refine it). It runs inside the agent's attempt (``invoke_agent``), from ``Agent.execute_task``
@@ -43,7 +44,8 @@ from crew_otel.wrappers.base import Call, ErrorRecording, SpanWrapper
 
 
 class CrewPlanningWrapper(SpanWrapper[None]):
-    """``Crew._handle_crew_planning``: one ``plan {crew}`` span per crew planning."""
+    """``Crew._handle_crew_planning``: one ``plan Task Execution Planner`` span per crew
+    planning."""
 
     operation = Operation.PLAN
 
@@ -53,7 +55,7 @@ class CrewPlanningWrapper(SpanWrapper[None]):
         ctx = otel_context.get_current()
         name = attributes.workflow_name(instance)
         span = self.tracer.start_span(
-            attributes.span_name(attributes.SPAN_PLAN, name),
+            attributes.span_name(attributes.SPAN_PLAN, attributes.CREW_PLANNER_ROLE),
             context=ctx,
             attributes=attributes.crew_plan_attributes(instance, name),
         )

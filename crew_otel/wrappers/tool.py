@@ -88,16 +88,23 @@ class _ToolSpanWrapper(SpanWrapper[ToolCallRecord]):
         call_id: object,
         arguments: object,
         extra: dict[str, str] | None = None,
+        tool: object = None,
     ) -> Call[ToolCallRecord]:
         attrs = attributes.tool_attributes(name, call_id)
         if extra:
             attrs.update(extra)
+        scope: Any = ctx.get(ATTEMPT_KEY)
+        role = getattr(scope, "role", None)
+        if isinstance(role, str):
+            attrs[attributes.GEN_AI_AGENT_NAME] = role  # the agent running the tool
         self.capture(attrs, attributes.GEN_AI_TOOL_CALL_ARGUMENTS, arguments)
         step = _open_step(ctx)
         parent_ctx = trace.set_span_in_context(step.span, ctx) if step is not None else ctx
         span = self.tracer.start_span(
             attributes.span_name(attributes.SPAN_TOOL, name), context=parent_ctx, attributes=attrs
         )
+        if tool is not None and span.is_recording():
+            span.set_attributes(attributes.tool_description_attributes(tool))
         record = ToolCallRecord(span, name, self.swallows_errors)
         call_ctx = otel_context.set_value(
             TOOL_CALL_KEY, record, trace.set_span_in_context(span, ctx)
@@ -163,7 +170,9 @@ class NativeToolCallWrapper(_ToolSpanWrapper):
             known = internals.EXECUTOR_AVAILABLE_FUNCTIONS.read(instance) or {}
         tool = getattr(known.get(raw_name), "__self__", None) if raw_name in known else None
         name, extra = _tool_name(tool, raw_name if raw_name in known else None)
-        return self.start_tool_span(otel_context.get_current(), name, call_id, arguments, extra)
+        return self.start_tool_span(
+            otel_context.get_current(), name, call_id, arguments, extra, tool
+        )
 
     def succeed(self, call: Call[ToolCallRecord], result: Any) -> Any:
         if not isinstance(result, dict):
@@ -187,9 +196,10 @@ class ToolUsageWrapper(_ToolSpanWrapper):
         tools = [
             t for t in getattr(instance, "tools", None) or () if getattr(t, "name", 0) == raw_name
         ]
-        name, extra = _tool_name(tools[0] if tools else None, raw_name if tools else None)
+        tool = tools[0] if tools else None
+        name, extra = _tool_name(tool, raw_name if tools else None)
         arguments = getattr(calling, "arguments", None)
-        return self.start_tool_span(otel_context.get_current(), name, None, arguments, extra)
+        return self.start_tool_span(otel_context.get_current(), name, None, arguments, extra, tool)
 
 
 class ToolRunWrapper(_ToolSpanWrapper):
@@ -214,7 +224,7 @@ class ToolRunWrapper(_ToolSpanWrapper):
             call = _borrow(record, ctx, tool, name, extra)
         else:
             arguments = kwargs if kwargs else (args or None)
-            call = self.start_tool_span(ctx, name, None, arguments, extra)
+            call = self.start_tool_span(ctx, name, None, arguments, extra, tool)
         usage = self.track_instance(call, Kind.TOOL, tool, name)
         if usage is not None:
             self._watch_shared_state(call, tool, usage.request_id)
@@ -231,7 +241,7 @@ class ToolRunWrapper(_ToolSpanWrapper):
             holdings = self.runtime.shared_state.new_holdings()
             call.add_cleanup(holdings.release)
         call.ctx = self.runtime.shared_state.enter_tool(
-            tool, request_id, call.span, holdings, call.ctx
+            tool, request_id, call.span, holdings, call.ctx, call.add_closer
         )
 
     def succeed(self, call: Call[ToolCallRecord], result: Any) -> Any:
@@ -326,6 +336,8 @@ def _borrow(
         record.name = name
         record.span.update_name(attributes.span_name(attributes.SPAN_TOOL, name))
         record.span.set_attributes({attributes.GEN_AI_TOOL_NAME: name, **extra})
+        if record.span.is_recording():
+            record.span.set_attributes(attributes.tool_description_attributes(tool))
     call = Call(record.span, ctx, record)
     call.borrowed = True
     return call
