@@ -3,11 +3,9 @@
 With ``detect_shared_instances=True`` (the default) ``crew_otel.instrument()`` wraps
 ``builtins.open``, ``io.open``, ``os.open``, ``sqlite3.connect`` and ``sqlite3.dbapi2.connect``
 (wrapt ``FunctionWrapper``: outside tool calls, one wrapper call and one OpenTelemetry context
-look-up per call) and sets a trace callback on each SQLite database-file connection that the
-wrapped ``sqlite3.connect`` opens (called for every statement on it, in tool calls or not: one
-context look-up). ``uninstrument()`` restores every wrapped function; the connections opened
-meanwhile keep a trace callback that returns at once. Each operation below runs outside any
-crew run, in four states:
+look-up per call). It sets nothing on SQLite connections (no trace callback): a statement costs
+nothing more, in tool calls or not. ``uninstrument()`` restores every wrapped function. Each
+operation below runs outside any crew run, in four states:
 
 ``none``
     crewai and crew_otel imported, the SDK providers set up, nothing instrumented;
@@ -17,14 +15,13 @@ crew run, in four states:
 ``detectors on``
     ``crew_otel.instrument(detect_shared_instances=True)``;
 ``after uninstrument()``
-    ``instrument()`` then ``uninstrument()``: every wrapped function restored, the trace
-    callback left on the database-file connection opened while instrumented.
+    ``instrument()`` then ``uninstrument()``: every wrapped function restored.
 
 The operations: ``open(path, "w")`` + ``close()`` (the ``open`` wrapper);
 ``sqlite3.connect(":memory:")`` + a ``CREATE TABLE`` + an ``INSERT`` + ``close()`` (the
 ``connect`` wrapper; crew_otel sets no trace callback on in-memory databases); one
 ``INSERT OR REPLACE`` on a connection to a database file kept open (opened, in the two
-instrumented states, while instrumented: so it carries the trace callback); and, as a
+instrumented states, while instrumented); and, as a
 control that nothing wrapped touches, ``copy.deepcopy()`` of a small structure.
 
 ``python -m benchmarks.detectors -o FILE [pyperf options]`` runs them under pyperf (a worker
@@ -122,7 +119,7 @@ class Fixtures:
                 self.crew_otel.uninstrument()
             if self.state != ON:
                 self._instrument(detect=True)
-                self._reconnect()  # the connection now carries the trace callback
+                self._reconnect()  # a connection opened while instrumented
             if state == AFTER:
                 self.crew_otel.uninstrument()
         self.state = state
@@ -191,8 +188,8 @@ class Fixtures:
         return time_calls
 
     def check(self) -> dict[str, Any]:
-        """Which functions crew_otel has wrapped in this state, and whether its wrappers and
-        the file connection's trace callback report to a watcher."""
+        """Which functions crew_otel has wrapped in this state, and whether its wrappers
+        report to a watcher."""
         from crew_otel.diagnosis import shared_state
 
         wrapped = []

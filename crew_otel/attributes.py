@@ -168,7 +168,8 @@ CREWAI_LLM_PROVIDER = "crewai.llm.provider"
 
 # --- crew_otel's diagnosis --------------------------------------------------------------------
 REQUEST_ID = "crew_otel.request.id"
-#: Which provider SDK instrumentation(s) made the inference span under this model call.
+#: Which provider SDK instrumentation(s) made the inference (or embeddings) span under this
+#: model (or embeddings) call.
 LLM_INFERENCE_BY = "crew_otel.llm.inference_by"
 KICKOFFS_IN_FLIGHT = "crew_otel.kickoffs.in_flight"
 ATTEMPT = "crew_otel.attempt"
@@ -265,6 +266,8 @@ SPAN_TOOL = OP_EXECUTE_TOOL
 SPAN_CHAT = OP_CHAT
 #: A model call whose inference span (``chat``) a provider SDK instrumentation makes.
 SPAN_LLM_CALL = "crewai.llm.call"
+#: An embeddings call whose ``embeddings`` span a provider SDK instrumentation makes.
+SPAN_EMBEDDINGS_CALL = "crewai.embeddings"
 
 # Provider class name -> gen_ai.provider.name (semantic-convention values where defined).
 _PROVIDER_BY_CLASS = {

@@ -10,9 +10,12 @@ Two kinds of neighbours record what crew_otel records:
   hooks the SDK the call goes through; the model-call wrapper then keeps its span (it parents
   the SDK calls and the HTTP attempts and carries the retries and error origins) as
   ``crewai.llm.call {model}`` without ``gen_ai.*`` attributes, and leaves the ``gen_ai.client.*``
-  points to the provider instrumentation when it records them.
-  ``CREW_OTEL_DEFER_TO_PROVIDER_INSTRUMENTATION=false`` keeps crew_otel's ``chat`` span and
-  points beside the provider's.
+  points to the provider instrumentation when it records them. An embeddings call through
+  the SDK (the OpenAI embedding function CrewAI builds for memory and knowledge) is treated
+  alike when one of them hooks the SDK's embeddings call: crew_otel's span is
+  ``crewai.embeddings {model}``, the embeddings span and its points theirs.
+  ``CREW_OTEL_DEFER_TO_PROVIDER_INSTRUMENTATION=false`` keeps crew_otel's ``chat`` and
+  ``embeddings`` spans and points beside the provider's.
 * **Other CrewAI instrumentations** (OpenInference's ``openinference-instrumentation-crewai``)
   wrap the same CrewAI methods (``BaseTool.run``/``Tool.run``, ``Crew.kickoff``) with spans of
   their own, between crew_otel's dispatcher span and crew_otel's hook on the tool.
@@ -104,6 +107,13 @@ OPENAI_HOOKS = (
     ("openai", "AsyncOpenAI", "request"),
 )
 
+#: Where they hook the openai SDK's embeddings call, as an embedding function makes it (the
+#: synchronous client's ``embeddings.create``, which goes through the client's ``request``).
+OPENAI_EMBEDDINGS_HOOKS = (
+    ("openai.resources.embeddings", "Embeddings", "create"),
+    ("openai", "OpenAI", "request"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Deferral:
@@ -132,11 +142,11 @@ def _wrapper_modules(obj: Any) -> list[str]:
     return modules
 
 
-def _hooked_attributes() -> tuple[Any, ...]:
-    """The current objects at :data:`OPENAI_HOOKS` (``None`` where absent)."""
+def _hooked_attributes(hooks: tuple[tuple[str, str, str], ...]) -> tuple[Any, ...]:
+    """The current objects at ``hooks`` (``None`` where absent)."""
     found: list[Any] = []
     modules = sys.modules
-    for module_name, class_name, attribute in OPENAI_HOOKS:
+    for module_name, class_name, attribute in hooks:
         module = modules.get(module_name)
         cls = getattr(module, "__dict__", {}).get(class_name) if module is not None else None
         found.append(getattr(cls, "__dict__", {}).get(attribute) if cls is not None else None)
@@ -161,11 +171,32 @@ def _inspect(hooked: tuple[Any, ...]) -> Deferral | None:
     )
 
 
+class _HookedPath:
+    """The provider instrumentations on one call path of the SDK (a set of hooks), cached
+    against the identity of the objects found there."""
+
+    def __init__(self, hooks: tuple[tuple[str, str, str], ...]) -> None:
+        self._hooks = hooks
+        self._cache: tuple[tuple[Any, ...], Deferral | None] | None = None
+
+    def deferral(self) -> Deferral | None:
+        """The instrumentations hooking the path now, or ``None``."""
+        hooked = _hooked_attributes(self._hooks)
+        cached = self._cache
+        if cached is not None and all(x is y for x, y in zip(cached[0], hooked, strict=True)):
+            return cached[1]
+        found = _inspect(hooked)
+        self._cache = (hooked, found)  # one assignment: racing threads store equal results
+        return found
+
+
 class ProviderInstrumentations:
-    """Finds, per model call, the provider instrumentation that makes its inference span."""
+    """Finds, per model or embeddings call, the provider instrumentation that makes its GenAI
+    span (the inference span, the embeddings span)."""
 
     def __init__(self) -> None:
-        self._cache: tuple[tuple[Any, ...], Deferral | None] | None = None
+        self._chat = _HookedPath(OPENAI_HOOKS)
+        self._embeddings = _HookedPath(OPENAI_EMBEDDINGS_HOOKS)
         self._uses_sdk: dict[type, bool] = {}
 
     def deferral_for(self, llm_class: type) -> Deferral | None:
@@ -175,13 +206,14 @@ class ProviderInstrumentations:
             uses_sdk = self._uses_sdk[llm_class] = _talks_through_openai(llm_class)
         if not uses_sdk:
             return None
-        hooked = _hooked_attributes()
-        cached = self._cache
-        if cached is not None and all(x is y for x, y in zip(cached[0], hooked, strict=True)):
-            return cached[1]
-        found = _inspect(hooked)
-        self._cache = (hooked, found)  # one assignment: racing threads store equal results
-        return found
+        return self._chat.deferral()
+
+    def embeddings_deferral_for(self, client: object) -> Deferral | None:
+        """The instrumentations hooking the embeddings call of ``client`` (an embedding
+        function's SDK client), or ``None`` when it is no openai SDK client."""
+        if not _is_openai_client(client):
+            return None
+        return self._embeddings.deferral()
 
 
 def _talks_through_openai(llm_class: type) -> bool:
@@ -193,12 +225,20 @@ def _talks_through_openai(llm_class: type) -> bool:
     return False
 
 
+def _is_openai_client(client: object) -> bool:
+    """Whether ``client`` is the openai SDK's synchronous client (``OpenAI``, ``AzureOpenAI``
+    or a subclass): its embeddings calls take :data:`OPENAI_EMBEDDINGS_HOOKS`."""
+    openai = sys.modules.get("openai")
+    client_class = getattr(openai, "OpenAI", None) if openai is not None else None
+    return isinstance(client_class, type) and isinstance(client, client_class)
+
+
 def deferred_attributes(
     attrs: dict[str, AttributeValue], deferral: Deferral
 ) -> dict[str, AttributeValue]:
-    """A model-call span's attributes when the provider instrumentation makes the inference
-    span: no ``gen_ai.*`` (GenAI-aware backends would count the call twice), the model and
-    provider under ``crewai.llm.*``, and who makes the inference span."""
+    """A model-call or embeddings-call span's attributes when the provider instrumentation
+    makes the GenAI span: no ``gen_ai.*`` (GenAI-aware backends would count the call twice),
+    the model and provider under ``crewai.llm.*``, and who makes the GenAI span."""
     deferred: dict[str, AttributeValue] = {
         k: v for k, v in attrs.items() if not k.startswith(a.GEN_AI_PREFIX)
     }

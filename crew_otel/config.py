@@ -52,6 +52,15 @@ class CrewOtelConfig:
             attempts, with the retries and error origins) without ``gen_ai.*`` attributes. On by
             default; off keeps crew_otel's ``chat`` span and points beside the provider's. Env:
             ``CREW_OTEL_DEFER_TO_PROVIDER_INSTRUMENTATION``.
+        shared_state_ignore: names or globs (``fnmatch``) of shared state known to be safe:
+            a global (``app.tools.CACHE``), a file path (``/var/log/app/*.log``), a database
+            path, a resource (``sqlite3.Connection at app.db.POOL``), ``os.environ['X']``.
+            Only those are silenced; CrewAI-object sharing and everything else stay on. Env:
+            ``CREW_OTEL_SHARED_STATE_IGNORE`` (comma-separated).
+        app_packages: top-level packages whose code the shared-state detector reads as the
+            application's, wherever they are installed (the package that defines each tool
+            always is; the standard library, CrewAI and other installed packages are not).
+            Env: ``CREW_OTEL_APP_PACKAGES`` (comma-separated).
         redact: extra redaction applied after the built-in one to captured content.
     """
 
@@ -64,6 +73,8 @@ class CrewOtelConfig:
     detect_shared_instances: bool = True
     detect_crosstalk: bool = True
     defer_to_provider_instrumentation: bool = True
+    shared_state_ignore: tuple[str, ...] = ()
+    app_packages: tuple[str, ...] = ()
     redact: Callable[[str], str] | None = None
 
     @classmethod
@@ -125,7 +136,22 @@ class CrewOtelConfig:
         if redact is not None and not callable(redact):
             raise ValueError("crew_otel option 'redact' must be a callable str -> str")
 
+        def names(name: str, env_name: str) -> tuple[str, ...]:
+            value = options.get(name)
+            if value is None:
+                raw = env.get(env_name, "")
+                return tuple(part.strip() for part in raw.split(",") if part.strip())
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+                isinstance(item, str) for item in value
+            ):
+                raise ValueError(f"crew_otel option {name!r} must be a list of strings")
+            return tuple(value)
+
         return cls(
+            shared_state_ignore=names("shared_state_ignore", "CREW_OTEL_SHARED_STATE_IGNORE"),
+            app_packages=names("app_packages", "CREW_OTEL_APP_PACKAGES"),
             capture_content=flag(
                 "capture_content",
                 "CREW_OTEL_CAPTURE_CONTENT",

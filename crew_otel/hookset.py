@@ -179,9 +179,17 @@ def _slot(owner: Any, name: str) -> Any:
         return None
 
 
+#: wrapt's proxy types (its C extension's base differs from the pure-Python ``wrapt.ObjectProxy``):
+#: their ``__wrapped__`` is wrapt's own slot, read without running user code.
+_PROXY_TYPES = (
+    wrapt.ObjectProxy,
+    *(klass for klass in wrapt.FunctionWrapper.__mro__ if klass.__name__ == "ObjectProxy"),
+)
+
+
 def _wrapped_by(function: Any) -> Any:
     """The function ``function`` wraps, read without running user code (``None`` if none)."""
-    if isinstance(function, wrapt.ObjectProxy):
+    if isinstance(function, _PROXY_TYPES):
         try:
             return object.__getattribute__(function, "__wrapped__")
         except AttributeError:

@@ -79,6 +79,6 @@ class Runtime:
             metrics=metrics,
             errors=ErrorRecorder(metrics, config.capture_content),
             sharing=sharing,
-            shared_state=SharedStateWatcher(sharing),
+            shared_state=SharedStateWatcher(sharing, config),
             crosstalk=CrosstalkDetector(metrics.crosstalk) if config.detect_crosstalk else None,
         )

@@ -34,12 +34,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import crew_otel
 from crew_otel import attributes as a
 from crew_otel import metrics as m
-from crew_otel.coexistence import KNOWN_INSTRUMENTATIONS, OPENAI_HOOKS
+from crew_otel.coexistence import KNOWN_INSTRUMENTATIONS, OPENAI_EMBEDDINGS_HOOKS, OPENAI_HOOKS
 from crew_otel.config import CrewOtelConfig
 from crew_otel.safety import reset_reported_errors
 from crew_otel.testing.crews import make_failing_tool, make_llm, make_lookup_tool, research_crew
 from crew_otel.testing.provider import Fault
-from tests.spans import Spans, attr
+from tests.spans import Spans, attr, traces_by_marker
 
 #: name -> (module, instrumentor class)
 OTHERS = {
@@ -51,6 +51,8 @@ OTHERS = {
 PROVIDER_INSTRUMENTATIONS = ("openai-v2", "openllmetry-openai", "openinference-openai")
 ORDERS = ("crew_otel-first", "crew_otel-last")
 RUNS = 3  # concurrent kickoffs per mode (threads, asyncio)
+#: crew_otel's instrumentation scope.
+OURS = "crew_otel"
 
 
 def instrumentor_of(name: str) -> Any:
@@ -103,7 +105,7 @@ def strip_leftover_wrappers() -> None:
     """OpenLLMetry's ``uninstrument()`` leaves its wrappers on the openai SDK (its ``unwrap``
     calls name the module, not the class): remove them so the next test starts clean."""
     packages = [k.package for k in KNOWN_INSTRUMENTATIONS]
-    for module_name, class_name, attribute in OPENAI_HOOKS:
+    for module_name, class_name, attribute in {*OPENAI_HOOKS, *OPENAI_EMBEDDINGS_HOOKS}:
         cls = getattr(sys.modules.get(module_name), class_name, None)
         while cls is not None:
             current = cls.__dict__.get(attribute)
@@ -278,6 +280,227 @@ def test_provider_instrumentation_one_chat_span_per_model_call(
     ours = "crew_otel" in durations
     assert ours == (other == "openinference-openai")  # it records no gen_ai.client.* points
     assert tokens["crew_otel"] == (2 * model_calls if ours else 0)
+
+
+def is_embeddings_span(span: ReadableSpan) -> bool:
+    """An embeddings span by any of the conventions in use (GenAI, OpenLLMetry, OpenInference)."""
+    return (
+        attr(span, a.GEN_AI_OPERATION_NAME) == a.OP_EMBEDDINGS
+        or attr(span, "llm.request.type") == "embedding"
+        or attr(span, "openinference.span.kind") == "EMBEDDING"
+    )
+
+
+def embeddings_points(reader: InMemoryMetricReader, name: str) -> Counter[str]:
+    """Histogram counts of instrument ``name`` for embeddings operations, by scope."""
+    found: Counter[str] = Counter()
+    data = reader.get_metrics_data()
+    for resource_metrics in data.resource_metrics if data else ():
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    operation = (point.attributes or {}).get(a.GEN_AI_OPERATION_NAME)
+                    if operation == a.OP_EMBEDDINGS:
+                        found[scope.scope.name] += getattr(point, "count", 0)
+    return found
+
+
+def is_embeddings_attempt(span: ReadableSpan) -> bool:
+    """An HTTP attempt to the embeddings endpoint (new or old HTTP conventions)."""
+    url = attr(span, "url.full") or attr(span, "http.url")
+    return span.name == "POST" and str(url).endswith("/embeddings")
+
+
+def status_code(span: ReadableSpan) -> Any:
+    return attr(span, "http.response.status_code") or attr(span, "http.status_code")
+
+
+def first_embeddings_requests_by_trace(fake_provider: Any) -> Counter[int]:
+    """Embeddings calls sent, by trace (an SDK retry of one is not another call)."""
+    return Counter(
+        int(r.traceparent.split("-")[1], 16)
+        for r in fake_provider.requests
+        if r.path.endswith("/embeddings") and r.retry_count == 0 and r.traceparent
+    )
+
+
+#: Where an SDK instrumentation may hook an embedding function's call (the synchronous client).
+EMBEDDINGS_CALL_PATH = (
+    ("openai.resources.embeddings", "Embeddings", "create"),
+    ("openai", "OpenAI", "request"),
+)
+
+
+def hooks_embeddings(other: str) -> bool:
+    """Whether ``other``'s wrapper is on the SDK's embeddings call path now (openai-v2 2.1
+    instruments chat completions only)."""
+    package = OTHERS[other][0]
+    for module_name, class_name, attribute in EMBEDDINGS_CALL_PATH:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        obj = getattr(cls, "__dict__", {}).get(attribute)
+        while obj is not None:
+            module = getattr(getattr(obj, "_self_wrapper", None), "__module__", "")
+            if module == package or module.startswith(package + "."):
+                return True
+            obj = getattr(obj, "__wrapped__", None)
+    return False
+
+
+def memory_crew(fake_provider: Any, storage: Any) -> Any:
+    """The research crew with a unified memory of its own at ``storage``: its recalls and
+    saves embed through the openai SDK (chromadb's OpenAI embedding function)."""
+    from crewai.memory.unified_memory import Memory
+
+    base_url = fake_provider.base_url
+    embedder = {"provider": "openai", "config": {"api_key": "sk-loopback", "api_base": base_url}}
+    memory = Memory(llm=make_llm(base_url), embedder=embedder, storage=str(storage))
+    return research_crew(lambda: make_llm(base_url), memory=memory, embedder=embedder)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("other", PROVIDER_INSTRUMENTATIONS)
+def test_provider_instrumentation_one_embeddings_span_per_embeddings_call(
+    other: str,
+    order: str,
+    otel_tracer_provider: TracerProvider,
+    span_exporter: InMemorySpanExporter,
+    meter_provider: MeterProvider,
+    metric_reader: InMemoryMetricReader,
+    fake_provider: Any,
+    tmp_path: Any,
+) -> None:
+    """The memory's embeddings calls (recall and save, through the openai SDK) beside a
+    provider instrumentation: one embeddings span per call and one set of ``gen_ai.client.*``
+    embeddings points. Where the instrumentation hooks the embeddings call, the span is its
+    own, under crew_otel's ``crewai.embeddings {model}`` (no ``gen_ai.*``, the request ID,
+    parent of the HTTP attempts); where it does not (openai-v2 2.1), crew_otel's
+    ``embeddings`` span stays. A rate-limited attempt the SDK retries stays the recovered
+    origin."""
+    crews: list[Any] = []
+
+    def make_crew(i: int) -> Any:
+        crews.append(memory_crew(fake_provider, tmp_path / str(i)))
+        return crews[-1]
+
+    prefix = f"e{other[:4]}"
+    limited = f"{prefix}t1"  # its first embeddings call is rate-limited once
+    fake_provider.script(Fault.error(429), key=limited, endpoint="embeddings")
+    with side_by_side(other, order, otel_tracer_provider, meter_provider):
+        hooked = hooks_embeddings(other)
+        run_concurrently(make_crew, prefix)
+        for crew in crews:  # CrewAI 1.12's akickoff returns before its saves end
+            crew.memory.drain_writes()
+
+    spans = Spans(span_exporter.get_finished_spans())
+    sent = first_embeddings_requests_by_trace(fake_provider)
+    runs = {
+        trace_id: members
+        for trace_id, members in by_trace(spans).items()
+        if any(s.name.startswith("invoke_workflow") for s in members)
+    }
+    assert len(runs) == 2 * RUNS
+    assert set(sent) <= set(runs)
+    for trace_id, members in runs.items():
+        assert sent[trace_id], "no embeddings call in the run"
+        inference = [s for s in members if is_embeddings_span(s)]
+        assert len(inference) == sent[trace_id], Counter(s.name for s in members)
+        assert {s.instrumentation_scope.name == OURS for s in inference} == {not hooked}
+        ours = [s for s in members if s.name.startswith(a.SPAN_EMBEDDINGS_CALL + " ")]
+        if not hooked:
+            assert ours == []
+            ours = inference
+        assert len(ours) == sent[trace_id]
+        for span in ours if hooked else ():
+            assert attr(span, a.LLM_INFERENCE_BY)
+            assert attr(span, a.CREWAI_LLM_MODEL)
+            assert attr(span, a.REQUEST_ID)
+            assert not [k for k in span.attributes or {} if k.startswith("gen_ai.")]
+        for span in inference if hooked else ():  # the provider's, under crew_otel's call
+            assert spans.parent(span) in ours
+        http = [s for s in members if is_embeddings_attempt(s)]
+        assert len(http) >= sent[trace_id]
+        for span in http:
+            assert set(spans.ancestors(span)) & set(ours)
+        failed = [s for s in http if status_code(s) == 429]
+        for span in failed:
+            assert attr(span, a.ERROR_ORIGIN) is True
+            assert attr(span, a.ERROR_RECOVERED) is True
+    rate_limited = [s for s in spans.all if is_embeddings_attempt(s) and status_code(s) == 429]
+    assert len(rate_limited) == 1
+
+    calls = sum(sent.values())
+    durations = embeddings_points(metric_reader, m.OPERATION_DURATION)
+    tokens = embeddings_points(metric_reader, m.TOKEN_USAGE)
+    # One set of points: from one instrumentation (crew_otel's only if the other records none).
+    assert list(durations.values()) == [calls], durations
+    assert len([n for n in tokens.values() if n]) == 1, tokens
+    ours_recorded = not hooked or other == "openinference-openai"  # it records no points
+    assert (OURS in durations) == ours_recorded, durations
+    assert (OURS in tokens) == ours_recorded, tokens
+
+
+@contextlib.contextmanager
+def embeddings_hook_removed(instrumentation: str) -> Iterator[None]:
+    """The wrapper of ``instrumentation`` (a key of :data:`OTHERS`) taken off the SDK's
+    ``Embeddings.create`` (its chat hooks stay), as with a version that does not instrument
+    embeddings; put back after."""
+    from openai.resources.embeddings import Embeddings
+
+    package = OTHERS[instrumentation][0]
+    hooked = Embeddings.__dict__["create"]
+    module = getattr(getattr(hooked, "_self_wrapper", None), "__module__", "")
+    assert module.startswith(package + "."), f"not the outermost wrapper: {module}"
+    Embeddings.create = hooked.__wrapped__  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Embeddings.create = hooked  # type: ignore[method-assign]
+
+
+def test_embeddings_defer_only_where_the_embeddings_call_is_hooked(
+    otel_tracer_provider: TracerProvider,
+    span_exporter: InMemorySpanExporter,
+    meter_provider: MeterProvider,
+    metric_reader: InMemoryMetricReader,
+    fake_provider: Any,
+    tmp_path: Any,
+) -> None:
+    """What is hooked on the embeddings call path decides, per call: OpenLLMetry with its
+    embeddings hook makes the embeddings spans (crew_otel's is ``crewai.embeddings``); without
+    it (its chat hooks still there, as with openai-v2 2.1), crew_otel's ``embeddings`` span
+    and points are back while its model calls still leave the inference span to OpenLLMetry."""
+    other = "openllmetry-openai"
+    with side_by_side(other, "crew_otel-first", otel_tracer_provider, meter_provider):
+        assert hooks_embeddings(other)
+        hooked = memory_crew(fake_provider, tmp_path / "hooked")
+        hooked.kickoff(inputs={"topic": "[[h1]]"})
+        hooked.memory.drain_writes()
+        with embeddings_hook_removed(other):
+            unhooked = memory_crew(fake_provider, tmp_path / "unhooked")
+            unhooked.kickoff(inputs={"topic": "[[h2]]"})
+            unhooked.memory.drain_writes()
+
+    spans = Spans(span_exporter.get_finished_spans())
+    runs = traces_by_marker(spans, fake_provider, ["h1", "h2"])
+    sent = first_embeddings_requests_by_trace(fake_provider)
+    found: dict[str, set[str]] = {}
+    for marker, run in runs.items():
+        embeddings = [s for s in run.all if is_embeddings_span(s)]
+        assert embeddings
+        assert len(embeddings) == sent[embeddings[0].context.trace_id]  # one span per call
+        found[marker] = {s.instrumentation_scope.name for s in embeddings}
+        ours = {s.name.split(" ")[0] for s in run.all if s.instrumentation_scope.name == OURS}
+        assert a.SPAN_LLM_CALL in ours  # the model calls still defer
+        assert a.SPAN_CHAT not in ours
+    (theirs,) = found["h1"]
+    assert theirs.startswith(OTHERS[other][0])
+    assert len(runs["h1"].named(a.SPAN_EMBEDDINGS_CALL)) == sent[runs["h1"].all[0].context.trace_id]
+    assert found["h2"] == {OURS}
+    assert not runs["h2"].named(a.SPAN_EMBEDDINGS_CALL)
+    durations = embeddings_points(metric_reader, m.OPERATION_DURATION)
+    assert durations[OURS] == len([s for s in runs["h2"].all if is_embeddings_span(s)])
 
 
 @pytest.mark.parametrize("other", PROVIDER_INSTRUMENTATIONS)

@@ -13,10 +13,9 @@ state elsewhere. While a tool runs, this module notes what the tool code writes 
     flags, ``Path.write_text``/``write_bytes`` on Python >= 3.11), seen by wrappers that
     crew_otel puts on those functions while instrumented;
 ``database``
-    SQLite database files written (a statement that is not a read), seen through the
-    connection's trace callback, which crew_otel sets on connections that ``sqlite3.connect``
-    opens while instrumented and that only their own thread may use (a trace callback on a
-    connection threads share can freeze the process: see :func:`_traced_connect`);
+    SQLite database files that requests contend for: tool code that connects to a database file
+    holds it for its run, and a tool call that meets "database is locked" while other requests
+    hold it reports it (nothing is set on the connection: see :func:`_traced_connect`);
 ``resource``
     non-thread-safe objects (a ``sqlite3.Connection`` or ``Cursor``, an open file, a SQLAlchemy
     ``Session``) held by the tool instance's attributes, its function's closure, or a module
@@ -30,15 +29,18 @@ request touches a thing another request in flight holds, the span of that tool c
 noted; per-request state (closures, unique paths, per-call connections) never collides.
 
 Cost: outside tool calls, an ``open``/``os.open``/``sqlite3.connect`` pays one wrapper call and
-one context look-up, and a SQLite statement on a connection opened while instrumented pays its
-trace callback's context look-up. ``uninstrument()`` restores every wrapped function. (A Python
+one context look-up; SQLite statements pay nothing. ``uninstrument()`` restores every wrapped
+function. (A Python
 audit hook would see opens too, but it cannot be removed and makes every audited operation of
 the process, ``id()`` included, a Python call: ``copy.deepcopy`` ran 2.2 x slower with one.)
 """
 
 from __future__ import annotations
 
+import collections
+import fnmatch
 import io
+import itertools
 import logging
 import os
 import sqlite3
@@ -49,12 +51,13 @@ import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
-import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.trace import Span
 
 from crew_otel import internals
 from crew_otel.attributes import DATABASE_LOCKED
+from crew_otel.config import CrewOtelConfig
+from crew_otel.diagnosis import mutations
 from crew_otel.diagnosis.mutations import ToolGlobals, tool_globals
 from crew_otel.diagnosis.sharing import (
     KIND_DATABASE,
@@ -63,6 +66,7 @@ from crew_otel.diagnosis.sharing import (
     KIND_RESOURCE,
     SharedInstanceDetector,
 )
+from crew_otel.hookset import Hook, HookSet
 
 _logger = logging.getLogger("crew_otel")
 
@@ -70,7 +74,6 @@ TOOL_STATE_KEY = otel_context.create_key("crew_otel.tool_state")
 """Context key of the :class:`ToolScope` of the tool call in progress."""
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-_READ_STATEMENTS = ("SELECT", "PRAGMA", "EXPLAIN", "BEGIN", "COMMIT", "END", "ROLLBACK")
 #: What a "write" found in bytecode cannot change: immutable values, and modules and functions
 #: whose methods (``os.remove``, ``json.dump``) the walker cannot tell from mutating ones.
 _NOT_STATE = (
@@ -128,7 +131,7 @@ class RunHoldings:
 class ToolScope:
     """The tool call in progress, as the file and SQLite wrappers see it."""
 
-    __slots__ = ("databases", "holdings", "request_id", "span", "watcher")
+    __slots__ = ("candidates", "databases", "files", "holdings", "request_id", "span", "watcher")
 
     def __init__(
         self, watcher: SharedStateWatcher, request_id: str, span: Span, holdings: RunHoldings
@@ -137,27 +140,192 @@ class ToolScope:
         self.request_id = request_id
         self.span = span
         self.holdings = holdings
-        #: SQLite databases this tool call connected to or wrote (to name a locked one).
+        #: SQLite databases this tool call connected to (to name a locked one).
         self.databases: list[str] = []
+        #: Paths (as passed) this call already noted as opened for writing.
+        self.files: set[object] = set()
+        #: Writes found in the code, confirmed when the call ends (see :class:`_Candidate`).
+        self.candidates: list[_Candidate] = []
 
-    def note(self, key: Hashable, kind: str, label: str, class_name: str) -> None:
+    def note(
+        self,
+        key: Hashable,
+        kind: str,
+        label: str,
+        class_name: str,
+        noun: str | None = None,
+        advice: str | None = None,
+    ) -> None:
         """This request's tool code touched ``key``: hold it for the run, flag a collision."""
+        if self.holdings.holds(key) or self.watcher.ignores(label):
+            return
+        sharing = self.watcher.sharing
+        usage = sharing.enter_key(
+            key, kind, self.request_id, self.span, label, class_name, noun, advice
+        )
+        if not self.holdings.add(key, usage):
+            sharing.exit(usage)
+
+    def hold(self, key: Hashable) -> None:
+        """Hold ``key`` for the run without reporting (reported only on contention)."""
         if self.holdings.holds(key):
             return
         sharing = self.watcher.sharing
-        usage = sharing.enter_key(key, kind, self.request_id, self.span, label, class_name)
+        usage = sharing.hold_key(key, self.request_id)
         if not self.holdings.add(key, usage):
             sharing.exit(usage)
+
+    def confirm(self) -> None:
+        """The call ended: note the candidate writes that changed their object (what ran)."""
+        candidates, self.candidates = self.candidates, []
+        for candidate in candidates:
+            try:
+                candidate.confirm(self)
+            except Exception:
+                _logger.debug("crew_otel: a write was not confirmed", exc_info=True)
+
+
+class _Candidate:
+    """A write found in tool code, resolved to its object when the call began, and the object's
+    fingerprint then: the write counts only if the object changed by the time the call ended
+    (a write in a branch that did not run changes nothing; nor does ``os.remove(p)``, which
+    looks like a mutating call)."""
+
+    __slots__ = ("before", "label", "name", "namespace", "target")
+
+    def __init__(self, label: str, target: object, name: str | None) -> None:
+        self.label = label
+        self.target = target
+        #: For ``global x; x = ...``: the name rebound in ``target`` (the module's namespace).
+        self.name = name
+        self.namespace = target if name is not None else None
+        self.before: object = (
+            target.get(name, _ABSENT) if name is not None else _fingerprint(target)  # type: ignore[attr-defined]
+        )
+
+    def confirm(self, scope: ToolScope) -> None:
+        if self.name is not None:
+            self._confirm_rebinding(scope)
+        elif isinstance(self.target, os._Environ):
+            self._confirm_environment(scope)
+        elif _fingerprint(self.target) != self.before:
+            target = self.target
+            scope.note((KIND_GLOBAL, id(target)), KIND_GLOBAL, self.label, _class_name(target))
+
+    def _confirm_rebinding(self, scope: ToolScope) -> None:
+        namespace: dict[str, Any] = self.target  # type: ignore[assignment]
+        after = namespace.get(self.name, _ABSENT)  # type: ignore[arg-type]
+        if after is self.before or self.before is None or self.before is _ABSENT:
+            return  # not rebound, or set once (``if client is None: client = make()``)
+        scope.note(
+            (KIND_GLOBAL, id(namespace), self.name),
+            KIND_GLOBAL,
+            self.label,
+            _class_name(after),
+            advice=_REBIND_ADVICE,
+        )
+
+    def _confirm_environment(self, scope: ToolScope) -> None:
+        before: dict[Any, Any] = self.before  # type: ignore[assignment]
+        after = _environment_data(self.target)
+        for key in set(before) | set(after):
+            if before.get(key, _ABSENT) is after.get(key, _ABSENT):
+                continue
+            variable = os.fsdecode(key) if isinstance(key, bytes) else str(key)
+            scope.note(
+                (KIND_GLOBAL, "os.environ", variable),
+                KIND_GLOBAL,
+                f"os.environ[{variable!r}]",
+                "os.environ",
+                noun="environment variable",
+                advice=_ENVIRON_ADVICE,
+            )
+
+
+_ABSENT = object()
+_REBIND_ADVICE = (
+    "tool code rebinds a module global: keep the value per request (pass it in, or return it)"
+)
+_ENVIRON_ADVICE = (
+    "the process has one environment: pass the value to the code that needs it instead of "
+    "setting os.environ from a request"
+)
+#: Items of a container compared from each end (a change in the middle of a large container
+#: that keeps its length is not seen).
+_SAMPLE = 16
+
+
+def _environment_data(environ: object) -> dict[Any, Any]:
+    data = mutations.static_attribute(environ, "_data")
+    return dict(data) if isinstance(data, dict) else {}
+
+
+def _fingerprint(obj: object) -> object:
+    """What changes when ``obj`` is written, cheaply: its length and the identities of the
+    items (keys and values) at both ends; an object's attribute dict for other objects.
+    ``None``: not an object whose changes can be seen (never counted as written)."""
+    if isinstance(obj, os._Environ):
+        return _environment_data(obj)
+    if isinstance(obj, dict) or type(obj) is types.MappingProxyType:
+        return _ends(obj.keys(), obj.values(), len(obj))
+    if isinstance(obj, (list, collections.deque)):
+        return _ends(obj, (), len(obj))
+    if isinstance(obj, set):
+        if len(obj) <= 2 * _SAMPLE:
+            return (len(obj), frozenset(obj))
+        return (len(obj), tuple(map(id, itertools.islice(obj, _SAMPLE))))
+    if isinstance(obj, bytearray):
+        return (len(obj), bytes(obj[:_SAMPLE]), bytes(obj[-_SAMPLE:]))
+    attributes = mutations.static_attribute(obj, "__dict__")
+    if isinstance(attributes, (dict, types.MappingProxyType)):
+        return _ends(attributes.keys(), attributes.values(), len(attributes))
+    return None
+
+
+_CONTAINERS = (dict, list, set, collections.deque)
+
+
+def _item(value: object) -> tuple[int, int]:
+    """An item's identity, and its length if it is a container (``NESTED["a"][k] = v``)."""
+    return (id(value), len(value) if isinstance(value, _CONTAINERS) else -1)
+
+
+def _ends(keys: Any, values: Any, length: int) -> tuple[Any, ...]:
+    if length <= 2 * _SAMPLE:
+        return (length, tuple(map(id, keys)), tuple(map(_item, values)))
+    head = tuple(map(id, itertools.islice(keys, _SAMPLE))) + tuple(
+        map(_item, itertools.islice(values, _SAMPLE))
+    )
+    tail = tuple(map(id, itertools.islice(reversed(keys), _SAMPLE))) + tuple(
+        map(_item, itertools.islice(reversed(values), _SAMPLE))
+    )
+    return (length, head, tail)
 
 
 class SharedStateWatcher:
     """Finds the shared state of tool calls for one instrumentation (see the module doc)."""
 
-    def __init__(self, sharing: SharedInstanceDetector) -> None:
+    def __init__(
+        self, sharing: SharedInstanceDetector, config: CrewOtelConfig | None = None
+    ) -> None:
         #: Where collisions are reported (the same detector as for shared Agents).
         self.sharing = sharing
         self._globals: weakref.WeakKeyDictionary[Any, ToolGlobals] = weakref.WeakKeyDictionary()
         self._writes_lock = threading.Lock()
+        self._ignore = tuple(config.shared_state_ignore) if config is not None else ()
+        self._apps = frozenset(config.app_packages) if config is not None else frozenset()
+        self._ignored: dict[str, bool] = {}
+
+    def ignores(self, label: str) -> bool:
+        """Whether ``label`` matches a ``shared_state_ignore`` name or glob."""
+        if not self._ignore:
+            return False
+        found = self._ignored.get(label)
+        if found is None:
+            found = any(fnmatch.fnmatchcase(label, pattern) for pattern in self._ignore)
+            if len(self._ignored) < _MAX_IGNORED_LABELS:
+                self._ignored[label] = found
+        return found
 
     def new_holdings(self) -> RunHoldings:
         """What a run (or a tool called outside any run) holds; call ``release()`` at its end."""
@@ -171,23 +339,29 @@ class SharedStateWatcher:
         span: Span,
         holdings: RunHoldings,
         ctx: otel_context.Context,
+        at_end: Callable[[Callable[[], None]], None] | None = None,
     ) -> otel_context.Context:
-        """Note what ``tool`` writes and holds; return ``ctx`` with the scope for the hook."""
+        """Note what ``tool`` holds, and resolve what its code writes (confirmed when the
+        call ends: ``at_end`` registers that check); return ``ctx`` with the scope for the
+        file and SQLite wrappers."""
         scope = ToolScope(self, request_id, span, holdings)
         globals_used = self._globals_of(tool)
+        original = internals.TOOL_ORIGINAL_TOOL.read(tool) or tool
         for write in globals_used.writes:
-            target = write.target()
+            target = write.target(original)
             if target is None:
                 continue
             if write.rebinds:
-                key: Hashable = (KIND_GLOBAL, id(target), write.path)
-                class_name = "module"
-            elif isinstance(target, _NOT_STATE):
-                continue  # ``os.remove(p)`` calls a module's function; it changes no state
+                scope.candidates.append(_Candidate(write.label, target, write.path[0]))
+            elif not isinstance(target, _NOT_STATE):
+                candidate = _Candidate(write.label, target, None)
+                if candidate.before is not None:
+                    scope.candidates.append(candidate)
+        if scope.candidates:
+            if at_end is not None:
+                at_end(scope.confirm)
             else:
-                key = (KIND_GLOBAL, id(target))
-                class_name = _class_name(target)
-            scope.note(key, KIND_GLOBAL, write.label, class_name)
+                scope.confirm()
         for label, resource in _held_resources(tool, globals_used):
             scope.note((KIND_RESOURCE, id(resource)), KIND_RESOURCE, label, _class_name(resource))
         return otel_context.set_value(TOOL_STATE_KEY, scope, ctx)
@@ -202,41 +376,50 @@ class SharedStateWatcher:
         except TypeError:
             return _NO_GLOBALS
         if cached is None:
-            cached = tool_globals(function, owner)
+            cached = tool_globals(function, owner, app_packages=self._apps)
             with self._writes_lock:
                 self._globals[cache_key] = cached
         return cached
 
     # --- what the file and SQLite wrappers report -------------------------------------------
     @staticmethod
-    def file_opened(path: object, mode: object, flags: object) -> None:
-        scope = _current_scope()
-        if scope is None or not _is_write(mode, flags) or isinstance(path, int):
+    def file_opened(scope: ToolScope, path: object, mode: object, flags: object) -> None:
+        """Tool code opened ``path`` (not a temporary file: see the wrappers)."""
+        if isinstance(path, int) or not _is_write(mode, flags):
+            return
+        if path in scope.files:
             return
         name = os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
+        scope.files.add(path)
         scope.note((KIND_FILE, name), KIND_FILE, name, "file")
 
     @staticmethod
-    def database_connected(database: str) -> None:
-        scope = _current_scope()
-        if scope is not None and database not in scope.databases:
+    def database_connected(scope: ToolScope, database: str) -> None:
+        """Tool code connected to a SQLite database file: the run holds it (reported only
+        when a request finds it locked, :meth:`database_locked`)."""
+        if database not in scope.databases:
             scope.databases.append(database)
+        scope.hold((KIND_DATABASE, database))
 
-    @staticmethod
-    def database_written(database: str) -> None:
-        scope = _current_scope()
-        if scope is not None:
-            if database not in scope.databases:
-                scope.databases.append(database)
-            scope.note((KIND_DATABASE, database), KIND_DATABASE, database, "sqlite3.Connection")
-
-    @staticmethod
-    def database_locked(ctx: otel_context.Context, span: Span) -> None:
-        """A tool call failed on "database is locked": name the database on its span (the
-        requests holding it in this process are named by the shared-instance events)."""
+    def database_locked(self, ctx: otel_context.Context, span: Span) -> None:
+        """A tool call failed on "database is locked": name the database on its span, and the
+        other requests in flight that connected to it (they contend for its lock)."""
         scope = ctx.get(TOOL_STATE_KEY)
-        if isinstance(scope, ToolScope) and scope.databases and span.is_recording():
-            span.set_attribute(DATABASE_LOCKED, scope.databases[-1])
+        if not isinstance(scope, ToolScope) or not scope.databases:
+            return
+        database = scope.databases[-1]
+        if span.is_recording():
+            span.set_attribute(DATABASE_LOCKED, database)
+        key = (KIND_DATABASE, database)
+        others = [rid for rid in self.sharing.users_of_key(key) if rid != scope.request_id]
+        if others and not self.ignores(database):
+            self.sharing.report_key(
+                key, KIND_DATABASE, scope.request_id, others, span, database, "sqlite3.Connection"
+            )
+
+
+#: Labels whose ignore-list match is remembered (a bound: labels include file paths).
+_MAX_IGNORED_LABELS = 4096
 
 
 def _current_scope() -> ToolScope | None:
@@ -342,114 +525,90 @@ class _Watching:
 
     def __init__(self) -> None:
         self.watcher: SharedStateWatcher | None = None
+        #: The wrappers on the openers (installed once per process while instrumented).
+        self.hooks = HookSet("shared state")
 
 
 def _traced_open(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """``open``/``io.open``: note a file opened for writing by tool code."""
+    """``open``/``io.open``: note a file opened for writing by tool code. With an ``opener``
+    (``tempfile``'s files) the first argument need not be the path written: the opener's own
+    ``os.open`` is seen instead."""
     result = wrapped(*args, **kwargs)
-    if _WATCHING.watcher is not None and otel_context.get_value(TOOL_STATE_KEY) is not None:
-        try:
-            path = args[0] if args else kwargs.get("file")
-            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
-            SharedStateWatcher.file_opened(path, mode, None)
-        except Exception:
-            _logger.debug("crew_otel: file write not noted", exc_info=True)
+    if _WATCHING.watcher is not None:
+        scope = otel_context.get_value(TOOL_STATE_KEY)
+        if scope is not None and len(args) <= _OPENER_POSITION and kwargs.get("opener") is None:
+            try:
+                path = args[0] if args else kwargs.get("file")
+                mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+                SharedStateWatcher.file_opened(scope, path, mode, None)  # type: ignore[arg-type]
+            except Exception:
+                _logger.debug("crew_otel: file write not noted", exc_info=True)
     return result
+
+
+#: Where ``open`` takes ``opener`` positionally (file, mode, buffering, encoding, errors,
+#: newline, closefd, opener).
+_OPENER_POSITION = 7
+#: ``os.open(directory, O_TMPFILE)``: an unnamed file in that directory, never shared.
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 
 def _traced_os_open(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """``os.open``: note a path opened with write flags by tool code."""
+    """``os.open``: note a path opened with write flags by tool code (not an unnamed
+    ``O_TMPFILE`` file: its path is a directory)."""
     result = wrapped(*args, **kwargs)
-    if _WATCHING.watcher is not None and otel_context.get_value(TOOL_STATE_KEY) is not None:
-        try:
-            path = args[0] if args else kwargs.get("path")
-            flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
-            SharedStateWatcher.file_opened(path, None, flags)
-        except Exception:
-            _logger.debug("crew_otel: file write not noted", exc_info=True)
+    if _WATCHING.watcher is not None:
+        scope = otel_context.get_value(TOOL_STATE_KEY)
+        if scope is not None:
+            try:
+                path = args[0] if args else kwargs.get("path")
+                flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
+                if not (_O_TMPFILE and isinstance(flags, int) and flags & _O_TMPFILE == _O_TMPFILE):
+                    SharedStateWatcher.file_opened(scope, path, None, flags)  # type: ignore[arg-type]
+            except Exception:
+                _logger.debug("crew_otel: file write not noted", exc_info=True)
     return result
 
 
 def _traced_connect(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """``sqlite3.connect``: the connection as made; one that only its own thread may use gets
-    a trace callback that notes writes made by tool code (the ``sqlite3.connect/handle`` audit
-    event comes before the connection is set up, too early to set one).
+    """``sqlite3.connect``: tool code connecting to a database file holds it for its run.
 
-    A connection that threads may share (``check_same_thread=False``) never gets one: SQLite
-    calls a trace callback holding the connection's mutex, the callback needs the GIL, and
-    another thread that holds the GIL while it waits for that mutex (CPython binds parameters
-    and resets statements without releasing the GIL) never gets it: the process freezes. Such a
-    connection, used by the tool code of two requests, is named as a ``resource`` instead.
-    Nor does a connection made by the application's own ``factory`` (see :func:`_may_trace`).
+    Nothing is set on the connection: no trace callback (SQLite calls one holding the
+    connection's mutex, and with a Python callback on a connection threads share CPython can
+    freeze; an application's own callback would be replaced), and no statement is watched. A
+    database is reported only when a request finds it locked while other requests hold it
+    (:meth:`SharedStateWatcher.database_locked`); a connection object that the tool code of
+    two requests uses is named as a ``resource``.
     """
     connection = wrapped(*args, **kwargs)
     if _WATCHING.watcher is not None:
-        try:
-            if _may_trace(args, kwargs):
-                _trace_writes(connection, args[0] if args else kwargs.get("database"))
-        except Exception:
-            _logger.debug("crew_otel: SQLite connection not watched", exc_info=True)
+        scope = otel_context.get_value(TOOL_STATE_KEY)
+        if scope is not None:
+            try:
+                database = _database_path(args[0] if args else kwargs.get("database"))
+                if database is not None:
+                    SharedStateWatcher.database_connected(scope, database)  # type: ignore[arg-type]
+            except Exception:
+                _logger.debug("crew_otel: SQLite connection not noted", exc_info=True)
     return connection
 
 
-#: Where ``sqlite3.connect`` takes these positionally (database, timeout, detect_types,
-#: isolation_level, check_same_thread, factory, ...).
-_CHECK_SAME_THREAD_POSITION = 4
-_FACTORY_POSITION = 5
-
-
-def _may_trace(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether crew_otel may set its trace callback on the connection being made.
-
-    Only where no deadlock is possible and no callback of the application's is lost: the
-    connection can be used by its own thread only (sqlite3 raises ``ProgrammingError`` in any
-    other, so no other thread can wait for its mutex), it is not a shared-cache database (whose
-    locks connections share), and it was not made by a connection factory of the application's
-    (which may set its own trace callback, for SQL logging: it is kept).
-    """
-
-    def argument(position: int, name: str, default: object) -> object:
-        return args[position] if len(args) > position else kwargs.get(name, default)
-
-    check_same_thread = argument(_CHECK_SAME_THREAD_POSITION, "check_same_thread", True)
-    if check_same_thread is not True and check_same_thread != 1:
-        return False
-    if argument(_FACTORY_POSITION, "factory", None) not in (None, sqlite3.Connection):
-        return False
-    database = args[0] if args else kwargs.get("database")
-    name = os.fsdecode(database) if isinstance(database, (str, bytes, os.PathLike)) else ""
-    return "cache=shared" not in name
-
-
-def _trace_writes(connection: Any, database: object) -> None:
-    """Note writes on ``connection`` made by tool code (the callback checks the context)."""
+def _database_path(database: object) -> str | None:
+    """The absolute path of a database file (``None`` for an in-memory database)."""
     if not isinstance(database, (str, bytes, os.PathLike)):
-        return
+        return None
     name = os.fsdecode(database)
     if name in _MEMORY_DATABASES or name.startswith("file::memory:") or "mode=memory" in name:
-        return
+        return None
     if name.startswith("file:"):
         name = name[len("file:") :].split("?", 1)[0]
-    path = os.path.abspath(name)
-    SharedStateWatcher.database_connected(path)
-
-    def on_statement(statement: str) -> None:
-        if _WATCHING.watcher is None or otel_context.get_value(TOOL_STATE_KEY) is None:
-            return
-        try:
-            if statement.lstrip()[:8].upper().startswith(_READ_STATEMENTS):
-                return
-            SharedStateWatcher.database_written(path)
-        except Exception:
-            _logger.debug("crew_otel: SQLite write not noted", exc_info=True)
-
-    connection.set_trace_callback(on_statement)
+    return os.path.abspath(name)
 
 
 _WATCHING = _Watching()
@@ -464,54 +623,29 @@ _WRAPPED: tuple[tuple[str, str, Callable[..., Any]], ...] = (
 
 
 def activate(watcher: SharedStateWatcher) -> None:
-    """Make ``watcher`` see file opens and SQLite writes: wraps ``open``, ``io.open``,
+    """Make ``watcher`` see file opens and SQLite connections: wraps ``open``, ``io.open``,
     ``os.open`` and ``sqlite3.connect`` (outside tool calls the wrappers add one context
     look-up to the call). Another library's wrapper there stays, inside crew_otel's."""
     _WATCHING.watcher = watcher
     for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
-        current = getattr(module, name, None)
-        if current is not None and not _holds_ours(current, wrapper):
-            setattr(module, name, wrapt.FunctionWrapper(current, wrapper))
+        if module is not None:
+            _WATCHING.hooks.wrap(module, name, wrapper, key=f"{module_name}.{name}")
 
 
 def deactivate(watcher: SharedStateWatcher) -> None:
-    """Restore the wrapped functions (connections opened meanwhile keep a trace callback that
-    returns at once). A function that another library wrapped after crew_otel keeps that
-    wrapper, and crew_otel's inside it calls straight through from now on."""
+    """Restore the wrapped functions. A function that another library wrapped after crew_otel
+    keeps that wrapper, and crew_otel's inside it calls straight through from now on (and
+    comes back to life at the next ``activate``, instead of being wrapped twice)."""
     if _WATCHING.watcher is not watcher:
         return
     _WATCHING.watcher = None
-    for module_name, name, wrapper in _WRAPPED:
-        module = sys.modules.get(module_name)
-        current = getattr(module, name, None)
-        if _is_ours(current, wrapper):
-            setattr(module, name, current.__wrapped__)  # type: ignore[union-attr]
-        elif current is not None and _holds_ours(current, wrapper):
-            _logger.debug(
-                "crew_otel: %s.%s was wrapped again after crew_otel; its wrapper stays (inert)",
-                module_name,
-                name,
-            )
+    _WATCHING.hooks.remove_all()
 
 
-def _is_ours(function: object, wrapper: Callable[..., Any]) -> bool:
-    return (
-        isinstance(function, wrapt.FunctionWrapper)
-        and internals.WRAPT_WRAPPER.read(function) is wrapper
-    )
-
-
-def _holds_ours(function: object, wrapper: Callable[..., Any]) -> bool:
-    """Whether ``function`` is crew_otel's ``wrapper`` or wraps it (another library wrapped
-    it after crew_otel), following a bounded chain of ``__wrapped__``."""
-    for _ in range(16):
-        if function is None:
-            return False
-        if _is_ours(function, wrapper):
-            return True
-        function = getattr(function, "__wrapped__", None)
-    return False
+def installed_hooks() -> tuple[Hook, ...]:
+    """The openers wrapped now (for ``crew-otel doctor``)."""
+    return _WATCHING.hooks.hooks()
 
 
 def is_locked_database_error(exc: BaseException) -> bool:

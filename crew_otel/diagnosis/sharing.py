@@ -66,8 +66,9 @@ _ADVICE: dict[str, str] = {
     Kind.GLOBAL: "tool code keeps state in a module or class: keep it per request (pass it in, "
     "or build the tool in a function that creates its state)",
     Kind.FILE: "give each request its own path (tempfile.mkstemp, or the request ID in the name)",
-    Kind.DATABASE: "write per-request rows in one transaction, or give each request its own "
-    "database; SQLite serialises writers",
+    Kind.DATABASE: "SQLite lets one writer in at a time: open connections with a busy timeout "
+    "(sqlite3.connect(path, timeout=30)), keep write transactions short, or give each request "
+    "its own database",
     Kind.RESOURCE: "open the connection, session or file per request (or per call), not once "
     "for every tool",
     Kind.MEMORY: "build the Memory (and its storage) per request, or give each request its own "
@@ -75,6 +76,23 @@ _ADVICE: dict[str, str] = {
     Kind.KNOWLEDGE: "build knowledge sources and their storage per request, or query one store "
     "from one request at a time",
 }
+
+#: What a thing named by a key is called in a warning, by kind (``global`` adds its type).
+_NOUNS: dict[str, str] = {
+    Kind.FILE: "file",
+    Kind.DATABASE: "SQLite database",
+}
+
+
+def _noun(kind: str, class_name: str) -> str:
+    """``file``, ``SQLite database``, ``global dict``, ``resource Connection``: never the kind
+    twice ("file file")."""
+    noun = _NOUNS.get(kind)
+    if noun is not None:
+        return noun
+    short = class_name.rsplit(".", 1)[-1]
+    return kind.replace("_", " ") if short == kind else f"{kind.replace('_', ' ')} {short}"
+
 
 MAX_OTHER_IDS = 8
 #: Things named by a key (paths, globals) warned about once each; beyond this many, again.
@@ -133,15 +151,45 @@ class SharedInstanceDetector:
         span: Span,
         label: str,
         class_name: str,
+        noun: str | None = None,
+        advice: str | None = None,
     ) -> Usage:
         """:meth:`enter` for a thing that is not one object: a file path, a database, a global
-        (``key`` identifies it; ``label`` names it, ``class_name`` says what it is)."""
+        (``key`` identifies it; ``label`` names it, ``class_name`` says what it is; ``noun`` and
+        ``advice`` word the warning when the kind's defaults do not fit the shape)."""
         usage, others = self._enter(key, request_id)
         if others:
-            self._report(kind, request_id, others, span, label, class_name)
-            if self._first_key_warning(kind, key):
-                self._warn(kind, class_name.rsplit(".", 1)[-1], label, request_id, others)
+            self.report_key(key, kind, request_id, others, span, label, class_name, noun, advice)
         return usage
+
+    def hold_key(self, key: Hashable, request_id: str) -> Usage:
+        """Note that ``request_id`` uses ``key`` without reporting anything: a thing that is
+        shared only when requests contend for it (a SQLite database), see :meth:`report_key`."""
+        return self._enter(key, request_id)[0]
+
+    def users_of_key(self, key: Hashable) -> list[str]:
+        """Request IDs holding ``key`` right now."""
+        with self._lock:
+            return list(self._in_use.get(key, ()))
+
+    def report_key(
+        self,
+        key: Hashable,
+        kind: str,
+        request_id: str,
+        others: list[str],
+        span: Span,
+        label: str,
+        class_name: str,
+        noun: str | None = None,
+        advice: str | None = None,
+    ) -> None:
+        """Event, flag and counter on ``span`` for ``key``, and a warning once per thing
+        (``noun`` names what it is in the warning, ``advice`` what to change)."""
+        self._report(kind, request_id, others, span, label, class_name)
+        if self._first_key_warning(kind, key):
+            what = noun if noun is not None else _noun(str(kind), class_name)
+            self._warn_text(what, label, request_id, others, advice or _ADVICE.get(kind, ""))
 
     def _enter(self, key: Hashable, request_id: str) -> tuple[Usage, list[str]]:
         with self._lock:
@@ -245,14 +293,23 @@ class SharedInstanceDetector:
 
     @staticmethod
     def _warn(kind: str, what: str, label: str, request_id: str, others: list[str]) -> None:
+        SharedInstanceDetector._warn_text(
+            f"{kind.replace('_', ' ')} {what}",
+            label,
+            request_id,
+            others,
+            _ADVICE.get(kind, "build it per request"),
+        )
+
+    @staticmethod
+    def _warn_text(what: str, label: str, request_id: str, others: list[str], advice: str) -> None:
         _logger.warning(
-            "crew_otel: %s %s %r is used by request %s while request(s) %s use it: %s.",
-            kind.replace("_", " "),
+            "crew_otel: %s %r is used by request %s while request(s) %s use it: %s.",
             what,
             label,
             request_id,
             ", ".join(sorted(others)[:MAX_OTHER_IDS]),
-            _ADVICE.get(kind, "build it per request"),
+            advice,
         )
 
     def _first_warning(self, obj: object, kind: str) -> bool:

@@ -5,7 +5,11 @@
   :class:`EmbeddingsCallState` (an :class:`~crew_otel.wrappers.llm.LlmCallState`) in the
   context, so its HTTP attempts are nested under it and a failed attempt (a 429, a 500) is the
   error's origin, as for chat. The input tokens come from the SDK's response
-  (:class:`EmbeddingsUsageObserver`).
+  (:class:`EmbeddingsUsageObserver`). When a provider SDK instrumentation hooks the openai
+  SDK's embeddings call the embedder makes (see :mod:`crew_otel.coexistence`), its span is
+  the embeddings span: crew_otel's is then ``crewai.embeddings {model}`` (INTERNAL, no
+  ``gen_ai.*``), still the parent of the SDK call and its HTTP attempts, and the
+  ``gen_ai.client.*`` points are left to the provider instrumentation when it records them.
 * the GenAI conventions' memory operations (span name = ``gen_ai.operation.name``):
   ``search_memory`` (``Memory.recall``; ``arecall`` delegates to it) and ``upsert_memory``
   (``Memory._encode_batch``: the encoding of one batch, for ``remember`` and for the background
@@ -39,6 +43,7 @@ from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes, internals, semconv
 from crew_otel.attributes import Operation
+from crew_otel.coexistence import ProviderInstrumentations, deferred_attributes
 from crew_otel.context import ATTEMPT_KEY, LLM_CALL_KEY
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.runtime import Runtime
@@ -76,17 +81,23 @@ def embeddings_model(embedder: Any) -> str:
     return attributes.DEFAULT_MODEL_NAME
 
 
-def _client_max_retries(embedder: Any) -> int:
-    max_retries = getattr(getattr(embedder, "client", None), "max_retries", None)
+def _client_max_retries(client: Any) -> int:
+    """The SDK's HTTP retry budget of an embedding function's client."""
+    max_retries = getattr(client, "max_retries", None)
     if not isinstance(max_retries, int) or isinstance(max_retries, bool):
         return DEFAULT_SDK_MAX_RETRIES
     return max_retries
 
 
 class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
-    """One ``embeddings {model}`` CLIENT span per call of an embedding function."""
+    """One ``embeddings {model}`` CLIENT span per call of an embedding function (or
+    ``crewai.embeddings {model}`` beside a provider SDK instrumentation)."""
 
     operation = Operation.EMBEDDINGS
+
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
+        super().__init__(runtime, is_async=is_async)
+        self._provider_instrumentations = ProviderInstrumentations()
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -103,13 +114,24 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
             attributes.GEN_AI_PROVIDER_NAME: provider,
             attributes.GEN_AI_REQUEST_MODEL: model,
         }
-        span = self.tracer.start_span(
-            attributes.span_name(attributes.SPAN_EMBEDDINGS, model),
-            context=ctx,
-            kind=SpanKind.CLIENT,
-            attributes=attrs,
+        client = getattr(instance, "client", None)
+        deferral = (
+            self._provider_instrumentations.embeddings_deferral_for(client)
+            if self.config.defer_to_provider_instrumentation
+            else None
         )
-        state = EmbeddingsCallState(span, provider, model, _client_max_retries(instance), False)
+        name, kind = attributes.SPAN_EMBEDDINGS, SpanKind.CLIENT
+        if deferral is not None:
+            # The provider instrumentation's span under this one is the embeddings span.
+            attrs = deferred_attributes(attrs, deferral)
+            name, kind = attributes.SPAN_EMBEDDINGS_CALL, SpanKind.INTERNAL
+        span = self.tracer.start_span(
+            attributes.span_name(name, model), context=ctx, kind=kind, attributes=attrs
+        )
+        state = EmbeddingsCallState(span, provider, model, _client_max_retries(client), False)
+        if deferral is not None:
+            state.deferred = True
+            state.record_metrics = not deferral.records_metrics
         call = Call(
             span,
             otel_context.set_value(LLM_CALL_KEY, state, trace.set_span_in_context(span, ctx)),
@@ -119,7 +141,7 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
 
     def succeed(self, call: Call[EmbeddingsCallState], result: Any) -> Any:
         state = call.data
-        if state.input_tokens is None:
+        if state.input_tokens is None or not state.record_metrics:
             return result
         metrics = self.runtime.metrics
         if metrics.inference_tokens is not None:
@@ -139,7 +161,9 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
         # A failed last HTTP attempt is the origin; otherwise decide by the exception chain.
         return ErrorRecording(origin=False if call.data.last_http_failed else None)
 
-    def duration_point(self, call: Call[EmbeddingsCallState]) -> DurationPoint:
+    def duration_point(self, call: Call[EmbeddingsCallState]) -> DurationPoint | None:
+        if not call.data.record_metrics:
+            return None  # the provider instrumentation records gen_ai.client.* points
         return DurationPoint(self.runtime.metrics.operation_duration, _metric_attributes(call.data))
 
 
@@ -154,13 +178,15 @@ def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
 class EmbeddingsUsageObserver(Observer):
     """The OpenAI SDK's ``Embeddings.create`` -> the embeddings span in progress (nothing
     outside one): where it sends (``server.*``), the encoding and dimensions asked, and from
-    the response the model, the embeddings' dimensions and the input tokens."""
+    the response the model, the embeddings' dimensions and the input tokens. Beside a provider
+    instrumentation (a deferred call) only the input tokens are kept, for the points crew_otel
+    records when the provider instrumentation records none: its span has the rest."""
 
     def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         state = otel_context.get_value(LLM_CALL_KEY)
         if not isinstance(state, EmbeddingsCallState):
             return None
-        if state.span.is_recording():
+        if not state.deferred and state.span.is_recording():
             attrs = attributes.server_attributes(
                 getattr(getattr(instance, "_client", None), "base_url", None)
             )
@@ -179,9 +205,10 @@ class EmbeddingsUsageObserver(Observer):
         tokens = getattr(getattr(result, "usage", None), "prompt_tokens", None)
         if isinstance(tokens, int) and not isinstance(tokens, bool):
             observed.input_tokens = (observed.input_tokens or 0) + tokens
-            observed.span.set_attribute(attributes.GEN_AI_USAGE_INPUT_TOKENS, observed.input_tokens)
-        if not observed.span.is_recording():
+        if observed.deferred or not observed.span.is_recording():
             return
+        if observed.input_tokens is not None:
+            observed.span.set_attribute(attributes.GEN_AI_USAGE_INPUT_TOKENS, observed.input_tokens)
         model = getattr(result, "model", None)
         if isinstance(model, str) and model:
             observed.span.set_attribute(

@@ -1,0 +1,1 @@
+"""Tool-code shapes for the shared-state detector's corpus (see ``shapes.py``)."""
