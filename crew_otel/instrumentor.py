@@ -35,7 +35,7 @@ from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.hook_kinds import Layer, Source, Status
-from crew_otel.hookset import HookSet
+from crew_otel.hookset import Hook, HookSet
 from crew_otel.http import (
     HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
@@ -140,6 +140,12 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def reports(self) -> list[HookReport]:
         """What happened to each hook at the last ``instrument()``."""
         return list(self._reports)
+
+    def replaced_functions(self) -> list[tuple[str, Hook]]:
+        """Every function crew_otel has replaced in this process now, with the component that
+        replaced it: the plan's hooks, the shared-state watcher's openers."""
+        sets: list[HookSet] = [self._hooks, shared_state.hook_set()]
+        return [(hook_set.name, hook) for hook_set in sets for hook in hook_set.hooks()]
 
     # --- install -------------------------------------------------------------------------
     def _instrument(self, **kwargs: Any) -> None:

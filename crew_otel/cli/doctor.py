@@ -97,6 +97,19 @@ def _hook_table(title: str, rows: list[PlanRow] | list[HookReport]) -> Table:
     return table
 
 
+def replaced_functions_table() -> Table:
+    """Every function crew_otel replaced in this process, whether its wrapper is still the one
+    in place (another library may have wrapped it since)."""
+    table = Table(title="Functions crew_otel replaced in this process", show_header=True)
+    table.add_column("by")
+    table.add_column("function", overflow="fold")
+    table.add_column("state")
+    for component, hook in CrewAIInstrumentor().replaced_functions():
+        state = "in place" if hook.in_place else "wrapped again by another library"
+        table.add_row(component, hook.where, state)
+    return table
+
+
 def _import_crewai() -> None:
     """Import crewai as the application does before ``instrument()`` (the plan imports nothing)."""
     with contextlib.suppress(Exception):
@@ -142,6 +155,7 @@ def run(console: Console) -> int:
     reports = installed_hooks()
     if reports is not None:
         console.print(_hook_table("Hooks installed by instrument() in this process", reports))
+        console.print(replaced_functions_table())
     console.print(span_export_report(export.live_processors()))
     console.print(internals_table(internal_statuses()))
     return 0 if supported else 1

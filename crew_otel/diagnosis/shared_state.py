@@ -66,7 +66,7 @@ from crew_otel.diagnosis.sharing import (
     KIND_RESOURCE,
     SharedInstanceDetector,
 )
-from crew_otel.hookset import Hook, HookSet
+from crew_otel.hookset import HookSet
 
 _logger = logging.getLogger("crew_otel")
 
@@ -643,9 +643,9 @@ def deactivate(watcher: SharedStateWatcher) -> None:
     _WATCHING.hooks.remove_all()
 
 
-def installed_hooks() -> tuple[Hook, ...]:
-    """The openers wrapped now (for ``crew-otel doctor``)."""
-    return _WATCHING.hooks.hooks()
+def hook_set() -> HookSet:
+    """The wrappers on the openers (``crew-otel doctor`` lists them)."""
+    return _WATCHING.hooks
 
 
 def is_locked_database_error(exc: BaseException) -> bool:
