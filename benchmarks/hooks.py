@@ -330,9 +330,89 @@ def smoke(seconds: float = 0.03) -> dict[str, Any]:
     return results
 
 
+#: Suffix of the window that replays a hook's spans with the bare SDK (see ``floor_replay``).
+FLOOR_SUFFIX = " / SDK floor"
+
+
+def captured_spans(pipeline: common.Pipeline, ctx: Any, call: Callable[[], Any]) -> list[Any]:
+    """The finished spans one ``call`` exports, in its steady state (after one call: an agent
+    step ends the step before it); the exporter is intercepted for that call only."""
+    from opentelemetry import context as otel_context
+
+    exporter = pipeline.span_exporter
+    seen: list[Any] = []
+    success = exporter.export([])  # nothing to encode: the exporter's success value
+
+    def keep(spans: Any) -> Any:
+        seen.extend(spans)
+        return success
+
+    token = otel_context.attach(ctx) if ctx is not None else None
+    try:
+        call()
+        pipeline.flush()
+        exporter.export = keep  # an instance attribute over the method, removed below
+        call()
+        pipeline.flush()
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+        exporter.__dict__.pop("export", None)
+    return seen
+
+
+def floor_replay(tracer: Any, spans: list[Any]) -> Callable[[], None]:
+    """A call that makes the same spans with the bare SDK: same names, kinds, attributes (the
+    request span processor's included), events and status, in the same parent context, and no
+    crew_otel code. What the SDK itself costs for what a hook records: the irreducible part."""
+    from opentelemetry.trace import Status
+
+    plan = [
+        (
+            span.name,
+            span.kind,
+            dict(span.attributes or {}),
+            [(event.name, dict(event.attributes or {})) for event in span.events],
+            Status(span.status.status_code, span.status.description),
+        )
+        for span in spans
+    ]
+
+    def replay() -> None:
+        for name, kind, attributes, events, status in plan:
+            span = tracer.start_span(name, kind=kind, attributes=attributes)
+            for event_name, event_attributes in events:
+                span.add_event(event_name, event_attributes)
+            if status.status_code.value:
+                span.set_status(status)
+            span.end()
+
+    return replay
+
+
+#: The window of one duration point recorded with the bare SDK (see ``histogram_point``).
+HISTOGRAM_POINT = "SDK histogram point"
+
+
+def histogram_point(pipeline: common.Pipeline) -> tuple[Any, Callable[[], None]]:
+    """One point into an SDK histogram with a workflow name attribute, inside a sampled span's
+    context (so the SDK's default exemplar filter takes an exemplar), as each of crew_otel's
+    duration metrics records per call: the context and the call."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    histogram = pipeline.meter_provider.get_meter("benchmark").create_histogram("duration", "s")
+    span = pipeline.tracer_provider.get_tracer("benchmark").start_span("parent")
+    ctx = trace.set_span_in_context(span, otel_context.Context())
+    attributes = {"gen_ai.workflow.name": "research"}
+    return ctx, lambda: histogram.record(0.25, attributes)
+
+
 def instruction_windows(calls: int) -> dict[str, Any]:
     """Each benchmark's ``calls`` calls (and the span flush after them) as a callgrind window
-    of its own, dumped under the benchmark's name, after a warm-up of ``calls`` calls.
+    of its own, dumped under the benchmark's name, after a warm-up of ``calls`` calls. Each
+    hook is followed by its SDK floor (``name + FLOOR_SUFFIX``): its spans replayed with the
+    bare SDK on a pipeline without crew_otel's span processor (:func:`floor_replay`).
 
     Run under ``valgrind --tool=callgrind --instr-atstart=no`` (:mod:`benchmarks.instructions`
     does); outside Valgrind it only makes the calls.
@@ -342,8 +422,19 @@ def instruction_windows(calls: int) -> dict[str, Any]:
     from benchmarks import callgrind
 
     fixtures = Fixtures()
+    floor_tracer = fixtures.floor_pipeline.tracer_provider.get_tracer("benchmark")
+    for name in HOOKS:
+        pipeline, ctx, call = fixtures.calls[name]
+        assert pipeline is not None
+        hook_spans = captured_spans(pipeline, ctx, call)
+        fixtures.calls[name + FLOOR_SUFFIX] = (
+            fixtures.floor_pipeline,
+            ctx,
+            floor_replay(floor_tracer, hook_spans),
+        )
+    fixtures.calls[HISTOGRAM_POINT] = (None, *histogram_point(fixtures.floor_pipeline))
     spans = {}
-    for name in NAMES:
+    for name in (*NAMES, *(hook + FLOOR_SUFFIX for hook in HOOKS), HISTOGRAM_POINT):
         pipeline, ctx, call = fixtures.calls[name]
         token = otel_context.attach(ctx) if ctx is not None else None
         try:

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks import common
+from benchmarks.hooks import FLOOR_SUFFIX, HISTOGRAM_POINT, HOOKS
 from benchmarks.hooks import NAMES as _HOOK_NAMES
 from benchmarks.worker import EXPORT_SUFFIX
 
@@ -351,9 +352,8 @@ def _hooks(bench: Any, scratch: str) -> dict[str, Any]:
         raise RuntimeError(f"benchmarks.hooks --callgrind failed:\n{completed.stderr[-2000:]}")
     reply = json.loads(completed.stdout.strip().splitlines()[-1])
     dumps = {d.get("trigger"): d for d in read_dumps(out_file)}
-    per_call = {
-        name: dumps[name]["instructions"] / HOOK_CALLS for name in dumps if name in _HOOK_NAMES
-    }
+    names = (*_HOOK_NAMES, *(hook + FLOOR_SUFFIX for hook in HOOKS), HISTOGRAM_POINT)
+    per_call = {name: dumps[name]["instructions"] / HOOK_CALLS for name in dumps if name in names}
     bare = per_call.get("bare call", 0.0)
     hooks = {
         name: {
@@ -362,12 +362,39 @@ def _hooks(bench: Any, scratch: str) -> dict[str, Any]:
             "spans_per_call": reply["spans_per_call"].get(name, 0.0),
         }
         for name, value in per_call.items()
+        if not name.endswith(FLOOR_SUFFIX) and name != HISTOGRAM_POINT
     }
     bench.log(
         "instructions per hook call (k, net of a plain call): "
         + ", ".join(f"{n} {h['net_per_call'] / 1e3:.0f}" for n, h in hooks.items())
     )
-    return {"calls": HOOK_CALLS, "per_hook": hooks}
+    return {
+        "calls": HOOK_CALLS,
+        "per_hook": hooks,
+        "breakdown": hook_breakdown(per_call),
+        "histogram_point": per_call.get(HISTOGRAM_POINT, 0.0) - per_call.get("bare call", 0.0),
+    }
+
+
+def hook_breakdown(per_call: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each hook's instructions per call split into wrapt (its pass-through wrapper, net of a
+    plain call), the SDK floor (the same spans made by the bare SDK, export included) and
+    crew_otel's own (the rest: its Python, context attach/detach and its metric points)."""
+    bare = per_call.get("bare call", 0.0)
+    wrapt = per_call.get("wrapt pass-through", bare) - bare
+    result = {}
+    for hook in HOOKS:
+        floor = per_call.get(hook + FLOOR_SUFFIX)
+        total = per_call.get(hook)
+        if floor is None or total is None:
+            continue
+        result[hook] = {
+            "net_per_call": total - bare,
+            "wrapt": wrapt,
+            "sdk_floor": floor,
+            "crew_otel": total - bare - wrapt - floor,
+        }
+    return result
 
 
 def _valgrind_version() -> str | None:

@@ -867,6 +867,12 @@ class Bench:
     def instructions(self) -> dict[str, Any]:
         from benchmarks import instructions
 
+        if shutil.which("valgrind") is None:
+            self.skipped["instructions"] = (
+                "valgrind is not installed (Debian/Ubuntu: `apt-get install valgrind`)"
+            )
+            self.log(f"instructions: {self.skipped['instructions']}; skipped")
+            return {}
         return instructions.measure(self)
 
 

@@ -143,8 +143,11 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def replaced_functions(self) -> list[tuple[str, Hook]]:
         """Every function crew_otel has replaced in this process now, with the component that
-        replaced it: the plan's hooks, the shared-state watcher's openers."""
+        replaced it: the plan's hooks, the thread hooks, the shared-state watcher's openers."""
         sets: list[HookSet] = [self._hooks, shared_state.hook_set()]
+        thread_hooks = self._thread_hooks
+        if thread_hooks is not None:
+            sets.append(thread_hooks.hook_set)
         return [(hook_set.name, hook) for hook_set in sets for hook in hook_set.hooks()]
 
     # --- install -------------------------------------------------------------------------

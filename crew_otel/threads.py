@@ -29,7 +29,7 @@ context a new thread (or ``Timer``) gets:
 from __future__ import annotations
 
 import collections
-import dataclasses
+import contextvars
 import functools
 import logging
 import queue
@@ -44,6 +44,7 @@ from opentelemetry.context.context import Context
 
 from crew_otel import internals
 from crew_otel.context import RunScope, innermost_run
+from crew_otel.hookset import HookSet
 from crew_otel.safety import safe_call
 
 if TYPE_CHECKING:
@@ -458,17 +459,64 @@ def _run_in(
         otel_context.detach(token)
 
 
+class CopiedContextSubmitHook:
+    """Around the threading instrumentation's ``ThreadPoolExecutor.submit`` hook: work that
+    already runs in a copy of the submitter's context goes to the pool without it.
+
+    ``asyncio.to_thread`` (and ``loop.run_in_executor`` of a ``contextvars.copy_context().run``)
+    submit ``functools.partial(ctx.run, func, ...)``, where ``ctx`` was copied from the
+    submitter's context just before: the call runs in it, whatever context the pool's thread had.
+    The instrumentation's attach and detach of the submitter's context around it change nothing
+    the call sees, and CrewAI submits every agent-executor step that way (about 60 per kickoff
+    of a 2-task crew). Other submissions go through the instrumentation as before.
+    """
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if self.active and args and runs_in_copied_context(args[0]):
+            below = getattr(wrapped, "__wrapped__", None)  # the instrumentation's original
+            if below is not None:
+                return below(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+
+_Context_run = contextvars.Context.run
+
+
+def runs_in_copied_context(fn: object) -> bool:
+    """Whether ``fn`` is ``functools.partial(ctx.run, ...)`` for a ``contextvars.Context``."""
+    if type(fn) is not functools.partial:
+        return False
+    run = fn.func
+    return (
+        type(getattr(run, "__self__", None)) is contextvars.Context
+        and getattr(run, "__name__", None) == _Context_run.__name__
+    )
+
+
+def _threading_instrumentation_submit() -> Any:
+    """``ThreadPoolExecutor.submit`` if it is the threading instrumentation's wrapper, else None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    submit = ThreadPoolExecutor.__dict__.get("submit")
+    hook = internals.WRAPT_WRAPPER.read(submit)
+    if isinstance(submit, wrapt.FunctionWrapper) and getattr(hook, "__module__", None) == (
+        "opentelemetry.instrumentation.threading"
+    ):
+        return submit
+    return None
+
+
 #: A hook: it passes through once ``active`` is false.
-_Hook = ThreadStartHook | PoolSubmitHook | QueueHooks
-
-
-@dataclasses.dataclass
-class _Installed:
-    owner: Any
-    name: str
-    original: Any
-    wrapper: Any
-    hook: _Hook
+_Hook = ThreadStartHook | PoolSubmitHook | QueueHooks | CopiedContextSubmitHook
 
 
 class ThreadContextHooks:
@@ -480,7 +528,10 @@ class ThreadContextHooks:
 
     def __init__(self, instrumentation: Any = None) -> None:
         self._instrumentation = instrumentation
-        self._installed: list[_Installed] = []
+        #: The functions these hooks replaced (``crew-otel doctor`` lists them).
+        self.hook_set = HookSet("threads")
+        #: The hooks installed, switched off (``active = False``) at removal.
+        self._hooks: list[_Hook] = []
         self._timer_had_start = True
         self._lock = threading.Lock()
         self._active = False
@@ -501,6 +552,11 @@ class ThreadContextHooks:
             self._timer_had_start = "start" in threading.Timer.__dict__
             self._instrumentation.instrument(tracer_provider=tracer_provider)
         self._active = True
+        if _threading_instrumentation_submit() is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            submit_hook = CopiedContextSubmitHook()
+            safe_call(self._wrap, ThreadPoolExecutor, "submit", submit_hook, default=None)
         start_hook = ThreadStartHook(self._hook_pools, self._hook_queues)
         safe_call(self._wrap, threading.Thread, "start", start_hook, default=None)
         if "start" in threading.Timer.__dict__:
@@ -548,16 +604,15 @@ class ThreadContextHooks:
     ) -> None:
         """Replace ``owner.name`` with ``build(original)``, by default a wrapt wrapper calling
         ``hook``; either passes through once ``hook.active`` is false."""
-        original = owner.__dict__.get(name)
-        if not callable(original):
-            _logger.debug("crew_otel: %s.%s not found; not hooked", owner.__name__, name)
-            return
+        key = f"{owner.__name__}.{name}"
         if build is None:
-            wrapper: Any = wrapt.FunctionWrapper(original, cast(Callable[..., Any], hook))
+            installed = self.hook_set.wrap(owner, name, cast(Callable[..., Any], hook), key=key)
         else:
-            wrapper = build(original)
-        setattr(owner, name, wrapper)
-        self._installed.append(_Installed(owner, name, original, wrapper, hook))
+            installed = self.hook_set.replace(owner, name, build, key=key)
+        if installed is None:
+            _logger.debug("crew_otel: %s not found or already hooked; not hooked", key)
+            return
+        self._hooks.append(hook)
 
     def uninstall(self) -> None:
         """Restore every original; a hook someone wrapped on top of stays, passing through.
@@ -566,17 +621,10 @@ class ThreadContextHooks:
         """
         with self._lock:
             self._active = False
-            installed, self._installed = self._installed, []
-        for item in reversed(installed):
-            item.hook.active = False
-            if item.owner.__dict__.get(item.name) is item.wrapper:
-                setattr(item.owner, item.name, item.original)
-            else:
-                _logger.debug(
-                    "crew_otel: %s.%s was re-wrapped by another library",
-                    item.owner.__name__,
-                    item.name,
-                )
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook.active = False
+        self.hook_set.remove_all()
         instrumentation, self._instrumentation = self._instrumentation, None
         if instrumentation is None:
             return

@@ -103,6 +103,7 @@ def test_doctor_lists_every_function_crew_otel_replaced(otel_tracer_provider: An
         crew_otel.uninstrument()
     assert "crewai.crew.Crew.kickoff " in listing
     assert "builtins.open" in listing  # the shared-state watcher's openers
+    assert "threading.Thread.start" in listing  # the thread hooks
     assert "wrapped again" not in listing
     after = Console(record=True, width=400, color_system=None)
     after.print(doctor.replaced_functions_table())

@@ -56,8 +56,7 @@ _detach = otel_context.detach
 _perf = time.perf_counter
 #: The innermost instrumented call in a context (its children register with it).
 _CALL_KEY = otel_context.create_key("crew_otel.call")
-#: Guards the parent/child counts and the end flags of every Call (held for a few operations).
-_tree_lock = threading.Lock()
+_new_lock = threading.Lock
 
 #: A wrapper's own state for one call (``Call.data``).
 T = TypeVar("T")
@@ -77,6 +76,7 @@ class Call(Generic[T]):
         "_end_ns",
         "_finished",
         "_holds",
+        "_lock",
         "borrowed",
         "ctx",
         "data",
@@ -114,6 +114,9 @@ class Call(Generic[T]):
         self._holds = 0
         #: When the call ended, for a span kept open only by a hold (its end time).
         self._end_ns: int | None = None
+        #: Guards this call's end flags and its counts of children and holds (held for a few
+        #: operations; a lock per call, so concurrent runs never wait for each other).
+        self._lock = _new_lock()
 
     @property
     def elapsed(self) -> float:
@@ -142,7 +145,7 @@ class Call(Generic[T]):
 
     def add_closer_unless_ended(self, fn: Callable[[], None]) -> bool:
         """:meth:`add_closer`, from any thread, unless the call has already ended (False)."""
-        with _tree_lock:
+        with self._lock:
             if self._done:
                 return False
             self.add_closer(fn)
@@ -154,13 +157,13 @@ class Call(Generic[T]):
         For a failure whose outcome is known only later (see ``ErrorRecording.unsettled``);
         the span then ends with the time the call ended.
         """
-        with _tree_lock:
+        with self._lock:
             self._holds += 1
         released = False
 
         def release() -> None:
             nonlocal released
-            with _tree_lock:
+            with self._lock:
                 if released:
                     return
                 released = True
@@ -171,8 +174,11 @@ class Call(Generic[T]):
 
     def adopt(self, parent: Call[Any] | None) -> None:
         """Make ``parent`` finish only after this call (if it has not finished yet)."""
-        with _tree_lock:
-            if parent is None or parent is self or parent._finished:
+        if parent is None or parent is self:
+            self.parent = None
+            return
+        with parent._lock:
+            if parent._finished:
                 self.parent = None
                 return
             parent._children += 1
@@ -182,7 +188,7 @@ class Call(Generic[T]):
         """End the call, once: run its closers now; finish it (cleanups, then the span) once
         no call started under it is still running.
         """
-        with _tree_lock:
+        with self._lock:
             if self._done:
                 return
             self._done = True
@@ -196,7 +202,7 @@ class Call(Generic[T]):
     def _finish(self) -> None:
         call: Call[Any] | None = self
         while call is not None:
-            with _tree_lock:
+            with call._lock:
                 if not call._done or call._children or call._holds or call._finished:
                     return
                 call._finished = True
@@ -207,7 +213,7 @@ class Call(Generic[T]):
             if not call.borrowed:
                 call.span.end(end_time=call._end_ns)
             if parent is not None:
-                with _tree_lock:
+                with parent._lock:
                     parent._children -= 1
             call = parent
 
