@@ -28,7 +28,7 @@ REQUEST_ID_KEY = otel_context.create_key("crew_otel.request_id")
 
 KICKOFF_KEY = otel_context.create_key("crew_otel.kickoff")
 """Context key of the innermost active kickoff (``wrappers.kickoff.ActiveKickoff``; its
-``lifetime`` is the run's :class:`RunScope`)."""
+``run`` is the run's :class:`RunScope`)."""
 
 ATTEMPT_KEY = otel_context.create_key("crew_otel.agent_attempt")
 """Context key of the innermost agent execution attempt (its step tracker)."""
@@ -60,7 +60,7 @@ _ENTERED: contextvars.ContextVar[tuple[tuple[int, object, RequestScope], ...]] =
 class RunScope:
     """The extent of one run: the one definition of "the run has ended".
 
-    A run is a kickoff (its lifetime, ``wrappers.kickoff.KickoffLifetime``, ends when the
+    A run is a kickoff (it ends when the kickoff's call, ``wrappers.kickoff``, finishes: when the
     kickoff's last work is over, whatever its span: a sampled-out or non-SDK span ends nothing)
     or one entry of :class:`request` outside any kickoff (it ends when the ``with`` exits).
     ``ended`` turns true once, from the run itself. What a thread carries for the run
@@ -113,7 +113,7 @@ class RequestScope(RunScope):
 
 def innermost_run(ctx: Mapping[str, object]) -> RunScope | None:
     """The run ``ctx`` belongs to: the innermost kickoff's, else the innermost request scope's."""
-    run = getattr(ctx.get(KICKOFF_KEY), "lifetime", None)
+    run = getattr(ctx.get(KICKOFF_KEY), "run", None)
     if isinstance(run, RunScope):
         return run
     scope = ctx.get(REQUEST_SCOPE_KEY)

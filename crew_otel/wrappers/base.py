@@ -71,9 +71,11 @@ class Call(Generic[T]):
 
     __slots__ = (
         "__weakref__",
+        "_adopted",
         "_children",
         "_done",
         "_end_ns",
+        "_extensions",
         "_finished",
         "_holds",
         "_lock",
@@ -98,7 +100,8 @@ class Call(Generic[T]):
         #: Set by ``succeed`` when something else (a stream) will end the span later.
         self.deferred = False
         #: The span belongs to an outer call (a tool's own ``run`` inside its dispatcher's
-        #: span): ending this call runs its cleanups but leaves the span to its owner.
+        #: span, an entry point delegating to another of the same object): ending this call
+        #: runs its cleanups but leaves the span, and its duration, to its owner.
         self.borrowed = False
         #: error.type of the call's failure once recorded (for its duration point).
         self.error_type: str | None = None
@@ -109,9 +112,13 @@ class Call(Generic[T]):
         self.on_end: list[Callable[[], None]] | None = None
         self._done = False
         self._finished = False
+        #: ``parent`` counts this call among its children (:meth:`adopt`).
+        self._adopted = False
         self._children = 0
         #: Pending failures that keep the span open (:meth:`hold`).
         self._holds = 0
+        #: Holders that extend the call past its end (:meth:`hold` with ``extends``).
+        self._extensions = 0
         #: When the call ended, for a span kept open only by a hold (its end time).
         self._end_ns: int | None = None
         #: Guards this call's end flags and its counts of children and holds (held for a few
@@ -151,14 +158,19 @@ class Call(Generic[T]):
             self.add_closer(fn)
         return True
 
-    def hold(self) -> Callable[[], None]:
+    def hold(self, *, extends: bool = False) -> Callable[[], None]:
         """Keep the span open after the call ends, until the returned release runs (once).
 
-        For a failure whose outcome is known only later (see ``ErrorRecording.unsettled``);
-        the span then ends with the time the call ended.
+        By default for a failure whose outcome is known only later (see
+        ``ErrorRecording.unsettled``): the span then ends with the time the call ended. With
+        ``extends``, the call itself goes on after its function returned (a kickoff's stream,
+        iterated by its caller): it finishes when the last such holder lets go.
         """
         with self._lock:
-            self._holds += 1
+            if extends:
+                self._extensions += 1
+            else:
+                self._holds += 1
         released = False
 
         def release() -> None:
@@ -167,13 +179,24 @@ class Call(Generic[T]):
                 if released:
                     return
                 released = True
-                self._holds -= 1
+                if extends:
+                    self._extensions -= 1
+                    self._note_end_time()
+                else:
+                    self._holds -= 1
             self._finish()
 
         return release
 
+    @property
+    def finished(self) -> bool:
+        """The call is over: its cleanups ran and its span ended (or was left to its owner)."""
+        return self._finished
+
     def adopt(self, parent: Call[Any] | None) -> None:
-        """Make ``parent`` finish only after this call (if it has not finished yet)."""
+        """Make ``parent`` finish only after this call (if it has not finished yet); once."""
+        if self._adopted and parent is self.parent:
+            return
         if parent is None or parent is self:
             self.parent = None
             return
@@ -183,6 +206,7 @@ class Call(Generic[T]):
                 return
             parent._children += 1
             self.parent = parent
+            self._adopted = True
 
     def end(self) -> None:
         """End the call, once: run its closers now; finish it (cleanups, then the span) once
@@ -192,18 +216,29 @@ class Call(Generic[T]):
             if self._done:
                 return
             self._done = True
-            if self._holds and not self._children:
-                self._end_ns = time.time_ns()
+            self._note_end_time()
         if self.on_close is not None:
             for fn in self.on_close:
                 safe_call(fn, default=None)
         self._finish()
 
+    def _note_end_time(self) -> None:
+        """Under the lock: the call is over but for pending failures, so its span ends now
+        whenever those settle."""
+        if self._done and self._holds and not self._children and not self._extensions:
+            self._end_ns = time.time_ns()
+
     def _finish(self) -> None:
         call: Call[Any] | None = self
         while call is not None:
             with call._lock:
-                if not call._done or call._children or call._holds or call._finished:
+                if (
+                    not call._done
+                    or call._children
+                    or call._holds
+                    or call._extensions
+                    or call._finished
+                ):
                     return
                 call._finished = True
                 parent, call.parent = call.parent, None
@@ -253,12 +288,6 @@ class DurationPoint(NamedTuple):
     attributes: dict[str, AttributeValue]
 
 
-class Cleanups(Protocol):
-    """What runs cleanups when it is over (a :class:`Call`, a kickoff's lifetime)."""
-
-    def add_cleanup(self, fn: Callable[[], None]) -> None: ...
-
-
 class SpanWrapper(Generic[T]):
     """Base class of the wrapper classes: one instance per target, no global state.
 
@@ -267,6 +296,9 @@ class SpanWrapper(Generic[T]):
 
     #: Value of crew_otel.origin.operation when a span of this wrapper is an error origin.
     operation: Operation
+    #: The call's duration is recorded when it finishes (its work and holders done: a
+    #: kickoff's run), not when its function returns or raises.
+    duration_at_finish = False
 
     def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
         self.runtime = runtime
@@ -345,8 +377,9 @@ class SpanWrapper(Generic[T]):
     def record_duration(self, call: Call[T]) -> None:
         """Record the call's duration point, with the ``error.type`` of its failure if any.
 
-        The base records it when the call returns or raises, unless the span is borrowed:
-        then its owner records it when the span ends (a kickoff's lifetime).
+        The base records it when the call returns or raises, unless the span is borrowed (its
+        owner's duration) or the wrapper records it when the call finishes
+        (:attr:`duration_at_finish`).
         """
         point = self.duration_point(call)
         if point is None:
@@ -362,7 +395,7 @@ class SpanWrapper(Generic[T]):
         kind: Kind,
         instance: object,
         label: str,
-        until: Cleanups | None = None,
+        until: Call[Any] | None = None,
     ) -> Usage | None:
         """Shared-instance detection: the call's request uses ``instance`` until the call (or
         ``until``) is over; the span is flagged if another request uses it meanwhile.
@@ -454,7 +487,7 @@ class SpanWrapper(Generic[T]):
     def _end_succeeded(self, call: Call[T], result: Any) -> Any:
         """Record the call's result and duration; end it unless ``succeed`` deferred that."""
         result = safe_call(self.succeed, call, result, default=result)
-        if not call.borrowed:
+        if not call.borrowed and not self.duration_at_finish:
             safe_call(self.record_duration, call, default=None)
         if not call.deferred:
             call.end()
@@ -463,7 +496,7 @@ class SpanWrapper(Generic[T]):
     def _end_failed(self, call: Call[T], exc: BaseException) -> None:
         """Record the call's exception and duration, and end it (never raises)."""
         safe_call(self.fail, call, exc, default=None)
-        if not call.borrowed:
+        if not call.borrowed and not self.duration_at_finish:
             safe_call(self.record_duration, call, default=None)
         call.end()
 
@@ -488,12 +521,11 @@ def _link(call: Call[Any]) -> bool:
     The parent is the one ``begin`` named, else the call current where this one started, if
     that call's span is this span's parent (a span started elsewhere is not waited for). A call
     on the current call's own span (a tool's ``run`` inside its dispatcher, an entry point
-    delegating to another of the same object) is neither.
+    delegating to another of the same object) is neither, unless ``begin`` adopted it.
     """
     current = otel_context.get_value(_CALL_KEY)
     if isinstance(current, Call) and current.span is call.span:
-        call.parent = None
-        return True
+        return True  # ``begin`` may have made it the span owner's work (``Call.adopt``)
     parent = call.parent
     if parent is None and isinstance(current, Call):
         parent_ctx = getattr(call.span, "parent", None)

@@ -7,13 +7,17 @@ that an entry point delegates to on the *same* object (``kickoff_async`` -> ``ki
 kickoffs of other objects inside a run (``kickoff_for_each``'s copies, a crew inside a flow)
 nest as child spans with the same request ID.
 
-A kickoff ends when its run ends, which may be after the entry point returned or raised
-(:class:`KickoffLifetime`): a streaming kickoff's run happens while the caller iterates (or after
-it stopped iterating), and a caller that stops waiting (``asyncio.wait_for`` timing out on
-``kickoff_async``) leaves the worker thread running the kickoff. The span, the count in flight,
-the duration and the shared-instance bookkeeping end with the run's work, never before the
-kickoffs nested in it; a cancelled caller is an event on the span
-(``crew_otel.kickoff.caller_cancelled``).
+A kickoff is an ordinary :class:`~crew_otel.wrappers.base.Call` that ends when its run ends,
+which may be after the entry point returned or raised: a streaming kickoff's run happens while
+the caller iterates (the stream holds the call open, ``Call.hold(extends=True)``), and a caller
+that stops waiting (``asyncio.wait_for`` timing out on ``kickoff_async``) leaves the worker
+thread running the kickoff (the delegated entry point there is the kickoff call's child). The
+span, the count in flight, the duration and the shared-instance bookkeeping end with the run's
+work, never before the kickoffs nested in it (children too); a cancelled caller is an event on
+the span (``crew_otel.kickoff.caller_cancelled``). Once the work a stream started is over, the
+stream can yield nothing more of the run and lets go too: an abandoned stream ends with its run,
+not when the garbage collector gets to it. A stream never iterated never started a run; it ends
+when it is closed or collected.
 
 An agent kicked off right under a guardrail evaluation's span (CrewAI's ``Guardrail Agent`` of
 an LLM guardrail) is part of that evaluation, not a workflow: no ``invoke_workflow`` span and no
@@ -66,12 +70,17 @@ class ActiveKickoff:
 
     __slots__ = (
         "__weakref__",
+        "_lock",
+        "_release_stream",
+        "_work",
+        "call",
         "cancel_noted",
         "error_type",
         "failure_noted",
         "holdings",
         "instance_key",
-        "lifetime",
+        "nested",
+        "run",
         "span",
         "start",
         "task_attempts",
@@ -81,17 +90,24 @@ class ActiveKickoff:
     )
 
     def __init__(
-        self,
-        instance_key: int,
-        span: trace.Span,
-        workflow: str,
-        entrypoint: str,
-        lifetime: KickoffLifetime,
+        self, instance_key: int, span: trace.Span, workflow: str, entrypoint: str, nested: bool
     ) -> None:
         self.instance_key = instance_key
         self.span = span
         self.workflow = workflow
-        self.lifetime = lifetime
+        #: The kickoff's call (set once it exists): it finishes when the run's work is over.
+        self.call: Call[KickoffData] | None = None
+        #: The run: ``ended`` turns true when the kickoff's call finishes, whether or not its
+        #: span records anything, and the threads the run started let go of it then.
+        self.run = RunScope()
+        #: The kickoff runs inside another kickoff's run.
+        self.nested = nested
+        self._lock = threading.Lock()
+        #: Pieces of work for this kickoff running elsewhere (delegated entry points, nested
+        #: kickoffs): while any runs, a cancelled caller does not decide the outcome.
+        self._work = 0
+        #: Lets go of the kickoff's call once its stream is over (``None``: no stream).
+        self._release_stream: Callable[[], None] | None = None
         #: error.type of the run's failure (for the duration metric), None while it succeeds.
         self.error_type: str | None = None
         self.cancel_noted = False
@@ -115,107 +131,53 @@ class ActiveKickoff:
         self.span.set_attribute(attributes.QUEUE_WAIT, wait)
         runtime.metrics.queue_wait.record(wait, {attributes.GEN_AI_WORKFLOW_NAME: self.workflow})
 
-
-class KickoffLifetime(RunScope):
-    """Ends a kickoff (span, count in flight, duration) when the last thing holding it lets go.
-
-    The holders: the entry point's call until it returns or raises; the streaming output it
-    returned until that stream is over; the work running for it elsewhere (the worker thread's
-    ``kickoff`` behind ``kickoff_async`` or behind a stream, and kickoffs nested in the run). A
-    caller that stops waiting (a cancellation, ``wait_for``'s timeout) lets go, but the kickoff
-    stays open while its work goes on. Once the work that a stream started is over, the stream
-    can yield nothing more of the run and lets go too: an abandoned stream ends with its run,
-    not when the garbage collector gets to it. A stream never iterated never started a run; it
-    ends when it is closed or collected.
-
-    It is the run's :class:`~crew_otel.context.RunScope`: ``ended`` turns true then, whether or
-    not the kickoff's span records anything, and the threads the run started let go of it.
-    """
-
-    __slots__ = (
-        "_cleanups",
-        "_finish",
-        "_holders",
-        "_lock",
-        "_stream",
-        "_work",
-        "parent",
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        self._holders = 1  # the entry point's call
-        self._work = 0
-        self._stream = False
-        self._finish: Callable[[], None] | None = None
-        self._cleanups: list[Callable[[], None]] = []
-        #: The lifetime of the run this kickoff is nested in (held until this one ends).
-        self.parent: KickoffLifetime | None = None
-
-    def on_end(self, finish: Callable[[], None]) -> None:
-        """What ending the kickoff does (set once, before anything is released)."""
-        self._finish = finish
-
-    def add_cleanup(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` when the kickoff ends (see :meth:`run_cleanups`)."""
-        self._cleanups.append(fn)
-
-    def run_cleanups(self) -> None:
-        """Release what the kickoff held (each through safe_call, in the order added)."""
-        for fn in self._cleanups:
-            safe_call(fn, default=None)
-
     @property
     def work_in_flight(self) -> int:
         """How many pieces of work for this kickoff are running right now."""
         return self._work
 
-    def hold_work(self) -> bool:
-        """Work for this kickoff starts; False if the kickoff already ended."""
+    def start_work(self, work: Call[Any]) -> bool:
+        """``work`` runs for this kickoff: the kickoff's call finishes only after it. False if
+        the kickoff is over already."""
+        call = self.call
+        if call is None:
+            return False
+        work.adopt(call)
+        if work.parent is not call:
+            return False
         with self._lock:
-            if self.ended:
-                return False
-            self._holders += 1
             self._work += 1
-            return True
+        work.add_cleanup(self._work_done)
+        return True
 
-    def release_work(self) -> None:
-        self._release(work=True)
-
-    def hold_stream(self) -> None:
-        """The call returned a stream that keeps the kickoff open until the stream is over."""
+    def _work_done(self) -> None:
         with self._lock:
-            if not self.ended and not self._stream:
-                self._stream = True
-                self._holders += 1
+            self._work -= 1
+            release = None
+            if self._work == 0:
+                # the run is over: its stream yields nothing more
+                release, self._release_stream = self._release_stream, None
+        if release is not None:
+            release()
+
+    def hold_stream(self, stream: object) -> None:
+        """The call returned a stream that keeps the kickoff open until the stream is over
+        (or collected, never iterated)."""
+        call = self.call
+        if call is None:
+            return
+        with self._lock:
+            if self._release_stream is not None:
+                return
+            self._release_stream = call.hold(extends=True)
+        weakref.finalize(stream, self.release_stream)
 
     def release_stream(self) -> None:
-        self._release(stream=True)
-
-    def release_call(self) -> None:
-        self._release()
-
-    def _release(self, *, work: bool = False, stream: bool = False) -> None:
-        """A holder lets go; the last one ends the kickoff (once)."""
+        """The stream is over: it no longer holds the kickoff open."""
         with self._lock:
-            if stream and not self._stream:
-                return
-            self._holders -= 1
-            if stream:
-                self._stream = False
-            if work:
-                self._work -= 1
-                if self._work == 0 and self._stream:
-                    self._stream = False  # the run is over: its stream yields nothing more
-                    self._holders -= 1
-            if self._holders > 0 or self.ended:
-                return
-            self.ended = True
-            finish, self._finish = self._finish, None
-        self.end()  # before the span ends: threads bound to the run let go of it first
-        if finish is not None:
-            finish()
+            release, self._release_stream = self._release_stream, None
+        if release is not None:
+            release()
 
 
 class _Delegated:
@@ -262,13 +224,14 @@ class _KickoffStream:
     def stream_done(self) -> None:
         record = _record_of(self.call)
         if record is not None:
-            record.lifetime.release_stream()
+            record.release_stream()
 
 
 class KickoffWrapper(SpanWrapper[KickoffData]):
     """One ``invoke_workflow {name}`` span per kickoff, for every entry point."""
 
     operation = Operation.INVOKE_WORKFLOW
+    duration_at_finish = True
 
     def __init__(
         self, runtime: Runtime, entrypoint: str, kind: Kind, *, is_async: bool = False
@@ -298,14 +261,15 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
             context=ctx,
             attributes=self._attributes(instance, name, args, kwargs),
         )
-        call, record = self._start(instance, span, name, ctx)
+        call, record = self._start(instance, span, name, ctx, nested=active is not None)
         if self.kind == Kind.AGENT:
             self._open_agent_scope(call, instance)
         if self.kind != Kind.FLOW:
-            self.track_instance(call, self.kind, instance, name, until=record.lifetime)
+            self.track_instance(call, self.kind, instance, name)
         self._hold_shared_state(record)
-        self._join_run(record, active)
+        self._join_run(call, record, active)
         self._mark_run(record, ctx, kwargs.get("inputs", args[0] if args else None))
+        call.add_cleanup(lambda: self._finish(call, record))
         return call
 
     def _mark_run(self, record: ActiveKickoff, ctx: otel_context.Context, inputs: Any) -> None:
@@ -315,7 +279,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         request_id = ctx.get(REQUEST_ID_KEY)
         if crosstalk is not None and isinstance(request_id, str):
             end = crosstalk.start_run(request_id, inputs, record.span, record.workflow)
-            record.lifetime.add_cleanup(end)
+            _call_of(record).add_cleanup(end)
 
     def _attributes(
         self, instance: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -334,18 +298,16 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         return attrs
 
     def _start(
-        self, instance: Any, span: trace.Span, name: str, ctx: otel_context.Context
+        self, instance: Any, span: trace.Span, name: str, ctx: otel_context.Context, nested: bool
     ) -> tuple[Call[KickoffData], ActiveKickoff]:
-        """The kickoff's call and record. Its span and what the kickoff counts belong to its
-        lifetime, which may outlast the call (a stream, a caller that stopped waiting while the
-        worker thread goes on)."""
-        lifetime = KickoffLifetime()
-        record = ActiveKickoff(id(instance), span, name, self.entrypoint, lifetime)
+        """The kickoff's call and record. The call may outlast its function (a stream, a
+        caller that stopped waiting while the worker thread goes on): it finishes, ending the
+        run first, when its work is over."""
+        record = ActiveKickoff(id(instance), span, name, self.entrypoint, nested)
         call_ctx = otel_context.set_value(KICKOFF_KEY, record, trace.set_span_in_context(span, ctx))
         call: Call[KickoffData] = Call(span, call_ctx, record)
-        call.borrowed = True
-        lifetime.on_end(lambda: self._finish(call, record))
-        call.add_cleanup(lifetime.release_call)
+        record.call = call
+        call.add_cleanup(record.run.end)  # first: threads bound to the run let go of it
         return call, record
 
     def _guardrail_agent(
@@ -370,20 +332,21 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         """The shared state the run's tool code touches is the run's until the kickoff ends."""
         if self.config.detect_shared_instances:
             record.holdings = self.runtime.shared_state.new_holdings()
-            record.lifetime.add_cleanup(record.holdings.release)
+            _call_of(record).add_cleanup(record.holdings.release)
 
-    def _join_run(self, record: ActiveKickoff, active: ActiveKickoff | None) -> None:
+    def _join_run(
+        self, call: Call[KickoffData], record: ActiveKickoff, active: ActiveKickoff | None
+    ) -> None:
         """A top-level kickoff starts a run: it keeps the run's error marks and counts in
-        flight. A kickoff nested in a run holds the run's kickoff open until it ends."""
+        flight. A kickoff nested in a run is that run's work until it finishes."""
         if active is not None:
-            if active.lifetime.hold_work():
-                record.lifetime.parent = active.lifetime
+            active.start_work(call)
             return
-        record.lifetime.add_cleanup(self.runtime.errors.hold_run(record.span, record))
+        call.add_cleanup(self.runtime.errors.hold_run(record.span, record))
         metrics = self.runtime.metrics
         name = record.workflow
         in_flight = metrics.kickoff_started(name)
-        record.lifetime.add_cleanup(lambda: metrics.kickoff_ended(name))
+        call.add_cleanup(lambda: metrics.kickoff_ended(name))
         record.span.set_attribute(attributes.KICKOFFS_IN_FLIGHT, in_flight)
 
     def _delegated(
@@ -396,12 +359,9 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         """
         if not active.wait_recorded and not active.wants_first_step_wait:
             active.record_wait(self.runtime)
-        if not active.lifetime.hold_work():
-            return None
         call: Call[KickoffData] = Call(active.span, ctx, _Delegated(active))
         call.borrowed = True
-        call.add_cleanup(active.lifetime.release_work)
-        return call
+        return call if active.start_work(call) else None
 
     def succeed(self, call: Call[KickoffData], result: Any) -> Any:
         record = call.data
@@ -419,9 +379,8 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         if is_streaming_output(result) and trace_stream(
             result, call.ctx, _KickoffStream(self, call)
         ):
-            record.lifetime.hold_stream()
             # A stream never iterated starts no run: it ends when it is collected (or closed).
-            weakref.finalize(result, record.lifetime.release_stream)
+            record.hold_stream(result)
         return result
 
     def error_recording(self, call: Call[KickoffData], exc: BaseException) -> ErrorRecording | None:
@@ -433,7 +392,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
             if not record.cancel_noted:
                 record.cancel_noted = True
                 call.span.add_event(attributes.EVENT_CALLER_CANCELLED)
-            if not isinstance(call.data, _Delegated) and record.lifetime.work_in_flight:
+            if not isinstance(call.data, _Delegated) and record.work_in_flight:
                 return None  # the caller stopped waiting; the work goes on
         return RECORD
 
@@ -443,7 +402,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
             return
         if record.error_type is None:
             record.error_type = call.error_type
-        if not record.failure_noted and record.lifetime.parent is None:
+        if not record.failure_noted and not record.nested:
             record.failure_noted = True
             self._note_failure(record, exc)
 
@@ -476,14 +435,16 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         )
 
     def _finish(self, call: Call[KickoffData], record: ActiveKickoff) -> None:
-        """The kickoff's real end: its counts, its duration, its span, then its parent's hold."""
-        lifetime = record.lifetime
-        lifetime.run_cleanups()
+        """The kickoff's duration, when its run is over (the call's last cleanup; its span
+        ends next)."""
         call.error_type = record.error_type  # the run's first failure, also a delegated call's
-        safe_call(self.record_duration, call, default=None)
-        call.span.end()
-        if lifetime.parent is not None:
-            lifetime.parent.release_work()
+        self.record_duration(call)
+
+
+def _call_of(record: ActiveKickoff) -> Call[KickoffData]:
+    call = record.call
+    assert call is not None  # set by _start, before anything asks
+    return call
 
 
 def _delegates_to_itself(active: ActiveKickoff, instance: Any, ctx: otel_context.Context) -> bool:
