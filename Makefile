@@ -1,7 +1,14 @@
 # crew-otel: `make demo` runs the offline demo, `make test` runs everything CI runs.
 PYTHON ?= python3
-# Extra pytest arguments for unit and test-lowest (e.g. a marker selection).
+# Extra pytest arguments for unit, test-lowest and test-pythons (e.g. a marker selection).
 SELECT ?=
+# pytest-xdist: one worker per core and one more (some tests mostly wait: CrewAI's 60 s RPM
+# sleep, worker processes starting); a file's tests stay on one worker (some start servers once
+# per module).
+XDIST ?= -n $(shell echo $$(( $$(nproc) + 1 ))) --dist loadfile
+# The other interpreters the package claims (3.11 is the default one): the Python-sensitive
+# tests run on each (scripts/find-python.sh finds them).
+OTHER_PYTHONS ?= 3.10 3.12 3.13
 VENV ?= .venv
 LOWEST_VENV ?= .venv-lowest
 OPENAI3_VENV ?= .venv-openai3
@@ -17,8 +24,8 @@ WARM_UP = -c "import crew_otel.testing.crews as c; c.prepare_offline_environment
 # The lowest supported versions: CrewAI 1.12 (and the OpenTelemetry 1.34 it pins).
 LOWEST_PINS = "crewai==1.12.2" "opentelemetry-sdk==1.34.1" "opentelemetry-api==1.34.1"
 
-.PHONY: demo test setup setup-lowest setup-openai3 setup-coexist lint typecheck unit unit-core unit-apps \
-	test-lowest test-openai3 test-coexist test-packaging slow-latest slow-lowest bench clean
+.PHONY: demo test setup setup-lowest setup-openai3 setup-coexist setup-pythons lint typecheck unit \
+	test-lowest test-openai3 test-coexist test-pythons test-packaging load bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,22 +46,12 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# `unit` runs in two processes: the files that start applications in subprocesses (README
-# snippets, the CLI and demo, opentelemetry-instrument, worker pools, a live Prometheus) and
-# the rest.
-UNIT_APP_FILES = tests/test_readme.py tests/test_cli.py tests/test_compat.py \
-	tests/test_process_lifecycle.py tests/test_prometheus_live.py
-
-unit: unit-core unit-apps
-
-unit-core: setup
+# `unit`: every test file but the coexistence set and the built wheel, on the latest versions,
+# spread over the cores by pytest-xdist.
+unit: setup
 	./scripts/system-deps.sh
-	$(VENV)/bin/python -m pytest -q --durations=10 --ignore=tests/test_coexistence.py \
-		$(addprefix --ignore=,$(UNIT_APP_FILES)) $(SELECT)
-
-unit-apps: setup
-	./scripts/system-deps.sh
-	$(VENV)/bin/python -m pytest -q --durations=10 $(UNIT_APP_FILES) $(SELECT)
+	$(VENV)/bin/python -m pytest -q $(XDIST) --durations=15 --ignore=tests/test_coexistence.py \
+		--ignore=tests/test_packaging.py $(SELECT)
 
 $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PYTHON) -m venv $(LOWEST_VENV)
@@ -64,24 +61,11 @@ $(LOWEST_VENV)/.installed: pyproject.toml $(VENV)/.installed
 
 setup-lowest: $(LOWEST_VENV)/.installed
 
-# Everything that depends on the CrewAI or OpenTelemetry version; the version-independent files
-# (static assets, benchmark results, report rendering, bytecode analysis, README snippets, the
-# built wheel, alert delivery, the trace file, the pytest plugin, hostile inputs to crew_otel's
-# own renderers and request scopes, thread hand-off, series bounds, import-time hooks, ports)
-# run once, in `unit`. Of the slow tests, the lowest versions run the load test (the
-# worker-process and Celery tests run on the latest).
-LOWEST_SKIP = --ignore=tests/test_assets.py --ignore=tests/test_benchmark_results.py \
-	--ignore=tests/test_report_shared_state.py --ignore=tests/test_mutations.py \
-	--ignore=tests/test_readme.py --ignore=tests/test_packaging.py \
-	--ignore=tests/test_assets_faults.py --ignore=tests/test_alerting.py \
-	--ignore=tests/test_report_truth.py --ignore=tests/test_trace_file.py \
-	--ignore=tests/test_coexistence.py --ignore=tests/test_plugin.py \
-	--ignore=tests/test_bad_input.py --ignore=tests/test_request_scope.py \
-	--ignore=tests/test_threads.py --ignore=tests/test_bounded_state.py \
-	--ignore=tests/test_startup.py --ignore=tests/test_ports.py
-
+# The tests that depend on the CrewAI or OpenTelemetry version (tests/conftest.py lists them:
+# the hooks into CrewAI's internals and what they record) but the slow one (CrewAI's 60 s
+# RPM sleep); the rest runs once, in `unit`.
 test-lowest: setup-lowest
-	$(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_SKIP) $(SELECT)
+	$(LOWEST_VENV)/bin/python -m pytest -q $(XDIST) --versions=crewai -m "not slow" $(SELECT)
 
 # openai 3.x talks to providers through httpx2 (crewai pins openai 2.x; this checks both paths).
 $(OPENAI3_VENV)/.installed: pyproject.toml $(VENV)/.installed
@@ -121,30 +105,47 @@ test-coexist: $(COEXIST_VENV)/.installed
 test-packaging: setup
 	$(VENV)/bin/python -m pytest -q --durations=5 tests/test_packaging.py
 
-# The environments are independent: set them up and test them in parallel (each
-# suite's output is printed whole when it ends). The slow tests (the load test: 300 concurrent
-# runs against a provider in its own process; worker processes, Celery, alert delivery) run
-# afterwards, beside the built-wheel checks.
+# The Python-sensitive tests (bytecode and AST analysis, threads, context) on each of
+# OTHER_PYTHONS, in .venv-py3.X with the `test` extra.
+PYTHON_VENVS = $(foreach version,$(OTHER_PYTHONS),.venv-py$(version)/.installed)
+.venv-py%/.installed: pyproject.toml $(VENV)/.installed
+	$(UV) venv -q --allow-existing --python "$$(./scripts/find-python.sh $*)" .venv-py$*
+	$(UV) pip install -q --python .venv-py$*/bin/python -e ".[test]"
+	.venv-py$*/bin/python $(WARM_UP)
+	touch $@
+
+setup-pythons: $(PYTHON_VENVS)
+
+test-pythons: $(PYTHON_VENVS)
+	@failed=""; for version in $(OTHER_PYTHONS); do \
+		echo "--- Python $$version"; \
+		.venv-py$$version/bin/python -m pytest -q $(XDIST) --versions=python $(SELECT) \
+			|| failed="$$failed $$version"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "failed on Python$$failed"; exit 1; fi
+
+# Every environment is set up side by side (mostly downloads), then the suites run one after the
+# other, each spread over the cores by pytest-xdist, and the built-wheel checks (mostly
+# waiting for PyPI) beside them.
 test:
 	./scripts/system-deps.sh
-	$(MAKE) --no-print-directory -j4 --output-sync=target setup setup-lowest setup-openai3 \
-		setup-coexist
-	$(MAKE) --no-print-directory lint typecheck
-	$(MAKE) --no-print-directory -k -j4 --output-sync=target unit-core unit-apps test-lowest \
-		test-openai3 test-coexist SELECT='-m "not slow" --ignore=tests/test_packaging.py'
-	$(MAKE) --no-print-directory -k -j3 --output-sync=target test-packaging \
-		slow-latest slow-lowest
+	$(MAKE) --no-print-directory setup
+	$(MAKE) --no-print-directory -j4 --output-sync=target setup-lowest setup-openai3 \
+		setup-coexist setup-pythons lint typecheck
+	$(MAKE) --no-print-directory -k -j2 --output-sync=target test-packaging suites
 
-# The slow tests (the load test, worker processes, Celery, alert delivery) on the latest
-# versions; on the lowest, the load test.
-slow-latest: setup
-	$(VENV)/bin/python -m pytest -q --durations=10 -m slow --ignore=tests/test_packaging.py
+.PHONY: suites
+suites:
+	$(MAKE) --no-print-directory -k unit test-lowest test-openai3 test-coexist test-pythons
 
-slow-lowest: setup-lowest
-	$(LOWEST_VENV)/bin/python -m pytest -q -m slow tests/test_load.py
+# The random-fault load (300 concurrent runs, a provider in its own process): a benchmark of
+# robustness, not part of `make test` (tests/test_load.py).
+load: setup
+	$(VENV)/bin/python -m pytest -q -m load tests/test_load.py
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) $(OPENAI3_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(OPENAI3_VENV) $(COEXIST_VENV) .venv-py3.* .pytest_cache \
+		.mypy_cache .ruff_cache

@@ -80,9 +80,138 @@ logging.getLogger("crewai.llms.base_llm").setLevel(logging.ERROR)
 
 import crewai  # noqa: E402,F401  - imported once, after the environment is prepared
 
+# --- the version matrix ----------------------------------------------------------------------
+#: Test modules whose outcome depends on the CrewAI or OpenTelemetry version: the hooks into
+#: CrewAI's internals and what they record. The lowest supported versions and openai 3 run these
+#: (``--versions=crewai``); the rest (reports, assets, the CLI, worker processes, packaging, ...)
+#: runs once, on the latest.
+CREWAI_SENSITIVE = frozenset(
+    {
+        "test_async_and_logs",
+        "test_cancellation",
+        "test_chat_response",
+        "test_compat",
+        "test_conventions",
+        "test_crosstalk",
+        "test_errors",
+        "test_failure_cause",
+        "test_flow_steps",
+        "test_guardrails",
+        "test_instrumentor",
+        "test_internals",
+        "test_knowledge_errors",
+        "test_load",
+        "test_mcp_errors",
+        "test_mcp_names",
+        "test_memory_spans",
+        "test_one_fatal_origin",
+        "test_origins",
+        "test_plan",
+        "test_planning",
+        "test_provider_endpoints",
+        "test_request_scope",
+        "test_runs",
+        "test_shared_state",
+        "test_sharing",
+        "test_spans",
+        "test_sqlite_freeze",
+        "test_storage_contention",
+        "test_streams",
+        "test_suppression",
+        "test_thread_run_end",
+        "test_threads",
+        "test_uninstrument_race",
+        "test_waits",
+    }
+)
+#: Test modules whose outcome depends on the Python version (bytecode and AST analysis, thread
+#: and context propagation): the other interpreters the package claims run these
+#: (``--versions=python``).
+PYTHON_SENSITIVE = frozenset(
+    {
+        "test_async_and_logs",
+        "test_internals",
+        "test_request_scope",
+        "test_suppression",
+        "test_thread_run_end",
+        "test_threads",
+    }
+)
+#: Prefixes of further Python-sensitive modules (the CrewAI-free bytecode-analysis corpus).
+PYTHON_PREFIXES = ("test_shared_state_corpus",)
+MATRIX = {"crewai": CREWAI_SENSITIVE, "python": PYTHON_SENSITIVE}
+#: Modules that take longest (a slow test, a demo run, a live Prometheus): run first, so that
+#: pytest-xdist's other workers fill the time beside them instead of waiting for them at the end.
+LONG_MODULES = frozenset({"test_sqlite_freeze", "test_cli", "test_prometheus_live"})
+
+
+def _module_name(path: Any) -> str:
+    return os.path.basename(str(path)).removesuffix(".py")
+
+
+def _sensitive_to(path: Any) -> set[str]:
+    """Which versions (``crewai``, ``python``) the test module at ``path`` is sensitive to."""
+    name = _module_name(path)
+    found = {versions for versions, modules in MATRIX.items() if name in modules}
+    if name.startswith(PYTHON_PREFIXES):
+        found.add("python")
+    return found
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--versions",
+        choices=sorted(MATRIX),
+        default=None,
+        help="collect only the test modules sensitive to the CrewAI/OpenTelemetry versions "
+        "(crewai) or to the Python version (python); see tests/conftest.py",
+    )
+
+
+def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
+    """With ``--versions``, the other test modules are not even imported (so the environments
+    of the version matrix need only the ``test`` extra, not ``test-full``)."""
+    versions = config.getoption("--versions")
+    name = os.path.basename(str(collection_path))
+    if versions is None or not (name.startswith("test_") and name.endswith(".py")):
+        return None
+    return versions not in _sensitive_to(collection_path)
+
 
 # --- no CA bundle --------------------------------------------------------------------------
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _mark_the_matrix(config, items)
+    _long_modules_first(items)
+    _trust_no_ca_unless_registries(items)
+
+
+def _long_modules_first(items: list[pytest.Item]) -> None:
+    """The modules with a ``slow`` test, and :data:`LONG_MODULES`, first (a stable sort: the
+    order within a module stays as written)."""
+    long_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    long_modules |= {item.path for item in items if _module_name(item.path) in LONG_MODULES}
+    items.sort(key=lambda item: item.path not in long_modules)
+
+
+def _mark_the_matrix(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the version-sensitive tests (``-m crewai_sensitive``, ``-m python_sensitive``);
+    leave out the ``load`` benchmark unless ``-m``
+    names it (``make load``)."""
+    selected, deselected = [], []
+    asked_for_load = "load" in (config.getoption("markexpr") or "")
+    for item in items:
+        for versions in _sensitive_to(item.path):
+            item.add_marker(f"{versions}_sensitive")
+        if item.get_closest_marker("load") and not asked_for_load:
+            deselected.append(item)
+        else:
+            selected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+def _trust_no_ca_unless_registries(items: list[pytest.Item]) -> None:
     """Trust an empty CA directory, unless a collected test reaches the package registries.
 
     Every OpenAI, Chroma and httpx client that CrewAI builds (several per kickoff) loads the CA

@@ -37,6 +37,13 @@ if os.environ.get("CROSS_PROCESS_WORKER") == "1":
     crew_otel.configure(service_name="crew-worker")
     CeleryInstrumentor().instrument()
 
+    # As a service warms up: CrewAI and its model client are first imported here, not by the
+    # pool's threads racing on the first tasks (seen once under load: "partially initialized
+    # module 'httpx2' has no attribute 'URL'" in one of them).
+    from crew_otel.testing.crews import make_llm
+
+    make_llm("http://127.0.0.1:9/v1")
+
 
 @app.task(name=TASK_NAME)
 def run_crew(base_url: str, topic: str) -> dict[str, Any]:

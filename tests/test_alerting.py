@@ -13,7 +13,6 @@ service, under the same rules, raises nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,8 +28,8 @@ import pytest
 import yaml
 
 from crew_otel.testing import FakeOpenAIProvider, RandomFaults
-from crew_otel.testing.crews import OFFLINE_ENVIRONMENT
-from tests.loopback import free_port, wait_for
+from tests.support.processes import app_environment
+from tests.support.waiting import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -120,15 +119,7 @@ def alertmanager_config(webhook_url: str) -> dict[str, Any]:
 
 
 def start_service(example: str, port: int, base_url: str, home: Path) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "HOME": str(home),
-        "OPENAI_BASE_URL": base_url,
-        "OTEL_SERVICE_NAME": example,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    env = app_environment(home, OPENAI_BASE_URL=base_url, OTEL_SERVICE_NAME=example)
     return subprocess.Popen(
         [sys.executable, str(HERE / "alerting_app.py"), example, str(port)],
         stdin=subprocess.PIPE,

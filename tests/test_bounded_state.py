@@ -17,7 +17,7 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from crew_otel import metrics as m
-from tests.test_metrics import points
+from tests.support.metrics import points
 
 FLOWS = m.MAX_NAME_VALUES + 20
 

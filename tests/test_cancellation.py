@@ -33,7 +33,7 @@ from crew_otel.safety import reset_reported_errors
 from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import Spans, attr
-from tests.test_metrics import points
+from tests.support.metrics import points
 
 #: What the caller got: exception type, whether it is the tool's object, type of __context__.
 Outcome = tuple[str, bool, str]

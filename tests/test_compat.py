@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -13,43 +11,25 @@ from pathlib import Path
 import pytest
 
 import crew_otel
-from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
+from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
+from tests.support.processes import app_environment, console_spans
 
 HERE = Path(__file__).resolve().parent
-
-
-def console_spans(stdout: str) -> list[dict]:
-    """The JSON span objects the console exporter printed (other output is skipped)."""
-    decoder = json.JSONDecoder()
-    spans, index = [], 0
-    while (start := stdout.find("{", index)) != -1:
-        try:
-            value, end = decoder.raw_decode(stdout, start)
-        except json.JSONDecodeError:
-            index = start + 1
-            continue
-        if isinstance(value, dict) and "context" in value and "name" in value:
-            spans.append(value)
-        index = end
-    return spans
 
 
 def run_under_opentelemetry_instrument(tmp_path: Path, **extra_env: str) -> list[dict]:
     command = shutil.which("opentelemetry-instrument", path=str(Path(sys.executable).parent))
     assert command, "opentelemetry-instrument is installed with the test dependencies"
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "HOME": str(tmp_path),
-        "XDG_DATA_HOME": str(tmp_path / "xdg"),
-        "OTEL_TRACES_EXPORTER": "console",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_SERVICE_NAME": "auto-app",
+    env = app_environment(
+        tmp_path,
+        checkout_on_path=False,
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_SERVICE_NAME="auto-app",
         **extra_env,
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    )
     result = subprocess.run(
         [command, sys.executable, str(HERE / "auto_instrumented_app.py")],
         capture_output=True,

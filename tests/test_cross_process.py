@@ -7,12 +7,10 @@ plays the web service: a server span, ``with crew_otel.request(...)``, then ``ta
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +26,10 @@ from crew_otel import attributes as a
 from crew_otel.context import REQUEST_ID_KEY
 from crew_otel.safety import reset_reported_errors
 from crew_otel.testing import FakeOpenAIProvider
-from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
-from tests.loopback import free_port
-from tests.test_process_lifecycle import OtlpReceiver, string_attribute
+from crew_otel.testing.crews import make_llm, research_crew
+from tests.support.otlp import OtlpReceiver, string_attribute
+from tests.support.processes import app_environment
+from tests.support.waiting import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 ENTRY = "crew_otel.request.id"
@@ -154,12 +153,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_for(lambda: accepts_connections(port), 20, f"redis-server on port {port}")
         yield f"redis://127.0.0.1:{port}"
     finally:
         server.terminate()
@@ -180,21 +174,15 @@ def celery_worker(
     from tests import cross_process_app
 
     workdir = tmp_path_factory.mktemp("celery")
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "CROSS_PROCESS_WORKER": "1",
-        "CELERY_BROKER_URL": f"{redis_url}/0",
-        "CELERY_RESULT_BACKEND": f"{redis_url}/1",
-        "CREW_OTEL_PROPAGATE_REQUEST_ID": "true",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": worker_receiver.endpoint,
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    env = app_environment(
+        CROSS_PROCESS_WORKER="1",
+        CELERY_BROKER_URL=f"{redis_url}/0",
+        CELERY_RESULT_BACKEND=f"{redis_url}/1",
+        CREW_OTEL_PROPAGATE_REQUEST_ID="true",
+        OTEL_EXPORTER_OTLP_ENDPOINT=worker_receiver.endpoint,
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
     log = (workdir / "worker.log").open("w")
     worker = subprocess.Popen(
         [
@@ -238,15 +226,18 @@ def celery_instrumented(otel_tracer_provider: TracerProvider) -> Iterator[None]:
 
 def worker_spans_of(receiver: OtlpReceiver, trace_id: bytes, timeout: float = 20) -> list[Any]:
     """The worker's spans of one trace, once its kickoff and Celery task span have arrived."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def arrived() -> list[Any]:
         spans = [s for s in receiver.spans() if s.trace_id == trace_id]
         names = {s.name for s in spans}
-        if KICKOFF in names and any(n.startswith("run/") for n in names):
-            return spans
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the worker's spans of the trace did not arrive: {names}")
-        time.sleep(0.2)
+        return spans if KICKOFF in names and any(n.startswith("run/") for n in names) else []
+
+    return receiver.wait_until(arrived, "the worker's kickoff and task spans of the trace", timeout)
+
+
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,8 +25,8 @@ from crew_otel.diagnosis.crosstalk import CrosstalkDetector, marks_in_text, mark
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
-from tests.test_metrics import points, total
-from tests.workloads import meet_in_tool
+from tests.support.metrics import points, total
+from tests.workloads import meet_in_tool, wait_parked_or_done
 
 EVENT = "crew_otel.crosstalk"
 N = 8
@@ -296,7 +295,7 @@ def test_a_shared_crew_carries_the_other_requests_ticket_into_a_model_call(
             second = pool.submit(kickoff, 2)
             # The second has interpolated its inputs: it is parked in a model call of its own
             # (CrewAI 1.12) or has failed on the busy agent (>= 1.14).
-            _wait_for(lambda: second.done() or second_gate.parked >= 1)
+            wait_parked_or_done(second_gate, [second])
         finally:
             first_gate.open()
             second_gate.open()
@@ -331,12 +330,3 @@ def test_detect_crosstalk_false_turns_it_off(
     finally:
         crew_otel.uninstrument()
     assert crosstalk_events(Spans(span_exporter.get_finished_spans())) == []
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Wait until ``condition`` holds (a fact; the bound only stops a broken test hanging)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition never held")
-        threading.Event().wait(0.01)

@@ -19,7 +19,7 @@ import crew_otel
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import Spans, attr, traces_by_marker, whole_run
-from tests.test_metrics import points, total
+from tests.support.metrics import points, total
 from tests.workloads import FAST, kickoff_concurrently, outcome_summary
 
 N_THREADS = 4

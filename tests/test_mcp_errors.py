@@ -23,7 +23,7 @@ from opentelemetry.trace import StatusCode
 from crew_otel import attributes as a
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import Spans, attr, traces_by_marker, whole_run
-from tests.test_metrics import points, total
+from tests.support.metrics import points, total
 from tests.workloads import kickoff_concurrently, outcome_summary
 
 pytest.importorskip("mcp", reason="CrewAI's MCP support needs the mcp package (crewai[mcp])")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +15,7 @@ from crew_otel import metrics as m
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID
+from tests.support.metrics import points, total
 from tests.workloads import mixed_workload
 
 FAST = 0.01
@@ -34,28 +34,6 @@ ALLOWED_METRIC_ATTRIBUTES = {
     "crew_otel.shared_instance.kind",
     "crew_otel.failure.cause",  # one of a fixed set of causes (crew_otel.failures)
 }
-
-
-def points(reader: InMemoryMetricReader) -> dict[str, list]:
-    """Data points by crew_otel instrument name (one collection)."""
-    data = reader.get_metrics_data()
-    found: dict[str, list] = defaultdict(list)
-    for resource_metrics in data.resource_metrics if data else ():
-        for scope in resource_metrics.scope_metrics:
-            if scope.scope.name != "crew_otel":
-                continue
-            for metric in scope.metrics:
-                found[metric.name].extend(metric.data.data_points)
-    return found
-
-
-def total(points_: list, **attributes: str) -> float:
-    """Sum of counter values / histogram counts over points matching the attributes."""
-    value = 0.0
-    for point in points_:
-        if all(point.attributes.get(k.replace("__", ".")) == v for k, v in attributes.items()):
-            value += getattr(point, "count", None) or getattr(point, "value", 0)
-    return value
 
 
 def test_every_instrument_after_a_concurrent_mixed_run(otel, fake_provider, metric_reader):

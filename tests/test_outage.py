@@ -6,95 +6,18 @@ import logging
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import crew_otel
 from crew_otel.export import DROPPED_SPANS
 from crew_otel.testing.crews import make_llm, research_crew
-from tests.loopback import free_port
+from tests.support.otlp import OtlpReceiver
+from tests.support.waiting import free_port
 
 #: A bound against a broken test (an export that never arrives), not a measurement.
 WAIT_S = 60.0
-
-
-class Receiver:
-    """An OTLP/HTTP receiver on 127.0.0.1 that counts trace spans. A holding receiver keeps
-    every export it gets (unanswered) until :meth:`release`: a collector too slow to answer."""
-
-    def __init__(self, port: int, hold: bool = False) -> None:
-        self.spans = 0
-        self.requests = 0
-        self.arrived = 0
-        self._changed = threading.Condition()
-        self._released = threading.Event()
-        if not hold:
-            self._released.set()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                return
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                receiver._arrive()
-                receiver._released.wait(WAIT_S)
-                if self.path.endswith("/v1/traces"):
-                    request = ExportTraceServiceRequest()
-                    request.ParseFromString(body)
-                    resources = request.resource_spans
-                    receiver._count(sum(len(sc.spans) for rs in resources for sc in rs.scope_spans))
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _arrive(self) -> None:
-        with self._changed:
-            self.arrived += 1
-            self._changed.notify_all()
-
-    def _count(self, spans: int) -> None:
-        with self._changed:
-            self.requests += 1
-            self.spans += spans
-            self._changed.notify_all()
-
-    def wait_arrived(self) -> None:
-        """Until an export arrived (a holding receiver is holding it now)."""
-        with self._changed:
-            assert self._changed.wait_for(lambda: self.arrived > 0, WAIT_S), "no export arrived"
-
-    def wait_spans(self) -> None:
-        """Until an export's spans were received."""
-        with self._changed:
-            assert self._changed.wait_for(lambda: self.spans > 0, WAIT_S), "no span received"
-
-    @property
-    def holding(self) -> bool:
-        """Whether exports that arrived are still held unanswered."""
-        return not self._released.is_set()
-
-    def release(self) -> None:
-        """Answer the held exports, and the later ones at once."""
-        self._released.set()
-
-    def close(self) -> None:
-        self.release()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class BlackHole:
@@ -198,7 +121,7 @@ def test_outages_do_not_block_or_break_the_application(
     returns (the time ran out) while it still is; a refused endpoint breaks nothing either."""
     refused = f"http://127.0.0.1:{free_port()}"
     hole = BlackHole()
-    slow = Receiver(free_port(), hold=True)
+    slow = OtlpReceiver(free_port(), hold=True)
     try:
         for name, endpoint, collector in (
             ("refused", refused, None),
@@ -218,7 +141,7 @@ def test_outages_do_not_block_or_break_the_application(
                 assert len(hole.held) == 1, "the exporter is still on its first export"
             if collector is slow:
                 assert slow.holding, "the export is still held"
-                assert slow.spans == 0
+                assert slow.span_count == 0
             returned_in_time = setup.shutdown(timeout_millis=1500)
             if collector is not None:
                 assert returned_in_time is False, f"{name}: shutdown returns, the time ran out"
@@ -244,7 +167,7 @@ def test_export_resumes_when_the_endpoint_returns(outage_env, fake_provider):
     port = free_port()
     setup, _ = outage_env(f"http://127.0.0.1:{port}")
     kickoffs(fake_provider, n=4)  # the collector is down: exports fail
-    receiver = Receiver(port)
+    receiver = OtlpReceiver(port)
     try:
         kickoffs(fake_provider, n=4)
         setup.tracer_provider.force_flush(10_000)

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import pytest
 import yaml
 
 from crew_otel.cli.assets import ASSET_SUFFIXES, TREES
-from tests.loopback import free_port
+from tests.support.waiting import free_port, wait_for
 
 #: The session keeps the real CA settings (see ``tests/conftest.py``): these tests reach PyPI.
 USES_PACKAGE_REGISTRIES = True
@@ -47,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The pips of current Python images (their resolver is resolvelib < 1.1), and PyPI's latest.
 PIPS = ("24.0", "25.0", "latest")
 #: Extras for contributors (the test suite, linters): installed with uv, checked with uv only.
-CONTRIBUTOR_EXTRAS = frozenset({"test", "dev"})
+CONTRIBUTOR_EXTRAS = frozenset({"test", "test-full", "dev"})
 
 
 @pytest.fixture(scope="session")
@@ -591,16 +590,15 @@ def test_two_uvicorn_workers_write_one_trace_file(
     pids: set[int] = set()
     try:
         with httpx.Client(timeout=120) as client:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
+
+            def healthy() -> bool:
                 assert server.poll() is None, (tmp_path / "uvicorn.log").read_text()[-3000:]
                 try:
-                    if client.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
+                    return client.get(f"{url}/health", timeout=2).status_code == 200
                 except httpx.HTTPError:
-                    time.sleep(0.5)
-            else:
-                pytest.fail("the service did not start: " + (tmp_path / "uvicorn.log").read_text())
+                    return False
+
+            wait_for(healthy, 180, "the service to answer /health")
 
             def call(request_id: str) -> int:
                 response = client.post(f"{url}/run", headers={"X-Request-ID": request_id})
@@ -618,9 +616,7 @@ def test_two_uvicorn_workers_write_one_trace_file(
                 return len(set(WARMUP.findall(text))) == 2
 
             # each worker's start-up crew reaches the file (the exporter writes in batches)
-            deadline = time.monotonic() + 60
-            while not both_workers_warmed_up() and time.monotonic() < deadline:
-                time.sleep(0.5)
+            wait_for(both_workers_warmed_up, 60, "both workers' start-up spans in the file")
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -15,100 +15,24 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.trace import INVALID_SPAN
 
 import crew_otel
 from crew_otel import attributes as a
 from crew_otel.metrics import KICKOFFS_ACTIVE, WORKFLOW_DURATION
 from crew_otel.testing import Fault
-from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
-from tests.loopback import free_port
-from tests.test_compat import console_spans
-from tests.test_outage import Receiver
+from crew_otel.testing.crews import make_llm, research_crew
+from tests.support.otlp import OtlpReceiver, string_attribute
+from tests.support.processes import app_environment, console_spans
+from tests.support.waiting import free_port
 
 HERE = Path(__file__).resolve().parent
 KICKOFF = "invoke_workflow research"
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-
-
-class OtlpReceiver:
-    """An OTLP/HTTP receiver on 127.0.0.1 that keeps every decoded trace and metric export."""
-
-    def __init__(self) -> None:
-        self.traces: list[ExportTraceServiceRequest] = []
-        self.metrics: list[ExportMetricsServiceRequest] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                return
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                message: Any
-                if self.path == "/v1/traces":
-                    message = ExportTraceServiceRequest()
-                    target = receiver.traces
-                else:
-                    message = ExportMetricsServiceRequest()
-                    target = receiver.metrics
-                message.ParseFromString(body)
-                with receiver._lock:
-                    target.append(message)
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def spans(self) -> list[Any]:
-        with self._lock:
-            requests = list(self.traces)
-        return [
-            span
-            for request in requests
-            for resource_spans in request.resource_spans
-            for scope in resource_spans.scope_spans
-            for span in scope.spans
-        ]
-
-    def last_metrics(self) -> dict[str, list[Any]]:
-        """Data points by metric name, from the last metric export."""
-        with self._lock:
-            assert self.metrics, "no metric export arrived"
-            request = self.metrics[-1]
-        points: dict[str, list[Any]] = {}
-        for resource_metrics in request.resource_metrics:
-            for scope in resource_metrics.scope_metrics:
-                for metric in scope.metrics:
-                    data = getattr(metric, metric.WhichOneof("data"))
-                    points.setdefault(metric.name, []).extend(data.data_points)
-        return points
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def string_attribute(item: Any, key: str) -> str | None:
-    for attribute in item.attributes:
-        if attribute.key == key:
-            return str(attribute.value.string_value)
-    return None
 
 
 @pytest.fixture
@@ -252,17 +176,7 @@ if __name__ == "__main__":
 def run_script(tmp_path: Path, source: str, *args: str, **extra_env: str) -> str:
     script = tmp_path / "job.py"
     script.write_text(source)
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "HOME": str(tmp_path),
-        "XDG_DATA_HOME": str(tmp_path / "xdg"),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
-        ),
-        **extra_env,
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    env = app_environment(tmp_path, **extra_env)
     result = subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
@@ -331,7 +245,7 @@ def test_shutdown_returns_within_its_bound_when_the_collector_is_down(
     shutdown returns, reporting that its one wait for traces and metrics ran out, while the
     collector still holds the export it started."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "300")  # the exporter would wait that long
-    collector = Receiver(free_port(), hold=True)
+    collector = OtlpReceiver(free_port(), hold=True)
     try:
         setup = configure_sdk(collector.endpoint)
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -370,20 +284,13 @@ def test_under_opentelemetry_instrument_configure_reuses_the_sdk(tmp_path):
     assert command, "opentelemetry-instrument is installed with the test dependencies"
     app = tmp_path / "app.py"
     app.write_text(APP_CALLING_CONFIGURE)
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "HOME": str(tmp_path),
-        "XDG_DATA_HOME": str(tmp_path / "xdg"),
-        "OTEL_TRACES_EXPORTER": "console",
-        "OTEL_METRICS_EXPORTER": "none",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_SERVICE_NAME": "auto-app",
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p
-        ),
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    env = app_environment(
+        tmp_path,
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_SERVICE_NAME="auto-app",
+    )
     result = subprocess.run(
         [command, sys.executable, str(app)],
         capture_output=True,

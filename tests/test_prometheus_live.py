@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.assets_util import metric_names, promql_expressions, recording_rule_names
-from tests.loopback import free_port, wait_for
+from tests.support.waiting import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 # Panels fed by the Collector's span_metrics connector: no Collector in this test.

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import make_agent, make_llm
 from crew_otel.testing.provider import embedding_of
+from tests.workloads import run_while_held
 
 KEY = "sk-fake-key-for-the-loopback-provider"
 
@@ -117,6 +118,37 @@ def test_held_requests_wait_at_their_gate_until_it_opens():
         assert gate.parked == 3
         with pytest.raises(TimeoutError, match="3 of 4"):
             gate.wait_parked(4, timeout=0.01)
+
+
+def test_reset_opens_and_forgets_the_gates():
+    """A request parked at a gate is answered once the provider is reset, and the gate's name
+    starts again from nothing."""
+    with FakeOpenAIProvider() as provider:
+        client = _client(provider)
+        provider.script(Fault.hold("stale"), key="parked")
+        gate = provider.gate("stale")
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(
+                client.chat.completions.create,
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "[[parked]]"}],
+            )
+            gate.wait_parked(1)
+            provider.reset()
+            assert "[[parked]]" in str(held.result(timeout=30).choices[0].message.content)
+        assert provider.gate("stale").parked == 0
+
+
+def test_a_run_that_never_reaches_its_gate_fails_at_once():
+    """``run_while_held`` with a holder that makes no model call: the wait for it to park
+    fails as soon as the holder has returned, saying so, instead of waiting out its bound."""
+    with FakeOpenAIProvider() as provider:
+        others_ran: list[str] = []
+        with pytest.raises(RuntimeError, match="ended before its model call reached the gate"):
+            run_while_held(
+                provider, "never", lambda: "no model call", [lambda: others_ran.append("x")]
+            )
+        assert others_ran == [], "the others never ran: the overlap could not be made a fact"
 
 
 def test_structured_outputs_validate_under_concurrent_crewai_calls(fake_provider):

@@ -31,9 +31,8 @@ from crew_otel import report
 from crew_otel.otlp_json import encode, read_requests
 from crew_otel.report.analysis import Analysis, summary
 from crew_otel.testing import Fault
-from tests.test_failure_cause import one_task_crew
-from tests.test_metrics import points, total
-from tests.workloads import FAST, kickoff_concurrently
+from tests.support.metrics import points, total
+from tests.workloads import FAST, kickoff_concurrently, one_task_crew
 
 SERVICE = "support-api-broken"
 MS = 1_000_000

@@ -216,19 +216,31 @@ def test_one_request_object_entered_by_several_threads(otel, fake_provider) -> N
 
 def test_one_request_object_entered_by_several_tasks_and_nested() -> None:
     job = crew_otel.request("batch-async")
-
-    async def task(i: int) -> tuple[str | None, str | None, str | None]:
-        with job:
-            await asyncio.sleep(0.01 * (i + 1))  # the first in leaves first
-            with job:  # re-entered by the same task
-                await asyncio.sleep(0)
-            inner = current_request_id()
-        return inner, current_request_id(), None
+    tasks = 4
 
     async def main() -> list[tuple[str | None, str | None, str | None]]:
-        return list(await asyncio.gather(*(task(i) for i in range(4))))
+        inside: list[int] = []
+        all_inside = asyncio.Event()
+        turns = [asyncio.Event() for _ in range(tasks)]
+        turns[0].set()
 
-    assert asyncio.run(main()) == [("batch-async", None, None)] * 4
+        async def task(i: int) -> tuple[str | None, str | None, str | None]:
+            with job:
+                inside.append(i)
+                if len(inside) == tasks:
+                    all_inside.set()
+                await all_inside.wait()  # every task is inside before any leaves
+                await turns[i].wait()  # the first in leaves first, then the next
+                with job:  # re-entered by the same task
+                    await asyncio.sleep(0)  # the others run meanwhile
+                inner = current_request_id()
+            if i + 1 < tasks:
+                turns[i + 1].set()
+            return inner, current_request_id(), None
+
+        return list(await asyncio.gather(*(task(i) for i in range(tasks))))
+
+    assert asyncio.run(main()) == [("batch-async", None, None)] * tasks
     assert current_request_id() is None
 
 

@@ -36,7 +36,7 @@ from crew_otel.context import KICKOFF_KEY
 from crew_otel.safety import reset_reported_errors
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
-from tests.test_threads import run_requests
+from tests.workloads import run_requests
 
 LOG = logging.getLogger("tests.thread_run_end")
 WAIT = 30.0

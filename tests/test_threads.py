@@ -10,7 +10,6 @@ their run.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import re
 import sys
@@ -27,8 +26,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 
 import crew_otel
-from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import REQUEST_ID, Spans, attr
+from tests.workloads import run_requests
 
 _TAGGED_URL = re.compile(r"/(queue|pool|executor|thread|timer|perrunpool)-([\w-]+)/models")
 
@@ -153,33 +152,6 @@ def per_run_threads_tool(base_url: str, tag: str) -> Any:
         return f"statuses {statuses}"
 
     return fetch_tool(body)
-
-
-def run_requests(
-    fake_provider: Any, make_tool: Callable[[str], Any], tags: list[str], asyncio_tags: list[str]
-) -> None:
-    """Run ``tags`` in threads (``kickoff``) and ``asyncio_tags`` with ``akickoff``, at once."""
-
-    def crew_for(tag: str) -> Any:
-        return research_crew(lambda: make_llm(fake_provider.base_url), tools=[make_tool(tag)])
-
-    def threaded(tag: str) -> None:
-        with crew_otel.request(f"req-{tag}"):
-            crew_for(tag).kickoff(inputs={"topic": f"[[{tag}]]"})
-
-    async def one_async(tag: str) -> None:
-        with crew_otel.request(f"req-{tag}"):
-            await crew_for(tag).akickoff(inputs={"topic": f"[[{tag}]]"})
-
-    async def all_async() -> None:
-        await asyncio.gather(*(one_async(tag) for tag in asyncio_tags))
-
-    with ThreadPoolExecutor(max_workers=len(tags) + 1) as callers:
-        futures = [callers.submit(threaded, tag) for tag in tags]
-        if asyncio_tags:
-            futures.append(callers.submit(asyncio.run, all_async()))
-        for future in futures:
-            future.result()
 
 
 def url_of(span: ReadableSpan) -> str:

@@ -35,8 +35,9 @@ from crew_otel.cli import doctor
 from crew_otel.export import DROPPED_SPANS, CountingBatchSpanProcessor, ExportDestination
 from crew_otel.metrics import WORKFLOW_DURATION
 from crew_otel.otlp_json import OTLPJsonFileExporter
-from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
-from tests.test_process_lifecycle import OtlpReceiver
+from crew_otel.testing.crews import make_llm, research_crew
+from tests.support.otlp import OtlpReceiver
+from tests.support.processes import app_environment
 
 HERE = Path(__file__).resolve().parent
 KICKOFF = "invoke_workflow research"
@@ -161,20 +162,17 @@ def test_under_opentelemetry_instrument_the_other_exporters_keep_working(
     command = shutil.which("opentelemetry-instrument", path=str(Path(sys.executable).parent))
     assert command, "opentelemetry-instrument is installed with the test dependencies"
     path = unwritable_path("under a file", tmp_path)
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "HOME": str(tmp_path),
-        "XDG_DATA_HOME": str(tmp_path / "xdg"),
-        "OTEL_TRACES_EXPORTER": "crew_otel_file,otlp",
-        "CREW_OTEL_TRACES_FILE": str(path),
-        "OTEL_METRICS_EXPORTER": "otlp",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_SERVICE_NAME": "auto-app",
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    env = app_environment(
+        tmp_path,
+        checkout_on_path=False,
+        OTEL_TRACES_EXPORTER="crew_otel_file,otlp",
+        CREW_OTEL_TRACES_FILE=str(path),
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_SERVICE_NAME="auto-app",
+    )
     result = subprocess.run(
         [command, sys.executable, str(HERE / "auto_instrumented_app.py")],
         capture_output=True,

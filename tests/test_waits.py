@@ -1,8 +1,8 @@
 """Waits that stall a step: CrewAI's ``max_rpm`` limiter and ``human_input``.
 
 * ``human_input=True``: the human's answer is typed into the terminal (``sys.stdin`` replaced
-  by a terminal that takes :data:`HUMAN_SECONDS` to answer each prompt). Each prompt is a
-  ``crewai.human_input`` span under the agent's attempt that lasts as long as the human took;
+  by a terminal that records when each answer was read). Each prompt is a
+  ``crewai.human_input`` span under the agent's attempt that covers the human's answer;
   a feedback round re-runs the agent after it. Threads (sync prompt) and ``akickoff`` on one
   event loop (async prompt), then again uninstrumented: the caller gets the same answers.
 * ``max_rpm``: a call that did not wait leaves no span. The one slow test
@@ -35,7 +35,6 @@ from tests.workloads import outcome_summary
 
 HUMAN = "crewai.human_input"
 RPM_WAIT = "crewai.rpm.wait"
-HUMAN_SECONDS = 0.3
 FEEDBACK = "Add a closing sentence."
 N_THREADS = 4
 N_ASYNC = 4
@@ -46,8 +45,9 @@ def seconds(span: Any) -> float:
 
 
 # --- human input --------------------------------------------------------------------------------
-class SlowTerminal(io.TextIOBase):
-    """The user's terminal: each answer takes the human :data:`HUMAN_SECONDS`.
+class HumanTerminal(io.TextIOBase):
+    """The user's terminal: it records when each answer was read (``answers``: start and end,
+    in the spans' clock).
 
     With ``feedback_first`` the human asks for a change the first time a thread reads, and
     accepts (an empty line) after that; otherwise the human accepts at once. No file descriptor,
@@ -60,17 +60,20 @@ class SlowTerminal(io.TextIOBase):
         self.local = threading.local()
         self.lock = threading.Lock()
         self.reads = 0
+        self.answers: list[tuple[int, int]] = []
 
     def readable(self) -> bool:
         return True
 
     def readline(self, size: int | None = -1) -> str:
-        time.sleep(HUMAN_SECONDS)
-        with self.lock:
-            self.reads += 1
+        started = time.time_ns()
         first = not getattr(self.local, "answered", False)
         self.local.answered = True
-        return f"{FEEDBACK}\n" if self.feedback_first and first else "\n"
+        answer = f"{FEEDBACK}\n" if self.feedback_first and first else "\n"
+        with self.lock:
+            self.reads += 1
+            self.answers.append((started, time.time_ns()))
+        return answer
 
 
 def reviewed_crew(fake_provider: Any, marker: str) -> Any:
@@ -103,8 +106,8 @@ def akickoff_on_one_loop(make_crew: Callable[[str], Any], markers: Sequence[str]
     return dict(zip(markers, asyncio.run(main()), strict=True))
 
 
-def check_prompts(run: Spans, rounds: int) -> list[Any]:
-    """The run's prompts: whole run, each under the agent's attempt, as long as the human took,
+def check_prompts(run: Spans, rounds: int, terminal: HumanTerminal) -> list[Any]:
+    """The run's prompts: whole run, each under the agent's attempt, covering a human's answer,
     numbered, and summed on the attempt; no agent step is open while the human answers."""
     whole_run(run, "invoke_workflow reviewed")
     (agent,) = run.named("invoke_agent Writer")
@@ -112,7 +115,12 @@ def check_prompts(run: Spans, rounds: int) -> list[Any]:
     assert [p.name for p in prompts] == [HUMAN] * rounds
     assert all(run.parent(p) is agent for p in prompts), "prompts nest under the attempt"
     assert [attr(p, "crewai.human_input.round") for p in prompts] == list(range(1, rounds + 1))
-    assert all(seconds(p) >= HUMAN_SECONDS for p in prompts), [seconds(p) for p in prompts]
+    for prompt in prompts:
+        assert [
+            (read, answered)
+            for read, answered in terminal.answers
+            if prompt.start_time <= read <= answered <= prompt.end_time
+        ], "the prompt's span covers the human's answer"
     waited = attr(agent, "crewai.human_input.waited")
     assert waited == pytest.approx(sum(seconds(p) for p in prompts), abs=0.05)
     for step in run.named("crewai.agent.step"):
@@ -127,7 +135,7 @@ def test_each_human_input_prompt_is_a_span_covering_the_humans_time(
 ):
     """Threads: the human asks for a change once (the agent re-runs), then accepts."""
     markers = [f"h{i}" for i in range(N_THREADS)]
-    terminal = SlowTerminal(feedback_first=True)
+    terminal = HumanTerminal(feedback_first=True)
     monkeypatch.setattr("sys.stdin", terminal)
 
     def make_crew(marker: str) -> Any:
@@ -139,7 +147,7 @@ def test_each_human_input_prompt_is_a_span_covering_the_humans_time(
         assert f"[[{marker}]]" in outcomes[marker].raw
     spans = Spans(otel.get_finished_spans())
     for marker, run in traces_by_marker(spans, fake_provider, markers).items():
-        first, second = check_prompts(run, rounds=2)
+        first, second = check_prompts(run, rounds=2, terminal=terminal)
         assert attr(first, "crewai.human_input.feedback") is True, marker
         assert attr(second, "crewai.human_input.feedback") is False, marker
         # the agent ran again between the feedback and the next prompt
@@ -152,7 +160,7 @@ def test_each_human_input_prompt_is_a_span_covering_the_humans_time(
         assert [s for s in run.named("chat") if s.start_time >= first.end_time], marker
 
     crew_otel.uninstrument()
-    monkeypatch.setattr("sys.stdin", SlowTerminal(feedback_first=True))
+    monkeypatch.setattr("sys.stdin", HumanTerminal(feedback_first=True))
     baseline = kickoff_in_threads(make_crew, markers)
     assert {m: outcome_summary(o) for m, o in outcomes.items()} == {
         m: outcome_summary(o) for m, o in baseline.items()
@@ -165,7 +173,7 @@ def test_each_human_input_prompt_is_a_span_covering_the_humans_time(
 def test_async_human_input_prompts_are_spans_too(otel, fake_provider, monkeypatch):
     """``akickoff`` on one loop: CrewAI's async prompt; the humans answer at the same time."""
     markers = [f"ha{i}" for i in range(N_ASYNC)]
-    terminal = SlowTerminal(feedback_first=False)
+    terminal = HumanTerminal(feedback_first=False)
     monkeypatch.setattr("sys.stdin", terminal)
 
     def make_crew(marker: str) -> Any:
@@ -178,13 +186,13 @@ def test_async_human_input_prompts_are_spans_too(otel, fake_provider, monkeypatc
     spans = Spans(otel.get_finished_spans())
     prompts = []
     for marker, run in traces_by_marker(spans, fake_provider, markers).items():
-        (prompt,) = check_prompts(run, rounds=1)
+        (prompt,) = check_prompts(run, rounds=1, terminal=terminal)
         assert attr(prompt, "crewai.human_input.feedback") is False, marker
         prompts.append(prompt)
     assert len({attr(p, REQUEST_ID) for p in prompts}) == N_ASYNC
 
     crew_otel.uninstrument()
-    monkeypatch.setattr("sys.stdin", SlowTerminal(feedback_first=False))
+    monkeypatch.setattr("sys.stdin", HumanTerminal(feedback_first=False))
     baseline = akickoff_on_one_loop(make_crew, markers)
     assert {m: outcome_summary(o) for m, o in outcomes.items()} == {
         m: outcome_summary(o) for m, o in baseline.items()

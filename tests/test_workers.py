@@ -3,7 +3,8 @@
 Each server runs tests/worker_app.py (``crew_otel.configure()`` at import, OTLP to a receiver
 in this test). Every request's trace arrives complete, each worker reports under its own
 ``service.instance.id``, and ``crew_otel.kickoffs.active`` summed over the workers is the
-number of kickoffs really in flight during a burst (held open by the loopback provider), then 0.
+number of kickoffs really in flight during a burst (parked at a gate of the loopback provider
+until the test has seen it), then 0.
 Under uvicorn each worker also exposes ``/metrics`` the way the README's Prometheus snippet
 does, and both endpoints are scraped during the burst.
 """
@@ -27,13 +28,15 @@ import pytest
 from crew_otel import attributes as a
 from crew_otel.metrics import KICKOFFS_ACTIVE
 from crew_otel.testing import FakeOpenAIProvider, Fault
-from crew_otel.testing.crews import OFFLINE_ENVIRONMENT, make_llm, research_crew
-from tests.loopback import free_port
-from tests.test_process_lifecycle import OtlpReceiver, string_attribute
+from crew_otel.testing.crews import make_llm, research_crew
+from tests.support.otlp import OtlpReceiver, string_attribute
+from tests.support.processes import app_environment
+from tests.support.waiting import free_port, wait_for
 
 HERE = Path(__file__).resolve().parent
 BURST = 4
-HOLD_S = 4.0  # the provider holds each burst run's first model call this long
+#: A bound against a broken test (a run that never arrives), not a measurement.
+WAIT_S = 120.0
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
@@ -85,19 +88,12 @@ def servers(
     provider: FakeOpenAIProvider, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """Both servers, started together so their start-ups (importing CrewAI) overlap."""
-    home = tmp_path_factory.mktemp("workers-home")
-    env = {
-        **os.environ,
-        **OFFLINE_ENVIRONMENT,
-        "HOME": str(home),
-        "PROVIDER_URL": provider.base_url,
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
-        "OTEL_METRIC_EXPORT_INTERVAL": "250",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
-        ),
-    }
-    env.pop("CREW_OTEL_STRICT", None)
+    env = app_environment(
+        tmp_path_factory.mktemp("workers-home"),
+        PROVIDER_URL=provider.base_url,
+        OTEL_BSP_SCHEDULE_DELAY="200",
+        OTEL_METRIC_EXPORT_INTERVAL="250",
+    )
     app = "tests.worker_app:app"
     uvicorn_port, gunicorn_port = free_port(), free_port()
     started = {
@@ -156,16 +152,14 @@ def new_client() -> httpx.Client:
 
 
 def wait_until_up(server: Server, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         assert server.process.poll() is None, f"{server.kind} exited ({server.process.returncode})"
         try:
-            if httpx.get(f"{server.url}/docs", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{server.url}/docs", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{server.kind} did not start")
+            return False
+
+    wait_for(answers, timeout, f"{server.kind} to answer")
 
 
 def warm_up(server: Server) -> dict[str, dict[str, Any]]:
@@ -185,8 +179,7 @@ def warm_up(server: Server) -> dict[str, dict[str, Any]]:
 
 def active_samples(receiver: OtlpReceiver) -> list[tuple[str, float, float]]:
     """(service.instance.id, time in s, kickoffs in flight) of every export of the gauge."""
-    with receiver._lock:
-        requests = list(receiver.metrics)
+    _, requests = receiver.snapshot()
     samples = []
     for request in requests:
         for resource_metrics in request.resource_metrics:
@@ -211,6 +204,15 @@ def in_flight_at(samples: list[tuple[str, float, float]], when: float) -> dict[s
     return {instance: value for instance, (_, value) in latest.items()}
 
 
+def exported_since(samples: list[tuple[str, float, float]], since: float) -> dict[str, set[float]]:
+    """The values each instance exported after ``since``."""
+    values: dict[str, set[float]] = collections.defaultdict(set)
+    for instance, at, value in samples:
+        if at > since:
+            values[instance].add(value)
+    return dict(values)
+
+
 def scrape_active(port: int) -> tuple[str, float]:
     """(service_instance_id, crew_otel_kickoffs_active summed) from one /metrics endpoint."""
     body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -225,8 +227,7 @@ def scrape_active(port: int) -> tuple[str, float]:
 
 def spans_by_request(receiver: OtlpReceiver) -> dict[str, list[tuple[str, Any]]]:
     """(service.instance.id, span) per request ID, from every trace export."""
-    with receiver._lock:
-        requests = list(receiver.traces)
+    requests, _ = receiver.snapshot()
     found: dict[str, list[tuple[str, Any]]] = collections.defaultdict(list)
     for request in requests:
         for resource_spans in request.resource_spans:
@@ -272,10 +273,11 @@ def test_two_workers_report_complete_traces_and_their_own_in_flight_counts(
     assert len(set(workers.values())) == 2
     assert None not in workers.values()
 
-    # --- the burst: BURST kickoffs held in flight by the provider at once ----------------------
+    # --- the burst: BURST kickoffs parked in their model calls at once --------------------------
     topics = [f"{kind}-burst-{i}" for i in range(BURST)]
+    gate = provider.gate(f"{kind}-burst")
     for topic in topics:
-        provider.script(Fault.delay(HOLD_S), key=topic)
+        provider.script(Fault.hold(gate.name, seconds=WAIT_S), key=topic)
     scraped: list[tuple[str, float]] = []
 
     def burst_request(topic: str) -> dict[str, Any]:
@@ -284,48 +286,53 @@ def test_two_workers_report_complete_traces_and_their_own_in_flight_counts(
 
     with ThreadPoolExecutor(max_workers=BURST) as pool:
         results = pool.map(burst_request, topics)
+        try:
+            gate.wait_parked(BURST, WAIT_S)  # every burst run is in flight, held there
+            all_held_at = time.time()
 
-        def held() -> list[float]:
-            return [r.started for r in provider.requests if set(r.markers) & set(topics)]
+            # every export from now on reports what is in flight while the runs are held: the
+            # workers' latest values sum to the burst, and no export says otherwise
+            def held_burst_exported() -> dict[str, set[float]]:
+                fresh = exported_since(active_samples(server.receiver), all_held_at)
+                latest = in_flight_at(active_samples(server.receiver), time.time())
+                return fresh if sum(latest[i] for i in fresh) == BURST else {}
 
-        deadline = time.monotonic() + 60
-        while len(held()) < BURST:
-            assert time.monotonic() < deadline, f"only {len(held())} burst runs reached the model"
-            time.sleep(0.05)
-        all_held_at = max(held())
-        if server.metrics_port:
-            time.sleep(0.3)
-            scraped = [scrape_active(server.metrics_port + i) for i in range(2)]
-        release_at = min(held()) + HOLD_S
+            fresh = server.receiver.wait_until(
+                held_burst_exported, f"the workers' gauges to export the {BURST} held runs"
+            )
+            if server.metrics_port:
+                scraped = [scrape_active(server.metrics_port + i) for i in range(2)]
+            fresh = exported_since(active_samples(server.receiver), all_held_at)
+        finally:
+            gate.open()
         answers.update(zip(topics, results))
+    assert set(fresh) <= set(workers.values()), fresh
+    assert all(len(values) == 1 for values in fresh.values()), f"the gauge moved: {fresh}"
+    assert sum(value for (value,) in fresh.values()) == BURST, fresh
+    if scraped:
+        assert {instance for instance, _ in scraped} == set(workers.values()), scraped
+        assert sum(active for _, active in scraped) == BURST, scraped
 
-    # --- kickoffs in flight, per instance, summed ----------------------------------------------
+    # --- kickoffs in flight, per instance, back to 0 ------------------------------------------
     # The gauge reports a workflow while it has runs in flight and once more when it drops
     # to 0; an instance without a sample is at 0.
     def back_to_zero() -> bool:
         latest = in_flight_at(active_samples(server.receiver), time.time())
         return set(latest) == set(workers.values()) and not any(latest.values())
 
-    wait(back_to_zero, "every worker to export 0 kickoffs in flight after the burst")
-    samples = active_samples(server.receiver)
-    window = [
-        t for t in (all_held_at + 0.5, (all_held_at + release_at) / 2) if t < release_at - 0.3
-    ]
-    assert window, "the burst was not held long enough to sample it"
-    for when in window:
-        per_instance = in_flight_at(samples, when)
-        assert sum(per_instance.values()) == BURST, (when, per_instance, samples[-20:])
-    if scraped:
-        assert {instance for instance, _ in scraped} == set(workers.values()), scraped
-        assert sum(active for _, active in scraped) == BURST, scraped
+    server.receiver.wait_until(
+        back_to_zero, "every worker to export 0 kickoffs in flight after the burst"
+    )
 
     # --- every request's trace, complete, from the worker that answered it ---------------------
     def all_traces_arrived() -> bool:
         found = spans_by_request(server.receiver)
-        return all(len(found.get(rid, [])) >= sum(expected_names.values()) for rid in answers)
+        if not all(len(found.get(rid, [])) >= sum(expected_names.values()) for rid in answers):
+            return False
+        traces = spans_by_trace(server.receiver)
+        return all(complete(traces[span.trace_id]) for rid in answers for _, span in found[rid])
 
-    wait(all_traces_arrived, "every request's spans")
-    time.sleep(0.5)  # the server's own spans (if the app instruments its framework) end last
+    server.receiver.wait_until(all_traces_arrived, "every request's whole trace")
     found = spans_by_request(server.receiver)
     traces = spans_by_trace(server.receiver)
     for request_id, body in answers.items():
@@ -348,11 +355,13 @@ def spans_by_trace(receiver: OtlpReceiver) -> dict[bytes, list[tuple[str, Any]]]
     return found
 
 
-def wait(predicate: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+def complete(trace: list[tuple[str, Any]]) -> bool:
+    """One root, and every span's parent present."""
+    ids = {span.span_id for _, span in trace}
+    roots = [span for _, span in trace if not span.parent_span_id]
+    return len(roots) == 1 and all(
+        span.parent_span_id in ids for _, span in trace if span.parent_span_id
+    )
 
 
 # --- service.instance.id after a fork, without a server -----------------------------------------
@@ -383,9 +392,8 @@ def test_configure_gives_each_forked_process_its_own_instance_id(tmp_path: Path)
     try:
         script = tmp_path / "fork_job.py"
         script.write_text(FORK_JOB)
-        env = {**os.environ, **OFFLINE_ENVIRONMENT, "OTEL_METRICS_EXPORTER": "otlp"}
+        env = app_environment(OTEL_METRICS_EXPORTER="otlp")
         env.pop("OTEL_RESOURCE_ATTRIBUTES", None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
         done = subprocess.run(
             [sys.executable, str(script), receiver.endpoint],
             capture_output=True, text=True, timeout=120, env=env, check=False,

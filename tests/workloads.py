@@ -1,4 +1,7 @@
-"""The concurrent mixed workload several tests run (metrics, privacy, the live Prometheus app).
+"""Workloads and overlap helpers the test modules share: the concurrent mixed workload
+(metrics, privacy, the live Prometheus app), runs held at a gate of the loopback provider
+(:func:`run_while_held`, :func:`wait_parked_or_done`), barriers in tool code, crews to kick off
+concurrently.
 
 Two successful runs, a persistent provider 500, a tool that raises and two requests sharing one
 Agent, started together. ``prefix`` goes into every ``[[marker]]`` (and the topic) so a test can
@@ -10,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import crew_otel
 from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import make_agent, make_failing_tool, make_llm, research_crew
+from crew_otel.testing.provider import Gate
 
 FAST = 0.01  # retry-after seconds, so the SDK's back-off does not slow tests down
 
@@ -103,12 +108,42 @@ def run_while_held(
     with ThreadPoolExecutor(max_workers=1 + len(others)) as pool:
         try:
             held = pool.submit(outcome_of, holder)
+            held.add_done_callback(
+                lambda done: gate.give_up(
+                    f"the holder's run ended before its model call reached the gate: "
+                    f"{done.result()!r}"
+                )
+            )
             gate.wait_parked(1, timeout)
             running = [pool.submit(outcome_of, fn) for fn in others]
             outcomes = [future.result(timeout) for future in running]
         finally:
             gate.open()
         return [held.result(timeout), *outcomes]
+
+
+def wait_parked_or_done(
+    gate: Gate, futures: Sequence[Future[Any]], count: int = 1, timeout: float = 60.0
+) -> bool:
+    """Wait until ``count`` requests are parked at ``gate`` (True) or every one of ``futures``
+    is done first (False): a fact either way, whichever the CrewAI version makes happen.
+    ``TimeoutError`` after ``timeout`` s (a bound against a broken test)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                gate.give_up("every run ended")
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    try:
+        gate.wait_parked(count, timeout)
+    except RuntimeError:
+        return False
+    return True
 
 
 def kickoff_concurrently(
@@ -170,3 +205,59 @@ def _on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def one_task_crew(
+    fake_provider: Any,
+    marker: str,
+    *,
+    llm: dict[str, Any] | None = None,
+    agent: dict[str, Any] | None = None,
+    task: dict[str, Any] | None = None,
+    tools: list[Any] | None = None,
+    crew: dict[str, Any] | None = None,
+) -> Any:
+    """A crew named after ``marker`` (its kickoff span says which run it is)."""
+    from crewai import Crew, Task
+
+    worker = make_agent(
+        make_llm(fake_provider.base_url, **(llm or {})),
+        "Analyst",
+        tools=tools or [],
+        **{"max_retry_limit": 0, **(agent or {})},
+    )
+    job = Task(
+        name="analyse",
+        description=f"Analyse [[{marker}]] using the tools you have.",
+        expected_output="One sentence.",
+        agent=worker,
+        **(task or {}),
+    )
+    return Crew(name=marker, agents=[worker], tasks=[job], **(crew or {}))
+
+
+def run_requests(
+    fake_provider: Any, make_tool: Callable[[str], Any], tags: list[str], asyncio_tags: list[str]
+) -> None:
+    """Run ``tags`` in threads (``kickoff``) and ``asyncio_tags`` with ``akickoff``, at once."""
+
+    def crew_for(tag: str) -> Any:
+        return research_crew(lambda: make_llm(fake_provider.base_url), tools=[make_tool(tag)])
+
+    def threaded(tag: str) -> None:
+        with crew_otel.request(f"req-{tag}"):
+            crew_for(tag).kickoff(inputs={"topic": f"[[{tag}]]"})
+
+    async def one_async(tag: str) -> None:
+        with crew_otel.request(f"req-{tag}"):
+            await crew_for(tag).akickoff(inputs={"topic": f"[[{tag}]]"})
+
+    async def all_async() -> None:
+        await asyncio.gather(*(one_async(tag) for tag in asyncio_tags))
+
+    with ThreadPoolExecutor(max_workers=len(tags) + 1) as callers:
+        futures = [callers.submit(threaded, tag) for tag in tags]
+        if asyncio_tags:
+            futures.append(callers.submit(asyncio.run, all_async()))
+        for future in futures:
+            future.result()

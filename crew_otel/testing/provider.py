@@ -123,6 +123,7 @@ class Gate:
         self._condition = threading.Condition()
         self._parked = 0
         self._open = False
+        self._given_up = ""
 
     @property
     def parked(self) -> int:
@@ -132,12 +133,25 @@ class Gate:
 
     def wait_parked(self, count: int, timeout: float = 60.0) -> None:
         """Wait until ``count`` requests have arrived; ``TimeoutError`` after ``timeout`` s
-        (a bound against a broken test, never a measurement)."""
+        (a bound against a broken test, never a measurement), ``RuntimeError`` at once if
+        :meth:`give_up` was called first."""
         with self._condition:
-            if not self._condition.wait_for(lambda: self._parked >= count, timeout):
-                raise TimeoutError(
-                    f"gate {self.name!r}: {self._parked} of {count} requests arrived"
-                )
+            arrived = self._condition.wait_for(
+                lambda: self._parked >= count or bool(self._given_up), timeout
+            )
+            if self._parked >= count:
+                return
+            status = f"gate {self.name!r}: {self._parked} of {count} requests arrived"
+            if arrived:
+                raise RuntimeError(f"{status}; {self._given_up}")
+            raise TimeoutError(status)
+
+    def give_up(self, reason: str) -> None:
+        """No more requests will arrive (e.g. the run that should have ended without reaching
+        the gate): a :meth:`wait_parked` still short of its count raises ``reason`` at once."""
+        with self._condition:
+            self._given_up = reason or "gave up"
+            self._condition.notify_all()
 
     def open(self) -> None:
         """Release every request parked here, and let later ones through at once."""
@@ -379,10 +393,14 @@ class FakeOpenAIProvider:
             return gate
 
     def reset(self) -> None:
-        """Forget scripts and recorded requests."""
+        """Forget scripts, recorded requests and gates (opening them: nothing stays parked)."""
         with self._lock:
             self._scripts.clear()
             self._requests.clear()
+            gates = list(self._gates.values())
+            self._gates.clear()
+        for gate in gates:
+            gate.open()
 
     @property
     def requests(self) -> list[RecordedRequest]:
