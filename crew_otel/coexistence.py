@@ -19,7 +19,8 @@ Two kinds of neighbours record what crew_otel records:
 * **Other CrewAI instrumentations** (OpenInference's ``openinference-instrumentation-crewai``)
   wrap the same CrewAI methods (``BaseTool.run``/``Tool.run``, ``Crew.kickoff``) with spans of
   their own, between crew_otel's dispatcher span and crew_otel's hook on the tool.
-  :func:`innermost_own_span_is` looks through them: only crew_otel's own calls count.
+  :func:`crew_otel.wrappers.base.innermost_own_span_is` looks through them: only crew_otel's own
+  calls count.
 
 Detection reads the wrapper chain of the SDK methods the instrumentations hook (what is actually
 installed, whenever and by whomever), not the instrumentors' flags: OpenLLMetry's
@@ -35,13 +36,10 @@ import os
 import sys
 from typing import Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
 from crew_otel import internals
-from crew_otel.wrappers.base import _CALL_KEY, Call
 
 #: How deep a wrapper chain is followed (each instrumentation adds one level).
 _MAX_CHAIN = 16
@@ -248,13 +246,3 @@ def deferred_attributes(
         deferred[a.CREWAI_LLM_PROVIDER] = attrs[a.GEN_AI_PROVIDER_NAME]
     deferred[a.LLM_INFERENCE_BY] = deferral.names
     return deferred
-
-
-def innermost_own_span_is(span: trace.Span, ctx: otel_context.Context) -> bool:
-    """Whether ``span`` is current in ``ctx``, or is the span of the innermost crew_otel call
-    with only other instrumentations' spans started under it since (OpenInference's tool span
-    between crew_otel's dispatcher and crew_otel's hook on ``Tool.run``)."""
-    if trace.get_current_span(ctx) is span:
-        return True
-    call = ctx.get(_CALL_KEY)
-    return isinstance(call, Call) and call.span is span

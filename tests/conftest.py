@@ -112,6 +112,7 @@ CREWAI_SENSITIVE = frozenset(
         "test_request_scope",
         "test_runs",
         "test_shared_state",
+        "test_shared_state_corpus",
         "test_sharing",
         "test_spans",
         "test_sqlite_freeze",
@@ -131,18 +132,22 @@ PYTHON_SENSITIVE = frozenset(
     {
         "test_async_and_logs",
         "test_internals",
+        "test_mutations",
         "test_request_scope",
         "test_suppression",
         "test_thread_run_end",
         "test_threads",
     }
 )
-#: Prefixes of further Python-sensitive modules (the CrewAI-free bytecode-analysis corpus).
-PYTHON_PREFIXES = ("test_shared_state_corpus",)
+#: Prefixes of further Python-sensitive modules (the CrewAI-free bytecode-analysis corpus; the
+#: corpus through CrewAI runs on the latest and the lowest CrewAI).
+PYTHON_PREFIXES = ("test_shared_state_corpus_analysis",)
 MATRIX = {"crewai": CREWAI_SENSITIVE, "python": PYTHON_SENSITIVE}
 #: Modules that take longest (a slow test, a demo run, a live Prometheus): run first, so that
 #: pytest-xdist's other workers fill the time beside them instead of waiting for them at the end.
-LONG_MODULES = frozenset({"test_sqlite_freeze", "test_cli", "test_prometheus_live"})
+LONG_MODULES = frozenset(
+    {"test_sqlite_freeze", "test_cli", "test_prometheus_live", "test_shared_state_corpus"}
+)
 
 
 def _module_name(path: Any) -> str:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, get_current_span
 from opentelemetry.util.types import AttributeValue
 
 from crew_otel import content, internals
@@ -540,3 +540,13 @@ def _link(call: Call[Any]) -> bool:
 def running_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop running in this thread, if any (cheap; never raises)."""
     return internals.RUNNING_LOOP.function()  # type: ignore[no-any-return]
+
+
+def innermost_own_span_is(span: Span, ctx: otel_context.Context) -> bool:
+    """Whether ``span`` is current in ``ctx``, or is the span of the innermost crew_otel call
+    with only other instrumentations' spans started under it since (OpenInference's tool span
+    between crew_otel's dispatcher and crew_otel's hook on ``Tool.run``)."""
+    if get_current_span(ctx) is span:
+        return True
+    call = ctx.get(_CALL_KEY)
+    return isinstance(call, Call) and call.span is span

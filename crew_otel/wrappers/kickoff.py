@@ -38,7 +38,6 @@ from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
-from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, RunScope, new_request_id
 from crew_otel.diagnosis.crosstalk import strings_in
 from crew_otel.diagnosis.errors import is_cancellation
@@ -53,6 +52,7 @@ from crew_otel.wrappers.base import (
     DurationPoint,
     ErrorRecording,
     SpanWrapper,
+    innermost_own_span_is,
     running_loop,
 )
 from crew_otel.wrappers.guardrail import GUARDRAIL_EVALUATION_KEY, TaskAttempts

@@ -32,14 +32,19 @@ from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes, internals
 from crew_otel.attributes import Operation
-from crew_otel.coexistence import innermost_own_span_is
 from crew_otel.context import ATTEMPT_KEY, KICKOFF_KEY, REQUEST_ID_KEY, TOOL_CALL_KEY
 from crew_otel.diagnosis.crosstalk import strings_in
 from crew_otel.diagnosis.errors import is_cancellation
 from crew_otel.diagnosis.retries import agent_will_retry
 from crew_otel.diagnosis.shared_state import RunHoldings, is_locked_database_error
 from crew_otel.diagnosis.sharing import Kind
-from crew_otel.wrappers.base import Call, DurationPoint, ErrorRecording, SpanWrapper
+from crew_otel.wrappers.base import (
+    Call,
+    DurationPoint,
+    ErrorRecording,
+    SpanWrapper,
+    innermost_own_span_is,
+)
 from crew_otel.wrappers.observer import Observer
 
 UNKNOWN_TOOL = "unknown"
