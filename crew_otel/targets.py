@@ -11,19 +11,19 @@ prints it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, cast
+from typing import Any, Protocol
 
 from crew_otel import internals
 from crew_otel.diagnosis.sharing import Kind
 from crew_otel.hook_kinds import Layer
 from crew_otel.runtime import Runtime
 from crew_otel.wrappers.agent import AgentAttemptWrapper, AgentStepWrapper
-from crew_otel.wrappers.base import SpanWrapper
 from crew_otel.wrappers.context_window import ContextLengthObserver
 from crew_otel.wrappers.flow import FlowStepWrapper
 from crew_otel.wrappers.guardrail import GuardrailRunWrapper, GuardrailWrapper
@@ -47,7 +47,6 @@ from crew_otel.wrappers.memory import (
     SaveQueueObserver,
     StorageLockObserver,
 )
-from crew_otel.wrappers.observer import Observer
 from crew_otel.wrappers.planning import AgentReasoningWrapper, CrewPlanningWrapper
 from crew_otel.wrappers.task import InterpolationObserver, TaskWrapper
 from crew_otel.wrappers.tool import (
@@ -57,19 +56,14 @@ from crew_otel.wrappers.tool import (
     ToolRunWrapper,
     ToolUsageWrapper,
 )
-from crew_otel.wrappers.waits import HumanInputWrapper, RpmLimiterWrapper, RpmSleepObserver
+from crew_otel.wrappers.waits import HumanInputWrapper, RpmLimiterObserver, RpmSleepObserver
 
 
-@dataclasses.dataclass(frozen=True)
-class SpanFactory:
-    """Builds a span wrapper with arguments of its own: ``build(runtime, is_async)``."""
+class WrapperFactory(Protocol):
+    """What builds a row's wrapper: a :class:`SpanWrapper` or :class:`Observer` class, or a
+    partial of one, called with the runtime and whether the target is a coroutine function."""
 
-    build: Callable[[Runtime, bool], SpanWrapper[Any]]
-
-
-#: What builds a row's wrapper: a :class:`SpanWrapper` class or a :class:`SpanFactory` (told
-#: at construction whether the target is a coroutine function), or a callable of the runtime.
-WrapperFactory = Callable[[Runtime], Callable[..., Any]] | SpanFactory
+    def __call__(self, runtime: Runtime, *, is_async: bool) -> Callable[..., Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,29 +106,11 @@ def build_wrapper(
     factory: WrapperFactory, runtime: Runtime, resolved: Resolved
 ) -> Callable[..., Any]:
     """The wrapper ``factory`` builds for the ``resolved`` target."""
-    if isinstance(factory, SpanFactory):
-        return factory.build(runtime, resolved.is_async)
-    if _is_span_wrapper_class(factory):
-        span_wrapper = cast("type[SpanWrapper[Any]]", factory)
-        return span_wrapper(runtime, is_async=resolved.is_async)
-    if resolved.is_async and _is_observer_class(factory):  # observers of coroutine functions
-        observer = cast("type[Observer]", factory)
-        return observer(runtime, is_async=resolved.is_async)
-    return factory(runtime)
+    return factory(runtime, is_async=resolved.is_async)
 
 
-def _is_span_wrapper_class(factory: object) -> bool:
-    return isinstance(factory, type) and issubclass(factory, SpanWrapper)
-
-
-def _is_observer_class(factory: object) -> bool:
-    return isinstance(factory, type) and issubclass(factory, Observer)
-
-
-def _kickoff(entrypoint: str, kind: Kind) -> SpanFactory:
-    return SpanFactory(
-        lambda runtime, is_async: KickoffWrapper(runtime, entrypoint, kind, is_async=is_async)
-    )
+def _kickoff(entrypoint: str, kind: Kind) -> WrapperFactory:
+    return functools.partial(KickoffWrapper, entrypoint=entrypoint, kind=kind)
 
 
 def _kickoffs(
@@ -167,9 +143,8 @@ def rate_limit_layer_present() -> bool:
     return RATE_LIMIT_MODULE in sys.modules
 
 
-_chat = SpanFactory(
-    lambda runtime, is_async: ChatWrapper(runtime, rate_limit_layer_present(), is_async=is_async)
-)
+def _chat(runtime: Runtime, *, is_async: bool) -> ChatWrapper:
+    return ChatWrapper(runtime, rate_limit_layer_present(), is_async=is_async)
 
 
 #: The per-response hooks' parameters (positions bound from the installed signatures).
@@ -360,14 +335,14 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "crewai.llms.base_llm",
         "BaseLLM._track_token_usage_internal",
-        lambda rt: LlmResponseObserver(rt, _USAGE_FIELDS, take_usage=True),
+        functools.partial(LlmResponseObserver, parameters=_USAGE_FIELDS, take_usage=True),
         Layer.LLM,
         note="token usage per response",
     ),
     Target(
         "crewai.llms.base_llm",
         "BaseLLM._emit_call_completed_event",
-        lambda rt: LlmResponseObserver(rt, _COMPLETED_FIELDS, take_usage=False),
+        functools.partial(LlmResponseObserver, parameters=_COMPLETED_FIELDS, take_usage=False),
         Layer.LLM,
         note="finish reason and response ID",
     ),
@@ -388,7 +363,7 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "openai._streaming",
         "AsyncStream.__aiter__",
-        lambda rt: StreamChunkObserver(rt, is_async=True),
+        StreamChunkObserver,
         Layer.LLM,
         note="a streamed answer's chunks inside a model call: model and finish reasons",
     ),
@@ -403,7 +378,7 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "crewai.utilities.rpm_controller",
         "RPMController.check_or_wait",
-        RpmLimiterWrapper,
+        RpmLimiterObserver,
         Layer.WAIT,
         note="max_rpm: a call that waited for the limiter (slept, or waited for its lock)",
     ),

@@ -12,7 +12,7 @@ import pytest
 
 import crew_otel
 from crew_otel import targets
-from crew_otel.hook_kinds import Status
+from crew_otel.hook_kinds import Layer, Status
 from crew_otel.instrumentor import CrewAIInstrumentor
 from crew_otel.testing.crews import make_llm, research_crew
 from tests.spans import Spans
@@ -97,7 +97,9 @@ def test_a_target_missing_from_the_installed_crewai_is_skipped(
         "TARGETS",
         (
             *targets.TARGETS,
-            targets.Target("crewai.not_a_module", "Thing.run", lambda rt: None, "kickoff"),
+            targets.Target(
+                "crewai.not_a_module", "Thing.run", targets.TARGETS[0].factory, Layer.KICKOFF
+            ),
         ),
     )
     with caplog.at_level(logging.DEBUG, logger="crew_otel"):

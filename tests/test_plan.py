@@ -46,7 +46,7 @@ class FrozenTool(metaclass=_Frozen):
         return "ran"
 
 
-def _refusing_factory(runtime: Any) -> Any:
+def _refusing_factory(runtime: Any, *, is_async: bool) -> Any:
     raise RuntimeError("this wrapper cannot be built")
 
 

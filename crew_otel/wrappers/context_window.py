@@ -45,8 +45,8 @@ class _Handling(NamedTuple):
 class ContextLengthObserver(Observer):
     """Notes the overflow handling before the call, and the ``SystemExit`` it may raise."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime)
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
+        super().__init__(runtime, is_async=is_async)
         #: Its arguments by name, positions from the installed signature.
         self.arguments = internals.CONTEXT_LENGTH_ARGS.bind()
 

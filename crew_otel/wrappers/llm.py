@@ -283,9 +283,14 @@ class LlmResponseObserver(Observer):
     """
 
     def __init__(
-        self, runtime: Runtime, parameters: internals.Parameters, take_usage: bool
+        self,
+        runtime: Runtime,
+        parameters: internals.Parameters,
+        take_usage: bool,
+        *,
+        is_async: bool = False,
     ) -> None:
-        super().__init__(runtime)
+        super().__init__(runtime, is_async=is_async)
         #: The wrapped method's arguments by name, positions from the installed signature.
         self.arguments = parameters.bind()
         #: Only one of the two hooks counts tokens (CrewAI calls both for one response).
@@ -421,31 +426,24 @@ class _StreamNotes:
         _record_response(self.state, self.model, self.response_id, reasons)
 
 
-class StreamChunkObserver:
+class StreamChunkObserver(Observer):
     """The OpenAI SDK's ``Stream.__iter__`` / ``AsyncStream.__aiter__`` inside a model call.
 
     Hands CrewAI the same chunks, noting each (model, ID, finish reason per choice) on the way:
     no extra parsing, one generator step per chunk, and nothing at all for streams iterated
-    outside a model call.
+    outside a model call. (``AsyncStream.__aiter__`` is an async generator function: calling it
+    returns the iterator at once, so both are observed as plain calls.)
     """
 
-    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
-        self.runtime = runtime
-        #: Wraps ``AsyncStream.__aiter__`` (an async generator function).
-        self.is_async = is_async
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _current_call()
 
-    def __call__(
-        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        chunks = wrapped(*args, **kwargs)
-        if not self.runtime.recording:
-            return chunks
-        state = safe_call(_current_call, default=None)
-        if state is None:
-            return chunks
-        state.span.set_attribute(attributes.GEN_AI_REQUEST_STREAM, True)
-        notes = _StreamNotes(state)
-        return _anoted(chunks, notes) if self.is_async else _noted(chunks, notes)
+    def after_result(self, observed: LlmCallState, result: Any) -> None:
+        observed.span.set_attribute(attributes.GEN_AI_REQUEST_STREAM, True)
+
+    def wrap_result(self, observed: LlmCallState, result: Any) -> Any:
+        notes = _StreamNotes(observed)
+        return _anoted(result, notes) if hasattr(result, "__anext__") else _noted(result, notes)
 
 
 def _noted(chunks: Iterator[Any], notes: _StreamNotes) -> Iterator[Any]:

@@ -33,7 +33,6 @@ flagged on the span that used it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -391,52 +390,36 @@ class SaveSubmitted:
         return not taken
 
 
-class SaveQueueObserver:
+class SaveQueueObserver(Observer):
     """``Memory._submit_save``: the context CrewAI copies for its save thread carries the
     time the save was queued (one writer thread per Memory: a shared memory's saves queue)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return SaveSubmitted()
 
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if not self.runtime.recording:
-            return wrapped(*args, **kwargs)
-        token = otel_context.attach(otel_context.set_value(SAVE_SUBMITTED_KEY, SaveSubmitted()))
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            otel_context.detach(token)
+    def context(self, observed: SaveSubmitted) -> otel_context.Context:
+        return otel_context.set_value(SAVE_SUBMITTED_KEY, observed)
+
+    def after_result(self, observed: SaveSubmitted, result: Any) -> None:
+        """Nothing to note: the save's span takes the queued time."""
 
 
-class StorageLockObserver:
+class StorageLockObserver(Observer):
     """The storage lock CrewAI takes around every memory write (``store_lock``: a file lock
     per storage path, shared by threads and processes): the time spent waiting for it goes on
     the memory span in progress (``crewai.memory.lock_wait``, summed), and a failure to get it
     (the lock's timeout) is recorded there, where it happened."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _current_call(MEMORY_CALL_KEY)
 
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        lock = wrapped(*args, **kwargs)
-        if not self.runtime.recording:
-            return lock
-        call = _current_call(MEMORY_CALL_KEY)
-        if call is None or not hasattr(lock, "__enter__") or not hasattr(lock, "__exit__"):
-            return lock
-        return _TimedLock(lock, call, self.runtime)
+    def after_result(self, observed: Call[StoreCallState], result: Any) -> None:
+        """Nothing to note yet: the lock is timed when it is entered (:meth:`wrap_result`)."""
+
+    def wrap_result(self, observed: Call[StoreCallState], result: Any) -> Any:
+        if not hasattr(result, "__enter__") or not hasattr(result, "__exit__"):
+            return result
+        return _TimedLock(result, observed, self.runtime)
 
 
 class _TimedLock:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -38,7 +37,6 @@ from crew_otel import attributes
 from crew_otel.attributes import Operation
 from crew_otel.context import ATTEMPT_KEY, REQUEST_ID_KEY
 from crew_otel.runtime import Runtime
-from crew_otel.safety import safe_call
 from crew_otel.wrappers.base import Call, SpanWrapper
 from crew_otel.wrappers.context_window import agent_span
 from crew_otel.wrappers.observer import Observer
@@ -104,9 +102,22 @@ class _Sleep:
 class _Pass:
     """One call of ``check_or_wait``: its times, context, and its own sleep if it slept."""
 
-    __slots__ = ("ctx", "holder", "registry", "request_id", "scope", "sleep", "start", "start_ns")
+    __slots__ = (
+        "ctx",
+        "holder",
+        "limiter",
+        "registry",
+        "request_id",
+        "scope",
+        "sleep",
+        "start",
+        "start_ns",
+    )
 
-    def __init__(self, ctx: otel_context.Context, registry: dict[int, _Sleep]) -> None:
+    def __init__(
+        self, limiter: object, ctx: otel_context.Context, registry: dict[int, _Sleep]
+    ) -> None:
+        self.limiter = limiter
         self.ctx = ctx
         self.registry = registry
         self.request_id = ctx.get(REQUEST_ID_KEY)
@@ -143,45 +154,37 @@ class _Pass:
         return None
 
 
-class RpmLimiterWrapper:
-    """``RPMController.check_or_wait``: a ``crewai.rpm.wait`` span for a call that waited."""
+class RpmLimiterObserver(Observer):
+    """``RPMController.check_or_wait``: a ``crewai.rpm.wait`` span for a call that waited.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    Whether it waited is known only when the call returns (its own sleep, or another caller's
+    holding the limiter's lock): the span is made then, with the call's start time, in the
+    call's context.
+    """
+
+    def __init__(self, runtime: Runtime, *, is_async: bool = False) -> None:
+        super().__init__(runtime, is_async=is_async)
         #: The latest sleep of each limiter (by id; forgotten with the limiter).
         self.sleeps: dict[int, _Sleep] = {}
         self.totals = WaitTotals(attributes.CREWAI_RPM_WAITED)
 
-    def __call__(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if not self.runtime.recording:
-            return wrapped(*args, **kwargs)
-        limiter_pass = safe_call(self._begin, instance, default=None)
-        if limiter_pass is None:
-            return wrapped(*args, **kwargs)
-        token = otel_context.attach(otel_context.set_value(_PASS_KEY, limiter_pass))
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            otel_context.detach(token)
-            safe_call(self._end, limiter_pass, instance, exc, default=None)
-            raise
-        otel_context.detach(token)
-        safe_call(self._end, limiter_pass, instance, None, default=None)
-        return result
-
-    def _begin(self, limiter: object) -> _Pass:
-        limiter_pass = _Pass(otel_context.get_current(), self.sleeps)
-        current = self.sleeps.get(id(limiter))
+    def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Pass:
+        limiter_pass = _Pass(instance, otel_context.get_current(), self.sleeps)
+        current = self.sleeps.get(id(instance))
         if current is not None and current.end is None:
             limiter_pass.holder = current
         _end_open_step(limiter_pass.scope)
         return limiter_pass
+
+    def context(self, observed: _Pass) -> otel_context.Context:
+        """The pass, for the limiter's sleep inside the call (:class:`RpmSleepObserver`)."""
+        return otel_context.set_value(_PASS_KEY, observed)
+
+    def after_result(self, observed: _Pass, result: Any) -> None:
+        self._end(observed, observed.limiter, None)
+
+    def after_error(self, observed: _Pass, exc: BaseException) -> None:
+        self._end(observed, observed.limiter, exc)
 
     def _end(self, limiter_pass: _Pass, limiter: object, exc: BaseException | None) -> None:
         end = _perf()
