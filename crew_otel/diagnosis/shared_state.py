@@ -422,11 +422,6 @@ class SharedStateWatcher:
 _MAX_IGNORED_LABELS = 4096
 
 
-def _current_scope() -> ToolScope | None:
-    scope = otel_context.get_value(TOOL_STATE_KEY)
-    return scope if isinstance(scope, ToolScope) else None
-
-
 def _is_write(mode: object, flags: object) -> bool:
     if isinstance(mode, str):
         return any(c in mode for c in "wax+")
