@@ -208,15 +208,15 @@ def test_report_names_a_shared_database_and_resource_and_blames_the_failure(trac
         ("resource", resource),
     ]
     assert figures["causes"] == {
-        f"a shared SQLite database '{database}' written by 2 requests at once": 1
+        f"a shared SQLite database '{database}' contended for by 2 requests at once": 1
     }
     assert figures["conclusion"] == (
         f"1 of 2 requests failed; 1 failure began in a shared SQLite database '{database}' "
-        "written by 2 requests at once; the tool code shares state between concurrent "
-        f"requests: a SQLite database '{database}' written by the tool code of 2 requests at "
-        "once; give each request its own database or serialise the writes; a shared "
-        f"{resource} held by the tools of 2 requests at once; open connections, sessions and "
-        "files per request."
+        "contended for by 2 requests at once; the tool code shares state between concurrent "
+        f"requests: a SQLite database '{database}' contended for by the tool code of 2 requests "
+        "at once; open connections with a busy timeout and keep write transactions short, or "
+        f"give each request its own database; a shared {resource} held by the tools of 2 "
+        "requests at once; open connections, sessions and files per request."
     )
     assert figures["conclusion"] in one_line(text)
 
@@ -294,9 +294,9 @@ def test_state_shared_in_several_processes_is_one_sentence_naming_them(workers, 
     assert figures["conclusion"] == (
         "All 6 requests succeeded, but the tool code shares state between concurrent requests: "
         f"a module global '{GLOBAL}' in each of p1 and p2 written by the tool code of up to 3 "
-        f"requests at once; keep tool state per request; a SQLite database '{path}' written by "
-        "the tool code of 2 requests at once; give each request its own database or serialise "
-        "the writes."
+        f"requests at once; keep tool state per request; a SQLite database '{path}' contended "
+        "for by the tool code of 2 requests at once; open connections with a busy timeout and "
+        "keep write transactions short, or give each request its own database."
     )
     assert figures["conclusion"] in flat
 

@@ -38,6 +38,7 @@ the process, ``id()`` included, a Python call: ``copy.deepcopy`` ran 2.2 x slowe
 from __future__ import annotations
 
 import collections
+import contextvars
 import fnmatch
 import io
 import itertools
@@ -57,7 +58,7 @@ from opentelemetry.trace import Span
 from crew_otel import internals
 from crew_otel.attributes import DATABASE_LOCKED
 from crew_otel.config import CrewOtelConfig
-from crew_otel.diagnosis import mutations
+from crew_otel.diagnosis import mutations, state_words
 from crew_otel.diagnosis.mutations import ToolGlobals, tool_globals
 from crew_otel.diagnosis.sharing import (
     KIND_DATABASE,
@@ -153,16 +154,13 @@ class ToolScope:
         kind: str,
         label: str,
         class_name: str,
-        noun: str | None = None,
         advice: str | None = None,
     ) -> None:
         """This request's tool code touched ``key``: hold it for the run, flag a collision."""
         if self.holdings.holds(key) or self.watcher.ignores(label):
             return
         sharing = self.watcher.sharing
-        usage = sharing.enter_key(
-            key, kind, self.request_id, self.span, label, class_name, noun, advice
-        )
+        usage = sharing.enter_key(key, kind, self.request_id, self.span, label, class_name, advice)
         if not self.holdings.add(key, usage):
             sharing.exit(usage)
 
@@ -222,7 +220,7 @@ class _Candidate:
             KIND_GLOBAL,
             self.label,
             _class_name(after),
-            advice=_REBIND_ADVICE,
+            advice=state_words.ADVICE_REBOUND,
         )
 
     def _confirm_environment(self, scope: ToolScope) -> None:
@@ -236,20 +234,12 @@ class _Candidate:
                 (KIND_GLOBAL, "os.environ", variable),
                 KIND_GLOBAL,
                 f"os.environ[{variable!r}]",
-                "os.environ",
-                noun="environment variable",
-                advice=_ENVIRON_ADVICE,
+                state_words.ENVIRON_CLASS,
+                advice=state_words.ADVICE_ENVIRONMENT,
             )
 
 
 _ABSENT = object()
-_REBIND_ADVICE = (
-    "tool code rebinds a module global: keep the value per request (pass it in, or return it)"
-)
-_ENVIRON_ADVICE = (
-    "the process has one environment: pass the value to the code that needs it instead of "
-    "setting os.environ from a request"
-)
 #: Items of a container compared from each end (a change in the middle of a large container
 #: that keeps its length is not seen).
 _SAMPLE = 16
@@ -389,9 +379,10 @@ class SharedStateWatcher:
             return
         if path in scope.files:
             return
-        name = os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
+        name = _absolute(path)
         scope.files.add(path)
-        scope.note((KIND_FILE, name), KIND_FILE, name, "file")
+        if name != os.devnull:  # a sink every request may write to
+            scope.note((KIND_FILE, name), KIND_FILE, name, "file")
 
     @staticmethod
     def database_connected(scope: ToolScope, database: str) -> None:
@@ -424,8 +415,34 @@ _MAX_IGNORED_LABELS = 4096
 
 def _is_write(mode: object, flags: object) -> bool:
     if isinstance(mode, str):
-        return any(c in mode for c in "wax+")
+        found = _WRITE_MODES.get(mode)
+        if found is None:
+            found = not _WRITE_MODE_LETTERS.isdisjoint(mode)
+            if len(_WRITE_MODES) < _MAX_MODES:
+                _WRITE_MODES[mode] = found
+        return found
     return isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
+
+
+_WRITE_MODE_LETTERS = frozenset("wax+")
+#: ``open`` modes seen, and whether each writes (a bound: a mode is any string).
+_WRITE_MODES: dict[str, bool] = {}
+_MAX_MODES = 64
+
+
+def _absolute(path: object) -> str:
+    """The absolute, normalised path of ``path`` (``os.path.abspath``, without its work for an
+    absolute ``str`` path that is already normal: every new path a tool call opens)."""
+    if (
+        type(path) is str
+        and path.startswith("/")
+        and "//" not in path
+        and "/." not in path
+        and not path.endswith("/")
+        and os.sep == "/"
+    ):
+        return path
+    return os.path.abspath(os.fsdecode(path))  # type: ignore[arg-type]
 
 
 def _class_name(obj: object) -> str:
@@ -522,6 +539,21 @@ class _Watching:
         self.watcher: SharedStateWatcher | None = None
         #: The wrappers on the openers (installed once per process while instrumented).
         self.hooks = HookSet("shared state")
+        #: The current OpenTelemetry context (see :func:`_context_reader`).
+        self.current_context: Callable[[], otel_context.Context] = otel_context.get_current
+
+
+def _context_reader() -> Callable[[], otel_context.Context]:
+    """How the wrappers read the current OpenTelemetry context: straight from the ContextVar
+    of the API's default runtime context when that is the one in use (one C call: every file
+    open in a tool call reads it), else ``opentelemetry.context.get_current``."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
+        variable, contextvars.ContextVar
+    ):
+        return variable.get
+    return otel_context.get_current
 
 
 def _traced_open(
@@ -529,17 +561,26 @@ def _traced_open(
 ) -> Any:
     """``open``/``io.open``: note a file opened for writing by tool code. With an ``opener``
     (``tempfile``'s files) the first argument need not be the path written: the opener's own
-    ``os.open`` is seen instead."""
+    ``os.open`` is seen instead. A path this tool call already noted costs a set lookup."""
     result = wrapped(*args, **kwargs)
-    if _WATCHING.watcher is not None:
-        scope = otel_context.get_value(TOOL_STATE_KEY)
-        if scope is not None and len(args) <= _OPENER_POSITION and kwargs.get("opener") is None:
-            try:
-                path = args[0] if args else kwargs.get("file")
-                mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
-                SharedStateWatcher.file_opened(scope, path, mode, None)  # type: ignore[arg-type]
-            except Exception:
-                _logger.debug("crew_otel: file write not noted", exc_info=True)
+    if _WATCHING.watcher is None:
+        return result
+    scope: ToolScope | None = _WATCHING.current_context().get(TOOL_STATE_KEY)  # type: ignore[assignment]
+    if scope is None or len(args) > _OPENER_POSITION:
+        return result
+    try:
+        if kwargs:
+            if kwargs.get("opener") is not None:
+                return result
+            path = args[0] if args else kwargs.get("file")
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+        else:
+            path = args[0]
+            mode = args[1] if len(args) > 1 else "r"
+        if path not in scope.files:
+            SharedStateWatcher.file_opened(scope, path, mode, None)
+    except Exception:
+        _logger.debug("crew_otel: file write not noted", exc_info=True)
     return result
 
 
@@ -557,7 +598,7 @@ def _traced_os_open(
     ``O_TMPFILE`` file: its path is a directory)."""
     result = wrapped(*args, **kwargs)
     if _WATCHING.watcher is not None:
-        scope = otel_context.get_value(TOOL_STATE_KEY)
+        scope = _WATCHING.current_context().get(TOOL_STATE_KEY)
         if scope is not None:
             try:
                 path = args[0] if args else kwargs.get("path")
@@ -583,7 +624,7 @@ def _traced_connect(
     """
     connection = wrapped(*args, **kwargs)
     if _WATCHING.watcher is not None:
-        scope = otel_context.get_value(TOOL_STATE_KEY)
+        scope = _WATCHING.current_context().get(TOOL_STATE_KEY)
         if scope is not None:
             try:
                 database = _database_path(args[0] if args else kwargs.get("database"))
@@ -622,6 +663,7 @@ def activate(watcher: SharedStateWatcher) -> None:
     ``os.open`` and ``sqlite3.connect`` (outside tool calls the wrappers add one context
     look-up to the call). Another library's wrapper there stays, inside crew_otel's."""
     _WATCHING.watcher = watcher
+    _WATCHING.current_context = _context_reader()
     for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
         if module is not None:

@@ -24,6 +24,7 @@ from opentelemetry.trace import Span
 
 from crew_otel import attributes
 from crew_otel.attributes import StrEnum
+from crew_otel.diagnosis import state_words
 from crew_otel.metrics import CrewOtelMetrics, reset_in_forked_children
 
 _logger = logging.getLogger("crew_otel")
@@ -63,36 +64,11 @@ _ADVICE: dict[str, str] = {
     Kind.LLM: "build the LLM per request (its usage counters are shared otherwise)",
     Kind.TASK_INPUTS: "another request interpolated its inputs into this Task: build Tasks per "
     "request",
-    Kind.GLOBAL: "tool code keeps state in a module or class: keep it per request (pass it in, "
-    "or build the tool in a function that creates its state)",
-    Kind.FILE: "give each request its own path (tempfile.mkstemp, or the request ID in the name)",
-    Kind.DATABASE: "SQLite lets one writer in at a time: open connections with a busy timeout "
-    "(sqlite3.connect(path, timeout=30)), keep write transactions short, or give each request "
-    "its own database",
-    Kind.RESOURCE: "open the connection, session or file per request (or per call), not once "
-    "for every tool",
     Kind.MEMORY: "build the Memory (and its storage) per request, or give each request its own "
     "storage path; concurrent writers contend for the store's lock",
     Kind.KNOWLEDGE: "build knowledge sources and their storage per request, or query one store "
     "from one request at a time",
 }
-
-#: What a thing named by a key is called in a warning, by kind (``global`` adds its type).
-_NOUNS: dict[str, str] = {
-    Kind.FILE: "file",
-    Kind.DATABASE: "SQLite database",
-}
-
-
-def _noun(kind: str, class_name: str) -> str:
-    """``file``, ``SQLite database``, ``global dict``, ``resource Connection``: never the kind
-    twice ("file file")."""
-    noun = _NOUNS.get(kind)
-    if noun is not None:
-        return noun
-    short = class_name.rsplit(".", 1)[-1]
-    return kind.replace("_", " ") if short == kind else f"{kind.replace('_', ' ')} {short}"
-
 
 MAX_OTHER_IDS = 8
 #: Things named by a key (paths, globals) warned about once each; beyond this many, again.
@@ -151,15 +127,14 @@ class SharedInstanceDetector:
         span: Span,
         label: str,
         class_name: str,
-        noun: str | None = None,
         advice: str | None = None,
     ) -> Usage:
         """:meth:`enter` for a thing that is not one object: a file path, a database, a global
-        (``key`` identifies it; ``label`` names it, ``class_name`` says what it is; ``noun`` and
-        ``advice`` word the warning when the kind's defaults do not fit the shape)."""
+        (``key`` identifies it; ``label`` names it, ``class_name`` says what it is; ``advice``
+        words what to change when the shape's default does not fit)."""
         usage, others = self._enter(key, request_id)
         if others:
-            self.report_key(key, kind, request_id, others, span, label, class_name, noun, advice)
+            self.report_key(key, kind, request_id, others, span, label, class_name, advice)
         return usage
 
     def hold_key(self, key: Hashable, request_id: str) -> Usage:
@@ -181,15 +156,20 @@ class SharedInstanceDetector:
         span: Span,
         label: str,
         class_name: str,
-        noun: str | None = None,
         advice: str | None = None,
     ) -> None:
-        """Event, flag and counter on ``span`` for ``key``, and a warning once per thing
-        (``noun`` names what it is in the warning, ``advice`` what to change)."""
+        """Event, flag and counter on ``span`` for ``key``, and a warning once per thing, in
+        the words of :mod:`crew_otel.diagnosis.state_words` (``advice``: what to change, when
+        the shape's default does not fit)."""
         self._report(kind, request_id, others, span, label, class_name)
         if self._first_key_warning(kind, key):
-            what = noun if noun is not None else _noun(str(kind), class_name)
-            self._warn_text(what, label, request_id, others, advice or _ADVICE.get(kind, ""))
+            kind = str(kind)
+            self._warn_text(
+                state_words.describe_state(kind, class_name, label),
+                request_id,
+                others,
+                advice or state_words.warning_advice(kind, class_name, label),
+            )
 
     def _enter(self, key: Hashable, request_id: str) -> tuple[Usage, list[str]]:
         with self._lock:
@@ -294,19 +274,18 @@ class SharedInstanceDetector:
     @staticmethod
     def _warn(kind: str, what: str, label: str, request_id: str, others: list[str]) -> None:
         SharedInstanceDetector._warn_text(
-            f"{kind.replace('_', ' ')} {what}",
-            label,
+            f"{kind.replace('_', ' ')} {what} {label!r}",
             request_id,
             others,
             _ADVICE.get(kind, "build it per request"),
         )
 
     @staticmethod
-    def _warn_text(what: str, label: str, request_id: str, others: list[str], advice: str) -> None:
+    def _warn_text(thing: str, request_id: str, others: list[str], advice: str) -> None:
+        """``thing`` (its noun and name, in words) is used by several requests at once."""
         _logger.warning(
-            "crew_otel: %s %r is used by request %s while request(s) %s use it: %s.",
-            what,
-            label,
+            "crew_otel: %s is used by request %s while request(s) %s use it: %s.",
+            thing,
             request_id,
             ", ".join(sorted(others)[:MAX_OTHER_IDS]),
             advice,

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from crew_otel import attributes as a
+from crew_otel.diagnosis import state_words
 from crew_otel.otlp_json import SpanRecord
 
 LAYERS = (a.RETRY_LAYER_HTTP, a.RETRY_LAYER_RATE_LIMIT, a.RETRY_LAYER_AGENT)
@@ -34,25 +35,6 @@ MACHINE_WIDE_KINDS = ("file", "database")
 NOTABLE_QUEUE_WAIT_S = 0.1
 #: How many recovered-origin kinds the conclusion names before "and N more".
 MAX_NAMED_ORIGINS = 3
-
-_STATE_WHAT = {
-    "global": "module global",
-    "file": "file",
-    "database": "SQLite database",
-    "resource": "",
-}
-_STATE_VERB = {
-    "global": "written by the tool code of",
-    "file": "written by the tool code of",
-    "database": "written by the tool code of",
-    "resource": "held by the tools of",
-}
-_STATE_ADVICE = {
-    "global": "keep tool state per request",
-    "file": "give each request its own path",
-    "database": "give each request its own database or serialise the writes",
-    "resource": "open connections, sessions and files per request",
-}
 
 
 #: How the report names a shared object of each ``crew_otel.shared_instance.kind`` when only
@@ -71,14 +53,21 @@ MAX_CAUSE_CHARS = 64
 
 
 def describe(kind: str, class_name: str, name: str) -> str:
-    """What a shared thing is, in words: ``module global 'app.CACHE'``, ``Agent 'Analyst'``."""
-    short = class_name.rsplit(".", 1)[-1]
+    """What a shared thing is, in words: ``module global 'app.CACHE'``, ``global int
+    'app.COUNTER'``, ``environment variable 'X'``, ``Agent 'Analyst'`` (shared state in the
+    words of :mod:`crew_otel.diagnosis.state_words`)."""
     if kind in STATE_KINDS:
-        what = _STATE_WHAT[kind]
-        if kind == "resource":
-            return name or short or "resource"
-        return f"{what} {name!r}" if name else what
+        return state_words.describe_state(kind, class_name, name)
+    short = class_name.rsplit(".", 1)[-1]
     return f"{short or kind} {name!r}" if name else (short or kind)
+
+
+def _state_opening(kind: str, label: str) -> str:
+    """``a module global 'x'``, ``an environment variable 'X'``, ``a shared
+    sqlite3.Connection at app.db.POOL`` (a resource is named by where it is held)."""
+    if kind == "resource":
+        return f"a shared {label}"
+    return f"{state_words.article(label)} {label}"
 
 
 @dataclasses.dataclass
@@ -105,11 +94,10 @@ class Conflict:
         return self.kind in STATE_KINDS
 
     def sentence(self) -> str:
-        """``module global 'x' written by the tool code of 3 requests at once; advice``."""
-        verb = _STATE_VERB.get(self.kind, "used by")
-        text = f"{'a ' if self.kind != 'resource' else 'a shared '}{self.label} {verb} "
-        text += f"{self.at_once} requests at once"
-        advice = _STATE_ADVICE.get(self.kind)
+        """``a module global 'x' written by the tool code of 3 requests at once; advice``."""
+        verb = state_words.report_verb(self.kind, self.class_name, self.name)
+        text = f"{_state_opening(self.kind, self.label)} {verb} {self.at_once} requests at once"
+        advice = state_words.report_advice(self.kind, self.class_name, self.name)
         return f"{text}; {advice}" if advice else text
 
 
@@ -942,7 +930,11 @@ def _cause(members: list[_Span], by_id: dict[str, _Span]) -> str:
                 str(event.get(a.SHARED_INSTANCE_NAME, "")),
             )
             users = 1 + len(_other_ids(event))
-            verb = _STATE_VERB.get(kind, "used by").replace(" the tool code of", "")
+            verb = state_words.report_verb(
+                kind,
+                str(event.get(a.SHARED_INSTANCE_CLASS, "")),
+                str(event.get(a.SHARED_INSTANCE_NAME, "")),
+            ).replace(" the tool code of", "")
             return f"a shared {what} {verb} {users} requests at once"
     error_type = str(origin.attributes.get(a.ERROR_TYPE, "error"))
     if _is_http_attempt(origin, by_id):
@@ -1037,10 +1029,9 @@ def _state_sentence(group: list[Conflict], tags: dict[str, str]) -> str:
     elif where:
         place = f" in each of {', '.join(where[:-1])} and {where[-1]}"
     count = f"up to {at_once}" if len({c.at_once for c in group}) > 1 else str(at_once)
-    verb = _STATE_VERB.get(first.kind, "used by")
-    text = f"{'a ' if first.kind != 'resource' else 'a shared '}{first.label}{place} {verb} "
-    text += f"{count} requests at once"
-    advice = _STATE_ADVICE.get(first.kind)
+    verb = state_words.report_verb(first.kind, first.class_name, first.name)
+    text = f"{_state_opening(first.kind, first.label)}{place} {verb} {count} requests at once"
+    advice = state_words.report_advice(first.kind, first.class_name, first.name)
     return f"{text}; {advice}" if advice else text
 
 

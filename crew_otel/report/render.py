@@ -191,15 +191,13 @@ def service_panel(report: ServiceReport, width: int = TIMELINE_WIDTH) -> Panel:
     if report.conflicts:
         conflicts = _table(
             "Shared instances and state (one thing, several requests at once)",
-            "kind",
-            "what",
+            "what",  # its noun says the kind: no "file file '/path'"
             "requests involved",
         )
         tags = _process_tags(report)
         for conflict in report.conflicts:
             where = f" in {tags[conflict.process]}" if conflict.process in tags else ""
             conflicts.add_row(
-                conflict.kind,
                 conflict.label + where,
                 ", ".join(sorted(conflict.request_ids)[:6])
                 + (" ..." if len(conflict.request_ids) > 6 else ""),

@@ -575,6 +575,14 @@ def removes_own_file(query: str) -> str:
     return "removed"
 
 
+def writes_devnull(query: str) -> str:
+    """Output thrown away (a quiet subprocess, a library that wants a stream): no state."""
+    with open(os.devnull, "w", encoding="utf-8") as sink:
+        sink.write(query)
+    meet()
+    return "discarded"
+
+
 def closure_state_per_request() -> Callable[[int], Callable[[str], str]]:
     def make(i: int) -> Callable[[str], str]:
         state = {"attempts": 0}
@@ -690,6 +698,7 @@ SHAPES: tuple[Shape, ...] = (
     Shape("write that never runs", per_request(write_never_runs), asyncio=True),
     Shape("reads module list", per_request(reads_module_list)),
     Shape("os.remove own file", per_request(removes_own_file)),
+    Shape("writes os.devnull", per_request(writes_devnull)),
     Shape("closure state per request", closure_state_per_request(), asyncio=True),
     Shape("own instance cache", lambda i: {"seen": {}}, tool_class=OwnCache),
 )
