@@ -194,7 +194,7 @@ def _detector_window(
     worker = worker_class(
         common.CREW_OTEL,
         bench.base_url,
-        {**bench.env_for(common.CREW_OTEL), **overlay},
+        {**bench.env_for(common.CREW_OTEL), **SAME_HASHES, **overlay},
         bench.worker_log,
         prefix=valgrind_prefix(out_file, False),
         options=_worker_options(bench),
@@ -220,11 +220,16 @@ def _worker_options(bench: Any) -> list[str]:
     return [] if bench.instructions_timers else ["--quiet-timers"]
 
 
+#: Every process counted runs with the same string-hash seed: set and dict layouts (and so the
+#: instructions spent probing them) are then the same from one run to the next.
+SAME_HASHES = {"PYTHONHASHSEED": "0"}
+
+
 def _spawn(bench: Any, worker_class: Any, variant: str, prefix: list[str]) -> Any:
     worker = worker_class(
         variant,
         bench.base_url,
-        bench.env_for(variant),
+        {**bench.env_for(variant), **SAME_HASHES},
         bench.worker_log,
         prefix=prefix,
         options=_worker_options(bench),
@@ -344,7 +349,7 @@ def _hooks(bench: Any, scratch: str) -> dict[str, Any]:
         ],
         capture_output=True,
         text=True,
-        env=bench.env,
+        env={**bench.env, **SAME_HASHES},
         cwd=common.REPO_ROOT,
         check=False,
     )

@@ -253,6 +253,12 @@ class Bench:
             self.settings = dataclasses.replace(self.settings, soak_kickoffs=args.soak_kickoffs)
         if args.shared_rounds:
             self.settings = dataclasses.replace(self.settings, shared_rounds=args.shared_rounds)
+        if args.e2e_rounds:
+            self.settings = dataclasses.replace(self.settings, e2e_rounds=args.e2e_rounds)
+        if args.instructions_windows:
+            self.settings = dataclasses.replace(
+                self.settings, instructions_windows=tuple(args.instructions_windows)
+            )
         default_out = "results-quick" if args.quick else "results"
         self.out = Path(args.out) if args.out else common.BENCH_DIR / default_out
         self.out.mkdir(parents=True, exist_ok=True)
@@ -902,6 +908,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--shared-rounds", type=int, help="rounds per block in the shared-state section"
     )
+    parser.add_argument("--e2e-rounds", type=int, help="rounds per block in the e2e section")
+    parser.add_argument(
+        "--instructions-windows",
+        type=int,
+        nargs="+",
+        help="instructions section: kickoffs per measured window (default 3 12)",
+    )
     parser.add_argument(
         "--no-competitors", action="store_true", help="skip OpenInference and OpenLLMetry"
     )
@@ -967,6 +980,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             previous["additional_runs"][-1]["command"] += f" --soak-kickoffs {args.soak_kickoffs}"
         if args.shared_rounds:
             previous["additional_runs"][-1]["command"] += f" --shared-rounds {args.shared_rounds}"
+        if args.e2e_rounds:
+            previous["additional_runs"][-1]["command"] += f" --e2e-rounds {args.e2e_rounds}"
+        if args.instructions_windows:
+            previous["additional_runs"][-1]["command"] += " --instructions-windows " + " ".join(
+                str(kickoffs) for kickoffs in args.instructions_windows
+            )
+        if args.no_competitors:
+            previous["additional_runs"][-1]["command"] += " --no-competitors"
         system = previous
     bench.write("system.json", system)
     table = report.render(bench.out, system)

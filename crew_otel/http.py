@@ -75,10 +75,6 @@ HTTP_CLIENTS = (
 )
 
 
-def _is_http_attempt_span(span: trace.Span) -> bool:
-    return internals.HTTPX_TRACER.matches(span)
-
-
 def header_map(headers: Any) -> dict[str, str]:
     """Lower-cased header dict from httpcore's ``[(b"name", b"value"), ...]`` or a mapping."""
     if headers is None:
@@ -92,23 +88,32 @@ def header_map(headers: Any) -> dict[str, str]:
 
 
 _RETRY_COUNT_HEADER_BYTES = RETRY_COUNT_HEADER.encode()
+#: Reads the instrumentation scope of a span: which spans are HTTP attempts.
+_read_http_scope = internals.HTTPX_TRACER.read
 
 
 def _header(headers: Any, name: bytes) -> str | None:
-    """One header of httpcore's ``[(b"Name", b"value"), ...]`` list, without building a dict."""
-    for key, value in headers or ():
-        if len(key) == len(name) and key.lower() == name:
+    """One header of httpcore's ``[(b"Name", b"value"), ...]`` list, without building a dict.
+
+    Read from the end: the SDK adds its retry header after its defaults, httpx only a few
+    after it (a header the SDK sets appears once).
+    """
+    length = len(name)
+    for key, value in reversed(headers) if isinstance(headers, list) else headers or ():
+        if len(key) == length and key.lower() == name:
             return value.decode("latin-1") if isinstance(value, bytes) else str(value)
     return None
 
 
 def _resend_count(request: Any) -> int:
     headers: Any = getattr(request, "headers", None)
-    if hasattr(headers, "get"):  # a mapping (httpx-style), not httpcore's list
+    if isinstance(headers, list):  # httpcore's list of (name, value) pairs: the usual case
+        raw = _header(headers, _RETRY_COUNT_HEADER_BYTES)
+    elif hasattr(headers, "get"):  # a mapping (httpx-style)
         raw = headers.get(RETRY_COUNT_HEADER)
     else:
         raw = _header(headers, _RETRY_COUNT_HEADER_BYTES)
-    if raw is None:
+    if raw is None or raw == "0":
         return 0
     try:
         return max(int(raw), 0)
@@ -116,12 +121,9 @@ def _resend_count(request: Any) -> int:
         return 0
 
 
-class _Attempt(NamedTuple):
-    """An HTTP attempt inside a model call: its span, the call's state, its retry number."""
-
-    span: trace.Span
-    state: LlmCallState
-    resend: int
+#: An HTTP attempt inside a model call: its span, the call's state, its retry number (a plain
+#: tuple: one is made per request).
+_Attempt = tuple[trace.Span, LlmCallState, int]
 
 
 class HttpAttemptObserver(Observer):
@@ -129,25 +131,31 @@ class HttpAttemptObserver(Observer):
     ``handle_async_request`` of the async ones, with ``is_async=True``)."""
 
     def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        span = trace.get_current_span()
-        if not _is_http_attempt_span(span):
+        ctx = otel_context.get_current()
+        span = trace.get_current_span(ctx)
+        if _read_http_scope(span) is None:  # not an HTTP attempt span (or not recording)
             return None
-        resend = _resend_count(kwargs.get("request", args[0] if args else None))
+        resend = _resend_count(
+            kwargs["request"] if "request" in kwargs else args[0] if args else None
+        )
         if resend:
             span.set_attribute(a.HTTP_RESEND_COUNT, resend)
-        state = otel_context.get_value(LLM_CALL_KEY)
+        state = ctx.get(LLM_CALL_KEY)
         if not isinstance(state, LlmCallState):
             return None
         if resend:
             self.runtime.metrics.retry(
                 a.RETRY_LAYER_HTTP, state.last_error_type or "unknown", state.provider
             )
-        return _Attempt(span, state, resend)
+        attempt: _Attempt = (span, state, resend)
+        return attempt
 
     def after_result(self, observed: _Attempt, response: Any) -> None:
-        status = getattr(response, "status", getattr(response, "status_code", None))
+        status = getattr(response, "status", None)
+        if status is None:
+            status = getattr(response, "status_code", None)
         if not isinstance(status, int) or status < 400:
-            observed.state.note_http_success()
+            observed[1].note_http_success()
             return
         headers = header_map(getattr(response, "headers", None))
         self._failed(observed, str(status), status, headers, f"HTTP {status}")
@@ -210,8 +218,11 @@ class CrewAIBaggageFilter(TextMapPropagator):
         setter: Setter[CarrierT] = default_setter,
     ) -> None:
         ctx = context if context is not None else otel_context.get_current()
-        ctx = safe_call(propagation.outgoing, ctx, self.propagate_request_id, default=ctx)
         entries = baggage.get_all(ctx)
+        # propagation.outgoing changes nothing without either (most requests: skipped).
+        if self.propagate_request_id or propagation.REQUEST_ID_BAGGAGE_KEY in entries:
+            ctx = safe_call(propagation.outgoing, ctx, self.propagate_request_id, default=ctx)
+            entries = baggage.get_all(ctx)
         if self.strip_crewai and entries and not CREWAI_BAGGAGE_KEYS.isdisjoint(entries):
             for key in CREWAI_BAGGAGE_KEYS.intersection(entries):
                 ctx = baggage.remove_baggage(key, ctx)

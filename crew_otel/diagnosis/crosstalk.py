@@ -17,7 +17,9 @@ run that overlapped it is; no identifier is ever kept, recorded or logged.
 **Foreign data.** Where data enters a run (each tool result, the messages of each model
 request, the run's final output), a token that is a mark of exactly one other run that was in
 flight at the same time, and not a mark of this run, is foreign. A mark of several concurrent
-runs (a product name with a number, a shared reference) is nobody's.
+runs (a product name with a number, a shared reference) is nobody's. The token hashes of the
+last 512 long texts checked are remembered by the text's own hash (the messages a run sends
+again at each model request are read once); no text is kept.
 
 What is recorded is in :class:`CrosstalkDetector`'s docstring.
 """
@@ -77,10 +79,31 @@ def marks_in_text(text: str) -> set[int]:
     return {hash(token) for token in _tokens(text) if _is_mark(token) or "@" in token}
 
 
-def _token_hashes(text: str) -> set[int]:
+def _token_hashes(text: str) -> frozenset[int]:
     """The hashes of every token that could be a mark (checked against known marks only:
-    what a run's data is compared with needs no validation, and skipping it is the cost)."""
-    return {hash(token) for token in _tokens(text)}
+    what a run's data is compared with needs no validation, and skipping it is the cost).
+
+    Remembered for long texts, by the text's own hash and length (no text is kept): each
+    model request of a run sends the system prompt and the earlier messages again.
+    """
+    if len(text) < _REMEMBER_FROM:
+        return frozenset(hash(token) for token in _tokens(text))
+    key = (hash(text), len(text))
+    found = _remembered.get(key)
+    if found is None:
+        found = frozenset(hash(token) for token in _tokens(text))
+        with _remembered_lock:
+            if len(_remembered) >= _REMEMBERED_TEXTS:
+                del _remembered[next(iter(_remembered))]  # the oldest
+            _remembered[key] = found
+    return found
+
+
+#: Texts at least this long have their token hashes remembered, for this many texts.
+_REMEMBER_FROM = 200
+_REMEMBERED_TEXTS = 512
+_remembered: dict[tuple[int, int], frozenset[int]] = {}
+_remembered_lock = threading.Lock()
 
 
 def _tokens(text: str) -> Iterator[str]:
