@@ -11,6 +11,7 @@ every span of a run, no orphans; then again uninstrumented: the caller gets the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,7 +82,15 @@ def run_all(make_crew: Callable[[str], Any]) -> dict[str, Any]:
     return kickoff_concurrently(make_crew, MARKERS, N_THREADS)
 
 
-summary = outcome_summary
+#: The knowledge markers an answer quotes: which chunks a search returns depends on what the
+#: concurrent crews have ingested into the shared knowledge collection by then (timing).
+KNOWLEDGE_MARKER = re.compile(r"\[\[k\d+\]\] ?")
+
+
+def summary(outcome: Any) -> tuple[str, str]:
+    """What the caller got, but for the knowledge chunks the answer happened to quote."""
+    status, text = outcome_summary(outcome)
+    return status, KNOWLEDGE_MARKER.sub("", text)
 
 
 def run_traces(spans: Spans, fake_provider: Any, markers: list[str]) -> dict[str, Spans]:
