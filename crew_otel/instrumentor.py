@@ -51,6 +51,7 @@ from crew_otel.plan import (
     PlanRow,
     build_plan,
     embedder_class_rows,
+    findable,
     http_client_rows,
     initializing,
     left_to_auto_instrumentation,
@@ -161,6 +162,8 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._providers = (tracer_provider, meter_provider)
         runtime.attach_processor = processor_attacher(tracer_provider, runtime)
         warn_if_crewai_owns_global_provider(tracer_provider)
+        if config.http:
+            safe_call(_import_peeked_modules, default=None)
         try:
             self._apply_plan(build_plan(config), runtime)
         except BaseException:
@@ -458,6 +461,24 @@ def _required(value: _T | None, row: PlanRow) -> _T:
     if value is None:
         raise ValueError(f"plan row {row.key} ({row.source}) lacks a part its installer needs")
     return value
+
+
+#: Modules that libraries look up in ``sys.modules`` without importing them (openai >= 2 peeks
+#: at ``httpx2`` in every client it builds) and that the HTTP instrumentation imports.
+_PEEKED_MODULES = ("httpx2",)
+
+
+def _import_peeked_modules() -> None:
+    """Import the peeked modules now, in the thread that calls ``instrument()``, when installed.
+
+    The HTTP layer installs later (at the first model call, or when the HTTP client is imported),
+    and importing the HTTP instrumentation imports ``httpx2``: in one thread while another builds
+    an OpenAI client, that client would find ``httpx2`` half-initialised in ``sys.modules`` and
+    fail (``partially initialized module 'httpx2' has no attribute 'URL'``).
+    """
+    for name in _PEEKED_MODULES:
+        if name not in sys.modules and findable(name):
+            importlib.import_module(name)
 
 
 def _install_failed(exc: Exception) -> None:

@@ -154,9 +154,11 @@ def test_modules_imported_after_instrument_get_their_hooks_and_after_uninstrumen
         import importlib
         import importlib.util
 
+        from crew_otel.instrumentor import _PEEKED_MODULES  # imported by instrument() itself
+
         spare = [
             c for c in HTTP_CLIENTS
-            if importlib.util.find_spec(c.module) is not None
+            if importlib.util.find_spec(c.module) is not None and c.module not in _PEEKED_MODULES
             and c.module not in sys.modules and c.pool_module not in sys.modules
         ]
         lite_before = "crewai.lite_agent" in sys.modules
@@ -190,7 +192,10 @@ def test_modules_imported_after_instrument_get_their_hooks_and_after_uninstrumen
                 "instrumented": bool(instrumentor
                                      and instrumentor().is_instrumented_by_opentelemetry),
             }
+        peeked = {name: "URL" for name in _PEEKED_MODULES
+                  if hasattr(sys.modules.get(name), "URL")}
         print(json.dumps({
+            "peeked": peeked,
             "imported_by_instrument": imported_by_instrument,
             "after_instrument": after_instrument, "after_uninstrument": after_uninstrument,
             "lite": [lite_before, lite_report, lite_wrapped, lite_restored],
@@ -203,9 +208,27 @@ def test_modules_imported_after_instrument_get_their_hooks_and_after_uninstrumen
         assert result["after_instrument"] == {"status": "installed", "wrapped": True}
     for key, state in result["after_uninstrument"].items():
         assert state == {"wrapped": False, "instrumented": False}, key
-    assert result["after_instrument"] or result["after_uninstrument"], (
-        "no HTTP client left unimported to test with"
+    assert result["peeked"] == {"httpx2": "URL"} or not result["peeked"]
+
+
+def test_instrument_imports_the_modules_other_libraries_peek_at() -> None:
+    """openai >= 2 looks up ``httpx2`` in ``sys.modules`` in every client it builds; the HTTP
+    instrumentation imports it. ``instrument()`` imports it (when installed) in its own thread,
+    so a client built in another thread while crew_otel installs its HTTP layer never finds it
+    half-initialised (seen in CI: ``partially initialized module 'httpx2' has no attribute
+    'URL'``)."""
+    result = run_fresh(
+        """
+        import importlib.util
+        installed = importlib.util.find_spec("httpx2") is not None
+        crew_otel.instrument(tracer_provider=TracerProvider())
+        module = sys.modules.get("httpx2")
+        print(json.dumps({"installed": installed, "imported": module is not None,
+                          "complete": hasattr(module, "URL") if module else False}))
+        """
     )
+    assert result["imported"] == result["installed"]
+    assert result["complete"] == result["installed"]
 
 
 def test_an_http_client_imported_while_another_is_being_imported_installs_before_its_use() -> None:
