@@ -223,6 +223,7 @@ def test_one_request_object_entered_by_several_tasks_and_nested() -> None:
         all_inside = asyncio.Event()
         turns = [asyncio.Event() for _ in range(tasks)]
         turns[0].set()
+        nested = [asyncio.Event() for _ in range(tasks)]
 
         async def task(i: int) -> tuple[str | None, str | None, str | None]:
             with job:
@@ -230,12 +231,14 @@ def test_one_request_object_entered_by_several_tasks_and_nested() -> None:
                 if len(inside) == tasks:
                     all_inside.set()
                 await all_inside.wait()  # every task is inside before any leaves
-                await turns[i].wait()  # the first in leaves first, then the next
+                await turns[i].wait()  # the first in re-enters first, then the next
                 with job:  # re-entered by the same task
-                    await asyncio.sleep(0)  # the others run meanwhile
+                    nested[i].set()
+                    if i + 1 < tasks:
+                        # the next task re-enters while this one is still inside its own
+                        turns[i + 1].set()
+                        await nested[i + 1].wait()
                 inner = current_request_id()
-            if i + 1 < tasks:
-                turns[i + 1].set()
             return inner, current_request_id(), None
 
         return list(await asyncio.gather(*(task(i) for i in range(tasks))))

@@ -21,8 +21,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +30,7 @@ import crew_otel
 from crew_otel.testing import Fault
 from crew_otel.testing.crews import make_agent, make_llm
 from tests.spans import Spans, attr
+from tests.support.waiting import wait_for
 
 KEY = "sk-fake-key-for-the-loopback-provider"
 N_REQUESTS = 4
@@ -92,16 +91,6 @@ def requests_waiting_for_their_save() -> int:
     )
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> float:
-    """Poll (bounded) until ``condition()``, a state of threads nothing signals; when it was
-    seen (``perf_counter``, the clock of the spans' waits)."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.005)
-    return time.perf_counter()
-
-
 def test_requests_sharing_a_memory_show_their_waits_on_the_shared_storage(
     otel, fake_provider, tmp_path
 ):
@@ -138,8 +127,13 @@ def test_requests_sharing_a_memory_show_their_waits_on_the_shared_storage(
 
         with ThreadPoolExecutor(N_REQUESTS, thread_name_prefix=REQUEST_THREAD) as pool:
             futures = [pool.submit(one, i) for i in range(N_REQUESTS)]
-            wait_for(a_save_waits_for_the_lock, "a save waiting for the lock")
-            wait_for(lambda: requests_waiting_for_their_save() == N_REQUESTS, "every save queued")
+            wait_for(a_save_waits_for_the_lock, WAIT_S, "a save waiting for the lock", 0.005)
+            wait_for(
+                lambda: requests_waiting_for_their_save() == N_REQUESTS,
+                WAIT_S,
+                "every save queued",
+                0.005,
+            )
             assert a_save_waits_for_the_lock(), "the first save waits for the lock still"
             holder.stdin.write("release\n")
             holder.stdin.flush()

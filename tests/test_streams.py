@@ -29,6 +29,7 @@ from crew_otel.testing import FakeOpenAIProvider, Fault
 from crew_otel.testing.crews import make_llm, research_crew
 from crew_otel.testing.provider import MARKER, Gate
 from tests.spans import REQUEST_ID, Spans, attr
+from tests.support.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -97,14 +98,9 @@ def when_parked(gate: Gate, count: int, look: Callable[[], T]) -> Iterator[list[
         raise failed[0]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    """Poll until ``predicate()`` (a run's end, in a thread CrewAI owns); False on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+def wait_until(predicate: Callable[[], bool]) -> bool:
+    """Poll (bounded) until ``predicate()``: a run's end, in a thread CrewAI owns."""
+    return bool(wait_for(predicate, WAIT_S, "the runs' work to end", 0.01))
 
 
 def kickoffs(spans: Spans) -> list[ReadableSpan]:
