@@ -188,7 +188,9 @@ class RpmLimiterObserver(Observer):
 
     def _end(self, limiter_pass: _Pass, limiter: object, exc: BaseException | None) -> None:
         end = _perf()
-        end_ns = time.time_ns()
+        # the span lasts what the monotonic clock measured (a wall-clock step during CrewAI's
+        # 60 s sleep would otherwise make the span and crewai.rpm.waited disagree)
+        end_ns = limiter_pass.start_ns + int((end - limiter_pass.start) * 1e9)
         own = limiter_pass.sleep
         other = limiter_pass.other_sleep(limiter, end)
         attrs: dict[str, AttributeValue] = {}
