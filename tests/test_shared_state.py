@@ -483,3 +483,73 @@ def test_shared_state_ignore_silences_only_the_names_it_matches(
     spans = Spans(span_exporter.get_finished_spans())
     assert events(spans, "global") == [], "the ignored global is silent"
     assert_named(spans, "file", paths["report"])  # everything else still reported
+
+
+# --- a write confirmed after the other writer's run is over ---------------------------------------
+def _run_on_own_loop(crew: Any, inputs: dict[str, str]) -> str:
+    async def main() -> str:
+        return (await crew.akickoff(inputs=inputs)).raw
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("late_kickoff", ["kickoff", "akickoff"])
+def test_a_write_confirmed_after_the_other_writers_run_ended_names_both(
+    otel, fake_provider, metric_reader, paths, late_kickoff
+):
+    """A write counts when its tool call ends (what ran, not what the code could do). Here the
+    late request's tool call starts, the early request writes the global and its whole run
+    ends, and only then does the late call write and end: the two requests wrote the global
+    while both were in flight, and the late call's span names the early request, although the
+    early run no longer holds anything when the late write is confirmed."""
+    late_in_tool, early_done = threading.Event(), threading.Event()
+
+    def early_tool(query: str) -> str:
+        """Note the ticket being handled (once the late request is in its tool call)."""
+        late_in_tool.wait(timeout=30)
+        SHARED_CONTEXT["ticket"] = query
+        return f"ticket {query}"
+
+    def late_tool(query: str) -> str:
+        """Note the ticket being handled (once the early request's run is over)."""
+        late_in_tool.set()
+        early_done.wait(timeout=30)
+        SHARED_CONTEXT["ticket"] = query
+        return f"ticket {query}"
+
+    def crew_with(function: Callable[[str], str]) -> Any:
+        function.__name__ = "note_ticket"
+        return research_crew(
+            lambda: make_llm(fake_provider.base_url), tools=[function_tool(function)]
+        )
+
+    def early() -> str:
+        with crew_otel.request("early"):
+            answer = crew_with(early_tool).kickoff(inputs={"topic": "[[early]]"}).raw
+        early_done.set()
+        return answer
+
+    def late() -> str:
+        with crew_otel.request("late"):
+            crew = crew_with(late_tool)
+            inputs = {"topic": "[[late]]"}
+            if late_kickoff == "akickoff":
+                return _run_on_own_loop(crew, inputs)
+            return crew.kickoff(inputs=inputs).raw
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(late), pool.submit(early)]
+        answers = [f.result(timeout=120) for f in futures]
+    assert len(answers) == 2
+    assert late_in_tool.is_set()
+    assert early_done.is_set()
+    spans = Spans(otel.get_finished_spans())
+    found = events(spans, "global")
+    assert len(found) == 1, found
+    span, event = found[0]
+    assert attr(span, REQUEST_ID) == "late"
+    assert span.name.startswith("execute_tool")
+    assert event["crew_otel.shared_instance.name"] == f"{__name__}.SHARED_CONTEXT"
+    assert tuple(event["crew_otel.shared_instance.other_request_ids"]) == ("early",)
+    found_points = points(metric_reader)["crew_otel.shared_instance.conflicts"]
+    assert total(found_points, crew_otel__shared_instance__kind="global") == 1

@@ -65,6 +65,7 @@ from crew_otel.diagnosis.sharing import (
     KIND_FILE,
     KIND_GLOBAL,
     KIND_RESOURCE,
+    ExpectedWrite,
     SharedInstanceDetector,
 )
 from crew_otel.hookset import HookSet
@@ -155,12 +156,16 @@ class ToolScope:
         label: str,
         class_name: str,
         advice: str | None = None,
+        met: set[str] | None = None,
     ) -> None:
-        """This request's tool code touched ``key``: hold it for the run, flag a collision."""
+        """This request's tool code touched ``key``: hold it for the run, flag a collision
+        (with the requests holding it now, and those in ``met``: see ``expect_key``)."""
         if self.holdings.holds(key) or self.watcher.ignores(label):
             return
         sharing = self.watcher.sharing
-        usage = sharing.enter_key(key, kind, self.request_id, self.span, label, class_name, advice)
+        usage = sharing.enter_key(
+            key, kind, self.request_id, self.span, label, class_name, advice, met
+        )
         if not self.holdings.add(key, usage):
             sharing.exit(usage)
 
@@ -173,12 +178,20 @@ class ToolScope:
         if not self.holdings.add(key, usage):
             sharing.exit(usage)
 
+    def expect(self, candidate: _Candidate) -> None:
+        """A write the call may make: watch its object from now on (see ``expect_key``)."""
+        self.candidates.append(candidate)
+        if candidate.key is not None:
+            candidate.expected = self.watcher.sharing.expect_key(candidate.key, self.request_id)
+
     def confirm(self) -> None:
         """The call ended: note the candidate writes that changed their object (what ran)."""
         candidates, self.candidates = self.candidates, []
+        sharing = self.watcher.sharing
         for candidate in candidates:
+            met = sharing.settle(candidate.expected) if candidate.expected is not None else None
             try:
-                candidate.confirm(self)
+                candidate.confirm(self, met)
             except Exception:
                 _logger.debug("crew_otel: a write was not confirmed", exc_info=True)
 
@@ -189,28 +202,36 @@ class _Candidate:
     (a write in a branch that did not run changes nothing; nor does ``os.remove(p)``, which
     looks like a mutating call)."""
 
-    __slots__ = ("before", "label", "name", "namespace", "target")
+    __slots__ = ("before", "expected", "key", "label", "name", "target")
 
     def __init__(self, label: str, target: object, name: str | None) -> None:
         self.label = label
         self.target = target
         #: For ``global x; x = ...``: the name rebound in ``target`` (the module's namespace).
         self.name = name
-        self.namespace = target if name is not None else None
         self.before: object = (
             target.get(name, _ABSENT) if name is not None else _fingerprint(target)  # type: ignore[attr-defined]
         )
+        #: What a confirmed write holds (``None`` for ``os.environ``: one key per variable).
+        self.key: Hashable | None = (
+            (KIND_GLOBAL, id(target), name)
+            if name is not None
+            else None
+            if isinstance(target, os._Environ)
+            else (KIND_GLOBAL, id(target))
+        )
+        self.expected: ExpectedWrite | None = None
 
-    def confirm(self, scope: ToolScope) -> None:
+    def confirm(self, scope: ToolScope, met: set[str] | None = None) -> None:
         if self.name is not None:
-            self._confirm_rebinding(scope)
+            self._confirm_rebinding(scope, met)
         elif isinstance(self.target, os._Environ):
             self._confirm_environment(scope)
         elif _fingerprint(self.target) != self.before:
             target = self.target
-            scope.note((KIND_GLOBAL, id(target)), KIND_GLOBAL, self.label, _class_name(target))
+            scope.note(self.key, KIND_GLOBAL, self.label, _class_name(target), met=met)
 
-    def _confirm_rebinding(self, scope: ToolScope) -> None:
+    def _confirm_rebinding(self, scope: ToolScope, met: set[str] | None) -> None:
         namespace: dict[str, Any] = self.target  # type: ignore[assignment]
         after = namespace.get(self.name, _ABSENT)  # type: ignore[arg-type]
         if after is self.before or self.before is None or self.before is _ABSENT:
@@ -221,6 +242,7 @@ class _Candidate:
             self.label,
             _class_name(after),
             advice=state_words.ADVICE_REBOUND,
+            met=met,
         )
 
     def _confirm_environment(self, scope: ToolScope) -> None:
@@ -342,11 +364,11 @@ class SharedStateWatcher:
             if target is None:
                 continue
             if write.rebinds:
-                scope.candidates.append(_Candidate(write.label, target, write.path[0]))
+                scope.expect(_Candidate(write.label, target, write.path[0]))
             elif not isinstance(target, _NOT_STATE):
                 candidate = _Candidate(write.label, target, None)
                 if candidate.before is not None:
-                    scope.candidates.append(candidate)
+                    scope.expect(candidate)
         if scope.candidates:
             if at_end is not None:
                 at_end(scope.confirm)

@@ -14,6 +14,7 @@ runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -89,6 +90,19 @@ class Usage:
         self.generation = generation
 
 
+class ExpectedWrite:
+    """A write ``request_id``'s tool call may make to ``key`` (its code writes it; whether the
+    write ran is known when the call ends). ``met``: the requests that held ``key`` and let
+    go of it meanwhile (their runs ended while this call was running)."""
+
+    __slots__ = ("key", "met", "request_id")
+
+    def __init__(self, key: Hashable, request_id: str) -> None:
+        self.key = key
+        self.request_id = request_id
+        self.met: set[str] = set()
+
+
 class SharedInstanceDetector:
     """Tracks which requests are using which objects right now."""
 
@@ -96,6 +110,8 @@ class SharedInstanceDetector:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._in_use: dict[Hashable, dict[str, int]] = {}
+        #: key -> writes expected while tool calls run (see :meth:`expect_key`).
+        self._expected: dict[Hashable, list[ExpectedWrite]] = {}
         self._warned: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self._warned_lock = threading.Lock()
         self._warned_keys: set[tuple[str, Hashable]] = set()
@@ -109,6 +125,7 @@ class SharedInstanceDetector:
         self._lock = threading.Lock()
         self._warned_lock = threading.Lock()
         self._in_use = {}
+        self._expected = {}
         self._interpolated_by = weakref.WeakKeyDictionary()
         self._generation += 1
 
@@ -128,11 +145,16 @@ class SharedInstanceDetector:
         label: str,
         class_name: str,
         advice: str | None = None,
+        met: set[str] | None = None,
     ) -> Usage:
         """:meth:`enter` for a thing that is not one object: a file path, a database, a global
         (``key`` identifies it; ``label`` names it, ``class_name`` says what it is; ``advice``
-        words what to change when the shape's default does not fit)."""
+        words what to change when the shape's default does not fit; ``met``: requests that
+        held it earlier in the same tool call, see :meth:`expect_key`)."""
         usage, others = self._enter(key, request_id)
+        if met:
+            others = sorted(set(others) | (met - {request_id}))
+            usage.conflicted = bool(others)
         if others:
             self.report_key(key, kind, request_id, others, span, label, class_name, advice)
         return usage
@@ -141,6 +163,26 @@ class SharedInstanceDetector:
         """Note that ``request_id`` uses ``key`` without reporting anything: a thing that is
         shared only when requests contend for it (a SQLite database), see :meth:`report_key`."""
         return self._enter(key, request_id)[0]
+
+    def expect_key(self, key: Hashable, request_id: str) -> ExpectedWrite:
+        """A tool call of ``request_id`` may write ``key`` (known when it ends). Until
+        :meth:`settle` every request that lets go of ``key`` is remembered as met: the write,
+        once confirmed, collides with it although its run is over by then."""
+        expected = ExpectedWrite(key, request_id)
+        with self._lock:
+            self._expected.setdefault(key, []).append(expected)
+        return expected
+
+    def settle(self, expected: ExpectedWrite) -> set[str]:
+        """The call ended: stop watching for ``expected``; the requests it met."""
+        with self._lock:
+            waiting = self._expected.get(expected.key)
+            if waiting is not None:
+                with contextlib.suppress(ValueError):  # registered before a fork
+                    waiting.remove(expected)
+                if not waiting:
+                    del self._expected[expected.key]
+        return expected.met
 
     def users_of_key(self, key: Hashable) -> list[str]:
         """Request IDs holding ``key`` right now."""
@@ -197,6 +239,9 @@ class SharedInstanceDetector:
                 users.pop(usage.request_id, None)
                 if not users:
                     del self._in_use[usage.key]
+                for expected in self._expected.get(usage.key, ()):
+                    if expected.request_id != usage.request_id:
+                        expected.met.add(usage.request_id)
 
     def users_of(self, obj: object) -> list[str]:
         """Request IDs using ``obj`` right now."""
