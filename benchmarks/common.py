@@ -27,16 +27,22 @@ BASELINE = "baseline"
 CREW_OTEL = "crew_otel"
 OPENINFERENCE = "openinference"
 OPENLLMETRY = "openllmetry"
-VARIANTS = (BASELINE, CREW_OTEL, OPENINFERENCE, OPENLLMETRY)
+#: The uninstrumented kickoff, then crew_otel's spans and metric points of one kickoff made
+#: again with the bare SDK (see :mod:`benchmarks.floor`).
+SDK_FLOOR = "sdk_floor"
+VARIANTS = (BASELINE, CREW_OTEL, SDK_FLOOR, OPENINFERENCE, OPENLLMETRY)
 LABELS = {
     BASELINE: "no instrumentation",
     CREW_OTEL: "crew_otel",
+    SDK_FLOOR: "SDK floor (crew_otel's spans and points, bare SDK)",
     OPENINFERENCE: "OpenInference",
     OPENLLMETRY: "OpenLLMetry",
 }
 #: crew_otel with ``detect_shared_instances=False`` (the shared-state detectors' benchmark).
 CREW_OTEL_NO_DETECT = "crew_otel_detect_off"
 WORKER_VARIANTS = (*VARIANTS, CREW_OTEL_NO_DETECT)
+#: The environment variable naming the span model's template (:func:`benchmarks.floor.capture`).
+FLOOR_TEMPLATE_ENV = "CREW_OTEL_BENCH_FLOOR_TEMPLATE"
 
 #: The workloads a worker can run: ``research_crew`` as is, or with a tool doing file and
 #: SQLite I/O (a per-request file and a per-request database file).

@@ -373,6 +373,16 @@ def _instruction_targets(data: Any) -> list[tuple[str, str, str]]:
             _status(ratio <= TARGET_E2E_RATIO),
         )
     ]
+    floor = _added(data, common.SDK_FLOOR)
+    if floor is not None:
+        targets.append(
+            (
+                "the SDK floor in instructions (crew_otel's spans and points, bare SDK)",
+                f"+{floor[0] / 1e6:.1f} M ({floor[1]:.3f} x, {floor[2]:.0f} spans); crew_otel's "
+                f"own code on top: +{(added - floor[0]) / 1e6:.1f} M",
+                "information",
+            )
+        )
     theirs = _added(data, common.OPENLLMETRY)
     if theirs is not None:
         targets.append(
@@ -483,6 +493,20 @@ def _render_e2e(e2e: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
                 _ci_status(ratio, ci, TARGET_E2E_RATIO),
             )
         )
+        floor = cpu_ratios.get(common.SDK_FLOOR)
+        if floor:
+            floor_ci = median_ci(floor)
+            floor_delta = (medians[common.SDK_FLOOR] - medians[common.BASELINE]) * 1e3
+            targets.append(
+                (
+                    "the SDK floor: crew_otel's spans and metric points made by the bare SDK "
+                    "(what any instrumentation pays for them)",
+                    f"{statistics.median(floor):.3f} x ({floor_delta:+.1f} ms per kickoff"
+                    + (f"; 95 % CI {floor_ci[0]:.3f}-{floor_ci[1]:.3f}" if floor_ci else "")
+                    + f"); crew_otel's own code on top: {delta - floor_delta:+.1f} ms",
+                    "information",
+                )
+            )
         competitors = [v for v in (common.OPENINFERENCE, common.OPENLLMETRY) if v in cpu_ratios]
         if competitors:
             theirs = ", ".join(

@@ -269,6 +269,8 @@ class Bench:
         self.instructions_timers: bool = getattr(args, "instructions_timers", False)
         self.sections = tuple(args.only) if args.only else SECTIONS
         self.variants: list[str] = [common.BASELINE, common.CREW_OTEL]
+        if not getattr(args, "no_floor", False):
+            self.variants.append(common.SDK_FLOOR)
         self.overlays: dict[str, Path] = {}
         self.skipped: dict[str, str] = {}
         self.env: dict[str, str] = {}
@@ -374,6 +376,30 @@ class Bench:
         if not self.base_url:
             raise RuntimeError("the loopback provider did not start")
         self.log(f"loopback provider ready (separate process, pid {self.provider.pid})")
+        if common.SDK_FLOOR in self.variants:
+            self._capture_floor()
+
+    def _capture_floor(self) -> None:
+        """One kickoff's spans and points with crew_otel, for the SDK floor's workers."""
+        template = os.path.join(self._tempdir("floor-"), "template.json")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.floor",
+                "--capture",
+                template,
+                "--base-url",
+                self.base_url,
+            ],
+            check=True,
+            stdout=self.worker_log,
+            stderr=self.worker_log,
+            env=self.env,
+            cwd=common.REPO_ROOT,
+        )
+        self.env[common.FLOOR_TEMPLATE_ENV] = template
+        self.log("SDK floor: crew_otel's spans and points of one kickoff captured")
 
     def env_for(self, variant: str) -> dict[str, str]:
         overlay = self.overlays.get(variant)
@@ -917,6 +943,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-competitors", action="store_true", help="skip OpenInference and OpenLLMetry"
+    )
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the SDK floor (crew_otel's spans and points made by the bare SDK)",
     )
     parser.add_argument(
         "--instructions-timers",

@@ -48,7 +48,7 @@ from benchmarks import common
 
 def setup_variant(variant: str, pipeline: common.Pipeline) -> dict[str, Any]:
     """Install the variant's instrumentation the way its documentation says; return versions."""
-    if variant == common.BASELINE:
+    if variant in (common.BASELINE, common.SDK_FLOOR):
         return {}
     if variant in (common.CREW_OTEL, common.CREW_OTEL_NO_DETECT):
         import crew_otel
@@ -190,6 +190,8 @@ class Workload:
             self._make_crew = lambda: research_crew(lambda: make_llm(base_url))
         self.errors = 0
         self.first_error: str | None = None
+        #: Called after each kickoff that succeeded (the SDK floor's replay).
+        self.after_kickoff: Callable[[], None] | None = None
 
     def clean(self) -> None:
         """Remove the files the I/O tool wrote (called between measurements, untimed)."""
@@ -209,6 +211,8 @@ class Workload:
             result = self._make_crew().kickoff(inputs=dict(common.INPUTS))
             if not _answer(result):
                 raise RuntimeError("empty crew output")
+            if self.after_kickoff is not None:
+                self.after_kickoff()
         except Exception:
             self._note_error()
 
@@ -217,6 +221,8 @@ class Workload:
             result = await self._make_crew().akickoff(inputs=dict(common.INPUTS))
             if not _answer(result):
                 raise RuntimeError("empty crew output")
+            if self.after_kickoff is not None:
+                self.after_kickoff()
         except Exception:
             self._note_error()
 
@@ -527,6 +533,14 @@ def main() -> None:
     instrumentation_versions = setup_variant(args.variant, pipeline)
     timings["instrument"] = time.perf_counter() - start
     workload = Workload(args.base_url, pipeline, args.workload)
+    if args.variant == common.SDK_FLOOR:
+        from benchmarks import floor
+
+        workload.after_kickoff = floor.load(
+            os.environ[common.FLOOR_TEMPLATE_ENV],
+            pipeline.tracer_provider,
+            pipeline.meter_provider,
+        )
     send(
         {
             "ready": True,

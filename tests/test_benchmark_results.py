@@ -50,3 +50,82 @@ def test_the_per_hook_benchmark_still_drives_every_wrapper(tmp_path):
     for name in HOOKS:
         assert results[name]["value"] > 0, name
         assert results[name]["spans_per_call"] >= 1, (name, results[name])
+
+
+def test_the_sdk_floor_makes_crew_otels_spans_and_points_again(tmp_path, fake_provider):
+    """The SDK floor variant of ``make bench`` captures one kickoff's spans and metric points
+    with crew_otel (in a process of its own) and makes the same ones with the bare SDK: the
+    same names, kinds, nesting and attributes, and the same number of histogram points."""
+    import json
+    import subprocess
+    import sys
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from benchmarks import floor
+
+    template_path = tmp_path / "template.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.floor",
+            "--capture",
+            str(template_path),
+            "--base-url",
+            fake_provider.base_url,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    template = json.loads(template_path.read_text())
+    names = [span["name"] for span in template["spans"]]
+    assert names[0].startswith("invoke_workflow")
+    assert sum(name.startswith("chat") for name in names) == 3
+    assert sum(name == "POST" for name in names) == 3, "the HTTP attempts are part of it"
+    assert any(p["name"] == "gen_ai.client.token.usage" for p in template["points"])
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    replay = floor.Replay(template, tracer_provider, MeterProvider(metric_readers=[reader]))
+    replay()
+    made = spans.get_finished_spans()
+    by_id = {span.context.span_id: span for span in made}
+    assert sorted(span.name for span in made) == sorted(names)
+    for span in made:
+        original = next(
+            t
+            for t in template["spans"]
+            if t["name"] == span.name and t["attributes"] == floor._attrs(span.attributes)
+        )
+        parent = by_id.get(span.parent.span_id) if span.parent is not None else None
+        expected_parent = original["parent"]
+        if expected_parent is None:
+            assert parent is None
+        else:
+            assert parent is not None
+            assert parent.name == template["spans"][expected_parent]["name"]
+    recorded = {
+        (metric.name, json.dumps(floor._attrs(point.attributes), sort_keys=True)): point.count
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if hasattr(point, "count")  # histograms (counters: one add each, not counted here)
+    }
+    expected = {
+        (p["name"], json.dumps(p["attributes"], sort_keys=True)): p["times"]
+        for p in template["points"]
+        if p["kind"] == "histogram"
+    }
+    assert recorded == expected
