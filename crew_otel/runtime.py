@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from opentelemetry import context as otel_context
+from opentelemetry.instrumentation import utils as instrumentation_utils
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Tracer
 
@@ -49,7 +51,7 @@ class Runtime:
     @property
     def recording(self) -> bool:
         """Whether hooks record now: instrumented, and not inside ``suppress_instrumentation()``."""
-        return self.active and is_instrumentation_enabled()
+        return self.active and instrumentation_enabled()
 
     def on_kickoff(self) -> None:
         """Per-run housekeeping: attach the span processor if it is still pending, wrap
@@ -82,3 +84,24 @@ class Runtime:
             shared_state=SharedStateWatcher(sharing, config),
             crosstalk=CrosstalkDetector(metrics.crosstalk) if config.detect_crosstalk else None,
         )
+
+
+#: The context keys ``suppress_instrumentation()`` sets (read in one context look-up instead of
+#: ``is_instrumentation_enabled``'s four; that function where they are not found).
+_SUPPRESS_KEYS = tuple(
+    key
+    for key in (
+        getattr(instrumentation_utils, "_SUPPRESS_INSTRUMENTATION_KEY", None),
+        getattr(instrumentation_utils, "_SUPPRESS_INSTRUMENTATION_KEY_PLAIN", None),
+    )
+    if isinstance(key, str)
+)
+
+
+def instrumentation_enabled() -> bool:
+    """``opentelemetry.instrumentation.utils.is_instrumentation_enabled``, cheaper: every hook
+    asks at every call."""
+    if len(_SUPPRESS_KEYS) != 2:
+        return is_instrumentation_enabled()
+    ctx = otel_context.get_current()
+    return not (ctx.get(_SUPPRESS_KEYS[0]) or ctx.get(_SUPPRESS_KEYS[1]))

@@ -223,3 +223,53 @@ def test_the_step_hook_is_a_row_of_the_plan_and_uninstrument_removes_it(otel):
     original = targets.resolve(target).original
     assert original is wrapped.__wrapped__
     assert plan.build_plan().row(ROW).status == Status.INSTALLED  # resolvable again
+
+
+def test_crewais_own_flows_run_without_a_coroutine_of_crew_otel_around_them(otel):
+    """CrewAI's own Flows (the agent executor runs every step as one: about 30 method
+    executions per kickoff of a 2-task crew) are never recorded: their calls reach CrewAI as if
+    unwrapped, so no coroutine of crew_otel's sits around each, costing a frame at every
+    resumption. A user's Flow, the same code otherwise, is recorded."""
+    from crewai.flow.flow import Flow, start
+
+    class InternalFlow(Flow):  # type: ignore[misc,type-arg]
+        is_crewai_internal = True
+
+        @start()
+        def begin(self) -> str:
+            return "internal"
+
+    class UserFlow(Flow):  # type: ignore[misc,type-arg]
+        @start()
+        def begin(self) -> str:
+            return "user"
+
+    def crew_otels(coro: Any) -> bool:
+        """Whether ``coro`` is a coroutine of crew_otel's (around CrewAI's)."""
+        return "crew_otel" in coro.cr_code.co_filename
+
+    def kicked_off(flow: Any) -> tuple[bool, Any]:
+        coro = flow.kickoff_async()
+        return crew_otels(coro), asyncio.run(coro)
+
+    def step_wrapped(flow: Any) -> bool:
+        coro = flow._execute_method("begin", flow.begin)
+        try:
+            return crew_otels(coro)
+        finally:
+            coro.close()
+
+    wrapped, result = kicked_off(InternalFlow())
+    assert result == "internal"
+    assert not wrapped, "CrewAI's own coroutine, not crew_otel's"
+    assert not step_wrapped(InternalFlow()), "no coroutine of crew_otel's around its steps"
+    spans = Spans(otel.get_finished_spans())
+    assert spans.named(STEP) == []
+    assert not [s for s in spans.all if s.name.startswith("invoke_workflow")]
+
+    wrapped, result = kicked_off(UserFlow())
+    assert result == "user"
+    assert wrapped, "a user's Flow is recorded: crew_otel's coroutine around CrewAI's"
+    assert step_wrapped(UserFlow())
+    spans = Spans(otel.get_finished_spans())
+    assert [attr(s, NAME) for s in spans.named(STEP)] == ["begin"]

@@ -237,3 +237,41 @@ def test_no_op_providers_change_nothing(
     seen = {m: what_the_app_sees(s) for m, s in app_spans(span_exporter).items()}
     assert seen == expected_spans, "the application's own spans are untouched"
     assert crew_otel_points(metric_reader) == []
+
+
+def test_the_hooks_suppression_check_agrees_with_opentelemetrys():
+    """Every hook asks at every call whether instrumentation is suppressed, with a check of its
+    own (one context look-up); it answers as ``is_instrumentation_enabled`` does in every
+    state the instrumentation utilities can set, in threads as on the event loop."""
+    import asyncio
+    import threading
+
+    from opentelemetry import context
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
+    from crew_otel.runtime import instrumentation_enabled
+
+    def both() -> tuple[bool, bool]:
+        return instrumentation_enabled(), is_instrumentation_enabled()
+
+    seen = [both()]
+    with suppress_instrumentation():
+        seen.append(both())
+    token = context.attach(context.set_value("suppress_instrumentation", True))
+    try:
+        seen.append(both())
+    finally:
+        context.detach(token)
+    with suppress_instrumentation():
+        inner: list[tuple[bool, bool]] = []
+        thread = threading.Thread(target=lambda: inner.append(both()))
+        thread.start()
+        thread.join()
+        seen += inner
+
+        async def on_loop() -> tuple[bool, bool]:
+            return both()
+
+        seen.append(asyncio.run(on_loop()))
+    assert [a for a, _ in seen] == [b for _, b in seen]
+    assert [a for a, _ in seen] == [True, False, False, True, False]

@@ -306,8 +306,16 @@ class SpanWrapper(Generic[T]):
         self.config = runtime.config
         #: Whether the target is a coroutine function.
         self.is_async = is_async
+        # Costs nothing for the wrappers that do not define it.
+        self._may_pass = type(self).passes_through is not SpanWrapper.passes_through
 
     # --- what a wrapper implements -------------------------------------------------------
+    def passes_through(self, instance: Any) -> bool:
+        """Whether calls on ``instance`` are never recorded, known from the instance alone:
+        the target then runs as if unwrapped (for a coroutine function, no coroutine of the
+        wrapper's own around it, whose every resumption would cost a frame)."""
+        return False
+
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call[T] | None:
         raise NotImplementedError
 
@@ -427,6 +435,8 @@ class SpanWrapper(Generic[T]):
 
     # --- lifecycle -----------------------------------------------------------------------
     def __call__(self, wrapped: Wrapped, instance: Any, args: Args, kwargs: Kwargs) -> Any:
+        if self._may_pass and safe_call(self.passes_through, instance, default=False):
+            return wrapped(*args, **kwargs)
         if self.is_async:
             return self._call_async(wrapped, instance, args, kwargs)
         if not self.runtime.recording:

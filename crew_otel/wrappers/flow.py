@@ -46,11 +46,12 @@ class FlowStepWrapper(SpanWrapper[str | None]):
 
     operation = Operation.FLOW_STEP
 
+    def passes_through(self, instance: Any) -> bool:
+        return _is_internal_flow(type(instance))  # CrewAI's own flows (the agent executor)
+
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Call[str | None] | None:
-        if _is_internal_flow(type(instance)):
-            return None
         method_name = args[0] if args else kwargs.get("method_name")
         name = attributes.bounded_name(
             str(method_name) if method_name is not None else None,

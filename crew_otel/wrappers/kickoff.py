@@ -240,11 +240,13 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         self.entrypoint = entrypoint
         self.kind = kind
 
+    def passes_through(self, instance: Any) -> bool:
+        # CrewAI's own flows (the agent executor, memory flows) are not kickoffs.
+        return self.kind == Kind.FLOW and _is_internal_flow(type(instance))
+
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Call[KickoffData] | None:
-        if self.kind == Kind.FLOW and _is_internal_flow(type(instance)):
-            return None  # CrewAI's own flows (the agent executor) are not kickoffs
         ctx = otel_context.get_current()
         active: ActiveKickoff | None = ctx.get(KICKOFF_KEY)  # type: ignore[assignment]
         if active is not None and _delegates_to_itself(active, instance, ctx):
