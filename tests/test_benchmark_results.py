@@ -30,21 +30,11 @@ def test_the_per_hook_benchmark_still_drives_every_wrapper(tmp_path):
     """The benchmark builds the wrappers the way the instrumentor does: a change to their
     constructors or scopes must not leave ``make bench`` broken until the next run."""
     import json
-    import subprocess
-    import sys
 
     from benchmarks.hooks import HOOKS
 
     out = tmp_path / "hooks.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.hooks", "--smoke", "-o", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_module("benchmarks.hooks", "--smoke", "-o", str(out))
     results = json.loads(out.read_text())["benchmarks"]
     assert set(HOOKS) <= set(results)
     for name in HOOKS:
@@ -57,8 +47,6 @@ def test_the_sdk_floor_makes_crew_otels_spans_and_points_again(tmp_path, fake_pr
     with crew_otel (in a process of its own) and makes the same ones with the bare SDK: the
     same names, kinds, nesting and attributes, and the same number of histogram points."""
     import json
-    import subprocess
-    import sys
 
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -69,23 +57,9 @@ def test_the_sdk_floor_makes_crew_otels_spans_and_points_again(tmp_path, fake_pr
     from benchmarks import floor
 
     template_path = tmp_path / "template.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.floor",
-            "--capture",
-            str(template_path),
-            "--base-url",
-            fake_provider.base_url,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    _run_module(
+        "benchmarks.floor", "--capture", str(template_path), "--base-url", fake_provider.base_url
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     template = json.loads(template_path.read_text())
     names = [span["name"] for span in template["spans"]]
     assert names[0].startswith("invoke_workflow")
@@ -129,3 +103,19 @@ def test_the_sdk_floor_makes_crew_otels_spans_and_points_again(tmp_path, fake_pr
         if p["kind"] == "histogram"
     }
     assert recorded == expected
+
+
+def _run_module(module: str, *args: str) -> None:
+    """``python -m module args`` from the repository root; it must succeed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
