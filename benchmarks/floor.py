@@ -139,8 +139,13 @@ class Replay:
     SDK (call the instance after each uninstrumented kickoff)."""
 
     def __init__(self, template: dict[str, Any], tracer_provider: Any, meter_provider: Any) -> None:
-        from opentelemetry.trace import SpanKind, StatusCode
+        from opentelemetry import context, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
 
+        # Looked up once: the replay is what is measured.
+        self._attach, self._detach = context.attach, context.detach
+        self._in_context = trace.set_span_in_context
+        self._status, self._unset = Status, StatusCode.UNSET
         self._tracer = tracer_provider.get_tracer("benchmarks.floor")
         self._spans = template["spans"]
         self._children: dict[int | None, list[int]] = {}
@@ -162,24 +167,17 @@ class Replay:
             record = instrument.record if point["kind"] == _HISTOGRAM else instrument.add
             self._points.append((record, point["attributes"], point["times"], point["value"]))
 
-    @property
-    def spans(self) -> int:
-        return len(self._spans)
-
     def __call__(self) -> None:
         for root in self._children.get(None, ()):
             self._span(root, None)
 
     def _span(self, i: int, parent: Any) -> None:
-        from opentelemetry import context, trace
-        from opentelemetry.trace import Status, StatusCode
-
         template = self._spans[i]
         span = self._tracer.start_span(
             template["name"], context=parent, kind=self._kinds[i], attributes=template["attributes"]
         )
-        ctx = trace.set_span_in_context(span, parent)
-        token = context.attach(ctx)
+        ctx = self._in_context(span, parent)
+        token = self._attach(ctx)
         try:
             for child in self._children.get(i, ()):
                 self._span(child, ctx)
@@ -190,10 +188,10 @@ class Replay:
             for event in template["events"]:
                 span.add_event(event["name"], event["attributes"])
             code = self._statuses[i]
-            if code is not StatusCode.UNSET:
-                span.set_status(Status(code, template["status"][1]))
+            if code is not self._unset:
+                span.set_status(self._status(code, template["status"][1]))
         finally:
-            context.detach(token)
+            self._detach(token)
         span.end()
 
 

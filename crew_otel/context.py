@@ -23,6 +23,22 @@ from opentelemetry import context as otel_context
 
 _logger = logging.getLogger("crew_otel")
 
+
+def current_context_reader() -> Callable[[], otel_context.Context]:
+    """How hot paths read the current OpenTelemetry context: straight from the ContextVar of
+    the API's default runtime context when that is the one in use (one C call: every hooked call
+    and every file open in a tool call reads it), else ``opentelemetry.context.get_current``.
+    Ask again after ``opentelemetry.context``'s runtime context may have changed (at
+    ``instrument()``)."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
+        variable, contextvars.ContextVar
+    ):
+        return variable.get
+    return otel_context.get_current
+
+
 REQUEST_ID_KEY = otel_context.create_key("crew_otel.request_id")
 """Context key of the current request ID (a ``str``)."""
 

@@ -16,6 +16,7 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Tracer
 
 from crew_otel.config import CrewOtelConfig
+from crew_otel.context import current_context_reader
 from crew_otel.diagnosis.crosstalk import CrosstalkDetector
 from crew_otel.diagnosis.errors import ErrorRecorder
 from crew_otel.diagnosis.shared_state import SharedStateWatcher
@@ -47,11 +48,13 @@ class Runtime:
     #: Installs the HTTP layer a post-import hook deferred (see ``CrewAIInstrumentor``);
     #: cleared before it runs (a hook deferring meanwhile sets it again).
     install_pending_http: Callable[[], None] | None = None
+    #: Reads the current context (:func:`crew_otel.context.current_context_reader`).
+    current_context: Callable[[], otel_context.Context] = otel_context.get_current
 
     @property
     def recording(self) -> bool:
         """Whether hooks record now: instrumented, and not inside ``suppress_instrumentation()``."""
-        return self.active and instrumentation_enabled()
+        return self.active and instrumentation_enabled(self.current_context())
 
     def on_kickoff(self) -> None:
         """Per-run housekeeping: attach the span processor if it is still pending, wrap
@@ -83,6 +86,7 @@ class Runtime:
             sharing=sharing,
             shared_state=SharedStateWatcher(sharing, config),
             crosstalk=CrosstalkDetector(metrics.crosstalk) if config.detect_crosstalk else None,
+            current_context=current_context_reader(),
         )
 
 
@@ -98,10 +102,9 @@ _SUPPRESS_KEYS = tuple(
 )
 
 
-def instrumentation_enabled() -> bool:
-    """``opentelemetry.instrumentation.utils.is_instrumentation_enabled``, cheaper: every hook
-    asks at every call."""
+def instrumentation_enabled(ctx: otel_context.Context) -> bool:
+    """``opentelemetry.instrumentation.utils.is_instrumentation_enabled`` for ``ctx``, the
+    current context, read once: every hook asks at every call."""
     if len(_SUPPRESS_KEYS) != 2:
         return is_instrumentation_enabled()
-    ctx = otel_context.get_current()
     return not (ctx.get(_SUPPRESS_KEYS[0]) or ctx.get(_SUPPRESS_KEYS[1]))

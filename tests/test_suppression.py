@@ -249,10 +249,13 @@ def test_the_hooks_suppression_check_agrees_with_opentelemetrys():
     from opentelemetry import context
     from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
+    from crew_otel.context import current_context_reader
     from crew_otel.runtime import instrumentation_enabled
 
+    current = current_context_reader()
+
     def both() -> tuple[bool, bool]:
-        return instrumentation_enabled(), is_instrumentation_enabled()
+        return instrumentation_enabled(current()), is_instrumentation_enabled()
 
     seen = [both()]
     with suppress_instrumentation():

@@ -38,7 +38,6 @@ the process, ``id()`` included, a Python call: ``copy.deepcopy`` ran 2.2 x slowe
 from __future__ import annotations
 
 import collections
-import contextvars
 import fnmatch
 import io
 import itertools
@@ -58,6 +57,7 @@ from opentelemetry.trace import Span
 from crew_otel import internals
 from crew_otel.attributes import DATABASE_LOCKED
 from crew_otel.config import CrewOtelConfig
+from crew_otel.context import current_context_reader
 from crew_otel.diagnosis import mutations, state_words
 from crew_otel.diagnosis.mutations import ToolGlobals, tool_globals
 from crew_otel.diagnosis.sharing import (
@@ -561,21 +561,8 @@ class _Watching:
         self.watcher: SharedStateWatcher | None = None
         #: The wrappers on the openers (installed once per process while instrumented).
         self.hooks = HookSet("shared state")
-        #: The current OpenTelemetry context (see :func:`_context_reader`).
+        #: The current OpenTelemetry context (see :func:`crew_otel.context.current_context_reader`).
         self.current_context: Callable[[], otel_context.Context] = otel_context.get_current
-
-
-def _context_reader() -> Callable[[], otel_context.Context]:
-    """How the wrappers read the current OpenTelemetry context: straight from the ContextVar
-    of the API's default runtime context when that is the one in use (one C call: every file
-    open in a tool call reads it), else ``opentelemetry.context.get_current``."""
-    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
-    variable = getattr(runtime, "_current_context", None)
-    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
-        variable, contextvars.ContextVar
-    ):
-        return variable.get
-    return otel_context.get_current
 
 
 def _traced_open(
@@ -685,7 +672,7 @@ def activate(watcher: SharedStateWatcher) -> None:
     ``os.open`` and ``sqlite3.connect`` (outside tool calls the wrappers add one context
     look-up to the call). Another library's wrapper there stays, inside crew_otel's."""
     _WATCHING.watcher = watcher
-    _WATCHING.current_context = _context_reader()
+    _WATCHING.current_context = current_context_reader()
     for module_name, name, wrapper in _WRAPPED:
         module = sys.modules.get(module_name)
         if module is not None:
