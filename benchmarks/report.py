@@ -479,6 +479,7 @@ def _render_e2e(e2e: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
             f"{'1' if base else _fmt_ratio(wall_ratios)} | {spans:.0f} | {otlp:.1f} |"
         )
     lines += _render_threads(rows, variants)
+    lines += _render_process(rows, variants)
     targets = []
     ours = cpu_ratios.get(common.CREW_OTEL)
     if ours:
@@ -574,6 +575,52 @@ def _render_threads(rows: list[dict[str, Any]], variants: list[str]) -> list[str
             delta = "" if variant == common.BASELINE else f" ({(value - base[role]) * 1e3:+.1f})"
             cells.append(f"{value * 1e3:.1f}{delta}")
         lines.append(f"| {role} | " + " | ".join(cells) + " |")
+    return lines
+
+
+#: The process counters of the end-to-end rounds: (key, index or None, label, decimals, unit
+#: scale). Means over the rounds: collections of the older generations are rare events.
+_PROCESS_COUNTERS: tuple[tuple[str, int | None, str, int, float], ...] = (
+    ("gc_collections", 0, "collections of generation 0", 2, 1.0),
+    ("gc_collections", 1, "collections of generation 1", 3, 1.0),
+    ("gc_collections", 2, "full collections (generation 2)", 4, 1.0),
+    ("gc_cpu", None, "CPU in the collector, ms", 2, 1e3),
+    ("gc_collected", None, "objects the collector freed", 0, 1.0),
+    ("minor_faults", None, "minor page faults", 0, 1.0),
+    ("voluntary_switches", None, "voluntary context switches", 1, 1.0),
+    ("involuntary_switches", None, "involuntary context switches", 1, 1.0),
+)
+
+
+def _render_process(rows: list[dict[str, Any]], variants: list[str]) -> list[str]:
+    """Per kickoff: the garbage collector's work and the kernel's page faults and context
+    switches (means over the rounds), where rounds recorded them."""
+    measured = [r for r in rows if r.get("process")]
+    shown = [v for v in variants if any(r["variant"] == v for r in measured)]
+    if common.BASELINE not in shown:
+        return []
+
+    def mean_of(variant: str, key: str, index: int | None) -> float:
+        values = [r["process"][key] for r in measured if r["variant"] == variant]
+        picked = [v[index] if index is not None else v for v in values]
+        return statistics.fmean(picked)
+
+    lines = [
+        "",
+        "What the garbage collector and the kernel did per kickoff (means of the rounds; the "
+        "collector's CPU is part of the CPU above, measured in the thread that collected):",
+        "",
+        "| per kickoff | " + " | ".join(common.LABELS[v] for v in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for key, index, label, decimals, scale in _PROCESS_COUNTERS:
+        base = mean_of(common.BASELINE, key, index) * scale
+        cells = []
+        for variant in shown:
+            value = mean_of(variant, key, index) * scale
+            delta = "" if variant == common.BASELINE else f" ({value - base:+.{decimals}f})"
+            cells.append(f"{value:.{decimals}f}{delta}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

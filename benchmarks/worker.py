@@ -31,6 +31,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import shutil
 import sqlite3
 import sys
@@ -292,22 +293,71 @@ def cpu_by_thread(
     return roles
 
 
+class CollectorMeter:
+    """What the cyclic garbage collector did while it was installed (``gc.callbacks``): its
+    collections by generation, the CPU they took (in the collecting thread) and the objects
+    they freed; two calls per collection, a few collections per kickoff."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.cpu = 0.0
+        self.collected = 0
+        self._started: dict[int, float] = {}
+
+    def __enter__(self) -> CollectorMeter:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        ident = threading.get_ident()
+        if phase == "start":
+            self._started[ident] = time.thread_time()
+            return
+        started = self._started.pop(ident, None)
+        if started is not None:
+            self.cpu += time.thread_time() - started
+        self.collections[min(info["generation"], 2)] += 1
+        self.collected += info["collected"]
+
+
+def process_counters(
+    kickoffs: int, meter: CollectorMeter, before: Any, after: Any
+) -> dict[str, Any]:
+    """Per kickoff: the collector's work, and the kernel's page faults and context switches
+    (``resource.getrusage`` snapshots): time that instruction counts do not show."""
+    return {
+        "gc_collections": [n / kickoffs for n in meter.collections],
+        "gc_cpu": meter.cpu / kickoffs,
+        "gc_collected": meter.collected / kickoffs,
+        "minor_faults": (after.ru_minflt - before.ru_minflt) / kickoffs,
+        "voluntary_switches": (after.ru_nvcsw - before.ru_nvcsw) / kickoffs,
+        "involuntary_switches": (after.ru_nivcsw - before.ru_nivcsw) / kickoffs,
+    }
+
+
 def measure(workload: Workload, mode: str, concurrency: int, kickoffs: int) -> dict[str, Any]:
     """CPU (all threads of this process, and per thread role) and wall time per kickoff, span
-    export included."""
+    export included; what the garbage collector and the kernel did meanwhile."""
     exporter = workload.pipeline.span_exporter
     spans_before, bytes_before = exporter.spans, exporter.bytes
     errors_before = workload.errors
     threads0 = thread_cpu()
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     times0 = os.times()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    workload.run(mode, concurrency, kickoffs)
-    workload.pipeline.flush()
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    with CollectorMeter() as collector:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        workload.run(mode, concurrency, kickoffs)
+        workload.pipeline.flush()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     times = os.times()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     threads = cpu_by_thread(threads0, thread_cpu(), cpu)
     workload.clean()
     return {
+        "process": process_counters(kickoffs, collector, usage0, usage),
         "cpu": cpu / kickoffs,
         "wall": wall / kickoffs,
         "user": (times.user - times0.user) / kickoffs,

@@ -175,16 +175,20 @@ class _HookedPath:
 
     def __init__(self, hooks: tuple[tuple[str, str, str], ...]) -> None:
         self._hooks = hooks
-        self._cache: tuple[tuple[Any, ...], Deferral | None] | None = None
+        #: The objects' ids, the objects (kept, so the ids are not reused), the answer.
+        self._cache: tuple[tuple[int, ...], tuple[Any, ...], Deferral | None] | None = None
 
     def deferral(self) -> Deferral | None:
         """The instrumentations hooking the path now, or ``None``."""
         hooked = _hooked_attributes(self._hooks)
+        # Compared by identity (the cache holds the objects, so their ids stay theirs).
+        identities = tuple(map(id, hooked))
         cached = self._cache
-        if cached is not None and all(x is y for x, y in zip(cached[0], hooked, strict=True)):
-            return cached[1]
+        if cached is not None and cached[0] == identities:
+            return cached[2]
         found = _inspect(hooked)
-        self._cache = (hooked, found)  # one assignment: racing threads store equal results
+        # one assignment: racing threads store equal results
+        self._cache = (identities, hooked, found)
         return found
 
 

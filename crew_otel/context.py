@@ -17,7 +17,7 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from opentelemetry import context as otel_context
 
@@ -30,13 +30,45 @@ def current_context_reader() -> Callable[[], otel_context.Context]:
     and every file open in a tool call reads it), else ``opentelemetry.context.get_current``.
     Ask again after ``opentelemetry.context``'s runtime context may have changed (at
     ``instrument()``)."""
+    variable = _default_context_variable()
+    return variable.get if variable is not None else otel_context.get_current
+
+
+class ContextSwitch(NamedTuple):
+    """Makes a context current and restores the one before: :func:`context_switch`."""
+
+    #: Makes the context current; returns the token ``detach`` takes.
+    attach: Callable[[otel_context.Context], Any]
+    #: Restores the context current before the ``attach`` that returned the token.
+    detach: Callable[[Any], Any]
+
+
+#: ``opentelemetry.context.attach``/``detach``: whichever runtime context is in use.
+API_CONTEXT_SWITCH = ContextSwitch(otel_context.attach, otel_context.detach)
+
+
+def context_switch() -> ContextSwitch:
+    """How hot paths attach and detach a context: the ContextVar's own ``set`` and ``reset``
+    when the API's default runtime context is in use (C calls; its tokens are the API's
+    tokens), else ``opentelemetry.context.attach``/``detach``. Where the API's ``detach`` logs
+    a token it cannot reset (one from another context), this ``detach`` raises: callers then
+    hand the token to ``opentelemetry.context.detach``, which logs it. Ask again at
+    ``instrument()``, like :func:`current_context_reader`."""
+    variable = _default_context_variable()
+    if variable is not None:
+        return ContextSwitch(variable.set, variable.reset)
+    return API_CONTEXT_SWITCH
+
+
+def _default_context_variable() -> contextvars.ContextVar[otel_context.Context] | None:
+    """The ContextVar of the API's default runtime context, if that is the one in use."""
     runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
     variable = getattr(runtime, "_current_context", None)
     if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
         variable, contextvars.ContextVar
     ):
-        return variable.get
-    return otel_context.get_current
+        return variable
+    return None
 
 
 REQUEST_ID_KEY = otel_context.create_key("crew_otel.request_id")

@@ -157,13 +157,15 @@ def llm_class_rows(taken: Collection[tuple[int, str]]) -> list[PlanRow]:
 def subclasses(base: type) -> list[type]:
     """``base`` and all its subclasses, breadth first."""
     found: list[type] = [base]
-    seen = {base}
+    # By identity: some metaclasses (typing_extensions' Protocol) hash in Python, and this
+    # runs at every kickoff (new provider classes).
+    seen = {id(base)}
     index = 0
     while index < len(found):
         subs: list[type] = found[index].__subclasses__()
         for sub in subs:
-            if sub not in seen:
-                seen.add(sub)
+            if id(sub) not in seen:
+                seen.add(id(sub))
                 found.append(sub)
         index += 1
     return found

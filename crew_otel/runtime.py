@@ -16,7 +16,12 @@ from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Tracer
 
 from crew_otel.config import CrewOtelConfig
-from crew_otel.context import current_context_reader
+from crew_otel.context import (
+    API_CONTEXT_SWITCH,
+    ContextSwitch,
+    context_switch,
+    current_context_reader,
+)
 from crew_otel.diagnosis.crosstalk import CrosstalkDetector
 from crew_otel.diagnosis.errors import ErrorRecorder
 from crew_otel.diagnosis.shared_state import SharedStateWatcher
@@ -50,6 +55,8 @@ class Runtime:
     install_pending_http: Callable[[], None] | None = None
     #: Reads the current context (:func:`crew_otel.context.current_context_reader`).
     current_context: Callable[[], otel_context.Context] = otel_context.get_current
+    #: Attaches and detaches contexts (:func:`crew_otel.context.context_switch`).
+    switch: ContextSwitch = API_CONTEXT_SWITCH
 
     @property
     def recording(self) -> bool:
@@ -87,6 +94,7 @@ class Runtime:
             shared_state=SharedStateWatcher(sharing, config),
             crosstalk=CrosstalkDetector(metrics.crosstalk) if config.detect_crosstalk else None,
             current_context=current_context_reader(),
+            switch=context_switch(),
         )
 
 

@@ -62,10 +62,20 @@ def safe_call(fn: Callable[..., _T], *args: Any, default: _T, **kwargs: Any) -> 
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
-        if _strict:
-            raise
-        report_internal_error(_name_of(fn), exc)
-        return default
+        return internal_error(fn, exc, default)
+
+
+def internal_error(fn: Callable[..., Any], exc: Exception, default: _T) -> _T:
+    """The ``except Exception`` branch of :func:`safe_call`, for the hot paths that run a step
+    inline (``try: x = step() / except Exception as exc: x = internal_error(step, exc, d)``):
+    one Python call fewer per step than going through :func:`safe_call`.
+
+    Raises ``exc`` again in strict mode; else logs it once per place and returns ``default``.
+    """
+    if _strict:
+        raise exc
+    report_internal_error(_name_of(fn), exc)
+    return default
 
 
 def reset_reported_errors() -> None:

@@ -96,6 +96,7 @@ CREWAI_SENSITIVE = frozenset(
         "test_errors",
         "test_failure_cause",
         "test_flow_steps",
+        "test_garbage",
         "test_guardrails",
         "test_instrumentor",
         "test_internals",
@@ -131,6 +132,7 @@ CREWAI_SENSITIVE = frozenset(
 PYTHON_SENSITIVE = frozenset(
     {
         "test_async_and_logs",
+        "test_context_switch",
         "test_internals",
         "test_mutations",
         "test_request_scope",

@@ -39,7 +39,6 @@ class AgentScope:
     __slots__ = (
         "agent",
         "agent_key",
-        "call",
         "closed",
         "compacted",
         "finish_reasons",
@@ -49,6 +48,8 @@ class AgentScope:
         "output_tokens",
         "role",
         "shared_flagged",
+        "span",
+        "start",
         "step",
         "task_key",
     )
@@ -60,8 +61,10 @@ class AgentScope:
         self.task_key = task_key
         self.number = number
         self.role = role
-        #: The execution's call (set by whoever opens the scope, right after).
-        self.call: Call[Any]
+        #: The execution's span and start time (set by whoever opens the scope, right after;
+        #: not its call, whose data the scope may be: no reference cycle keeps either).
+        self.span: trace.Span
+        self.start: float
         self.iteration = 0
         self.step: Call[AgentScope | None] | None = None
         self.shared_flagged = False
@@ -102,7 +105,8 @@ class AgentScope:
 
     def open(self, call: Call[Any]) -> None:
         """The scope belongs to ``call``: ending the call ends the scope's open step."""
-        self.call = call
+        self.span = call.span
+        self.start = call.start
         call.add_closer(self.close)
 
     def keep_step_open(self, step: Call[AgentScope | None]) -> None:
@@ -222,11 +226,11 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
         error_type = attributes.error_type(exc) if exc is not None else "unknown"
         if exc is not None:
             self.runtime.errors.record(
-                parent.call.span,
+                parent.span,
                 exc,
                 self.operation.value,
                 recovered=True,
-                since=parent.call.start,
+                since=parent.start,
             )
         self.runtime.metrics.retry(attributes.RETRY_LAYER_AGENT, error_type)
 

@@ -2,7 +2,8 @@
 
 A wrapper subclass declares its :class:`~crew_otel.attributes.Operation` and implements
 ``begin(instance, args, kwargs) -> Call | None``, which starts the span (``None``: no span, call
-through untouched). It may also override, each run through :func:`~crew_otel.safety.safe_call`:
+through untouched). It may also override, each run as :func:`~crew_otel.safety.safe_call` runs
+a step (an error is logged once, never raised):
 
 * ``succeed(call, result) -> result`` to record what the result says (it may return a
   replacement that keeps the span open, e.g. for a stream),
@@ -48,15 +49,19 @@ from crew_otel import content, internals
 from crew_otel.attributes import ERROR_TYPE, Operation, error_type
 from crew_otel.context import REQUEST_ID_KEY
 from crew_otel.diagnosis.sharing import Kind, Usage
-from crew_otel.runtime import Runtime
-from crew_otel.safety import safe_call
+from crew_otel.runtime import Runtime, instrumentation_enabled
+from crew_otel.safety import internal_error
 
-_attach = otel_context.attach
 _detach = otel_context.detach
 _perf = time.perf_counter
 #: The innermost instrumented call in a context (its children register with it).
 _CALL_KEY = otel_context.create_key("crew_otel.call")
+#: The context of a finished call (its own is dropped: it holds the call).
+_FINISHED_CONTEXT = otel_context.Context()
 _new_lock = threading.Lock
+#: Classes whose ``passes_through`` answer a wrapper keeps (classes made at run time beyond
+#: that are asked at every call).
+_PASS_CACHE_SIZE = 256
 
 #: A wrapper's own state for one call (``Call.data``).
 T = TypeVar("T")
@@ -131,7 +136,7 @@ class Call(Generic[T]):
         return _perf() - self.start
 
     def add_cleanup(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (through safe_call) when the call is over, however it ends.
+        """Run ``fn`` (errors logged, as by safe_call) when the call is over, however it ends.
 
         That is when the call ended and every call started under it has finished too, just
         before the span ends.
@@ -142,8 +147,8 @@ class Call(Generic[T]):
             self.on_end.append(fn)
 
     def add_closer(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (through safe_call) as soon as the call ends: it ends what the call keeps
-        open for its children (the agent's open step), which the call then waits for.
+        """Run ``fn`` (errors logged, as by safe_call) as soon as the call ends: it ends what the
+        call keeps open for its children (the agent's open step), which the call then waits for.
         """
         if self.on_close is None:
             self.on_close = [fn]
@@ -188,6 +193,13 @@ class Call(Generic[T]):
 
         return release
 
+    def release_references(self) -> None:
+        """Drop what ties the finished call into reference cycles (its context holds the call
+        itself; its cleanups close over it), so it is freed when its last user lets go rather
+        than by the garbage collector."""
+        self.ctx = _FINISHED_CONTEXT
+        self.on_end = self.on_close = None
+
     @property
     def finished(self) -> bool:
         """The call is over: its cleanups ran and its span ended (or was left to its owner)."""
@@ -219,7 +231,10 @@ class Call(Generic[T]):
             self._note_end_time()
         if self.on_close is not None:
             for fn in self.on_close:
-                safe_call(fn, default=None)
+                try:
+                    fn()
+                except Exception as exc:
+                    internal_error(fn, exc, None)
         self._finish()
 
     def _note_end_time(self) -> None:
@@ -244,9 +259,13 @@ class Call(Generic[T]):
                 parent, call.parent = call.parent, None
             if call.on_end is not None:
                 for fn in call.on_end:
-                    safe_call(fn, default=None)
+                    try:
+                        fn()
+                    except Exception as exc:
+                        internal_error(fn, exc, None)
             if not call.borrowed:
                 call.span.end(end_time=call._end_ns)
+            call.release_references()
             if parent is not None:
                 with parent._lock:
                     parent._children -= 1
@@ -308,12 +327,15 @@ class SpanWrapper(Generic[T]):
         self.is_async = is_async
         # Costs nothing for the wrappers that do not define it.
         self._may_pass = type(self).passes_through is not SpanWrapper.passes_through
+        #: ``passes_through`` by class, asked once per class (up to ``_PASS_CACHE_SIZE``).
+        self._passing: dict[type, bool] = {}
 
     # --- what a wrapper implements -------------------------------------------------------
-    def passes_through(self, instance: Any) -> bool:
-        """Whether calls on ``instance`` are never recorded, known from the instance alone:
-        the target then runs as if unwrapped (for a coroutine function, no coroutine of the
-        wrapper's own around it, whose every resumption would cost a frame)."""
+    def passes_through(self, cls: type) -> bool:
+        """Whether calls on instances of ``cls`` are never recorded, known from the class
+        alone (asked once per class): the target then runs as if unwrapped (for a coroutine
+        function, no coroutine of the wrapper's own around it, whose every resumption would
+        cost a frame)."""
         return False
 
     def begin(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call[T] | None:
@@ -435,30 +457,50 @@ class SpanWrapper(Generic[T]):
 
     # --- lifecycle -----------------------------------------------------------------------
     def __call__(self, wrapped: Wrapped, instance: Any, args: Args, kwargs: Kwargs) -> Any:
-        if self._may_pass and safe_call(self.passes_through, instance, default=False):
-            return wrapped(*args, **kwargs)
+        # The steps of crew_otel's own run inline in ``try``/``internal_error`` (what
+        # ``safe_call`` does, one Python call fewer per step: this runs ~50 times a kickoff).
+        if self._may_pass:
+            cls = type(instance)
+            passes = self._passing.get(cls)
+            if passes is None:
+                try:
+                    passes = self.passes_through(cls)
+                except Exception as exc:
+                    passes = internal_error(self.passes_through, exc, False)
+                if len(self._passing) < _PASS_CACHE_SIZE:
+                    self._passing[cls] = passes
+            if passes:
+                return wrapped(*args, **kwargs)
         if self.is_async:
             return self._call_async(wrapped, instance, args, kwargs)
-        if not self.runtime.recording:
+        runtime = self.runtime
+        if not (runtime.active and instrumentation_enabled(runtime.current_context())):
             return wrapped(*args, **kwargs)
         call = self._begin(instance, args, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
-        token = _attach(call.ctx)
+        switch = runtime.switch
+        token = switch.attach(call.ctx)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
             try:
                 self._end_failed(call, exc)
             finally:
-                _detach(token)
+                try:
+                    switch.detach(token)
+                except Exception:
+                    _detach(token)  # logs that the token is not this context's, as the API does
             raise
         try:
             if inspect.iscoroutine(result):
                 return self._defer_to_await(call, result)
             return self._end_succeeded(call, result)
         finally:
-            _detach(token)
+            try:
+                switch.detach(token)
+            except Exception:
+                _detach(token)
 
     async def _call_async(self, wrapped: Wrapped, instance: Any, args: Args, kwargs: Kwargs) -> Any:
         if not self.runtime.recording:
@@ -477,13 +519,21 @@ class SpanWrapper(Generic[T]):
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Call[T] | None:
         """Start the call (``begin``) and register it with the call it runs under."""
-        call = safe_call(self.begin, instance, args, kwargs, default=None)
-        if call is not None and not safe_call(_link, call, default=False):
-            call.parent = None  # not registered: nothing waits for this call
+        try:
+            call = self.begin(instance, args, kwargs)
+        except Exception as exc:
+            return internal_error(self.begin, exc, None)
+        if call is not None:
+            try:
+                _link(call, self.runtime.current_context().get(_CALL_KEY))
+            except Exception as exc:
+                internal_error(_link, exc, None)
+                call.parent = None  # not registered: nothing waits for this call
         return call
 
     async def _run_awaitable(self, call: Call[T], awaitable: Coroutine[Any, Any, Any]) -> Any:
-        token = _attach(call.ctx)
+        switch = self.runtime.switch
+        token = switch.attach(call.ctx)
         try:
             try:
                 result = await awaitable
@@ -492,22 +542,37 @@ class SpanWrapper(Generic[T]):
                 raise
             return self._end_succeeded(call, result)
         finally:
-            _detach(token)
+            try:
+                switch.detach(token)
+            except Exception:
+                _detach(token)  # logs that the token is not this context's, as the API does
 
     def _end_succeeded(self, call: Call[T], result: Any) -> Any:
         """Record the call's result and duration; end it unless ``succeed`` deferred that."""
-        result = safe_call(self.succeed, call, result, default=result)
+        try:
+            result = self.succeed(call, result)
+        except Exception as exc:
+            result = internal_error(self.succeed, exc, result)
         if not call.borrowed and not self.duration_at_finish:
-            safe_call(self.record_duration, call, default=None)
+            try:
+                self.record_duration(call)
+            except Exception as exc:
+                internal_error(self.record_duration, exc, None)
         if not call.deferred:
             call.end()
         return result
 
     def _end_failed(self, call: Call[T], exc: BaseException) -> None:
         """Record the call's exception and duration, and end it (never raises)."""
-        safe_call(self.fail, call, exc, default=None)
+        try:
+            self.fail(call, exc)
+        except Exception as error:
+            internal_error(self.fail, error, None)
         if not call.borrowed and not self.duration_at_finish:
-            safe_call(self.record_duration, call, default=None)
+            try:
+                self.record_duration(call)
+            except Exception as error:
+                internal_error(self.record_duration, error, None)
         call.end()
 
     def _defer_to_await(self, call: Call[T], coro: Coroutine[Any, Any, Any]) -> Any:
@@ -525,17 +590,17 @@ def _end_abandoned(call: Call[Any]) -> None:
     call.end()
 
 
-def _link(call: Call[Any]) -> bool:
+def _link(call: Call[Any], current: object) -> None:
     """Register ``call`` as a child of its parent call and make it current in its context.
 
-    The parent is the one ``begin`` named, else the call current where this one started, if
+    The parent is the one ``begin`` named, else ``current`` (the call current where this one
+    started, or ``None``), if
     that call's span is this span's parent (a span started elsewhere is not waited for). A call
     on the current call's own span (a tool's ``run`` inside its dispatcher, an entry point
     delegating to another of the same object) is neither, unless ``begin`` adopted it.
     """
-    current = otel_context.get_value(_CALL_KEY)
     if isinstance(current, Call) and current.span is call.span:
-        return True  # ``begin`` may have made it the span owner's work (``Call.adopt``)
+        return  # ``begin`` may have made it the span owner's work (``Call.adopt``)
     parent = call.parent
     if parent is None and isinstance(current, Call):
         parent_ctx = getattr(call.span, "parent", None)
@@ -544,7 +609,6 @@ def _link(call: Call[Any]) -> bool:
     ctx = otel_context.set_value(_CALL_KEY, call, call.ctx)
     call.adopt(parent)  # last: nothing after it can fail and leave the parent waiting
     call.ctx = ctx
-    return True
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

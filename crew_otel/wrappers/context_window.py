@@ -28,8 +28,8 @@ from crew_otel.wrappers.observer import Observer
 def agent_span(scope: Any) -> trace.Span:
     """The span of the agent execution ``scope`` (the ``ATTEMPT_KEY`` value of a context; the
     current span outside one)."""
-    call = getattr(scope, "call", None)
-    return call.span if call is not None else trace.get_current_span()
+    span: trace.Span | None = getattr(scope, "span", None)
+    return span if span is not None else trace.get_current_span()
 
 
 class _Handling(NamedTuple):

@@ -46,8 +46,8 @@ class FlowStepWrapper(SpanWrapper[str | None]):
 
     operation = Operation.FLOW_STEP
 
-    def passes_through(self, instance: Any) -> bool:
-        return _is_internal_flow(type(instance))  # CrewAI's own flows (the agent executor)
+    def passes_through(self, cls: type) -> bool:
+        return _is_internal_flow(cls)  # CrewAI's own flows (the agent executor)
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -240,9 +240,9 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         self.entrypoint = entrypoint
         self.kind = kind
 
-    def passes_through(self, instance: Any) -> bool:
+    def passes_through(self, cls: type) -> bool:
         # CrewAI's own flows (the agent executor, memory flows) are not kickoffs.
-        return self.kind == Kind.FLOW and _is_internal_flow(type(instance))
+        return self.kind == Kind.FLOW and _is_internal_flow(cls)
 
     def begin(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -439,6 +439,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
     def _finish(self, call: Call[KickoffData], record: ActiveKickoff) -> None:
         """The kickoff's duration, when its run is over (the call's last cleanup; its span
         ends next)."""
+        record.call = None  # over: nothing starts as its work now, and no cycle keeps it
         call.error_type = record.error_type  # the run's first failure, also a delegated call's
         self.record_duration(call)
 

@@ -538,7 +538,7 @@ class KnowledgeQueryWrapper(_KnowledgeWrapper):
         """The agent attempt this query runs in uses the data source: ``gen_ai.data_source.id``
         on its span too."""
         scope: Any = call.ctx.get(ATTEMPT_KEY)
-        span = getattr(getattr(scope, "call", None), "span", None)
+        span = getattr(scope, "span", None)
         if span is not None and span.is_recording():
             span.set_attribute(
                 attributes.GEN_AI_DATA_SOURCE_ID, attrs[attributes.GEN_AI_DATA_SOURCE_ID]
