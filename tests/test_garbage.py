@@ -46,23 +46,29 @@ def _garbage_of_crew_otel(run: Callable[[], None], otel) -> list[str]:
     )
 
 
+def _at_once_in_threads(run: Callable[[int], object], threads: int = 3) -> None:
+    """``run(i)`` in ``threads`` threads, released together by a barrier; joined."""
+    barrier = threading.Barrier(threads)
+
+    def released(i: int) -> None:
+        barrier.wait()
+        run(i)
+
+    started = [threading.Thread(target=released, args=(i,)) for i in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+
+
 def test_concurrent_kickoffs_leave_no_cycle_of_crew_otels_to_the_collector(otel, fake_provider):
     def crew():
         return research_crew(lambda: make_llm(fake_provider.base_url))
 
     crew().kickoff(inputs={"topic": "warm-up"})  # lazily made classes and caches
-    barrier = threading.Barrier(3)
 
     def in_threads() -> None:
-        def run(i: int) -> None:
-            barrier.wait()  # the three kickoffs run at the same time
-            crew().kickoff(inputs={"topic": f"thread {i}"})
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _at_once_in_threads(lambda i: crew().kickoff(inputs={"topic": f"thread {i}"}))
 
     def on_a_loop() -> None:
         async def gathered() -> None:
@@ -91,18 +97,9 @@ def test_concurrent_flows_leave_no_cycle_of_crew_otels_to_the_collector(otel, fa
             return str(crew.kickoff(inputs={"topic": topic}).raw)
 
     Research().kickoff()  # warm-up
-    barrier = threading.Barrier(3)
 
     def in_threads() -> None:
-        def run() -> None:
-            barrier.wait()
-            Research().kickoff()
-
-        threads = [threading.Thread(target=run) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _at_once_in_threads(lambda _: Research().kickoff())
 
     def on_a_loop() -> None:
         async def gathered() -> None:
