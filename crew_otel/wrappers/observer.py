@@ -60,8 +60,8 @@ class Observer:
     ) -> Any:
         if self.is_async:
             return self._run_async(wrapped, instance, args, kwargs)
-        # Inline, as in ``_run_async`` (what ``_begin``/``_returned`` and ``safe_call`` do, a
-        # few Python calls fewer: observers run on every model call's HTTP attempt and step).
+        # What ``_begin`` and ``_returned`` do for ``_run_async``, inline (a few Python calls
+        # fewer: observers run on every model call's HTTP attempt and on every step).
         if not self.runtime.recording:
             return wrapped(*args, **kwargs)
         try:
