@@ -46,21 +46,21 @@ def test_the_switchs_tokens_are_the_apis_in_threads_and_on_the_event_loop():
         thread.join()
 
     async def on_loop() -> None:
-        gate = asyncio.Event()
+        attached: list[str] = []
+        all_attached = asyncio.Event()
 
         async def task(label: str) -> None:
-            await gate.wait()
             outer = switch.attach(context.set_value("level", f"{label}-outer"))
-            await asyncio.sleep(0)  # the other tasks run between attach and detach
+            attached.append(label)
+            if len(attached) == 4:
+                all_attached.set()
+            await all_attached.wait()  # every task attaches before any detaches
             seen = [context.get_value("level")]
             context.detach(outer)
             seen.append(context.get_value("level"))
             results[label] = seen
 
-        tasks = [asyncio.create_task(task(f"a{i}")) for i in range(4)]
-        await asyncio.sleep(0)
-        gate.set()
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*(task(f"a{i}") for i in range(4)))
 
     asyncio.run(on_loop())
     for i in range(4):

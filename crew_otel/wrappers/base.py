@@ -49,7 +49,7 @@ from crew_otel import content, internals
 from crew_otel.attributes import ERROR_TYPE, Operation, error_type
 from crew_otel.context import REQUEST_ID_KEY
 from crew_otel.diagnosis.sharing import Kind, Usage
-from crew_otel.runtime import Runtime, instrumentation_enabled
+from crew_otel.runtime import Runtime
 from crew_otel.safety import internal_error
 
 _detach = otel_context.detach
@@ -473,26 +473,19 @@ class SpanWrapper(Generic[T]):
                 return wrapped(*args, **kwargs)
         if self.is_async:
             return self._call_async(wrapped, instance, args, kwargs)
-        runtime = self.runtime
-        if not (runtime.active and instrumentation_enabled(runtime.current_context())):
+        if not self.runtime.recording:
             return wrapped(*args, **kwargs)
         call = self._begin(instance, args, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
-        switch = runtime.switch
+        switch = self.runtime.switch
         token = switch.attach(call.ctx)
         try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
             try:
+                result = wrapped(*args, **kwargs)
+            except BaseException as exc:
                 self._end_failed(call, exc)
-            finally:
-                try:
-                    switch.detach(token)
-                except Exception:
-                    _detach(token)  # logs that the token is not this context's, as the API does
-            raise
-        try:
+                raise
             if inspect.iscoroutine(result):
                 return self._defer_to_await(call, result)
             return self._end_succeeded(call, result)
@@ -500,7 +493,7 @@ class SpanWrapper(Generic[T]):
             try:
                 switch.detach(token)
             except Exception:
-                _detach(token)
+                _detach(token)  # logs that the token is not this context's, as the API does
 
     async def _call_async(self, wrapped: Wrapped, instance: Any, args: Args, kwargs: Kwargs) -> Any:
         if not self.runtime.recording:

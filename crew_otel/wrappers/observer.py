@@ -60,36 +60,18 @@ class Observer:
     ) -> Any:
         if self.is_async:
             return self._run_async(wrapped, instance, args, kwargs)
-        # What ``_begin`` and ``_returned`` do for ``_run_async``, inline (a few Python calls
-        # fewer: observers run on every model call's HTTP attempt and on every step).
-        if not self.runtime.recording:
-            return wrapped(*args, **kwargs)
-        try:
-            observed = self.before(instance, args, kwargs)
-        except Exception as exc:
-            observed = internal_error(self.before, exc, None)
+        observed = self._begin(instance, args, kwargs)
         if observed is None:
             return wrapped(*args, **kwargs)
         token = self._attach(observed) if self._sets_context else None
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
-            try:
-                self.after_error(observed, exc)
-            except Exception as error:
-                internal_error(self.after_error, error, None)
+            _detach(token)
+            safe_call(self.after_error, observed, exc, default=None)
             raise
-        if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
-        try:
-            self.after_result(observed, result)
-        except Exception as exc:
-            internal_error(self.after_result, exc, None)
-        if self._wraps_result:
-            return safe_call(self.wrap_result, observed, result, default=result)
-        return result
+        _detach(token)
+        return self._returned(observed, result)
 
     async def _run_async(
         self,
@@ -115,8 +97,14 @@ class Observer:
         ctx = safe_call(self.context, observed, default=None)
         return otel_context.attach(ctx) if ctx is not None else None
 
+    # ``_begin`` and ``_returned`` run on every observed call (each model call's HTTP attempt,
+    # each step): their steps run inline in ``try``/``internal_error``, as ``safe_call`` would
+    # run them, one Python call fewer each.
     def _returned(self, observed: Any, result: Any) -> Any:
-        safe_call(self.after_result, observed, result, default=None)
+        try:
+            self.after_result(observed, result)
+        except Exception as exc:
+            internal_error(self.after_result, exc, None)
         if self._wraps_result:
             return safe_call(self.wrap_result, observed, result, default=result)
         return result
@@ -125,7 +113,10 @@ class Observer:
         """What ``before`` returns, or ``None`` when nothing is to be recorded now."""
         if not self.runtime.recording:
             return None
-        return safe_call(self.before, instance, args, kwargs, default=None)
+        try:
+            return self.before(instance, args, kwargs)
+        except Exception as exc:
+            return internal_error(self.before, exc, None)
 
     def before(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Note what the call is about to do; return what the after steps need (``None``:
