@@ -498,10 +498,6 @@ _FLOAT_PARAMETERS = (
 _MAX_STOP_SEQUENCES = 8
 
 
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def request_parameters(llm: Any) -> dict[str, AttributeValue]:
     """The request parameters an LLM object sets (CrewAI sends only those that are set):
     temperature, top_p, top_k, penalties, max tokens, seed, stop sequences, choice count."""
@@ -510,17 +506,18 @@ def request_parameters(llm: Any) -> dict[str, AttributeValue]:
         value = getattr(llm, field, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             attrs[key] = float(value)
+    # Integers, not booleans (a bool is an int), tested inline: this runs at every model call.
     max_tokens = getattr(llm, "max_tokens", None)
-    if not _integer(max_tokens):
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         max_tokens = getattr(llm, "max_completion_tokens", None)
-    if _integer(max_tokens):
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
         attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
     for field, key in (("seed", GEN_AI_REQUEST_SEED), ("top_k", GEN_AI_REQUEST_TOP_K)):
         value = getattr(llm, field, None)
-        if _integer(value):
+        if isinstance(value, int) and not isinstance(value, bool):
             attrs[key] = value
     choices = getattr(llm, "n", None)
-    if _integer(choices) and choices != 1:
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices != 1:
         attrs[GEN_AI_REQUEST_CHOICE_COUNT] = choices
     stop = getattr(llm, "stop", None)
     if isinstance(stop, str):

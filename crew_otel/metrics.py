@@ -117,6 +117,7 @@ NAME_ATTRIBUTES = frozenset(
         a.GEN_AI_PROVIDER_NAME,
     }
 )
+_NAME_ATTRIBUTE_ORDER = tuple(sorted(NAME_ATTRIBUTES))
 #: Distinct values per name attribute that keep their name, per process (meter provider).
 MAX_NAME_VALUES = 100
 #: Longest name value recorded (the same cut as span names).
@@ -192,10 +193,16 @@ class NameCap:
         """``attributes`` with every name attribute's value capped."""
         if not attributes or NAME_ATTRIBUTES.isdisjoint(attributes):
             return attributes
-        return {
-            key: self.value(key, val) if key in NAME_ATTRIBUTES and isinstance(val, str) else val
-            for key, val in attributes.items()
-        }
+        capped = dict(attributes)
+        # A loop, not a comprehension, and an admitted value without a call of ``value``: this
+        # runs at every metric point.
+        for key in _NAME_ATTRIBUTE_ORDER:
+            val = capped.get(key)
+            if isinstance(val, str):
+                text = val[: self._max_length]
+                admitted = self._admitted.get(key)
+                capped[key] = text if admitted and text in admitted else self.value(key, val)
+        return capped
 
     def reset_lock(self) -> None:
         """In a forked child: another parent thread may have held the lock at the fork."""

@@ -60,8 +60,15 @@ class Runtime:
 
     @property
     def recording(self) -> bool:
-        """Whether hooks record now: instrumented, and not inside ``suppress_instrumentation()``."""
-        return self.active and instrumentation_enabled(self.current_context())
+        """Whether hooks record now: instrumented, and not inside ``suppress_instrumentation()``
+        (what ``is_instrumentation_enabled`` answers, in one read of the current context:
+        every hook asks at every call)."""
+        if not self.active:
+            return False
+        if _SUPPRESS_KEYS_FOUND:
+            ctx = self.current_context()
+            return not (ctx.get(_SUPPRESS_KEY) or ctx.get(_SUPPRESS_KEY_PLAIN))
+        return is_instrumentation_enabled()
 
     def on_kickoff(self) -> None:
         """Per-run housekeeping: attach the span processor if it is still pending, wrap
@@ -110,9 +117,6 @@ _SUPPRESS_KEYS = tuple(
 )
 
 
-def instrumentation_enabled(ctx: otel_context.Context) -> bool:
-    """``opentelemetry.instrumentation.utils.is_instrumentation_enabled`` for ``ctx``, the
-    current context, read once: every hook asks at every call."""
-    if len(_SUPPRESS_KEYS) != 2:
-        return is_instrumentation_enabled()
-    return not (ctx.get(_SUPPRESS_KEYS[0]) or ctx.get(_SUPPRESS_KEYS[1]))
+#: Both keys found: ``Runtime.recording`` reads them itself.
+_SUPPRESS_KEYS_FOUND = len(_SUPPRESS_KEYS) == 2
+_SUPPRESS_KEY, _SUPPRESS_KEY_PLAIN = _SUPPRESS_KEYS if _SUPPRESS_KEYS_FOUND else ("", "")

@@ -35,6 +35,7 @@ import logging
 import queue
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -472,14 +473,16 @@ def _run_in(
 
 class CopiedContextSubmitHook:
     """Around the threading instrumentation's ``ThreadPoolExecutor.submit`` hook: work that
-    already runs in a copy of the submitter's context goes to the pool without it.
+    runs in a context of its own goes to the pool without it.
 
     ``asyncio.to_thread`` (and ``loop.run_in_executor`` of a ``contextvars.copy_context().run``)
-    submit ``functools.partial(ctx.run, func, ...)``, where ``ctx`` was copied from the
-    submitter's context just before: the call runs in it, whatever context the pool's thread had.
-    The instrumentation's attach and detach of the submitter's context around it change nothing
-    the call sees, and CrewAI submits every agent-executor step that way (about 60 per kickoff
-    of a 2-task crew). Other submissions go through the instrumentation as before.
+    submit ``functools.partial(ctx.run, func, ...)``; CrewAI's event bus submits
+    ``ctx.run, handler, ...`` itself. Either way ``ctx`` was copied from the submitter's context
+    just before, and the call runs in it, whatever context the pool's thread had: the
+    instrumentation's attach and detach of the submitter's context around it change nothing the
+    call sees. CrewAI submits every agent-executor step the first way (about 60 per kickoff of a
+    2-task crew) and every event with a synchronous handler the second (about 20). Other
+    submissions go through the instrumentation as before.
     """
 
     def __init__(self) -> None:
@@ -492,14 +495,17 @@ class CopiedContextSubmitHook:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        # Inline (no helper call: about 80 submissions per kickoff): is the work
-        # ``functools.partial(ctx.run, ...)`` for a ``contextvars.Context``?
-        fn = args[0] if args else None
-        if self.active and type(fn) is functools.partial:
-            run = fn.func
+        # Inline (no helper call: about 100 submissions per kickoff): is the work
+        # ``ctx.run`` of a ``contextvars.Context``, alone or in a ``functools.partial``? Only
+        # built-in methods are looked into: no attribute look-up runs the application's code.
+        if self.active and args:
+            run: Any = args[0]
+            if type(run) is functools.partial:
+                run = run.func
             if (
-                type(getattr(run, "__self__", None)) is contextvars.Context
-                and getattr(run, "__name__", None) == _CONTEXT_RUN_NAME
+                type(run) is _BUILTIN_METHOD
+                and type(run.__self__) is contextvars.Context
+                and run.__name__ == _CONTEXT_RUN_NAME
             ):
                 below = getattr(wrapped, "__wrapped__", None)  # the instrumentation's original
                 if below is not None:
@@ -508,6 +514,7 @@ class CopiedContextSubmitHook:
 
 
 _CONTEXT_RUN_NAME = contextvars.Context.run.__name__
+_BUILTIN_METHOD: Any = types.BuiltinMethodType  # Any: mypy would narrow to object
 
 
 def _threading_instrumentation_submit() -> Any:

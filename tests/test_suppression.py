@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -250,12 +251,14 @@ def test_the_hooks_suppression_check_agrees_with_opentelemetrys():
     from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
     from crew_otel.context import current_context_reader
-    from crew_otel.runtime import instrumentation_enabled
+    from crew_otel.runtime import Runtime
 
-    current = current_context_reader()
+    # ``Runtime.recording`` reads only these two fields of its runtime.
+    runtime = SimpleNamespace(active=True, current_context=current_context_reader())
+    recording = Runtime.recording.fget
 
     def both() -> tuple[bool, bool]:
-        return instrumentation_enabled(current()), is_instrumentation_enabled()
+        return recording(runtime), is_instrumentation_enabled()
 
     seen = [both()]
     with suppress_instrumentation():

@@ -81,3 +81,64 @@ def test_other_pool_work_still_gets_the_submitters_context(otel):
         assert seen["through_instrumentation"] is True
         # Outside any run, the same pool thread works in the context current at submission.
         assert pool.submit(_seen_in_pool_thread).result(timeout=30)["request"] is None
+
+
+def test_work_submitted_as_a_contexts_run_skips_the_attach_and_sees_its_submitter(otel):
+    """CrewAI's event bus submits ``ctx.run, handler, ...`` (not a partial): the handler runs in
+    ``ctx``, copied from the emitter's context just before, whatever the instrumentation
+    attaches; two requests' submissions to one pool overlap and each sees its own."""
+    import contextvars
+
+    tracer = trace.get_tracer("test")
+    both_in_pool = threading.Barrier(2, timeout=30)
+    results: dict[str, dict[str, Any]] = {}
+    spans: dict[str, int] = {}
+
+    def handler(tag: str) -> dict[str, Any]:
+        both_in_pool.wait()
+        return {**_seen_in_pool_thread(), "tag": tag}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+
+        def one_request(request_id: str) -> None:
+            with crew_otel.request(request_id), tracer.start_as_current_span(request_id) as span:
+                spans[request_id] = span.get_span_context().span_id
+                ctx = contextvars.copy_context()
+                future = pool.submit(ctx.run, handler, request_id)
+            results[request_id] = future.result(timeout=30)
+
+        callers = [threading.Thread(target=one_request, args=(f"req-{i}",)) for i in range(2)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(timeout=60)
+
+    assert set(results) == {"req-0", "req-1"}
+    for request_id, seen in results.items():
+        assert seen["tag"] == request_id
+        assert seen["request"] == request_id
+        assert seen["span"] == spans[request_id]
+        assert seen["through_instrumentation"] is False, "the attach around it is skipped"
+
+
+def test_a_callable_that_only_looks_like_a_contexts_run_keeps_the_attach(otel):
+    """Only a built-in ``Context.run`` is recognised: an object whose attributes claim to be
+    one (its ``__getattr__`` is application code, never run by the check) goes through the
+    instrumentation and sees the submitter's context."""
+
+    class Impostor:
+        __name__ = "run"
+
+        def __init__(self) -> None:
+            self.__self__ = otel_context.get_current()
+
+        def __call__(self) -> dict[str, Any]:
+            return _seen_in_pool_thread()
+
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError(f"looked up {name}")
+
+    with ThreadPoolExecutor(max_workers=1) as pool, crew_otel.request("req-impostor"):
+        seen = pool.submit(Impostor()).result(timeout=30)
+    assert seen["request"] == "req-impostor"
+    assert seen["through_instrumentation"] is True

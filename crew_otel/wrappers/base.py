@@ -34,9 +34,10 @@ exported without it; a cancelled run's spans end when its abandoned work does.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import functools
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -53,6 +54,7 @@ from crew_otel.runtime import Runtime
 from crew_otel.safety import internal_error
 
 _detach = otel_context.detach
+_CoroutineType = types.CoroutineType
 _perf = time.perf_counter
 #: The innermost instrumented call in a context (its children register with it).
 _CALL_KEY = otel_context.create_key("crew_otel.call")
@@ -193,13 +195,6 @@ class Call(Generic[T]):
 
         return release
 
-    def release_references(self) -> None:
-        """Drop what ties the finished call into reference cycles (its context holds the call
-        itself; its cleanups close over it), so it is freed when its last user lets go rather
-        than by the garbage collector."""
-        self.ctx = _FINISHED_CONTEXT
-        self.on_end = self.on_close = None
-
     @property
     def finished(self) -> bool:
         """The call is over: its cleanups ran and its span ended (or was left to its owner)."""
@@ -228,7 +223,8 @@ class Call(Generic[T]):
             if self._done:
                 return
             self._done = True
-            self._note_end_time()
+            if self._holds:
+                self._note_end_time()
         if self.on_close is not None:
             for fn in self.on_close:
                 try:
@@ -265,7 +261,11 @@ class Call(Generic[T]):
                         internal_error(fn, exc, None)
             if not call.borrowed:
                 call.span.end(end_time=call._end_ns)
-            call.release_references()
+            # Drop what ties the finished call into reference cycles (its context holds the
+            # call itself; its cleanups close over it), so it is freed when its last user lets
+            # go rather than by the garbage collector.
+            call.ctx = _FINISHED_CONTEXT
+            call.on_end = call.on_close = None
             if parent is not None:
                 with parent._lock:
                     parent._children -= 1
@@ -439,7 +439,7 @@ class SpanWrapper(Generic[T]):
             return None
         sharing = self.runtime.sharing
         usage = sharing.enter(instance, kind, request_id, call.span, label)
-        (call if until is None else until).add_cleanup(lambda: sharing.exit(usage))
+        (call if until is None else until).add_cleanup(functools.partial(sharing.exit, usage))
         return usage
 
     def capture(self, attrs: dict[str, AttributeValue], key: str, value: object) -> None:
@@ -486,7 +486,7 @@ class SpanWrapper(Generic[T]):
             except BaseException as exc:
                 self._end_failed(call, exc)
                 raise
-            if inspect.iscoroutine(result):
+            if isinstance(result, _CoroutineType):  # inspect.iscoroutine, inline
                 return self._defer_to_await(call, result)
             return self._end_succeeded(call, result)
         finally:

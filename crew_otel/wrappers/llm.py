@@ -339,15 +339,16 @@ def _current_call() -> LlmCallState | None:
 def _record_response(
     state: LlmCallState, model: object, response_id: object, reasons: tuple[str, ...]
 ) -> None:
-    """The response model, ID and finish reasons the provider answered, on the call's span."""
+    """The response model, ID and finish reasons (each already cut to the name length) the
+    provider answered, on the call's span."""
     attrs: dict[str, AttributeValue] = {}
     if isinstance(model, str) and model:
         attrs[attributes.GEN_AI_RESPONSE_MODEL] = model[: attributes.MAX_NAME_LENGTH]
     if isinstance(response_id, str) and response_id:
         attrs[attributes.GEN_AI_RESPONSE_ID] = response_id[: attributes.MAX_NAME_LENGTH]
     if reasons:
-        state.finish_reasons = tuple(reason[: attributes.MAX_NAME_LENGTH] for reason in reasons)
-        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = state.finish_reasons
+        state.finish_reasons = reasons
+        attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         state.finish_reason_known = True
     if attrs:
         state.span.set_attributes(attrs)
@@ -355,14 +356,14 @@ def _record_response(
 
 def _note_response(state: LlmCallState, response: object) -> None:
     """What one SDK response object (or a stream's usage chunk) says."""
-    choices = getattr(response, "choices", None) or ()
-    reasons = tuple(
-        reason
-        for reason in (getattr(choice, "finish_reason", None) for choice in choices)
-        if isinstance(reason, str) and reason
-    )
+    # Loops, not generators (a frame per item): this runs at every model call.
+    reasons: list[str] = []
+    for choice in getattr(response, "choices", None) or ():
+        reason = getattr(choice, "finish_reason", None)
+        if isinstance(reason, str) and reason:
+            reasons.append(reason[: attributes.MAX_NAME_LENGTH])
     _record_response(
-        state, getattr(response, "model", None), getattr(response, "id", None), reasons
+        state, getattr(response, "model", None), getattr(response, "id", None), tuple(reasons)
     )
 
 
@@ -420,7 +421,7 @@ class _StreamNotes:
     def finish(self) -> None:
         """The stream ended (or was abandoned): a choice that never finished ended in error."""
         reasons = tuple(
-            self.finish_reasons[i] or attributes.FINISH_REASON_ERROR
+            (self.finish_reasons[i] or attributes.FINISH_REASON_ERROR)[: attributes.MAX_NAME_LENGTH]
             for i in sorted(self.finish_reasons)
         )
         _record_response(self.state, self.model, self.response_id, reasons)

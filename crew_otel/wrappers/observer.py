@@ -70,7 +70,8 @@ class Observer:
             _detach(token)
             safe_call(self.after_error, observed, exc, default=None)
             raise
-        _detach(token)
+        if token is not None:  # inline: most observers attach nothing
+            _detach(token)
         return self._returned(observed, result)
 
     async def _run_async(
