@@ -150,6 +150,8 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
                 attrs[attributes.GEN_AI_CONVERSATION_COMPACTED] = True
             # where the call goes decides sampling too: at the span's start
             attrs.update(attributes.server_attributes(attributes.llm_base_url(instance)))
+            # and what it asks: set with the rest (one set of attributes, not two)
+            attrs.update(_request_attributes(instance, provider, kwargs))
             name, kind = attributes.span_name(attributes.SPAN_CHAT, model), SpanKind.CLIENT
         span = self.tracer.start_span(name, context=ctx, kind=kind, attributes=attrs)
         state = LlmCallState(span, provider, model, _max_retries(instance), self.rate_limit_layer)
@@ -157,7 +159,6 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
             state.deferred = True
             state.record_metrics = not deferral.records_metrics
         elif span.is_recording():
-            span.set_attributes(_request_attributes(instance, provider, kwargs))
             state.agent = _agent_scope_of(ctx, instance)
         call = Call(
             span,
