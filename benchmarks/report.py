@@ -194,6 +194,8 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
         detectors_path = directory / "detectors-smoke.json"
     outside = load_detectors(detectors_path) if detectors_path.is_file() else None
     outside_other = (_read(directory, "detectors-interference.json") or {}).get("other_cores", 0.0)
+    counted = _read(directory, detectors.instructions_path(detectors_path).name)
+    outside_counts = counted.get("per_operation") if counted else None
 
     targets: list[tuple[str, str, str]] = []
     sections: list[str] = []
@@ -210,7 +212,9 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     targets += soak_targets
     start_lines, start_targets = _render_startup(startup)
     targets += start_targets
-    shared_lines, shared_targets = _render_shared_state(shared, outside, outside_other)
+    shared_lines, shared_targets = _render_shared_state(
+        shared, outside, outside_other, outside_counts
+    )
     targets += shared_targets
     instructions = _read(directory, "instructions.json")
     instruction_lines = _render_instructions(instructions)
@@ -918,7 +922,7 @@ def _percentile(values: Sequence[float], fraction: float) -> float:
 
 
 def _render_shared_state(
-    raw: Any, outside: Any, outside_other: float = 0.0
+    raw: Any, outside: Any, outside_other: float = 0.0, counts: dict[str, float] | None = None
 ) -> tuple[list[str], list[tuple[str, str, str]]]:
     """Detectors on vs off end to end, and their cost outside runs (None: not measured)."""
     if not raw and not outside:
@@ -932,7 +936,7 @@ def _render_shared_state(
     if outside:
         if lines:
             lines.append("")
-        outside_lines, outside_target = _render_outside(outside, outside_other)
+        outside_lines, outside_target = _render_outside(outside, outside_other, counts)
         lines += outside_lines
         targets.append(outside_target)
     return lines, targets
@@ -1010,17 +1014,19 @@ def _pair_ratios(rows: list[dict[str, Any]], on: str, off: str, metric: str = "c
     return [g[on] / g[off] for g in groups.values() if on in g and off in g]
 
 
-def _render_outside(outside: Any, other: float) -> tuple[list[str], tuple[str, str, str]]:
+def _render_outside(
+    outside: Any, other: float, counts: dict[str, float] | None = None
+) -> tuple[list[str], tuple[str, str, str]]:
+    """The operations outside runs: CPU time per state, and executed instructions when counted
+    (then the target is decided by them: they do not move with the load)."""
     tool = next(iter(outside.values()))["tool"]
     lines = [
         "**Shared-state detectors, outside runs**: process CPU per operation in code that "
         "runs outside any crew. While instrumented with the detectors on, `open`, `io.open`, "
         "`os.open` and `sqlite3.connect` are wrapped (one wrapper call and one context "
-        "look-up per call outside tool calls) and every SQLite database-file connection they "
-        "open gets a trace callback (one context look-up per statement); `uninstrument()` "
-        "restores the functions, the callback stays on connections opened meanwhile and "
-        "returns at once. `copy.deepcopy` is a control nothing wrapped touches. crewai and "
-        f"crew_otel imported in every state ({tool})." + _busy_note(other),
+        "look-up per call outside tool calls); nothing is set on SQLite connections; "
+        "`uninstrument()` restores the functions. `copy.deepcopy` is a control nothing wrapped "
+        f"touches. crewai and crew_otel imported in every state ({tool})." + _busy_note(other),
         "",
         "| operation | none, µs | detectors off, µs | vs none | detectors on, µs | vs none "
         "| after `uninstrument()`, µs | vs none |",
@@ -1046,18 +1052,62 @@ def _render_outside(outside: Any, other: float) -> tuple[list[str], tuple[str, s
                 continue  # not the detectors: what instrumenting at all does
             parts.append(f"{ratio:.3f} x")
             noise = base["stdev"] + entry["stdev"]
-            if ratio > TARGET_DETECTORS_RATIO and delta > noise:
+            if counts is None and ratio > TARGET_DETECTORS_RATIO and delta > noise:
                 affected.append(f"{op} ({state})")
         lines.append(" | ".join(cells) + " |")
         measured.append(f"{op} {' / '.join(parts)}")
-    text = "on / after `uninstrument()`: " + "; ".join(measured)
+    if counts is not None:
+        counted_lines, measured, affected = _outside_instructions(counts)
+        lines += ["", *counted_lines]
+        text = "instructions, on / after `uninstrument()`: " + "; ".join(measured)
+    else:
+        text = "CPU, on / after `uninstrument()`: " + "; ".join(measured)
     if affected:
-        text += f" (above {TARGET_DETECTORS_RATIO} x and the noise: {', '.join(affected)})"
+        text += f" (above {TARGET_DETECTORS_RATIO} x: {', '.join(affected)})"
     return lines, (
         f"code outside tool calls unaffected by the detectors (≤ {TARGET_DETECTORS_RATIO} x)",
         text,
         _status(not affected),
     )
+
+
+def _outside_instructions(
+    counts: dict[str, float],
+) -> tuple[list[str], list[str], list[str]]:
+    """The outside operations' executed instructions per call by state: table lines, the
+    target's figures, the operations above the target."""
+    lines = [
+        "Executed instructions per call, the same operations (callgrind, "
+        f"{detectors.OUTSIDE_CALLS} calls per state after as many to warm up; user space only: "
+        "the kernel's part of opening a file is not counted, so a ratio overstates the share "
+        "of a wrapper in an operation that is mostly system calls):",
+        "",
+        "| operation | none | detectors off | detectors on | after `uninstrument()` |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    measured: list[str] = []
+    affected: list[str] = []
+    for op in detectors.OPERATIONS:
+        base = counts.get(f"{op}: {detectors.NONE}")
+        if not base:
+            continue
+        cells = [f"| {op} | {base:,.0f}"]
+        parts = []
+        for state in (detectors.OFF, detectors.ON, detectors.AFTER):
+            value = counts.get(f"{op}: {state}")
+            if value is None:
+                cells.append("-")
+                continue
+            ratio = value / base
+            cells.append(f"{value:,.0f} ({value - base:+,.0f}; {ratio:.3f} x)")
+            if state == detectors.OFF:
+                continue
+            parts.append(f"{ratio:.3f} x ({value - base:+,.0f})")
+            if ratio > TARGET_DETECTORS_RATIO:
+                affected.append(f"{op} ({state})")
+        lines.append(" | ".join(cells) + " |")
+        measured.append(f"{op} {' / '.join(parts)}")
+    return lines, measured, affected
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -35,6 +35,7 @@ from opentelemetry.util.types import AttributeValue
 
 from crew_otel import attributes as a
 from crew_otel import semconv
+from crew_otel.context import current_context_reader
 
 # Names of the instruments (OpenTelemetry names; Prometheus translates "." to "_" and adds
 # the unit and "_total" suffixes, e.g. crew_otel.retries -> crew_otel_retries_total).
@@ -215,6 +216,9 @@ class CappedHistogram:
     def __init__(self, histogram: Histogram, cap: NameCap) -> None:
         self._histogram = histogram
         self._cap = cap
+        #: The current context, read as the SDK would (for the point's exemplar) in one C call
+        #: instead of its two Python ones.
+        self._current_context = current_context_reader()
 
     def record(
         self,
@@ -223,7 +227,11 @@ class CappedHistogram:
         context: Context | None = None,
     ) -> None:
         """Record ``amount`` with capped name attributes."""
-        self._histogram.record(amount, self._cap.attributes(attributes), context)
+        self._histogram.record(
+            amount,
+            self._cap.attributes(attributes),
+            context if context is not None else self._current_context(),
+        )
 
 
 class CrewOtelMetrics:

@@ -157,3 +157,38 @@ def test_the_collector_meter_counts_what_the_collector_did_and_the_report_shows_
         f"({freed[1] - freed[0]:+.0f}) |"
     )
     assert any(x.startswith("| minor page faults |") for x in lines)
+
+
+def test_code_outside_tool_calls_is_judged_by_its_instructions_when_they_are_counted():
+    """CPU time on a shared machine moves more than the wrappers cost (the control that
+    nothing wrapped touches moved most): with instruction counts, the outside-runs target is
+    decided by them, each state against the uninstrumented one; without, by CPU time."""
+    from benchmarks import detectors, report
+
+    cpu = {
+        f"{op}: {state}": {
+            "median": 1e-5 * (1.5 if op == "deepcopy" else 1.0),
+            "stdev": 0.0,
+            "tool": "pyperf",
+        }
+        for op in detectors.OPERATIONS
+        for state in detectors.STATES
+    }
+    # the control read 1.5 x in CPU time in the two instrumented states, nothing else moved
+    for state in (detectors.NONE, detectors.OFF):
+        cpu[f"deepcopy: {state}"]["median"] = 1e-5
+    counts = {name: 10_000.0 for name in cpu}
+    lines, (_, text, status) = report._render_outside(cpu, 0.0, counts)
+    assert status == "met", "the control's CPU time does not decide when instructions are counted"
+    assert text.startswith("instructions")
+    assert any(line.startswith("| open+close | 10,000 |") for line in lines)
+
+    counts["open+close: detectors on"] = 10_500.0  # the wrapper's cost: 5 % of the call
+    _, (_, text, status) = report._render_outside(cpu, 0.0, counts)
+    assert status == "**missed**"
+    assert "open+close 1.050 x (+500)" in text
+    assert "open+close (detectors on)" in text
+
+    _, (_, text, status) = report._render_outside(cpu, 0.0, None)
+    assert status == "**missed**", "CPU time decides"
+    assert "deepcopy (detectors on)" in text

@@ -264,9 +264,7 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
             self._attribute_busy_executor(call, call.data)
 
     def duration_point(self, call: Call[AgentScope]) -> DurationPoint:
-        return DurationPoint(
-            self.runtime.metrics.agent_duration, {attributes.GEN_AI_AGENT_NAME: call.data.role}
-        )
+        return (self.runtime.metrics.agent_duration, {attributes.GEN_AI_AGENT_NAME: call.data.role})
 
     def _attribute_busy_executor(self, call: Call[AgentScope], scope: AgentScope) -> None:
         """CrewAI's "Executor is already running": the Agent object is shared between runs."""

@@ -299,12 +299,10 @@ class Histogram(Protocol):
     def record(self, amount: float, attributes: dict[str, AttributeValue]) -> None: ...
 
 
-class DurationPoint(NamedTuple):
-    """Where a call's duration goes: the histogram and the attributes (``error.type`` is added
-    when the call failed)."""
-
-    histogram: Histogram
-    attributes: dict[str, AttributeValue]
+#: Where a call's duration goes: ``(histogram, attributes)`` (``error.type`` is added to the
+#: attributes when the call failed). A plain tuple: a named tuple's constructor is a Python
+#: call, and one is made at every call that records its duration.
+DurationPoint = tuple[Histogram, dict[str, AttributeValue]]
 
 
 class SpanWrapper(Generic[T]):
@@ -414,10 +412,10 @@ class SpanWrapper(Generic[T]):
         point = self.duration_point(call)
         if point is None:
             return
-        attrs = point.attributes
+        histogram, attrs = point
         if call.error_type is not None:
             attrs[ERROR_TYPE] = call.error_type
-        point.histogram.record(call.elapsed, attrs)
+        histogram.record(_perf() - call.start, attrs)
 
     def track_instance(
         self,

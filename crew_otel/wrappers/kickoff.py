@@ -431,7 +431,7 @@ class KickoffWrapper(SpanWrapper[KickoffData]):
         record = _record_of(call)
         if record is None:
             return None  # a guardrail's agent is part of the evaluation, not a workflow
-        return DurationPoint(
+        return (
             self.runtime.metrics.workflow_duration,
             {attributes.GEN_AI_WORKFLOW_NAME: record.workflow},
         )

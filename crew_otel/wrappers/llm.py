@@ -65,6 +65,7 @@ class LlmCallState:
         "max_retries",
         "model",
         "output_tokens",
+        "pending_attributes",
         "provider",
         "rate_limit_layer",
         "rate_limit_retries",
@@ -103,6 +104,25 @@ class LlmCallState:
         #: Whether crew_otel records this call's gen_ai.client.* points (else the provider
         #: instrumentation does).
         self.record_metrics = True
+        #: What the response said (model, ID, finish reasons, usage), set on the span in one
+        #: go when the call finishes (:meth:`set_pending_attributes`), not at each hook that
+        #: saw a part of it.
+        self.pending_attributes: dict[str, AttributeValue] | None = None
+
+    def note_attributes(self, attrs: dict[str, AttributeValue]) -> None:
+        """Keep ``attrs`` (the state owns the dict) for the span, set when the call finishes;
+        a later value of a key replaces an earlier one."""
+        pending = self.pending_attributes
+        if pending is None:
+            self.pending_attributes = attrs
+        else:
+            pending.update(attrs)
+
+    def set_pending_attributes(self) -> None:
+        """Set what :meth:`note_attributes` kept on the span (a cleanup of the call)."""
+        pending, self.pending_attributes = self.pending_attributes, None
+        if pending:
+            self.span.set_attributes(pending)
 
     def note_http_failure(self, error_type: str) -> None:
         self.last_error_type = error_type
@@ -165,6 +185,8 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
             otel_context.set_value(LLM_CALL_KEY, state, trace.set_span_in_context(span, ctx)),
             state,
         )
+        if not state.deferred:
+            call.add_cleanup(state.set_pending_attributes)
         self.track_instance(call, Kind.LLM, instance, model)
         crosstalk = self.runtime.crosstalk
         if crosstalk is not None and messages is not None:
@@ -229,12 +251,16 @@ class ChatWrapper(SpanWrapper[LlmCallState]):
         state = call.data
         if not state.record_metrics:
             return None  # the provider instrumentation records gen_ai.client.* points
-        return DurationPoint(self.runtime.metrics.inference_duration, _metric_attributes(state))
+        return (self.runtime.metrics.inference_duration, _metric_attributes(state))
+
+
+#: ``Operation.CHAT.value``, read once (an enum member's ``value`` is a Python property).
+_CHAT = Operation.CHAT.value
 
 
 def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:
     return {
-        attributes.GEN_AI_OPERATION_NAME: Operation.CHAT.value,
+        attributes.GEN_AI_OPERATION_NAME: _CHAT,
         attributes.GEN_AI_PROVIDER_NAME: state.provider,
         attributes.GEN_AI_REQUEST_MODEL: state.model,
     }
@@ -326,7 +352,7 @@ class LlmResponseObserver(Observer):
             state.output_tokens = (state.output_tokens or 0) + output_tokens
             attrs[attributes.GEN_AI_USAGE_OUTPUT_TOKENS] = state.output_tokens
         if not state.deferred:  # else the provider instrumentation's span has them
-            state.span.set_attributes(attrs)
+            state.note_attributes(attrs)
 
 
 def _current_call() -> LlmCallState | None:
@@ -352,7 +378,7 @@ def _record_response(
         attrs[attributes.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
         state.finish_reason_known = True
     if attrs:
-        state.span.set_attributes(attrs)
+        state.note_attributes(attrs)
 
 
 def _note_response(state: LlmCallState, response: object) -> None:

@@ -163,7 +163,7 @@ class EmbeddingsWrapper(SpanWrapper[EmbeddingsCallState]):
     def duration_point(self, call: Call[EmbeddingsCallState]) -> DurationPoint | None:
         if not call.data.record_metrics:
             return None  # the provider instrumentation records gen_ai.client.* points
-        return DurationPoint(self.runtime.metrics.operation_duration, _metric_attributes(call.data))
+        return (self.runtime.metrics.operation_duration, _metric_attributes(call.data))
 
 
 def _metric_attributes(state: LlmCallState) -> dict[str, AttributeValue]:

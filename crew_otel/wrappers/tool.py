@@ -152,7 +152,7 @@ class _ToolSpanWrapper(SpanWrapper[ToolCallRecord]):
         attrs: dict[str, AttributeValue] = {attributes.GEN_AI_TOOL_NAME: record.name}
         if record.error_type is not None:
             attrs[attributes.ERROR_TYPE] = record.error_type
-        return DurationPoint(self.runtime.metrics.tool_duration, attrs)
+        return (self.runtime.metrics.tool_duration, attrs)
 
 
 class NativeToolCallWrapper(_ToolSpanWrapper):
