@@ -50,6 +50,45 @@ CREWAI_BAGGAGE_KEYS = frozenset({"crew_context", "flow_inputs", "flow_input_file
 HTTP_INSTRUMENTATION = "opentelemetry.instrumentation.httpx"
 
 
+#: The HTTP instrumentation's header-to-dict helper that :func:`skip_header_normalization`
+#: replaces while no header capture is configured.
+HEADER_NORMALIZATION = "_normalize_headers"
+#: The hook's key in ``crew-otel doctor`` and the hook set.
+HEADER_NORMALIZATION_KEY = "httpx header normalization (skipped: no header captured)"
+#: Where its header capture is configured (read when an instrumentor or client is instrumented).
+HEADER_CAPTURE_VARIABLES = (
+    "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST",
+    "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_RESPONSE",
+)
+
+
+def skip_header_normalization(headers: object, module: object) -> dict[str, list[str]]:
+    """``opentelemetry.instrumentation.httpx._normalize_headers`` while no header capture is
+    configured (:func:`header_normalization_skippable`).
+
+    The instrumentation turns every request and response header into a dict (each found by a
+    scan of them all: about 70 Python calls per request or response) and hands it only to
+    ``get_custom_header_attributes``, which returns ``{}`` without reading it when no header is
+    to be captured. Same spans, same attributes; the dict is not built.
+    """
+    return {}
+
+
+def header_normalization_skippable(http_instrumentation: Any) -> bool:
+    """Whether ``_normalize_headers`` of ``http_instrumentation`` may be replaced by
+    :func:`skip_header_normalization`: it exists, the installed instrumentation is one of the
+    versions its use was checked on (:data:`crew_otel.internals.HEADER_NORMALIZATION`), and no
+    request or response header capture is configured (the instrumentation reads the same
+    variables, with the same parser, when it is instrumented)."""
+    if not callable(getattr(http_instrumentation, HEADER_NORMALIZATION, None)):
+        return False
+    if not internals.HEADER_NORMALIZATION.installed_version_checked():
+        return False
+    from opentelemetry.util.http import get_custom_headers
+
+    return not any(get_custom_headers(name) for name in HEADER_CAPTURE_VARIABLES)
+
+
 class HttpClient(NamedTuple):
     """An HTTP client library, its instrumentor class and the connection pools it sends with."""
 

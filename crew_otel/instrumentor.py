@@ -37,11 +37,15 @@ from crew_otel.diagnosis import shared_state
 from crew_otel.hook_kinds import Layer, Source, Status
 from crew_otel.hookset import Hook, HookSet
 from crew_otel.http import (
+    HEADER_NORMALIZATION,
+    HEADER_NORMALIZATION_KEY,
     HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
     CrewAIBaggageFilter,
     HttpAttemptObserver,
     HttpClient,
+    header_normalization_skippable,
+    skip_header_normalization,
 )
 from crew_otel.package import _instruments
 from crew_otel.plan import (
@@ -355,6 +359,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             raise LookupError(
                 f"this opentelemetry-instrumentation-httpx has no {client.instrumentor}"
             )
+        safe_call(self._skip_header_normalization, http_instrumentation, default=None)
         left_to_auto = self._left_to_auto.pop(client.module, None)
         if left_to_auto is None:  # installed at instrument(): decide now
             left_to_auto = left_to_auto_instrumentation(client.module)
@@ -370,6 +375,18 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if instrumentor.is_instrumented_by_opentelemetry:
             self._owned_instrumentors.append(instrumentor)
         return client.instrumentor
+
+    def _skip_header_normalization(self, http_instrumentation: Any) -> None:
+        """While no header capture is configured, the HTTP instrumentation's header dict is
+        not built (:func:`crew_otel.http.skip_header_normalization`); restored by
+        ``uninstrument()`` with the other hooks."""
+        if header_normalization_skippable(http_instrumentation):
+            self._hooks.replace(
+                http_instrumentation,
+                HEADER_NORMALIZATION,
+                lambda _original: skip_header_normalization,
+                key=HEADER_NORMALIZATION_KEY,
+            )
 
     def _set_report(self, report: HookReport) -> None:
         """Replace the report of the same row (a pending one) or add it."""

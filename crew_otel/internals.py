@@ -279,6 +279,38 @@ class PrivateFunction(Internal):
             return None
 
 
+class ReplacedFunction(Internal):
+    """A private module-level function (``module:name``) that crew_otel replaces by one of its
+    own (:mod:`crew_otel.hookset`) on the versions its use was checked on: its result must go
+    only to ``consumer`` (``check()`` finds every call of it passed straight to ``consumer``
+    in the module's source)."""
+
+    def __init__(
+        self,
+        name: str,
+        what: str,
+        where: str,
+        consumer: str,
+        distribution: str,
+        missing_in: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(name, what, (Part(where, missing_in),), distribution)
+        self.module, _, self.function = where.partition(":")
+        #: The function every result of :attr:`function` is passed to.
+        self.consumer = consumer
+
+    def installed_version_checked(self) -> bool:
+        """Whether the installed version is not newer than the latest it was checked on (a
+        newer one may use the function otherwise: it is then left alone)."""
+        from packaging.version import InvalidVersion, Version
+
+        installed = installed_version(self.distribution)
+        try:
+            return installed is not None and Version(installed) <= Version(self.checked_on[-1])
+        except InvalidVersion:
+            return False
+
+
 def _running_loop_fallback() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -590,6 +622,15 @@ HTTPX_TRACER = TracerScope(
     HTTPX_INSTRUMENTATION,
 )
 
+HEADER_NORMALIZATION = ReplacedFunction(
+    "httpx_header_normalization",
+    "the httpx instrumentation's header-to-dict helper, not run while no header is captured",
+    "opentelemetry.instrumentation.httpx:_normalize_headers",
+    "get_custom_header_attributes",
+    HTTPX_INSTRUMENTATION,
+    missing_in=("0.55b1",),
+)
+
 #: Every internal crew_otel reads.
 REGISTRY: tuple[Internal, ...] = (
     AGENT_TIMES_EXECUTED,
@@ -617,4 +658,5 @@ REGISTRY: tuple[Internal, ...] = (
     RUNNING_LOOP,
     WRAPT_WRAPPER,
     HTTPX_TRACER,
+    HEADER_NORMALIZATION,
 )

@@ -32,6 +32,7 @@ from crew_otel.internals import (
     Part,
     PrivateAttribute,
     PrivateFunction,
+    ReplacedFunction,
     TracerScope,
     installed_version,
     load,
@@ -154,6 +155,19 @@ def _(internal: TracerScope, part: Part) -> bool:
 @resolves.register
 def _(internal: PrivateFunction, part: Part) -> bool:
     return callable(load(part.where))
+
+
+@resolves.register
+def _(internal: ReplacedFunction, part: Part) -> bool:
+    if not callable(load(part.where)):
+        return False
+    # Every call (not the definition) hands the result straight to the consumer.
+    source = source_of(internal.module)
+    calls = len(re.findall(rf"(?<!def ){re.escape(internal.function)}\(", source))
+    consumed = len(
+        re.findall(rf"{re.escape(internal.consumer)}\(\s*{re.escape(internal.function)}\(", source)
+    )
+    return calls > 0 and calls == consumed
 
 
 @resolves.register
