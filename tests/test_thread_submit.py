@@ -9,8 +9,10 @@ runs every step that way; the attach around it was pure cost.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,20 +45,18 @@ def _seen_in_pool_thread() -> dict[str, Any]:
     }
 
 
-def test_to_thread_work_runs_in_its_run_without_the_instrumentations_attach(otel):
+def _in_two_requests(work: Callable[[str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Two requests at once, each in a thread with a span of its own current, each running
+    ``work(request_id)`` (which hands pool work over and returns what it saw); every request's
+    pool work saw its own request and span, not through the instrumentation's attach."""
     tracer = trace.get_tracer("test")
-    both_in_pool = threading.Barrier(2, timeout=30)
     results: dict[str, dict[str, Any]] = {}
     spans: dict[str, int] = {}
-
-    def work() -> dict[str, Any]:
-        both_in_pool.wait()  # the two requests' pool work overlaps
-        return _seen_in_pool_thread()
 
     def one_request(request_id: str) -> None:
         with crew_otel.request(request_id), tracer.start_as_current_span(request_id) as span:
             spans[request_id] = span.get_span_context().span_id
-            results[request_id] = asyncio.run(asyncio.to_thread(work))
+            results[request_id] = work(request_id)
 
     callers = [threading.Thread(target=one_request, args=(f"req-{i}",)) for i in range(2)]
     for caller in callers:
@@ -69,6 +69,17 @@ def test_to_thread_work_runs_in_its_run_without_the_instrumentations_attach(otel
         assert seen["request"] == request_id
         assert seen["span"] == spans[request_id]
         assert seen["through_instrumentation"] is False, "the attach around it is skipped"
+    return results
+
+
+def test_to_thread_work_runs_in_its_run_without_the_instrumentations_attach(otel):
+    both_in_pool = threading.Barrier(2, timeout=30)
+
+    def work() -> dict[str, Any]:
+        both_in_pool.wait()  # the two requests' pool work overlaps
+        return _seen_in_pool_thread()
+
+    _in_two_requests(lambda _request_id: asyncio.run(asyncio.to_thread(work)))
 
 
 def test_other_pool_work_still_gets_the_submitters_context(otel):
@@ -87,12 +98,7 @@ def test_work_submitted_as_a_contexts_run_skips_the_attach_and_sees_its_submitte
     """CrewAI's event bus submits ``ctx.run, handler, ...`` (not a partial): the handler runs in
     ``ctx``, copied from the emitter's context just before, whatever the instrumentation
     attaches; two requests' submissions to one pool overlap and each sees its own."""
-    import contextvars
-
-    tracer = trace.get_tracer("test")
     both_in_pool = threading.Barrier(2, timeout=30)
-    results: dict[str, dict[str, Any]] = {}
-    spans: dict[str, int] = {}
 
     def handler(tag: str) -> dict[str, Any]:
         both_in_pool.wait()
@@ -100,25 +106,12 @@ def test_work_submitted_as_a_contexts_run_skips_the_attach_and_sees_its_submitte
 
     with ThreadPoolExecutor(max_workers=2) as pool:
 
-        def one_request(request_id: str) -> None:
-            with crew_otel.request(request_id), tracer.start_as_current_span(request_id) as span:
-                spans[request_id] = span.get_span_context().span_id
-                ctx = contextvars.copy_context()
-                future = pool.submit(ctx.run, handler, request_id)
-            results[request_id] = future.result(timeout=30)
+        def emit(request_id: str) -> dict[str, Any]:
+            ctx = contextvars.copy_context()
+            return pool.submit(ctx.run, handler, request_id).result(timeout=30)
 
-        callers = [threading.Thread(target=one_request, args=(f"req-{i}",)) for i in range(2)]
-        for caller in callers:
-            caller.start()
-        for caller in callers:
-            caller.join(timeout=60)
-
-    assert set(results) == {"req-0", "req-1"}
-    for request_id, seen in results.items():
-        assert seen["tag"] == request_id
-        assert seen["request"] == request_id
-        assert seen["span"] == spans[request_id]
-        assert seen["through_instrumentation"] is False, "the attach around it is skipped"
+        results = _in_two_requests(emit)
+    assert all(seen["tag"] == request_id for request_id, seen in results.items())
 
 
 def test_a_callable_that_only_looks_like_a_contexts_run_keeps_the_attach(otel):
