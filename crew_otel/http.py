@@ -50,9 +50,6 @@ CREWAI_BAGGAGE_KEYS = frozenset({"crew_context", "flow_inputs", "flow_input_file
 HTTP_INSTRUMENTATION = "opentelemetry.instrumentation.httpx"
 
 
-#: The HTTP instrumentation's header-to-dict helper that :func:`skip_header_normalization`
-#: replaces while no header capture is configured.
-HEADER_NORMALIZATION = "_normalize_headers"
 #: The hook's key in ``crew-otel doctor`` and the hook set.
 HEADER_NORMALIZATION_KEY = "httpx header normalization (skipped: no header captured)"
 #: Where its header capture is configured (read when an instrumentor or client is instrumented).
@@ -80,7 +77,7 @@ def header_normalization_skippable(http_instrumentation: Any) -> bool:
     versions its use was checked on (:data:`crew_otel.internals.HEADER_NORMALIZATION`), and no
     request or response header capture is configured (the instrumentation reads the same
     variables, with the same parser, when it is instrumented)."""
-    if not callable(getattr(http_instrumentation, HEADER_NORMALIZATION, None)):
+    if not callable(getattr(http_instrumentation, internals.HEADER_NORMALIZATION.function, None)):
         return False
     if not internals.HEADER_NORMALIZATION.installed_version_checked():
         return False

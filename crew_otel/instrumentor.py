@@ -31,13 +31,13 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
+from crew_otel import internals
 from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.hook_kinds import Layer, Source, Status
 from crew_otel.hookset import Hook, HookSet
 from crew_otel.http import (
-    HEADER_NORMALIZATION,
     HEADER_NORMALIZATION_KEY,
     HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
@@ -383,7 +383,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if header_normalization_skippable(http_instrumentation):
             self._hooks.replace(
                 http_instrumentation,
-                HEADER_NORMALIZATION,
+                internals.HEADER_NORMALIZATION.function,
                 lambda _original: skip_header_normalization,
                 key=HEADER_NORMALIZATION_KEY,
             )

@@ -77,6 +77,9 @@ def test_the_header_dict_is_not_built_and_the_attempt_spans_stay_the_same(otel, 
     )
     replaced = getattr(module, "_normalize_headers", None) is http.skip_header_normalization
     assert replaced is expected
+    checked_on = internals.CHECKED_ON[internals.HTTPX_INSTRUMENTATION]
+    if internals.installed_version(internals.HTTPX_INSTRUMENTATION) == checked_on[-1]:
+        assert replaced, "replaced on the version it was checked on"
     for tag, attempts in _attempt_spans(otel, tags).items():
         assert attempts, f"{tag}: its HTTP attempts were recorded"
         for span in attempts:

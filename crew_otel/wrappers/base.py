@@ -585,10 +585,10 @@ def _link(call: Call[Any], current: object) -> None:
     """Register ``call`` as a child of its parent call and make it current in its context.
 
     The parent is the one ``begin`` named, else ``current`` (the call current where this one
-    started, or ``None``), if
-    that call's span is this span's parent (a span started elsewhere is not waited for). A call
-    on the current call's own span (a tool's ``run`` inside its dispatcher, an entry point
-    delegating to another of the same object) is neither, unless ``begin`` adopted it.
+    started, or ``None``), if that call's span is this span's parent (a span started elsewhere
+    is not waited for). A call on the current call's own span (a tool's ``run`` inside its
+    dispatcher, an entry point delegating to another of the same object) is neither, unless
+    ``begin`` adopted it.
     """
     if isinstance(current, Call) and current.span is call.span:
         return  # ``begin`` may have made it the span owner's work (``Call.adopt``)
