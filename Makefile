@@ -81,7 +81,7 @@ setup-openai3: $(OPENAI3_VENV)/.installed
 
 test-openai3: $(OPENAI3_VENV)/.installed
 	$(OPENAI3_VENV)/bin/python -m pytest -q tests/test_spans.py tests/test_runs.py \
-		tests/test_errors.py tests/test_compat.py
+		tests/test_errors.py tests/test_compat.py tests/test_http_headers.py
 
 # OpenInference's CrewAI instrumentation and the three OpenAI SDK instrumentations beside
 # crew_otel. They register opentelemetry_instrumentor entry points that opentelemetry-instrument

@@ -20,6 +20,7 @@ whichever instrumentation was installed first - that:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from opentelemetry import baggage, trace
@@ -84,6 +85,54 @@ def header_normalization_skippable(http_instrumentation: Any) -> bool:
     from opentelemetry.util.http import get_custom_headers
 
     return not any(get_custom_headers(name) for name in HEADER_CAPTURE_VARIABLES)
+
+
+#: The hook's key in ``crew-otel doctor`` and the hook set.
+REQUEST_PARAMETERS_KEY = "httpx request parameters (the request's URL not parsed again)"
+
+
+def parameters_without_reparse(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The replacement of ``opentelemetry.instrumentation.httpx._extract_parameters``
+    (``original``) on the versions where it is checked to return the same
+    (:func:`request_parameters_replaceable`).
+
+    For each request the instrumentation parses the request's URL again from its text
+    (``URL(str(request.url))``: a scan of every character and the host's address, about 65
+    Python calls) into a URL equal to the request's own, which it only reads; httpx URLs are
+    immutable. The replacement returns the request's own URL; anything but a request (the
+    transport API of httpx before 0.20) goes to ``original``.
+    """
+
+    def extract_parameters(
+        args: tuple[Any, ...], kwargs: dict[str, Any], module: Any
+    ) -> tuple[Any, Any, Any, Any, Any]:
+        if args and isinstance(args[0], module.Request):
+            request = args[0]
+            return (
+                request.method.encode(),
+                request.url,
+                request.headers,
+                request.stream,
+                request.extensions,
+            )
+        return original(args, kwargs, module)  # type: ignore[no-any-return]
+
+    return extract_parameters
+
+
+def request_parameters_replaceable(http_instrumentation: Any) -> bool:
+    """Whether ``_extract_parameters`` of ``http_instrumentation`` may be replaced
+    (:func:`parameters_without_reparse`): the installed instrumentation is not newer than the
+    versions it was checked on and, called on a sample request, returns the request's own
+    method, headers, stream and extensions and a URL equal to its own
+    (:data:`crew_otel.internals.REQUEST_PARAMETERS`)."""
+    if not callable(getattr(http_instrumentation, internals.REQUEST_PARAMETERS.function, None)):
+        return False
+    if not internals.REQUEST_PARAMETERS.installed_version_checked():
+        return False
+    from crew_otel import internals_check
+
+    return internals_check.check(internals.REQUEST_PARAMETERS).parts[0].resolved
 
 
 class HttpClient(NamedTuple):
@@ -260,8 +309,11 @@ class CrewAIBaggageFilter(TextMapPropagator):
             ctx = safe_call(propagation.outgoing, ctx, self.propagate_request_id, default=ctx)
             entries = baggage.get_all(ctx)
         if self.strip_crewai and entries and not CREWAI_BAGGAGE_KEYS.isdisjoint(entries):
-            for key in CREWAI_BAGGAGE_KEYS.intersection(entries):
-                ctx = baggage.remove_baggage(key, ctx)
+            if CREWAI_BAGGAGE_KEYS.issuperset(entries):
+                ctx = baggage.clear(ctx)  # only CrewAI's (inside a run, usually): one context
+            else:
+                for key in CREWAI_BAGGAGE_KEYS.intersection(entries):
+                    ctx = baggage.remove_baggage(key, ctx)
         self.inner.inject(carrier, ctx, setter)
 
     @property

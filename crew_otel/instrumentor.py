@@ -41,10 +41,13 @@ from crew_otel.http import (
     HEADER_NORMALIZATION_KEY,
     HTTP_CLIENTS,
     HTTP_INSTRUMENTATION,
+    REQUEST_PARAMETERS_KEY,
     CrewAIBaggageFilter,
     HttpAttemptObserver,
     HttpClient,
     header_normalization_skippable,
+    parameters_without_reparse,
+    request_parameters_replaceable,
     skip_header_normalization,
 )
 from crew_otel.package import _instruments
@@ -359,7 +362,7 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             raise LookupError(
                 f"this opentelemetry-instrumentation-httpx has no {client.instrumentor}"
             )
-        safe_call(self._skip_header_normalization, http_instrumentation, default=None)
+        safe_call(self._replace_http_helpers, http_instrumentation, default=None)
         left_to_auto = self._left_to_auto.pop(client.module, None)
         if left_to_auto is None:  # installed at instrument(): decide now
             left_to_auto = left_to_auto_instrumentation(client.module)
@@ -376,9 +379,11 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._owned_instrumentors.append(instrumentor)
         return client.instrumentor
 
-    def _skip_header_normalization(self, http_instrumentation: Any) -> None:
-        """While no header capture is configured, the HTTP instrumentation's header dict is
-        not built (:func:`crew_otel.http.skip_header_normalization`); restored by
+    def _replace_http_helpers(self, http_instrumentation: Any) -> None:
+        """Spare the HTTP instrumentation work whose result nothing reads, each only where
+        checked: its header dict while no header capture is configured
+        (:func:`crew_otel.http.skip_header_normalization`) and a second parse of each
+        request's URL (:func:`crew_otel.http.parameters_without_reparse`). Restored by
         ``uninstrument()`` with the other hooks."""
         if header_normalization_skippable(http_instrumentation):
             self._hooks.replace(
@@ -386,6 +391,13 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 internals.HEADER_NORMALIZATION.function,
                 lambda _original: skip_header_normalization,
                 key=HEADER_NORMALIZATION_KEY,
+            )
+        if request_parameters_replaceable(http_instrumentation):
+            self._hooks.replace(
+                http_instrumentation,
+                internals.REQUEST_PARAMETERS.function,
+                parameters_without_reparse,
+                key=REQUEST_PARAMETERS_KEY,
             )
 
     def _set_report(self, report: HookReport) -> None:

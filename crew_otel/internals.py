@@ -281,23 +281,32 @@ class PrivateFunction(Internal):
 
 class ReplacedFunction(Internal):
     """A private module-level function (``module:name``) that crew_otel replaces by one of its
-    own (:mod:`crew_otel.hookset`) on the versions its use was checked on: its result must go
-    only to ``consumer`` (``check()`` finds every call of it passed straight to ``consumer``
-    in the module's source)."""
+    own (:mod:`crew_otel.hookset`) on the versions its use was checked on.
+
+    ``check()`` verifies on the installed version what makes the replacement safe: with
+    ``consumer``, every call of the function hands its result straight to ``consumer`` (in the
+    module's source); with ``same_result``, the function returns on a sample input what the
+    replacement returns (the checker of that name in
+    :data:`crew_otel.internals_check.SAME_RESULT`).
+    """
 
     def __init__(
         self,
         name: str,
         what: str,
         where: str,
-        consumer: str,
         distribution: str,
+        *,
+        consumer: str | None = None,
+        same_result: str | None = None,
         missing_in: tuple[str, ...] = (),
     ) -> None:
         super().__init__(name, what, (Part(where, missing_in),), distribution)
         self.module, _, self.function = where.partition(":")
         #: The function every result of :attr:`function` is passed to.
         self.consumer = consumer
+        #: The checker that compares the function's result with the replacement's.
+        self.same_result = same_result
 
     def installed_version_checked(self) -> bool:
         """Whether the installed version is not newer than the latest it was checked on (a
@@ -626,8 +635,18 @@ HEADER_NORMALIZATION = ReplacedFunction(
     "httpx_header_normalization",
     "the httpx instrumentation's header-to-dict helper, not run while no header is captured",
     "opentelemetry.instrumentation.httpx:_normalize_headers",
-    "get_custom_header_attributes",
     HTTPX_INSTRUMENTATION,
+    consumer="get_custom_header_attributes",
+    missing_in=("0.55b1",),
+)
+REQUEST_PARAMETERS = ReplacedFunction(
+    "httpx_request_parameters",
+    "the httpx instrumentation's request-parameter helper, without parsing the URL again",
+    "opentelemetry.instrumentation.httpx:_extract_parameters",
+    HTTPX_INSTRUMENTATION,
+    same_result="request_parameters",
+    # there it removes the URL's credentials while parsing it again (later versions redact
+    # them when they set the attribute)
     missing_in=("0.55b1",),
 )
 
@@ -659,4 +678,5 @@ REGISTRY: tuple[Internal, ...] = (
     WRAPT_WRAPPER,
     HTTPX_TRACER,
     HEADER_NORMALIZATION,
+    REQUEST_PARAMETERS,
 )

@@ -39,6 +39,7 @@ from crew_otel.internals import (
 )
 
 __all__ = [
+    "SAME_RESULT",
     "SAMPLES",
     "InternalStatus",
     "PartStatus",
@@ -159,7 +160,12 @@ def _(internal: PrivateFunction, part: Part) -> bool:
 
 @resolves.register
 def _(internal: ReplacedFunction, part: Part) -> bool:
-    if not callable(load(part.where)):
+    function = load(part.where)
+    if not callable(function):
+        return False
+    if internal.same_result is not None:
+        return SAME_RESULT[internal.same_result](function)
+    if internal.consumer is None:
         return False
     # Every call (not the definition) hands the result straight to the consumer.
     source = source_of(internal.module)
@@ -294,6 +300,43 @@ def function_wrapper() -> Iterator[Any]:
         return wrapped(*args, **kwargs)
 
     yield wrapt.FunctionWrapper(len, wrapper)
+
+
+def request_parameters(extract: Callable[..., Any]) -> bool:
+    """``_extract_parameters`` of the httpx instrumentation returns, for a request, its own
+    method (encoded), headers, stream and extensions and a URL equal to its own (parsed again
+    from its text, credentials kept): what crew_otel's replacement returns without the parse."""
+    httpx: Any = None
+    for name in ("httpx", "httpx2"):
+        try:
+            httpx = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    if httpx is None:
+        return False
+    request = httpx.Request(
+        "POST",
+        "http://user:secret@127.0.0.1:8080/v1/chat/completions?a=1&b=%20#part",
+        headers={"X-Sample": "1"},
+        content=b"{}",
+    )
+    method, url, headers, stream, extensions = extract((request,), {}, httpx)
+    return bool(
+        method == request.method.encode()
+        and isinstance(url, httpx.URL)
+        and str(url) == str(request.url)
+        and headers is request.headers
+        and stream is request.stream
+        and extensions is request.extensions
+    )
+
+
+#: The checkers :class:`~crew_otel.internals.ReplacedFunction` accessors name (``same_result``):
+#: each calls the installed function on a sample and compares with what the replacement returns.
+SAME_RESULT: dict[str, Callable[[Callable[..., Any]], bool]] = {
+    "request_parameters": request_parameters,
+}
 
 
 #: The sample builders :class:`~crew_otel.internals.AttributePath` accessors name.

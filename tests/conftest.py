@@ -98,6 +98,7 @@ CREWAI_SENSITIVE = frozenset(
         "test_flow_steps",
         "test_garbage",
         "test_guardrails",
+        "test_http_headers",
         "test_instrumentor",
         "test_internals",
         "test_knowledge_errors",

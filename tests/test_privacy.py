@@ -182,3 +182,23 @@ def test_crewai_baggage_never_reaches_the_provider(
         assert all(r.traceparent for r in fake_provider.requests), "tracing still propagates"
     else:
         assert leaked, "without the filter CrewAI's flow inputs go out in the baggage header"
+
+
+def test_the_applications_baggage_goes_out_without_crewais(otel, fake_provider):
+    """Concurrent kickoffs, each with an entry of the application's own in its baggage beside
+    CrewAI's ``crew_context``: every request carries its own run's entry, none of CrewAI's."""
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    def run(i: int) -> None:
+        token = otel_context.attach(baggage.set_baggage("tenant", f"tenant-{i}"))
+        try:
+            crew = research_crew(lambda: make_llm(fake_provider.base_url))
+            crew.kickoff(inputs={"topic": f"[[tenant {i}]]"})
+        finally:
+            otel_context.detach(token)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(run, range(2)))
+    headers = sorted(r.baggage or "" for r in fake_provider.requests)
+    assert headers == ["tenant=tenant-0"] * 3 + ["tenant=tenant-1"] * 3

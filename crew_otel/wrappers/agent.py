@@ -206,7 +206,9 @@ class AgentAttemptWrapper(SpanWrapper[AgentScope]):
             attributes.span_name(attributes.SPAN_AGENT, role), context=ctx, attributes=attrs
         )
         if span.is_recording():
-            span.set_attributes(attributes.agent_request_attributes(agent, task))
+            requested = attributes.agent_request_attributes(agent, task)
+            if requested:  # often none: the SDK's set_attributes costs a few calls even then
+                span.set_attributes(requested)
         if budget.exhausted:
             budget.note_exhausted(span)
         return span
