@@ -106,6 +106,47 @@ def test_the_header_dict_is_not_built_and_the_attempt_spans_stay_the_same(otel, 
         assert module._extract_parameters is not parameters  # the original is back
 
 
+def test_credentials_in_the_providers_url_never_reach_a_span(otel, fake_provider):
+    """Two concurrent kickoffs against a base URL with credentials and a signed query: with
+    the request-parameter helper replaced, the instrumentation still redacts both in
+    ``url.full`` (it does when it sets the attribute, not in the helper). The lowest supported
+    version redacts credentials but not query parameters."""
+    from opentelemetry.util import http as http_util
+
+    redacts_queries = hasattr(http_util, "redact_query_parameters")
+    base = fake_provider.base_url.replace("http://", "http://svc-user:hunter2@")
+    tags = ["cred-a", "cred-b"]
+    gate = fake_provider.gate("credentials")
+    for tag in tags:
+        fake_provider.script(Fault.hold(gate.name), key=tag)
+
+    def kickoff(tag: str) -> None:
+        crew = research_crew(lambda: make_llm(base, default_query={"sig": "s3cr3t"}))
+        with crew_otel.request(tag):
+            crew.kickoff(inputs={"topic": f"[[{tag}]]"})
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        try:
+            runs = [pool.submit(kickoff, tag) for tag in tags]
+            gate.wait_parked(len(tags))
+        finally:
+            gate.open()
+        for run in runs:
+            run.result(timeout=120)
+    for tag, attempts in _attempt_spans(otel, tags).items():
+        assert attempts, f"{tag}: its HTTP attempts were recorded"
+        for span in attempts:
+            url = str(attr(span, "url.full") or attr(span, "http.url"))
+            assert "/chat/completions" in url, url
+            values = " ".join(str(v) for v in (span.attributes or {}).values())
+            assert "hunter2" not in values
+            assert "svc-user" not in values
+            if redacts_queries:
+                assert "s3cr3t" not in values
+            else:  # as docs/security.md says
+                assert "s3cr3t" in url
+
+
 def test_the_replaced_request_parameters_are_the_originals():
     """The replacement returns what the instrumentation's own helper returns, for requests
     with credentials, a query, a fragment and an IDNA host, and hands anything else to it."""
