@@ -244,16 +244,17 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     header = [
         "## Performance",
         "",
-        f"Measured {system.get('date', '?')[:10]} on {system.get('cpu_model', '?')} "
+        f"Measured on {system.get('cpu_model', '?')} "
         f"({system.get('cpu_count', '?')} cores), Python {system.get('python', '?')}, "
         f"crewai {versions.get('crewai', '?')}, OpenTelemetry SDK "
         f"{versions.get('opentelemetry-sdk', '?')}, crew_otel {versions.get('crew-otel', '?')}"
         + (f"; {competitor_versions}" if competitor_versions else "")
-        + f". `{system.get('command', 'python -m benchmarks.run')}` "
-        f"({system.get('runtime_s', 0) / 60:.0f} min)"
-        + "".join(
-            f", then `{extra['command']}` ({extra['runtime_s'] / 60:.0f} min)"
-            for extra in system.get("additional_runs", [])
+        + ". Each section as its latest run measured it: "
+        + "; ".join(
+            f"{section} {run.get('date', '?')[:16].replace('T', ' ')} UTC "
+            f"(`{run.get('command', 'python -m benchmarks.run')}`, "
+            f"{run.get('runtime_s', 0) / 60:.0f} min)"
+            for section, run in _latest_run_of_each_section(system)
         )
         + "; method and raw data in [`benchmarks/`](benchmarks/README.md).",
         "",
@@ -261,11 +262,13 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
         "|---|---|---|",
         *[f"| {target} | {measured} | {status} |" for target, measured, status in targets],
     ]
-    load = system.get("machine_load")
+    latest_run = (system, *system.get("additional_runs", []))[-1]
+    load = latest_run.get("machine_load")
     if load:
         header += [
             "",
-            f"During the run, processes other than the benchmark's used "
+            f"During the latest run (`{latest_run.get('command', '?')}`), processes other than "
+            "the benchmark's used "
             f"{100 * load['other_share_of_machine']:.1f} % of the machine's CPU "
             f"({load['other_cpu_s']:.0f} s); the hypervisor took {load['steal_s']:.0f} s.",
         ]
@@ -286,7 +289,9 @@ def _render_instructions(data: Any) -> list[str]:
     base = variants.get("baseline")
     lines = [
         "Executed instructions per kickoff (callgrind, every thread, "
-        f"{data['settings']['timers']} export timers; `instructions.json`):",
+        f"{data['settings']['timers']} export timers; `instructions.json`; added: each "
+        "variant's lowest longest window without a full collection against the uninstrumented "
+        "one's, as in the targets above):",
         "",
         "| variant | spans | "
         + " | ".join(f"M instructions, {k} kickoffs" for k in windows)
@@ -297,13 +302,8 @@ def _render_instructions(data: Any) -> list[str]:
         entry = variants.get(variant)
         if entry is None:
             continue
-        counts = [w["per_kickoff"] for w in entry["windows"]]
-        reference = base["windows"][-1]["per_kickoff"] if base else None
-        added = (
-            f"+{(counts[-1] - reference) / 1e6:.1f} M ({counts[-1] / reference:.3f} x)"
-            if reference and variant != "baseline"
-            else ""
-        )
+        ours = _added(data, variant) if base and variant != common.BASELINE else None
+        added = f"+{ours[0] / 1e6:.1f} M ({ours[1]:.3f} x)" if ours else ""
         export = entry["windows"][-1].get("span_export_per_kickoff", 0.0) / 1e6
         lines.append(
             f"| {common.LABELS[variant]} | {entry['windows'][-1]['spans_per_kickoff']:.0f} | "
@@ -427,6 +427,16 @@ def _render_hook_breakdown(hooks: Any) -> list[str]:
 def _full_collections(window: dict[str, Any]) -> int:
     collections = window.get("gc_collections") or []
     return int(collections[2]) if len(collections) > 2 else 0
+
+
+def _latest_run_of_each_section(system: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(section, the run that last measured it), in the order the sections were first run:
+    the full run's record and each ``--only`` run added to it (``additional_runs``)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for run in (system, *system.get("additional_runs", [])):
+        for section in run.get("sections", []):
+            latest[section] = run
+    return list(latest.items())
 
 
 def _competitor_versions(e2e: Any) -> str:

@@ -255,6 +255,8 @@ class Bench:
             self.settings = dataclasses.replace(self.settings, shared_rounds=args.shared_rounds)
         if args.e2e_rounds:
             self.settings = dataclasses.replace(self.settings, e2e_rounds=args.e2e_rounds)
+        if args.flow_rounds:
+            self.settings = dataclasses.replace(self.settings, flow_rounds=args.flow_rounds)
         if args.instructions_windows:
             self.settings = dataclasses.replace(
                 self.settings, instructions_windows=tuple(args.instructions_windows)
@@ -936,6 +938,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--e2e-rounds", type=int, help="rounds per block in the e2e section")
     parser.add_argument(
+        "--flow-rounds", type=int, help="rounds per block in the flow-memory section"
+    )
+    parser.add_argument(
         "--instructions-windows",
         type=int,
         nargs="+",
@@ -1013,6 +1018,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             previous["additional_runs"][-1]["command"] += f" --shared-rounds {args.shared_rounds}"
         if args.e2e_rounds:
             previous["additional_runs"][-1]["command"] += f" --e2e-rounds {args.e2e_rounds}"
+        if args.flow_rounds:
+            previous["additional_runs"][-1]["command"] += f" --flow-rounds {args.flow_rounds}"
         if args.instructions_windows:
             previous["additional_runs"][-1]["command"] += " --instructions-windows " + " ".join(
                 str(kickoffs) for kickoffs in args.instructions_windows
