@@ -645,8 +645,8 @@ REQUEST_PARAMETERS = ReplacedFunction(
     "opentelemetry.instrumentation.httpx:_extract_parameters",
     HTTPX_INSTRUMENTATION,
     same_result="request_parameters",
-    # there it removes the URL's credentials while parsing it again (later versions redact
-    # them when they set the attribute)
+    # present in 0.55b1, but there it drops the URL's credentials while parsing it again
+    # (later versions redact them when they set the attribute): not replaced there
     missing_in=("0.55b1",),
 )
 
