@@ -78,9 +78,7 @@ def header_normalization_skippable(http_instrumentation: Any) -> bool:
     versions its use was checked on (:data:`crew_otel.internals.HEADER_NORMALIZATION`), and no
     request or response header capture is configured (the instrumentation reads the same
     variables, with the same parser, when it is instrumented)."""
-    if not callable(getattr(http_instrumentation, internals.HEADER_NORMALIZATION.function, None)):
-        return False
-    if not internals.HEADER_NORMALIZATION.installed_version_checked():
+    if not internals.HEADER_NORMALIZATION.replaceable_in(http_instrumentation):
         return False
     from opentelemetry.util.http import get_custom_headers
 
@@ -126,13 +124,39 @@ def request_parameters_replaceable(http_instrumentation: Any) -> bool:
     versions it was checked on and, called on a sample request, returns the request's own
     method, headers, stream and extensions and a URL equal to its own
     (:data:`crew_otel.internals.REQUEST_PARAMETERS`)."""
-    if not callable(getattr(http_instrumentation, internals.REQUEST_PARAMETERS.function, None)):
-        return False
-    if not internals.REQUEST_PARAMETERS.installed_version_checked():
+    if not internals.REQUEST_PARAMETERS.replaceable_in(http_instrumentation):
         return False
     from crew_otel import internals_check
 
     return internals_check.check(internals.REQUEST_PARAMETERS).parts[0].resolved
+
+
+class HelperReplacement(NamedTuple):
+    """A helper of the httpx instrumentation that crew_otel replaces where ``applies``
+    (given the instrumentation module) says so, by ``build(original)``."""
+
+    internal: internals.ReplacedFunction
+    #: The hook's key in ``crew-otel doctor`` and the hook set.
+    key: str
+    applies: Callable[[Any], bool]
+    build: Callable[[Any], Callable[..., Any]]
+
+
+#: What crew_otel spares the httpx instrumentation: work whose result nothing reads.
+HTTP_HELPER_REPLACEMENTS = (
+    HelperReplacement(
+        internals.HEADER_NORMALIZATION,
+        HEADER_NORMALIZATION_KEY,
+        header_normalization_skippable,
+        lambda _original: skip_header_normalization,
+    ),
+    HelperReplacement(
+        internals.REQUEST_PARAMETERS,
+        REQUEST_PARAMETERS_KEY,
+        request_parameters_replaceable,
+        parameters_without_reparse,
+    ),
+)
 
 
 class HttpClient(NamedTuple):

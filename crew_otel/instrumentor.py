@@ -31,24 +31,18 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
-from crew_otel import internals
 from crew_otel import targets as t
 from crew_otel.config import CrewOtelConfig
 from crew_otel.diagnosis import shared_state
 from crew_otel.hook_kinds import Layer, Source, Status
 from crew_otel.hookset import Hook, HookSet
 from crew_otel.http import (
-    HEADER_NORMALIZATION_KEY,
     HTTP_CLIENTS,
+    HTTP_HELPER_REPLACEMENTS,
     HTTP_INSTRUMENTATION,
-    REQUEST_PARAMETERS_KEY,
     CrewAIBaggageFilter,
     HttpAttemptObserver,
     HttpClient,
-    header_normalization_skippable,
-    parameters_without_reparse,
-    request_parameters_replaceable,
-    skip_header_normalization,
 )
 from crew_otel.package import _instruments
 from crew_otel.plan import (
@@ -381,24 +375,17 @@ class CrewAIInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _replace_http_helpers(self, http_instrumentation: Any) -> None:
         """Spare the HTTP instrumentation work whose result nothing reads, each only where
-        checked: its header dict while no header capture is configured
-        (:func:`crew_otel.http.skip_header_normalization`) and a second parse of each
-        request's URL (:func:`crew_otel.http.parameters_without_reparse`). Restored by
-        ``uninstrument()`` with the other hooks."""
-        if header_normalization_skippable(http_instrumentation):
-            self._hooks.replace(
-                http_instrumentation,
-                internals.HEADER_NORMALIZATION.function,
-                lambda _original: skip_header_normalization,
-                key=HEADER_NORMALIZATION_KEY,
-            )
-        if request_parameters_replaceable(http_instrumentation):
-            self._hooks.replace(
-                http_instrumentation,
-                internals.REQUEST_PARAMETERS.function,
-                parameters_without_reparse,
-                key=REQUEST_PARAMETERS_KEY,
-            )
+        checked (:data:`crew_otel.http.HTTP_HELPER_REPLACEMENTS`: its header dict while no
+        header capture is configured, a second parse of each request's URL). Restored by
+        ``uninstrument()`` with the other hooks; a helper already replaced (the other HTTP
+        client shares the module) is left as it is."""
+        for helper in HTTP_HELPER_REPLACEMENTS:
+            if self._hooks.holds(http_instrumentation, helper.internal.function):
+                continue
+            if helper.applies(http_instrumentation):
+                self._hooks.replace(
+                    http_instrumentation, helper.internal.function, helper.build, key=helper.key
+                )
 
     def _set_report(self, report: HookReport) -> None:
         """Replace the report of the same row (a pending one) or add it."""

@@ -319,6 +319,11 @@ class ReplacedFunction(Internal):
         except InvalidVersion:
             return False
 
+    def replaceable_in(self, module: object) -> bool:
+        """Whether ``module`` (the installed one) has the function and is not newer than the
+        latest version checked: what every replacement needs before its own conditions."""
+        return callable(getattr(module, self.function, None)) and self.installed_version_checked()
+
 
 def _running_loop_fallback() -> asyncio.AbstractEventLoop | None:
     try:
