@@ -173,6 +173,20 @@ class Pipeline:
         self.tracer_provider.force_flush()
 
 
+# --- instruction windows (callgrind) --------------------------------------------------------
+def full_collections(window: dict[str, Any]) -> int:
+    """Full (generation 2) garbage collections during one measured window."""
+    collections = window.get("gc_collections") or []
+    return int(collections[2]) if len(collections) > 2 else 0
+
+
+def representative_window(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The window that stands for a process: the longest without a full garbage collection
+    (which walks the whole heap), the lowest of those; every window if each had one."""
+    clean = [w for w in windows if not full_collections(w)] or list(windows)
+    return max(clean, key=lambda w: (w["kickoffs"], -w["per_kickoff"]))
+
+
 # --- process facts ---------------------------------------------------------------------------
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

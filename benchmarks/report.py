@@ -308,11 +308,28 @@ def _render_instructions(data: Any) -> list[str]:
         lines.append(
             f"| {common.LABELS[variant]} | {entry['windows'][-1]['spans_per_kickoff']:.0f} | "
             + " | ".join(
-                f"{w['per_kickoff'] / 1e6:.1f}" + ("*" if _full_collections(w) else "")
+                f"{w['per_kickoff'] / 1e6:.1f}" + ("*" if common.full_collections(w) else "")
                 for w in entry["windows"]
             )
             + f" | {added} | {export:.1f} M |"
         )
+    spread = [
+        f"{common.LABELS[v]} "
+        + ", ".join(
+            f"{common.representative_window(p['windows'])['per_kickoff'] / 1e6:.1f}"
+            for p in e["processes"]
+        )
+        for v, e in variants.items()
+        if e.get("processes") and v in common.LABELS
+    ]
+    if spread:
+        lines += [
+            "",
+            f"Each variant ran in {data['settings'].get('processes_per_variant')} callgrind "
+            "processes; the table shows the median one (by its representative window: the "
+            "longest without a full collection, the lowest of those). Every process's, M "
+            "instructions per kickoff: " + "; ".join(spread) + ".",
+        ]
     lines += [
         "",
         "\\* the window contained a full (generation 2) garbage collection, which walks the "
@@ -345,16 +362,16 @@ def _render_instructions(data: Any) -> list[str]:
 
 def _added(data: Any, variant: str) -> tuple[float, float, float] | None:
     """(added instructions per kickoff, ratio, spans per kickoff) of ``variant`` against
-    uninstrumented, span export included, over each one's longest window that contained no
-    full garbage collection; None if not measured."""
+    uninstrumented, span export included, over each one's representative window
+    (:func:`benchmarks.common.representative_window`; the median process's when several
+    processes ran per variant); None if not measured."""
     variants = (data or {}).get("variants", {})
     if variant not in variants or common.BASELINE not in variants:
         return None
 
     def total(entry: dict[str, Any]) -> tuple[float, float]:
-        # The longest window without a full garbage collection (see _render_instructions).
-        windows = [w for w in entry["windows"] if not _full_collections(w)] or entry["windows"]
-        window = max(windows, key=lambda w: (w["kickoffs"], -w["per_kickoff"]))
+        # With several processes per variant, ``windows`` are the median process's.
+        window = common.representative_window(entry["windows"])
         return window["per_kickoff"], window.get("spans_per_kickoff", 0.0)
 
     base, _ = total(variants[common.BASELINE])
@@ -422,11 +439,6 @@ def _render_hook_breakdown(hooks: Any) -> list[str]:
             f"{entry['sdk_floor'] / 1e3:.0f} | {entry['crew_otel'] / 1e3:.0f} |"
         )
     return lines
-
-
-def _full_collections(window: dict[str, Any]) -> int:
-    collections = window.get("gc_collections") or []
-    return int(collections[2]) if len(collections) > 2 else 0
 
 
 def _latest_run_of_each_section(system: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -595,6 +607,8 @@ def _render_threads(rows: list[dict[str, Any]], variants: list[str]) -> list[str
 #: The process counters of the end-to-end rounds: (key, index or None, label, decimals, unit
 #: scale). Means over the rounds: collections of the older generations are rare events.
 _PROCESS_COUNTERS: tuple[tuple[str, int | None, str, int, float], ...] = (
+    ("user", None, "CPU in user space (every thread), ms", 2, 1e3),
+    ("sys", None, "CPU in the kernel (system calls, page faults), ms", 2, 1e3),
     ("gc_collections", 0, "collections of generation 0", 2, 1.0),
     ("gc_collections", 1, "collections of generation 1", 3, 1.0),
     ("gc_collections", 2, "full collections (generation 2)", 4, 1.0),
@@ -614,24 +628,31 @@ def _render_process(rows: list[dict[str, Any]], variants: list[str]) -> list[str
     if common.BASELINE not in shown:
         return []
 
-    def mean_of(variant: str, key: str, index: int | None) -> float:
-        values = [r["process"][key] for r in measured if r["variant"] == variant]
+    def mean_of(variant: str, key: str, index: int | None) -> float | None:
+        # user and kernel CPU are the round's own, the rest its counters.
+        values = [r["process"].get(key, r.get(key)) for r in measured if r["variant"] == variant]
+        if any(v is None for v in values):
+            return None  # rounds from before the benchmark recorded it
         picked = [v[index] if index is not None else v for v in values]
         return statistics.fmean(picked)
 
     lines = [
         "",
-        "What the garbage collector and the kernel did per kickoff (means of the rounds; the "
-        "collector's CPU is part of the CPU above, measured in the thread that collected):",
+        "Where the CPU went and what the garbage collector and the kernel did, per kickoff "
+        "(means of the rounds; the collector's CPU is part of the CPU above, measured in the "
+        "thread that collected; kernel CPU is time instruction counts do not show):",
         "",
         "| per kickoff | " + " | ".join(common.LABELS[v] for v in shown) + " |",
         "|---|" + "---:|" * len(shown),
     ]
     for key, index, label, decimals, scale in _PROCESS_COUNTERS:
-        base = mean_of(common.BASELINE, key, index) * scale
+        means = {v: m for v in shown if (m := mean_of(v, key, index)) is not None}
+        if len(means) < len(shown):
+            continue
+        base = means[common.BASELINE] * scale
         cells = []
         for variant in shown:
-            value = mean_of(variant, key, index) * scale
+            value = means[variant] * scale
             delta = "" if variant == common.BASELINE else f" ({value - base:+.{decimals}f})"
             cells.append(f"{value:.{decimals}f}{delta}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

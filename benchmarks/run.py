@@ -66,6 +66,8 @@ class Settings:
     #: Executed instructions (callgrind): warm-up kickoffs per process, measured windows.
     instructions_warmup: int
     instructions_windows: tuple[int, ...]
+    #: Callgrind processes per variant (the result is the median process's).
+    instructions_processes: int
 
 
 FULL = Settings(
@@ -102,6 +104,7 @@ FULL = Settings(
     quiet_budget=600.0,
     instructions_warmup=3,
     instructions_windows=(3, 12),
+    instructions_processes=1,
 )
 #: A smoke run: the same sections, a fraction of the repetitions (numbers, not statistics).
 QUICK = dataclasses.replace(
@@ -260,6 +263,10 @@ class Bench:
         if args.instructions_windows:
             self.settings = dataclasses.replace(
                 self.settings, instructions_windows=tuple(args.instructions_windows)
+            )
+        if args.instructions_processes:
+            self.settings = dataclasses.replace(
+                self.settings, instructions_processes=args.instructions_processes
             )
         default_out = "results-quick" if args.quick else "results"
         self.out = Path(args.out) if args.out else common.BENCH_DIR / default_out
@@ -947,6 +954,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instructions section: kickoffs per measured window (default 3 12)",
     )
     parser.add_argument(
+        "--instructions-processes",
+        type=int,
+        help="instructions section: callgrind processes per variant, the median reported "
+        "(default 1)",
+    )
+    parser.add_argument(
         "--no-competitors", action="store_true", help="skip OpenInference and OpenLLMetry"
     )
     parser.add_argument(
@@ -1023,6 +1036,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.instructions_windows:
             previous["additional_runs"][-1]["command"] += " --instructions-windows " + " ".join(
                 str(kickoffs) for kickoffs in args.instructions_windows
+            )
+        if args.instructions_processes:
+            previous["additional_runs"][-1]["command"] += (
+                f" --instructions-processes {args.instructions_processes}"
             )
         if args.no_competitors:
             previous["additional_runs"][-1]["command"] += " --no-competitors"

@@ -146,7 +146,12 @@ def test_the_collector_meter_counts_what_the_collector_did_and_the_report_shows_
         assert meter.collected >= garbage
         assert meter.cpu > 0
         rows.append(
-            {"variant": variant, "process": worker.process_counters(2, meter, before, after)}
+            {
+                "variant": variant,
+                "process": worker.process_counters(2, meter, before, after),
+                "user": (after.ru_utime - before.ru_utime) / 2,
+                "sys": (after.ru_stime - before.ru_stime) / 2,
+            }
         )
     assert gc.callbacks.count(meter._callback) == 0, "the meter removes its callback"
     freed = [row["process"]["gc_collected"] for row in rows]
@@ -157,6 +162,12 @@ def test_the_collector_meter_counts_what_the_collector_did_and_the_report_shows_
         f"({freed[1] - freed[0]:+.0f}) |"
     )
     assert any(x.startswith("| minor page faults |") for x in lines)
+    kernel = next(x for x in lines if x.startswith("| CPU in the kernel"))
+    assert kernel.count("|") == 4, "user and kernel CPU shown for both variants"
+    del rows[0]["sys"]  # rounds recorded before the split: the row is left out, not made up
+    lines = report._render_process(rows, [common.BASELINE, common.CREW_OTEL])
+    assert not any(x.startswith("| CPU in the kernel") for x in lines)
+    assert any(x.startswith("| CPU in user space") for x in lines)
 
 
 def test_code_outside_tool_calls_is_judged_by_its_instructions_when_they_are_counted():
@@ -192,3 +203,46 @@ def test_code_outside_tool_calls_is_judged_by_its_instructions_when_they_are_cou
     _, (_, text, status) = report._render_outside(cpu, 0.0, None)
     assert status == "**missed**", "CPU time decides"
     assert "deepcopy (detectors on)" in text
+
+
+def test_several_callgrind_processes_per_variant_are_decided_by_the_median_one():
+    """Processes of one variant can differ by more than two variants do: with several per
+    variant, the verdict on added instructions is the median process's, each one listed."""
+    from benchmarks import common, instructions, report
+
+    def process(*per_kickoff: float, full_gc_in_last: bool = False) -> dict[str, object]:
+        windows = [
+            {
+                "kickoffs": 12,
+                "per_kickoff": value * 1e6,
+                "spans_per_kickoff": 15.0,
+                "gc_collections": [3, 0, 1 if full_gc_in_last and i == len(per_kickoff) - 1 else 0],
+            }
+            for i, value in enumerate(per_kickoff)
+        ]
+        return {"windows": windows, "metric_collection": 1.0, "full_gc": 2.0e8}
+
+    variants = {
+        common.BASELINE: instructions.median_process([process(1000.0, 1000.2)]),
+        # the last window's full collection is left out; lowest of the rest: 1016, 1014, 1019
+        common.CREW_OTEL: instructions.median_process(
+            [
+                process(1016.0, 1030.0, full_gc_in_last=True),
+                process(1014.5, 1014.0),
+                process(1019.0, 1019.5),
+            ]
+        ),
+        common.OPENLLMETRY: instructions.median_process(
+            [process(1015.0), process(1013.0), process(1017.0)]
+        ),
+    }
+    assert [len(v.get("processes", [])) for v in variants.values()] == [0, 3, 3]
+    data = {"settings": {"timers": "quiet", "processes_per_variant": 3}, "variants": variants}
+    added, _, _ = report._added(data, common.CREW_OTEL)
+    assert round(added / 1e6, 1) == 16.0  # the median process's, not the lowest (14.0)
+    theirs, _, _ = report._added(data, common.OPENLLMETRY)
+    assert round(theirs / 1e6, 1) == 15.0
+    target = next(t for t in report._instruction_targets(data) if "OpenLLMetry" in t[0])
+    assert target[2] == "**missed**"
+    line = next(x for x in report._render_instructions(data) if "callgrind processes" in x)
+    assert "crew_otel 1016.0, 1014.0, 1019.0" in line
