@@ -833,7 +833,7 @@ def _render_soak(soak: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
         f"**Memory**: {kickoffs} sequential kickoffs per variant after "
         f"{soak.get('warmup_kickoffs', 0)} warm-up kickoffs; RSS and live objects sampled "
         f"after a full GC and `malloc_trim` every {every} ({soak['elapsed_s'] / 60:.0f} min, "
-        "both variants at once). Lazily created caches and classes still grow in the first "
+        "the variants at once). Lazily created caches and classes still grow in the first "
         f"interval, so growth is shown in all and from kickoff {every} on (steady state); "
         "slope: Theil-Sen (median of pairwise slopes) over the steady-state samples."
         + _busy_note(soak.get("other_cores", 0.0)),
@@ -844,7 +844,7 @@ def _render_soak(soak: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     steady: dict[str, float] = {}
-    for variant in (common.BASELINE, common.CREW_OTEL):
+    for variant in (common.BASELINE, common.CREW_OTEL, common.SDK_FLOOR):
         result = soak["variants"].get(variant)
         if not result:
             continue
@@ -859,19 +859,30 @@ def _render_soak(soak: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
             f"{slope * 1000 / 1e6:+.2f} | {last['objects'] - first['objects']:+d} | "
             f"{last['objects'] - second['objects']:+d} |"
         )
-    if len(steady) < 2:
+    if common.CREW_OTEL not in steady or common.BASELINE not in steady:
         return lines, [("no RSS growth beyond uninstrumented", "-", _status(None))]
     ours, base = steady[common.CREW_OTEL], steady[common.BASELINE]
     # Pages and allocator arenas: within 1 MB of the uninstrumented growth counts as none.
     ok = ours <= base + 1_000_000
     scope = f"{kickoffs:,} kickoffs" + ("" if kickoffs >= 5000 else " (not 5,000: see README)")
-    return lines, [
+    targets = [
         (
             f"no RSS growth beyond uninstrumented over {scope}",
             f"{ours / 1e6:+.1f} MB vs {base / 1e6:+.1f} MB from kickoff {every} on",
             _status(ok),
         )
     ]
+    floor = steady.get(common.SDK_FLOOR)
+    if floor is not None:
+        targets.append(
+            (
+                "RSS growth of the SDK floor (crew_otel's spans and points, bare SDK) over the "
+                "same kickoffs",
+                f"{floor / 1e6:+.1f} MB from kickoff {every} on",
+                "information",
+            )
+        )
+    return lines, targets
 
 
 def _theil_sen(xs: Sequence[float], ys: Sequence[float]) -> float:

@@ -860,7 +860,11 @@ class Bench:
     def soak(self) -> dict[str, Any]:
         kickoffs = self.settings.soak_kickoffs
         every = max(kickoffs // 10, 1)
+        # The SDK floor beside them: what exporting crew_otel's spans and points alone does to
+        # RSS, so that crew_otel's own part of any growth shows.
         pair = [common.BASELINE, common.CREW_OTEL]
+        if common.SDK_FLOOR in self.variants:
+            pair.append(common.SDK_FLOOR)
         workers = self.spawn(pair)
         started = time.perf_counter()
         try:
@@ -868,7 +872,7 @@ class Bench:
                 worker.run("threads", 1, self.settings.soak_warmup)
             self.quiet("the soak")
             before = self.interference.sample()
-            for worker in workers.values():  # both at once: one per core
+            for worker in workers.values():  # all at once
                 worker.send(op="soak", kickoffs=kickoffs, every=every)
             results = {variant: workers[variant]._read() for variant in pair}
             other = self.interference.other_cores(before, self.interference.sample())
@@ -885,7 +889,7 @@ class Bench:
             "elapsed_s": elapsed,
             "warmup_kickoffs": self.settings.soak_warmup,
             "other_cores": other,
-            "note": "both variants ran at the same time, one process each; sample 0 is after "
+            "note": "the variants ran at the same time, one process each; sample 0 is after "
             "the warm-up kickoffs",
             "variants": results,
         }

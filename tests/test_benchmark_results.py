@@ -246,3 +246,39 @@ def test_several_callgrind_processes_per_variant_are_decided_by_the_median_one()
     assert target[2] == "**missed**"
     line = next(x for x in report._render_instructions(data) if "callgrind processes" in x)
     assert "crew_otel 1016.0, 1014.0, 1019.0" in line
+
+
+def test_the_memory_soak_shows_the_sdk_floor_beside_crew_otel():
+    """The soak's verdict compares crew_otel with the uninstrumented process; the SDK floor
+    (the same spans and points exported by the bare SDK) is shown beside it, so that growth
+    the exporter causes is not taken for crew_otel's own."""
+    from benchmarks import common, report
+
+    def samples(*rss_mb: float) -> dict[str, object]:
+        return {
+            "samples": [
+                {"kickoffs": 500 * i, "rss": mb * 1e6, "objects": 1000 + i}
+                for i, mb in enumerate(rss_mb)
+            ]
+        }
+
+    soak = {
+        "kickoffs": 1000,
+        "every": 500,
+        "elapsed_s": 60.0,
+        "variants": {
+            common.BASELINE: samples(200.0, 201.0, 201.5),
+            common.CREW_OTEL: samples(210.0, 212.0, 214.0),
+            common.SDK_FLOOR: samples(205.0, 206.0, 208.0),
+        },
+    }
+    lines, targets = report._render_soak(soak)
+    assert sum(line.startswith("| ") and " MB" not in line for line in lines[3:]) == 3
+    verdict, floor = targets
+    assert verdict[1] == "+2.0 MB vs +0.5 MB from kickoff 500 on"
+    assert verdict[2] == "**missed**"
+    assert floor[1] == "+2.0 MB from kickoff 500 on"
+    assert floor[2] == "information"
+    del soak["variants"][common.SDK_FLOOR]  # runs from before the floor was soaked
+    _, targets = report._render_soak(soak)
+    assert len(targets) == 1
