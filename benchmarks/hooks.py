@@ -16,6 +16,7 @@ the BatchSpanProcessor, so each value includes encoding the call's spans to OTLP
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -330,6 +331,54 @@ def smoke(seconds: float = 0.03) -> dict[str, Any]:
     return results
 
 
+#: Bytes copied before each cold call (:func:`cold`): more than the machine's caches hold, so
+#: the call finds none of its code's or data's lines there.
+EVICT_BYTES = 64 << 20
+#: Cold calls per benchmark (and as many hot ones beside them).
+COLD_CALLS = 200
+
+
+def cold(calls: int = COLD_CALLS) -> dict[str, Any]:
+    """Each benchmark's CPU per call with cold caches, beside the same call hot.
+
+    In a run a hook runs between stretches of CrewAI's own work, which push its code and data
+    out of the CPU's caches; the pyperf loops call it back to back, with everything cached.
+    Here each call is timed alone (process CPU around the one call, the span flush outside the
+    timing): *cold* right after 64 MB were copied (``EVICT_BYTES``), *hot* right after another
+    call. Medians of ``calls`` each; the timing's own cost is the "bare call" row's.
+    """
+    from opentelemetry import context as otel_context
+
+    fixtures = Fixtures()
+    source, target = bytearray(EVICT_BYTES), bytearray(EVICT_BYTES)
+    clock = time.process_time
+    results: dict[str, Any] = {}
+    for name in NAMES:
+        pipeline, ctx, call = fixtures.calls[name]
+        token = otel_context.attach(ctx) if ctx is not None else None
+        try:
+            for _ in range(20):  # warm-up: lazily built caches, the first calls' imports
+                call()
+            hot, cold_ = [], []
+            for index in range(calls):
+                target[:] = source  # streams the caches out
+                start = clock()
+                call()
+                cold_.append(clock() - start)
+                start = clock()
+                call()
+                hot.append(clock() - start)
+                if pipeline is not None and index % 64 == 63:
+                    pipeline.flush()
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        if pipeline is not None:
+            pipeline.flush()
+        results[name] = {"cold": statistics.median(cold_), "hot": statistics.median(hot)}
+    return {"calls": calls, "evict_bytes": EVICT_BYTES, "benchmarks": results}
+
+
 #: Suffix of the window that replays a hook's spans with the bare SDK (see ``floor_replay``).
 FLOOR_SUFFIX = " / SDK floor"
 
@@ -463,6 +512,14 @@ def main() -> None:
     if "--callgrind" in sys.argv:
         calls = int(sys.argv[sys.argv.index("--callgrind") + 1])
         print(json.dumps(instruction_windows(calls)))
+        return
+    if "--cold" in sys.argv:
+        out = sys.argv[sys.argv.index("--cold") + 1]
+        calls = COLD_CALLS
+        if "--calls" in sys.argv:
+            calls = int(sys.argv[sys.argv.index("--calls") + 1])
+        with open(out, "w", encoding="utf-8") as handle:
+            json.dump(cold(calls), handle, indent=1)
         return
     if "--smoke" in sys.argv:
         out = sys.argv[sys.argv.index("-o") + 1]

@@ -204,7 +204,9 @@ def render(directory: Path, system: dict[str, Any] | None = None) -> str:
     targets += e2e_targets
     flow_lines, flow_targets = _render_flow_memory(flow)
     targets += flow_targets
-    hook_lines, hook_targets = _render_hooks(hooks, hooks_other)
+    hook_lines, hook_targets = _render_hooks(
+        hooks, hooks_other, _read(directory, "hooks-cold.json")
+    )
     targets += hook_targets
     conc_lines, conc_targets = _render_concurrency(concurrency)
     targets += conc_targets
@@ -746,20 +748,23 @@ def _busy_note(cores: float) -> str:
     return f" Other processes on the machine used {cores:.2f} cores meanwhile."
 
 
-def _render_hooks(hooks: Any, other: float = 0.0) -> tuple[list[str], list[tuple[str, str, str]]]:
+def _render_hooks(
+    hooks: Any, other: float = 0.0, cold: Any = None
+) -> tuple[list[str], list[tuple[str, str, str]]]:
     if not hooks or _FLOOR not in hooks:
         return [], [(f"per-hook cost ≤ {TARGET_HOOK_RATIO} x a bare SDK span", "-", _status(None))]
     bare = hooks[_BARE]["median"] if _BARE in hooks else 0.0
     floor = hooks[_FLOOR]["median"] - bare
     tool = next(iter(hooks.values()))["tool"]
+    cold_of = _cold_costs(cold)
     lines = [
         "**Per hook**: process CPU per call above the unwrapped call (a plain method call, "
         f"{bare * 1e9:.0f} ns), each wrapper around a target that returns at once, on real "
         "CrewAI objects in the context a run gives it; each call's span encoded to OTLP "
         f"protobuf in batches of 512 inside the timing ({tool})." + _busy_note(other),
         "",
-        "| hook | µs / call | x bare SDK span |",
-        "|---|---:|---:|",
+        "| hook | µs / call | x bare SDK span |" + (_COLD_HEADER if cold_of else ""),
+        "|---|---:|---:|" + ("---:|---:|---:|" if cold_of else ""),
     ]
     worst = 0.0
     for name in (*FLOORS, *HOOKS):
@@ -770,7 +775,24 @@ def _render_hooks(hooks: Any, other: float = 0.0) -> tuple[list[str], list[tuple
         label = name if name in HOOKS else f"*{name}*"
         if name in HOOKS:
             worst = max(worst, ratio)
-        lines.append(f"| {label} | {cost * 1e6:.1f} | {ratio:.2f} |")
+        cells = f"| {label} | {cost * 1e6:.1f} | {ratio:.2f} |"
+        if cold_of and name in cold_of:
+            hot, cold_cost = cold_of[name]
+            cells += (
+                f" {hot * 1e6:.1f} | {cold_cost * 1e6:.1f} | {cold_cost / cold_of[_FLOOR][1]:.2f} |"
+            )
+        elif cold_of:
+            cells += " | | |"
+        lines.append(cells)
+    if cold_of:
+        lines += [
+            "",
+            f"One call at a time ({cold['calls']} each, `hooks-cold.json`): *hot* right after "
+            f"another call, *cold* right after {cold['evict_bytes'] >> 20} MB were copied, so "
+            "that none of the call's code or data is left in the CPU's caches, as between "
+            "stretches of CrewAI's own work in a run; each net of the same timing around a "
+            "plain method call, span export outside the timing.",
+        ]
     present = [name for name in HOOKS if name in hooks]
     costs = sorted((hooks[name]["median"] - bare) / floor for name in present)
     targets = [
@@ -781,6 +803,23 @@ def _render_hooks(hooks: Any, other: float = 0.0) -> tuple[list[str], list[tuple
         )
     ]
     return lines, targets
+
+
+_COLD_HEADER = " hot, one at a time, µs | cold, µs | cold x cold bare SDK span |"
+
+
+def _cold_costs(cold: Any) -> dict[str, tuple[float, float]]:
+    """``benchmarks.hooks --cold``: (hot, cold) CPU per call of each benchmark, net of the
+    plain method call timed the same way; empty when not measured."""
+    measured = (cold or {}).get("benchmarks") or {}
+    if _BARE not in measured or _FLOOR not in measured:
+        return {}
+    bare = measured[_BARE]
+    return {
+        name: (value["hot"] - bare["hot"], value["cold"] - bare["cold"])
+        for name, value in measured.items()
+        if name != _BARE
+    }
 
 
 def _render_concurrency(data: Any) -> tuple[list[str], list[tuple[str, str, str]]]:

@@ -551,7 +551,29 @@ class Bench:
             "hooks", "per-hook", settings.hooks_processes, settings.hooks_values
         )
         self.log(f"per-hook microbenchmarks done ({path.name})")
+        self._cold_hooks()
         return report.load_hooks(path)
+
+    def _cold_hooks(self) -> None:
+        """The same benchmarks called one at a time with cold caches, beside hot
+        (``benchmarks.hooks --cold``, into ``hooks-cold.json``)."""
+        from benchmarks import hooks
+
+        path = self.out / "hooks-cold.json"
+        calls = 20 if self.quick else hooks.COLD_CALLS
+        self.quiet("the cold per-hook calls")
+        completed = subprocess.run(
+            [sys.executable, "-m", "benchmarks.hooks", "--cold", str(path), "--calls", str(calls)],
+            env=self.env,
+            cwd=common.REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.worker_log.write(completed.stdout + completed.stderr)
+        if completed.returncode != 0:
+            raise RuntimeError(f"cold per-hook calls failed:\n{completed.stderr[-3000:]}")
+        self.log(f"cold per-hook calls done ({calls} per benchmark)")
 
     def _microbenchmarks(self, module: str, what: str, processes: int, values: int) -> Path:
         """Run ``benchmarks.<module>`` under pyperf (``--smoke`` in a quick run) into

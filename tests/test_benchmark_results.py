@@ -42,6 +42,39 @@ def test_the_per_hook_benchmark_still_drives_every_wrapper(tmp_path):
         assert results[name]["spans_per_call"] >= 1, (name, results[name])
 
 
+def test_the_cold_calls_time_every_hook_and_the_report_sets_them_beside_the_loops(tmp_path):
+    """``benchmarks.hooks --cold`` times every benchmark one call at a time, hot and after the
+    caches were flushed; the per-hook table shows both beside pyperf's loop figures, each net
+    of a plain call, the cold ones also against a cold bare span."""
+    import json
+
+    from benchmarks import report
+    from benchmarks.hooks import NAMES
+
+    out = tmp_path / "hooks-cold.json"
+    _run_module("benchmarks.hooks", "--cold", str(out), "--calls", "3")
+    cold = json.loads(out.read_text())
+    assert cold["calls"] == 3
+    assert set(cold["benchmarks"]) == set(NAMES)
+    for name, value in cold["benchmarks"].items():
+        assert value["cold"] > 0, name
+        assert value["hot"] > 0, name
+
+    loops = {name: {"median": 1e-5 * (i + 1), "tool": "pyperf"} for i, name in enumerate(NAMES)}
+    lines, _ = report._render_hooks(loops, 0.0, cold)
+    assert lines[2].endswith("| cold x cold bare SDK span |")
+    measured = cold["benchmarks"]
+    bare, span, model = measured["bare call"], measured["SDK span"], measured["model call"]
+    row = next(line for line in lines if line.startswith("| model call |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[3] == f"{(model['hot'] - bare['hot']) * 1e6:.1f}"
+    assert cells[4] == f"{(model['cold'] - bare['cold']) * 1e6:.1f}"
+    ratio = (model["cold"] - bare["cold"]) / (span["cold"] - bare["cold"])
+    assert cells[5] == f"{ratio:.2f}"
+    lines, _ = report._render_hooks(loops, 0.0, None)
+    assert lines[2] == "| hook | µs / call | x bare SDK span |", "no cold file: no cold columns"
+
+
 def test_the_sdk_floor_makes_crew_otels_spans_and_points_again(tmp_path, fake_provider):
     """The SDK floor variant of ``make bench`` captures one kickoff's spans and metric points
     with crew_otel (in a process of its own) and makes the same ones with the bare SDK: the
