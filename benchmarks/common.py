@@ -30,11 +30,15 @@ OPENLLMETRY = "openllmetry"
 #: The uninstrumented kickoff, then crew_otel's spans and metric points of one kickoff made
 #: again with the bare SDK (see :mod:`benchmarks.floor`).
 SDK_FLOOR = "sdk_floor"
-VARIANTS = (BASELINE, CREW_OTEL, SDK_FLOOR, OPENINFERENCE, OPENLLMETRY)
+#: The same spans and points made by the bare SDK where a run makes them, one at a time (the
+#: end-to-end section only; :class:`benchmarks.floor.InPlace`).
+SDK_FLOOR_IN_PLACE = "sdk_floor_in_place"
+VARIANTS = (BASELINE, CREW_OTEL, SDK_FLOOR, SDK_FLOOR_IN_PLACE, OPENINFERENCE, OPENLLMETRY)
 LABELS = {
     BASELINE: "no instrumentation",
     CREW_OTEL: "crew_otel",
     SDK_FLOOR: "SDK floor (crew_otel's spans and points, bare SDK)",
+    SDK_FLOOR_IN_PLACE: "SDK floor in place (the same, made where the run makes them)",
     OPENINFERENCE: "OpenInference",
     OPENLLMETRY: "OpenLLMetry",
 }

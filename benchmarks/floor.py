@@ -195,19 +195,222 @@ class Replay:
         span.end()
 
 
+#: Where a run makes each of the template's spans (by the start of its name): the targets the
+#: in-place floor wraps, as ``(name prefix, module, attribute path)``.
+IN_PLACE_TARGETS = (
+    ("invoke_workflow", "crewai.crew", "Crew.kickoff"),
+    ("crewai.task", "crewai.task", "Task._execute_core"),
+    ("invoke_agent", "crewai.agent.core", "Agent.execute_task"),
+    ("crewai.agent.step", "crewai.agents.agent_executor", "get_llm_response"),
+    ("chat", "crewai.llms.providers.openai.completion", "OpenAICompletion.call"),
+    (
+        "execute_tool",
+        "crewai.agents.agent_executor",
+        "AgentExecutor._execute_single_native_tool_call",
+    ),
+    ("POST", "httpx", "HTTPTransport.handle_request"),
+)
+#: Which span's call records each metric (by name); any other metric is recorded by the kickoff.
+IN_PLACE_POINTS = {
+    "http.client.duration": "POST",
+    "http.client.request.duration": "POST",
+    "gen_ai.client.token.usage": "chat",
+    "gen_ai.client.operation.duration": "chat",
+    "gen_ai.execute_tool.duration": "execute_tool",
+    "gen_ai.invoke_agent.duration": "invoke_agent",
+    "gen_ai.invoke_workflow.duration": "invoke_workflow",
+}
+
+
+class InPlaceSpan:
+    """A wrapt wrapper that makes one kind of the template's spans, with the bare SDK, around
+    the call a run makes it for: started as a child of the current span, made current for the
+    call, ended after it, its points recorded as it ends. Calls take the kind's template spans
+    in turn (a run's two tasks: the first's, then the second's)."""
+
+    def __init__(
+        self, owner: InPlace, spans: list[dict[str, Any]], points: list[list[Any]]
+    ) -> None:
+        from opentelemetry.trace import SpanKind, StatusCode
+
+        self._owner = owner
+        self._spans = [
+            (
+                span["name"],
+                SpanKind[span["kind"]],
+                span["attributes"],
+                span["events"],
+                StatusCode[span["status"][0]],
+                span["status"][1],
+            )
+            for span in spans
+        ]
+        #: ``[record, attributes, value, points per call, credit]``: a metric recorded 3 times
+        #: per kickoff by 3 calls is recorded once per call, one recorded once by 2 calls every
+        #: other call.
+        self._points = points
+        self._turn = 0
+
+    def __call__(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        owner = self._owner
+        name, kind, attributes, events, code, description = self._spans[
+            self._turn % len(self._spans)
+        ]
+        self._turn += 1
+        span = owner.tracer.start_span(name, kind=kind, attributes=attributes)
+        token = owner.attach(owner.in_context(span))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            for point in self._points:
+                point[4] += point[3]
+                while point[4] >= 1.0 - 1e-9:
+                    point[0](point[2], point[1])
+                    point[4] -= 1.0
+            for event in events:
+                span.add_event(event["name"], event["attributes"])
+            if code is not owner.unset:
+                span.set_status(owner.status(code, description))
+            owner.detach(token)
+            span.end()
+
+
+class InPlace:
+    """The SDK floor made where a run makes it: the template's spans and points recorded by
+    wrapt wrappers around the calls crew_otel's hooks wrap (:data:`IN_PLACE_TARGETS`), each at
+    the moment of its call, with the bare SDK and no crew_otel code.
+
+    :class:`Replay` makes the same spans in one burst after the kickoff, with the SDK's code
+    hot in the CPU's caches; a hook makes its span between stretches of CrewAI's work, where a
+    bare span costs several times as much. This floor pays what a minimal instrumentation of
+    the same span model pays in a run: the cold SDK, plus one wrapt wrapper per span.
+    """
+
+    def __init__(self, template: dict[str, Any], tracer_provider: Any, meter_provider: Any) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.trace import Status, StatusCode
+
+        self.attach, self.detach = context.attach, context.detach
+        self.in_context = trace.set_span_in_context
+        self.status, self.unset = Status, StatusCode.UNSET
+        self.tracer = tracer_provider.get_tracer("benchmarks.floor")
+        by_prefix: dict[str, list[dict[str, Any]]] = {}
+        for span in template["spans"]:
+            prefix = next((p for p, _, _ in IN_PLACE_TARGETS if span["name"].startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"no in-place target for the span {span['name']!r}")
+            by_prefix.setdefault(prefix, []).append(span)
+        points: dict[str, list[list[Any]]] = {}
+        instruments: dict[tuple[str, str], Any] = {}
+        for point in template["points"]:
+            key = (point["scope"], point["name"])
+            instrument = instruments.get(key)
+            if instrument is None:
+                meter = meter_provider.get_meter(point["scope"])
+                make = (
+                    meter.create_histogram if point["kind"] == _HISTOGRAM else meter.create_counter
+                )
+                instrument = instruments[key] = make(point["name"], unit=point["unit"])
+            record = instrument.record if point["kind"] == _HISTOGRAM else instrument.add
+            prefix = IN_PLACE_POINTS.get(point["name"], "invoke_workflow")
+            if prefix not in by_prefix:
+                prefix = "invoke_workflow"
+            per_call = point["times"] / len(by_prefix[prefix])
+            points.setdefault(prefix, []).append(
+                [record, point["attributes"], point["value"], per_call, 0.0]
+            )
+        self.wrappers = {
+            prefix: InPlaceSpan(self, spans, points.get(prefix, []))
+            for prefix, spans in by_prefix.items()
+        }
+
+    def install(self) -> None:
+        """Wrap the targets (once per process)."""
+        import wrapt
+
+        for prefix, module, path in IN_PLACE_TARGETS:
+            wrapper = self.wrappers.get(prefix)
+            if wrapper is not None:
+                wrapt.wrap_function_wrapper(module, path, wrapper)
+
+
+def install_in_place(path: str, tracer_provider: Any, meter_provider: Any) -> InPlace:
+    """:class:`InPlace` from the template at ``path``, installed."""
+    with open(path, encoding="utf-8") as handle:
+        floor = InPlace(json.load(handle), tracer_provider, meter_provider)
+    floor.install()
+    return floor
+
+
 def load(path: str, tracer_provider: Any, meter_provider: Any) -> Replay:
     with open(path, encoding="utf-8") as handle:
         return Replay(json.load(handle), tracer_provider, meter_provider)
 
 
+def made_in_place(base_url: str, template_path: str) -> dict[str, Any]:
+    """What :class:`InPlace` makes in one uninstrumented kickoff (after one to warm up): each
+    span's name and its parent's, and each histogram's points (a check of the floor)."""
+    from opentelemetry.sdk import metrics as sdk_metrics
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from benchmarks import common
+    from crew_otel.testing.crews import make_llm, research_crew
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader(
+        preferred_temporality={sdk_metrics.Histogram: AggregationTemporality.DELTA}
+    )
+    install_in_place(
+        template_path, tracer_provider, sdk_metrics.MeterProvider(metric_readers=[reader])
+    )
+
+    def kickoff() -> None:
+        research_crew(lambda: make_llm(base_url)).kickoff(inputs=dict(common.INPUTS))
+
+    kickoff()
+    reader.get_metrics_data()
+    spans.clear()
+    kickoff()
+    finished = spans.get_finished_spans()
+    names = {span.context.span_id: span.name for span in finished}
+    data = reader.get_metrics_data()
+    return {
+        "spans": [
+            [span.name, names.get(span.parent.span_id) if span.parent is not None else None]
+            for span in finished
+        ],
+        "points": [
+            [metric.name, _attrs(point.attributes), point.count]
+            for resource in (data.resource_metrics if data is not None else ())
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            for point in metric.data.data_points
+            if getattr(point, "count", 0)
+        ],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--capture", required=True, help="where to write the template (JSON)")
+    parser.add_argument("--capture", help="where to write the template (JSON)")
+    parser.add_argument(
+        "--made-in-place", help="a template: print what the in-place floor makes of it (JSON)"
+    )
     parser.add_argument("--base-url", required=True)
     args = parser.parse_args(argv)
     import logging
 
     logging.getLogger("crewai.llms.base_llm").setLevel(logging.ERROR)
+    if args.made_in_place:
+        print(json.dumps(made_in_place(args.base_url, args.made_in_place)))
+        return
+    if not args.capture:
+        parser.error("--capture or --made-in-place")
     template = capture(args.base_url, args.capture)
     print(
         f"{len(template['spans'])} spans, "

@@ -536,6 +536,25 @@ def _render_e2e(e2e: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
                     "information",
                 )
             )
+        in_place = cpu_ratios.get(common.SDK_FLOOR_IN_PLACE)
+        if in_place:
+            in_place_ci = median_ci(in_place)
+            in_place_delta = (medians[common.SDK_FLOOR_IN_PLACE] - medians[common.BASELINE]) * 1e3
+            targets.append(
+                (
+                    "the SDK floor in place: the same spans and points made by the bare SDK "
+                    "where a run makes them, one wrapt wrapper per span (what a minimal "
+                    "instrumentation of the span model pays, cold caches included)",
+                    f"{statistics.median(in_place):.3f} x ({in_place_delta:+.1f} ms per kickoff"
+                    + (
+                        f"; 95 % CI {in_place_ci[0]:.3f}-{in_place_ci[1]:.3f}"
+                        if in_place_ci
+                        else ""
+                    )
+                    + f"); crew_otel's own code on top: {delta - in_place_delta:+.1f} ms",
+                    "information",
+                )
+            )
         competitors = [v for v in (common.OPENINFERENCE, common.OPENLLMETRY) if v in cpu_ratios]
         if competitors:
             theirs = ", ".join(

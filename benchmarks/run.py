@@ -627,13 +627,17 @@ class Bench:
     # --- 2.-4. end-to-end, concurrency, profile -------------------------------------------------
     def e2e(self) -> dict[str, Any]:
         s = self.settings
+        # The in-place floor beside the burst one: the same spans made where the run makes them.
+        variants = list(self.variants)
+        if common.SDK_FLOOR in variants:
+            variants.insert(variants.index(common.SDK_FLOOR) + 1, common.SDK_FLOOR_IN_PLACE)
         rounds: list[dict[str, Any]] = []
         ready: dict[str, list[dict[str, Any]]] = {}
         concurrency: list[dict[str, Any]] = []
         profile: dict[str, Any] = {}
         spans: dict[str, Any] = {}
         for block in range(s.e2e_blocks):
-            workers = self.spawn(self.variants)
+            workers = self.spawn(variants)
             try:
                 for variant, worker in workers.items():
                     ready.setdefault(variant, []).append(worker.ready)
@@ -641,7 +645,7 @@ class Bench:
                     worker.run("threads", 1, s.warmup_kickoffs)
                 self.log(f"e2e block {block + 1}/{s.e2e_blocks}: {len(workers)} workers warm")
                 for index in range(s.e2e_rounds):
-                    order = _rotation(self.variants, index, reverse=block % 2 == 1)
+                    order = _rotation(variants, index, reverse=block % 2 == 1)
                     self.quiet(f"e2e round {index + 1}")
                     for variant in order:
                         reply = self.measure(

@@ -50,7 +50,7 @@ from benchmarks import common
 
 def setup_variant(variant: str, pipeline: common.Pipeline) -> dict[str, Any]:
     """Install the variant's instrumentation the way its documentation says; return versions."""
-    if variant in (common.BASELINE, common.SDK_FLOOR):
+    if variant in (common.BASELINE, common.SDK_FLOOR, common.SDK_FLOOR_IN_PLACE):
         return {}
     if variant in (common.CREW_OTEL, common.CREW_OTEL_NO_DETECT):
         import crew_otel
@@ -603,6 +603,14 @@ def main() -> None:
         from benchmarks import floor
 
         workload.after_kickoff = floor.load(
+            os.environ[common.FLOOR_TEMPLATE_ENV],
+            pipeline.tracer_provider,
+            pipeline.meter_provider,
+        )
+    elif args.variant == common.SDK_FLOOR_IN_PLACE:
+        from benchmarks import floor
+
+        floor.install_in_place(
             os.environ[common.FLOOR_TEMPLATE_ENV],
             pipeline.tracer_provider,
             pipeline.meter_provider,

@@ -137,9 +137,34 @@ def test_the_sdk_floor_makes_crew_otels_spans_and_points_again(tmp_path, fake_pr
     }
     assert recorded == expected
 
+    # In place: the same spans and points, made around the calls a run makes them for.
+    made = json.loads(
+        _run_module(
+            "benchmarks.floor",
+            "--made-in-place",
+            str(template_path),
+            "--base-url",
+            fake_provider.base_url,
+        )
+    )
+    assert sorted(name for name, _ in made["spans"]) == sorted(names)
+    parents = dict(made["spans"])
+    assert parents[names[0]] is None, "the workflow span is the root"
+    assert all(parent is not None for name, parent in made["spans"] if name != names[0])
+    for name, parent in made["spans"]:
+        if name.startswith("chat"):
+            assert parent.startswith("crewai.agent.step"), (name, parent)
+        if name == "POST":
+            assert parent.startswith("chat"), (name, parent)
+    in_place = {
+        (name, json.dumps(attributes, sort_keys=True)): count
+        for name, attributes, count in made["points"]
+    }
+    assert in_place == expected
 
-def _run_module(module: str, *args: str) -> None:
-    """``python -m module args`` from the repository root; it must succeed."""
+
+def _run_module(module: str, *args: str) -> str:
+    """``python -m module args`` from the repository root; it must succeed. Its stdout."""
     import subprocess
     import sys
 
@@ -152,6 +177,7 @@ def _run_module(module: str, *args: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def test_the_collector_meter_counts_what_the_collector_did_and_the_report_shows_it():
