@@ -43,22 +43,16 @@ def _attrs(attributes: Any) -> dict[str, Any]:
     return {key: _plain(value) for key, value in dict(attributes or {}).items()}
 
 
-def capture(base_url: str, out: str) -> dict[str, Any]:
-    """Run two kickoffs of the standard workload with crew_otel; write the second's spans and
-    metric points to ``out``."""
-    from opentelemetry import metrics, trace
+def _second_kickoff(base_url: str, set_up: Any) -> tuple[list[Any], Any]:
+    """Two kickoffs of the standard workload after ``set_up(tracer_provider, meter_provider)``
+    (in-memory export, delta temporality): the second one's finished spans, by start time, and
+    its metrics."""
     from opentelemetry.sdk import metrics as sdk_metrics
-    from opentelemetry.sdk.metrics.export import (
-        AggregationTemporality,
-        Histogram,
-        InMemoryMetricReader,
-        Sum,
-    )
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    import crew_otel
     from benchmarks import common
     from crew_otel.testing.crews import make_llm, research_crew
 
@@ -70,10 +64,7 @@ def capture(base_url: str, out: str) -> dict[str, Any]:
         AggregationTemporality.DELTA,
     )
     reader = InMemoryMetricReader(preferred_temporality=delta)
-    meter_provider = sdk_metrics.MeterProvider(metric_readers=[reader])
-    trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(meter_provider)
-    crew_otel.instrument()
+    set_up(tracer_provider, sdk_metrics.MeterProvider(metric_readers=[reader]))
 
     def kickoff() -> None:
         research_crew(lambda: make_llm(base_url)).kickoff(inputs=dict(common.INPUTS))
@@ -83,6 +74,23 @@ def capture(base_url: str, out: str) -> dict[str, Any]:
     spans.clear()
     kickoff()
     finished = sorted(spans.get_finished_spans(), key=lambda s: s.start_time or 0)
+    return finished, reader.get_metrics_data()
+
+
+def capture(base_url: str, out: str) -> dict[str, Any]:
+    """Run two kickoffs of the standard workload with crew_otel; write the second's spans and
+    metric points to ``out``."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics.export import Histogram, Sum
+
+    def instrument(tracer_provider: Any, meter_provider: Any) -> None:
+        import crew_otel
+
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+        crew_otel.instrument()
+
+    finished, data = _second_kickoff(base_url, instrument)
     index = {span.context.span_id: i for i, span in enumerate(finished)}
     template_spans = [
         {
@@ -99,7 +107,6 @@ def capture(base_url: str, out: str) -> dict[str, Any]:
         for span in finished
     ]
     points: list[dict[str, Any]] = []
-    data = reader.get_metrics_data()
     for resource_metrics in data.resource_metrics if data is not None else ():
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
@@ -134,6 +141,24 @@ def capture(base_url: str, out: str) -> dict[str, Any]:
     return template
 
 
+def _recorders(template: dict[str, Any], meter_provider: Any) -> list[tuple[dict[str, Any], Any]]:
+    """Each of the template's points with the bare SDK's ``record`` (histograms) or ``add``
+    (counters) of its instrument, one instrument per scope and name."""
+    instruments: dict[tuple[str, str], Any] = {}
+    recorders = []
+    for point in template["points"]:
+        key = (point["scope"], point["name"])
+        instrument = instruments.get(key)
+        if instrument is None:
+            meter = meter_provider.get_meter(point["scope"])
+            make = meter.create_histogram if point["kind"] == _HISTOGRAM else meter.create_counter
+            instrument = instruments[key] = make(point["name"], unit=point["unit"])
+        recorders.append(
+            (point, instrument.record if point["kind"] == _HISTOGRAM else instrument.add)
+        )
+    return recorders
+
+
 class Replay:
     """Records one kickoff's spans and points, as :func:`capture` wrote them, with the bare
     SDK (call the instance after each uninstrumented kickoff)."""
@@ -153,19 +178,10 @@ class Replay:
             self._children.setdefault(span["parent"], []).append(i)
         self._kinds = [SpanKind[span["kind"]] for span in self._spans]
         self._statuses = [StatusCode[span["status"][0]] for span in self._spans]
-        self._points: list[tuple[Any, dict[str, Any], int, float]] = []
-        instruments: dict[tuple[str, str], Any] = {}
-        for point in template["points"]:
-            key = (point["scope"], point["name"])
-            instrument = instruments.get(key)
-            if instrument is None:
-                meter = meter_provider.get_meter(point["scope"])
-                make = (
-                    meter.create_histogram if point["kind"] == _HISTOGRAM else meter.create_counter
-                )
-                instrument = instruments[key] = make(point["name"], unit=point["unit"])
-            record = instrument.record if point["kind"] == _HISTOGRAM else instrument.add
-            self._points.append((record, point["attributes"], point["times"], point["value"]))
+        self._points = [
+            (record, point["attributes"], point["times"], point["value"])
+            for point, record in _recorders(template, meter_provider)
+        ]
 
     def __call__(self) -> None:
         for root in self._children.get(None, ()):
@@ -301,17 +317,7 @@ class InPlace:
                 raise ValueError(f"no in-place target for the span {span['name']!r}")
             by_prefix.setdefault(prefix, []).append(span)
         points: dict[str, list[list[Any]]] = {}
-        instruments: dict[tuple[str, str], Any] = {}
-        for point in template["points"]:
-            key = (point["scope"], point["name"])
-            instrument = instruments.get(key)
-            if instrument is None:
-                meter = meter_provider.get_meter(point["scope"])
-                make = (
-                    meter.create_histogram if point["kind"] == _HISTOGRAM else meter.create_counter
-                )
-                instrument = instruments[key] = make(point["name"], unit=point["unit"])
-            record = instrument.record if point["kind"] == _HISTOGRAM else instrument.add
+        for point, record in _recorders(template, meter_provider):
             prefix = IN_PLACE_POINTS.get(point["name"], "invoke_workflow")
             if prefix not in by_prefix:
                 prefix = "invoke_workflow"
@@ -350,35 +356,10 @@ def load(path: str, tracer_provider: Any, meter_provider: Any) -> Replay:
 def made_in_place(base_url: str, template_path: str) -> dict[str, Any]:
     """What :class:`InPlace` makes in one uninstrumented kickoff (after one to warm up): each
     span's name and its parent's, and each histogram's points (a check of the floor)."""
-    from opentelemetry.sdk import metrics as sdk_metrics
-    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from benchmarks import common
-    from crew_otel.testing.crews import make_llm, research_crew
-
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader(
-        preferred_temporality={sdk_metrics.Histogram: AggregationTemporality.DELTA}
+    finished, data = _second_kickoff(
+        base_url, lambda tracer, meter: install_in_place(template_path, tracer, meter)
     )
-    install_in_place(
-        template_path, tracer_provider, sdk_metrics.MeterProvider(metric_readers=[reader])
-    )
-
-    def kickoff() -> None:
-        research_crew(lambda: make_llm(base_url)).kickoff(inputs=dict(common.INPUTS))
-
-    kickoff()
-    reader.get_metrics_data()
-    spans.clear()
-    kickoff()
-    finished = spans.get_finished_spans()
     names = {span.context.span_id: span.name for span in finished}
-    data = reader.get_metrics_data()
     return {
         "spans": [
             [span.name, names.get(span.parent.span_id) if span.parent is not None else None]

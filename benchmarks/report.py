@@ -522,36 +522,18 @@ def _render_e2e(e2e: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
                 _ci_status(ratio, ci, TARGET_E2E_RATIO),
             )
         )
-        floor = cpu_ratios.get(common.SDK_FLOOR)
-        if floor:
+        for floor_variant, what in _FLOOR_ROWS:
+            floor = cpu_ratios.get(floor_variant)
+            if not floor:
+                continue
             floor_ci = median_ci(floor)
-            floor_delta = (medians[common.SDK_FLOOR] - medians[common.BASELINE]) * 1e3
+            floor_delta = (medians[floor_variant] - medians[common.BASELINE]) * 1e3
             targets.append(
                 (
-                    "the SDK floor: crew_otel's spans and metric points made by the bare SDK "
-                    "(what any instrumentation pays for them)",
+                    what,
                     f"{statistics.median(floor):.3f} x ({floor_delta:+.1f} ms per kickoff"
                     + (f"; 95 % CI {floor_ci[0]:.3f}-{floor_ci[1]:.3f}" if floor_ci else "")
                     + f"); crew_otel's own code on top: {delta - floor_delta:+.1f} ms",
-                    "information",
-                )
-            )
-        in_place = cpu_ratios.get(common.SDK_FLOOR_IN_PLACE)
-        if in_place:
-            in_place_ci = median_ci(in_place)
-            in_place_delta = (medians[common.SDK_FLOOR_IN_PLACE] - medians[common.BASELINE]) * 1e3
-            targets.append(
-                (
-                    "the SDK floor in place: the same spans and points made by the bare SDK "
-                    "where a run makes them, one wrapt wrapper per span (what a minimal "
-                    "instrumentation of the span model pays, cold caches included)",
-                    f"{statistics.median(in_place):.3f} x ({in_place_delta:+.1f} ms per kickoff"
-                    + (
-                        f"; 95 % CI {in_place_ci[0]:.3f}-{in_place_ci[1]:.3f}"
-                        if in_place_ci
-                        else ""
-                    )
-                    + f"); crew_otel's own code on top: {delta - in_place_delta:+.1f} ms",
                     "information",
                 )
             )
@@ -839,6 +821,22 @@ def _cold_costs(cold: Any) -> dict[str, tuple[float, float]]:
         for name, value in measured.items()
         if name != _BARE
     }
+
+
+#: The end-to-end section's floors, each an information row beside the budget.
+_FLOOR_ROWS = (
+    (
+        common.SDK_FLOOR,
+        "the SDK floor: crew_otel's spans and metric points made by the bare SDK "
+        "(what any instrumentation pays for them)",
+    ),
+    (
+        common.SDK_FLOOR_IN_PLACE,
+        "the SDK floor in place: the same spans and points made by the bare SDK where a run "
+        "makes them, one wrapt wrapper per span (what a minimal instrumentation of the span "
+        "model pays, cold caches included)",
+    ),
+)
 
 
 def _render_concurrency(data: Any) -> tuple[list[str], list[tuple[str, str, str]]]:
