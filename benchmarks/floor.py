@@ -238,6 +238,26 @@ IN_PLACE_POINTS = {
 }
 
 
+class _PointShare:
+    """One of the template's points, recorded by the calls of one kind of span: a point made
+    3 times per kickoff by 3 calls is recorded at every call, one made once by 2 calls at every
+    other call (``per_call`` accumulates into ``credit``)."""
+
+    __slots__ = ("attributes", "credit", "per_call", "record", "value")
+
+    def __init__(self, record: Any, attributes: dict[str, Any], value: float, per_call: float):
+        self.record, self.attributes, self.value = record, attributes, value
+        self.per_call = per_call
+        self.credit = 0.0
+
+    def at_call(self) -> None:
+        """Record this call's share."""
+        self.credit += self.per_call
+        while self.credit >= 1.0 - 1e-9:
+            self.record(self.value, self.attributes)
+            self.credit -= 1.0
+
+
 class InPlaceSpan:
     """A wrapt wrapper that makes one kind of the template's spans, with the bare SDK, around
     the call a run makes it for: started as a child of the current span, made current for the
@@ -245,7 +265,7 @@ class InPlaceSpan:
     in turn (a run's two tasks: the first's, then the second's)."""
 
     def __init__(
-        self, owner: InPlace, spans: list[dict[str, Any]], points: list[list[Any]]
+        self, owner: InPlace, spans: list[dict[str, Any]], points: list[_PointShare]
     ) -> None:
         from opentelemetry.trace import SpanKind, StatusCode
 
@@ -261,9 +281,6 @@ class InPlaceSpan:
             )
             for span in spans
         ]
-        #: ``[record, attributes, value, points per call, credit]``: a metric recorded 3 times
-        #: per kickoff by 3 calls is recorded once per call, one recorded once by 2 calls every
-        #: other call.
         self._points = points
         self._turn = 0
 
@@ -279,10 +296,7 @@ class InPlaceSpan:
             return wrapped(*args, **kwargs)
         finally:
             for point in self._points:
-                point[4] += point[3]
-                while point[4] >= 1.0 - 1e-9:
-                    point[0](point[2], point[1])
-                    point[4] -= 1.0
+                point.at_call()
             for event in events:
                 span.add_event(event["name"], event["attributes"])
             if code is not owner.unset:
@@ -316,14 +330,14 @@ class InPlace:
             if prefix is None:
                 raise ValueError(f"no in-place target for the span {span['name']!r}")
             by_prefix.setdefault(prefix, []).append(span)
-        points: dict[str, list[list[Any]]] = {}
+        points: dict[str, list[_PointShare]] = {}
         for point, record in _recorders(template, meter_provider):
             prefix = IN_PLACE_POINTS.get(point["name"], "invoke_workflow")
             if prefix not in by_prefix:
                 prefix = "invoke_workflow"
             per_call = point["times"] / len(by_prefix[prefix])
             points.setdefault(prefix, []).append(
-                [record, point["attributes"], point["value"], per_call, 0.0]
+                _PointShare(record, point["attributes"], point["value"], per_call)
             )
         self.wrappers = {
             prefix: InPlaceSpan(self, spans, points.get(prefix, []))

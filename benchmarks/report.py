@@ -292,8 +292,9 @@ def _render_instructions(data: Any) -> list[str]:
     lines = [
         "Executed instructions per kickoff (callgrind, every thread, "
         f"{data['settings']['timers']} export timers; `instructions.json`; added: each "
-        "variant's lowest longest window without a full collection against the uninstrumented "
-        "one's, as in the targets above):",
+        "variant's representative window (the longest without a full collection, the lowest "
+        "of those; the median process's when several ran) against the uninstrumented one's, "
+        "as in the targets above):",
         "",
         "| variant | spans | "
         + " | ".join(f"M instructions, {k} kickoffs" for k in windows)
@@ -328,9 +329,8 @@ def _render_instructions(data: Any) -> list[str]:
         lines += [
             "",
             f"Each variant ran in {data['settings'].get('processes_per_variant')} callgrind "
-            "processes; the table shows the median one (by its representative window: the "
-            "longest without a full collection, the lowest of those). Every process's, M "
-            "instructions per kickoff: " + "; ".join(spread) + ".",
+            "processes; the table shows the median one (by its representative window). Every "
+            "process's, M instructions per kickoff: " + "; ".join(spread) + ".",
         ]
     lines += [
         "",

@@ -251,23 +251,7 @@ class Bench:
     """Everything one invocation shares: settings, environment, provider, output."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.settings = QUICK if args.quick else FULL
-        if args.soak_kickoffs:
-            self.settings = dataclasses.replace(self.settings, soak_kickoffs=args.soak_kickoffs)
-        if args.shared_rounds:
-            self.settings = dataclasses.replace(self.settings, shared_rounds=args.shared_rounds)
-        if args.e2e_rounds:
-            self.settings = dataclasses.replace(self.settings, e2e_rounds=args.e2e_rounds)
-        if args.flow_rounds:
-            self.settings = dataclasses.replace(self.settings, flow_rounds=args.flow_rounds)
-        if args.instructions_windows:
-            self.settings = dataclasses.replace(
-                self.settings, instructions_windows=tuple(args.instructions_windows)
-            )
-        if args.instructions_processes:
-            self.settings = dataclasses.replace(
-                self.settings, instructions_processes=args.instructions_processes
-            )
+        self.settings = dataclasses.replace(QUICK if args.quick else FULL, **_overrides(args))
         default_out = "results-quick" if args.quick else "results"
         self.out = Path(args.out) if args.out else common.BENCH_DIR / default_out
         self.out.mkdir(parents=True, exist_ok=True)
@@ -962,6 +946,40 @@ def _rotation(items: Sequence[str], index: int, reverse: bool = False) -> list[s
     return ordered[shift:] + ordered[:shift]
 
 
+#: Options that override the settings field of the same name (``--e2e-rounds N``: ``e2e_rounds``).
+SETTING_OPTIONS = (
+    "soak_kickoffs",
+    "shared_rounds",
+    "e2e_rounds",
+    "flow_rounds",
+    "instructions_windows",
+    "instructions_processes",
+)
+#: Flags that change what a run measures (named in its recorded command with the options).
+FLAG_OPTIONS = ("no_competitors", "no_floor", "instructions_timers")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings fields the command line sets (a list of values becomes a tuple)."""
+    found = {name: getattr(args, name, None) for name in SETTING_OPTIONS}
+    return {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in found.items()
+        if value
+    }
+
+
+def _command_options(args: argparse.Namespace) -> str:
+    """The options and flags given, as they were written (for the run's recorded command)."""
+    parts = [
+        f"--{name.replace('_', '-')} "
+        + (" ".join(map(str, value)) if isinstance(value, tuple) else str(value))
+        for name, value in _overrides(args).items()
+    ]
+    parts += [f"--{name.replace('_', '-')}" for name in FLAG_OPTIONS if getattr(args, name, False)]
+    return "".join(f" {part}" for part in parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
@@ -1054,25 +1072,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             }
         )
-        previous["additional_runs"][-1]["command"] += " --only " + " ".join(args.only)
-        if args.soak_kickoffs:
-            previous["additional_runs"][-1]["command"] += f" --soak-kickoffs {args.soak_kickoffs}"
-        if args.shared_rounds:
-            previous["additional_runs"][-1]["command"] += f" --shared-rounds {args.shared_rounds}"
-        if args.e2e_rounds:
-            previous["additional_runs"][-1]["command"] += f" --e2e-rounds {args.e2e_rounds}"
-        if args.flow_rounds:
-            previous["additional_runs"][-1]["command"] += f" --flow-rounds {args.flow_rounds}"
-        if args.instructions_windows:
-            previous["additional_runs"][-1]["command"] += " --instructions-windows " + " ".join(
-                str(kickoffs) for kickoffs in args.instructions_windows
-            )
-        if args.instructions_processes:
-            previous["additional_runs"][-1]["command"] += (
-                f" --instructions-processes {args.instructions_processes}"
-            )
-        if args.no_competitors:
-            previous["additional_runs"][-1]["command"] += " --no-competitors"
+        previous["additional_runs"][-1]["command"] += (
+            " --only " + " ".join(args.only) + _command_options(args)
+        )
         system = previous
     bench.write("system.json", system)
     table = report.render(bench.out, system)

@@ -7,6 +7,7 @@ appear in that summary: no figure is typed in by hand or left behind by a newer 
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -341,3 +342,33 @@ def test_the_memory_soak_shows_the_sdk_floor_beside_crew_otel():
     del soak["variants"][common.SDK_FLOOR]  # runs from before the floor was soaked
     _, targets = report._render_soak(soak)
     assert len(targets) == 1
+
+
+def test_the_command_line_options_set_the_settings_and_are_named_in_the_recorded_command():
+    """Every option that overrides a setting does so (a list of values as a tuple), and the
+    command a partial run records names each option and flag given, so that the summary's
+    header says how each section was measured."""
+    import dataclasses
+
+    from benchmarks import run
+
+    parser_args = {name: None for name in run.SETTING_OPTIONS}
+    parser_args.update(dict.fromkeys(run.FLAG_OPTIONS, False))
+    args = argparse.Namespace(
+        **{
+            **parser_args,
+            "e2e_rounds": 200,
+            "instructions_windows": [12, 12],
+            "instructions_processes": 5,
+            "no_floor": True,
+        }
+    )
+    settings = dataclasses.replace(run.FULL, **run._overrides(args))
+    assert settings.e2e_rounds == 200
+    assert settings.instructions_windows == (12, 12)
+    assert settings.instructions_processes == 5
+    assert settings.soak_kickoffs == run.FULL.soak_kickoffs, "an option not given changes nothing"
+    assert run._command_options(args) == (
+        " --e2e-rounds 200 --instructions-windows 12 12 --instructions-processes 5 --no-floor"
+    )
+    assert run._command_options(argparse.Namespace(**parser_args)) == ""
