@@ -146,7 +146,7 @@ def measure(bench: Any) -> dict[str, Any]:
             processes = range(1, s.instructions_processes + 1)
             variants = {
                 v: [pool.submit(_variant, bench, Worker, v, scratch, p) for p in processes]
-                for v in bench.variants
+                for v in bench.variants_with_floor_in_place()
             }
             threads = {
                 v: pool.submit(_threads, bench, Worker, v, scratch)

@@ -608,13 +608,19 @@ class Bench:
         self.log(f"{what} benchmarks: other processes used {other:.2f} cores meanwhile")
         return path
 
-    # --- 2.-4. end-to-end, concurrency, profile -------------------------------------------------
-    def e2e(self) -> dict[str, Any]:
-        s = self.settings
-        # The in-place floor beside the burst one: the same spans made where the run makes them.
+    def variants_with_floor_in_place(self) -> list[str]:
+        """The variants, with the SDK floor in place beside the burst one (the same spans and
+        points made where the run makes them), for the sections that measure a kickoff's cost
+        (end to end, instructions)."""
         variants = list(self.variants)
         if common.SDK_FLOOR in variants:
             variants.insert(variants.index(common.SDK_FLOOR) + 1, common.SDK_FLOOR_IN_PLACE)
+        return variants
+
+    # --- 2.-4. end-to-end, concurrency, profile -------------------------------------------------
+    def e2e(self) -> dict[str, Any]:
+        s = self.settings
+        variants = self.variants_with_floor_in_place()
         rounds: list[dict[str, Any]] = []
         ready: dict[str, list[dict[str, Any]]] = {}
         concurrency: list[dict[str, Any]] = []

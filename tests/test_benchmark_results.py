@@ -308,6 +308,45 @@ def test_several_callgrind_processes_per_variant_are_decided_by_the_median_one()
     assert "crew_otel 1016.0, 1014.0, 1019.0" in line
 
 
+def test_the_instruction_targets_set_crew_otels_own_code_on_top_of_both_sdk_floors():
+    """The instructions section counts the SDK floor in place beside the burst one: each gets
+    a row of the targets with what crew_otel's own code adds on top of it, and a row of the
+    table of variants."""
+    from benchmarks import common, report
+
+    def entry(per_kickoff: float, spans: float) -> dict[str, object]:
+        window = {
+            "kickoffs": 12,
+            "per_kickoff": per_kickoff * 1e6,
+            "spans_per_kickoff": spans,
+            "gc_collections": [3, 0, 0],
+            "span_export_per_kickoff": 5.0e6,
+        }
+        return {"windows": [window], "metric_collection": 1.0, "full_gc": 2.0e8}
+
+    data = {
+        "settings": {"timers": "quiet", "processes_per_variant": 1},
+        "variants": {
+            common.BASELINE: entry(1000.0, 0.0),
+            common.CREW_OTEL: entry(1015.0, 15.0),
+            common.SDK_FLOOR: entry(1007.5, 15.0),
+            common.SDK_FLOOR_IN_PLACE: entry(1009.0, 15.0),
+        },
+    }
+    rows = {what: value for what, value, _ in report._instruction_targets(data)}
+    burst = next(value for what, value in rows.items() if "in a burst" in what)
+    in_place = next(value for what, value in rows.items() if "floor in place" in what)
+    assert burst.startswith("+7.5 M")
+    assert burst.endswith("on top: +7.5 M")
+    assert in_place.startswith("+9.0 M")
+    assert in_place.endswith("on top: +6.0 M")
+    table = report._render_instructions(data)
+    row = next(x for x in table if x.startswith(f"| {common.LABELS[common.SDK_FLOOR_IN_PLACE]} |"))
+    assert "+9.0 M (1.009 x)" in row
+    del data["variants"][common.SDK_FLOOR_IN_PLACE]  # runs from before it was counted
+    assert not any("floor in place" in t[0] for t in report._instruction_targets(data))
+
+
 def test_the_memory_soak_shows_the_sdk_floor_beside_crew_otel():
     """The soak's verdict compares crew_otel with the uninstrumented process; the SDK floor
     (the same spans and points exported by the bare SDK) is shown beside it, so that growth
