@@ -31,7 +31,7 @@ OPENLLMETRY = "openllmetry"
 #: again with the bare SDK (see :mod:`benchmarks.floor`).
 SDK_FLOOR = "sdk_floor"
 #: The same spans and points made by the bare SDK where a run makes them, one at a time (the
-#: end-to-end section only; :class:`benchmarks.floor.InPlace`).
+#: end-to-end and instructions sections; :class:`benchmarks.floor.InPlace`).
 SDK_FLOOR_IN_PLACE = "sdk_floor_in_place"
 VARIANTS = (BASELINE, CREW_OTEL, SDK_FLOOR, SDK_FLOOR_IN_PLACE, OPENINFERENCE, OPENLLMETRY)
 LABELS = {

@@ -166,6 +166,9 @@ class Log:
         self.handle.write(line + "\n")
         self.handle.flush()
 
+    def close(self) -> None:
+        self.handle.close()
+
 
 class Worker:
     """A ``benchmarks.worker`` process: one variant, commands over a pipe."""
@@ -478,18 +481,8 @@ class Bench:
                 command = [sys.executable, "-m", "benchmarks.startup", "--variant", variant]
                 if kind == "profiled":
                     command += ["--profile", str(self.out / "startup-profile.txt")]
-                completed = subprocess.run(
-                    command,
-                    capture_output=True,
-                    text=True,
-                    env=self.env_for(variant),
-                    cwd=common.REPO_ROOT,
-                    check=False,
-                )
-                self.worker_log.write(completed.stderr)
-                if completed.returncode != 0:
-                    raise RuntimeError(f"start-up probe failed:\n{completed.stderr[-3000:]}")
-                probe = json.loads(completed.stdout.strip().splitlines()[-1])
+                output = self._run_module(command, "start-up probe", self.env_for(variant))
+                probe = json.loads(output.strip().splitlines()[-1])
                 probe["kind"] = kind
                 probe["other_cores"] = self.interference.other_cores(
                     before, self.interference.sample()
@@ -509,18 +502,10 @@ class Bench:
         for _ in range(self.settings.import_probes):
             self.quiet("an `import crew_otel` probe")
             before = self.interference.sample()
-            completed = subprocess.run(
-                [sys.executable, "-m", "benchmarks.startup", "--imports"],
-                capture_output=True,
-                text=True,
-                env=self.env,
-                cwd=common.REPO_ROOT,
-                check=False,
+            output = self._run_module(
+                [sys.executable, "-m", "benchmarks.startup", "--imports"], "import probe"
             )
-            self.worker_log.write(completed.stderr)
-            if completed.returncode != 0:
-                raise RuntimeError(f"import probe failed:\n{completed.stderr[-3000:]}")
-            probe = json.loads(completed.stdout.strip().splitlines()[-1])
+            probe = json.loads(output.strip().splitlines()[-1])
             probe["other_cores"] = self.interference.other_cores(before, self.interference.sample())
             imports.append(probe)
         self.log(f"start-up: {len(imports)} fresh processes that only import crew_otel")
@@ -546,9 +531,19 @@ class Bench:
         path = self.out / "hooks-cold.json"
         calls = 20 if self.quick else hooks.COLD_CALLS
         self.quiet("the cold per-hook calls")
-        completed = subprocess.run(
+        self._run_module(
             [sys.executable, "-m", "benchmarks.hooks", "--cold", str(path), "--calls", str(calls)],
-            env=self.env,
+            "cold per-hook calls",
+        )
+        self.log(f"cold per-hook calls done ({calls} per benchmark)")
+
+    def _run_module(self, command: list[str], what: str, env: dict[str, str] | None = None) -> str:
+        """Run a benchmark's process to its end (in ``env``, else the run's environment), its
+        output into the workers' log; its standard output, or an error with the end of its
+        standard error if it failed."""
+        completed = subprocess.run(
+            command,
+            env=self.env if env is None else env,
             cwd=common.REPO_ROOT,
             capture_output=True,
             text=True,
@@ -556,8 +551,8 @@ class Bench:
         )
         self.worker_log.write(completed.stdout + completed.stderr)
         if completed.returncode != 0:
-            raise RuntimeError(f"cold per-hook calls failed:\n{completed.stderr[-3000:]}")
-        self.log(f"cold per-hook calls done ({calls} per benchmark)")
+            raise RuntimeError(f"{what} failed:\n{completed.stderr[-3000:]}")
+        return completed.stdout
 
     def _microbenchmarks(self, module: str, what: str, processes: int, values: int) -> Path:
         """Run ``benchmarks.<module>`` under pyperf (``--smoke`` in a quick run) into
@@ -588,18 +583,8 @@ class Bench:
             if self.settings.hooks_pyperf:
                 path.unlink(missing_ok=True)
             before = self.interference.sample()
-            completed = subprocess.run(
-                command,
-                env=self.env,
-                cwd=common.REPO_ROOT,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            self._run_module(command, f"{what} benchmark")
             other = self.interference.other_cores(before, self.interference.sample())
-            self.worker_log.write(completed.stdout + completed.stderr)
-            if completed.returncode != 0:
-                raise RuntimeError(f"{what} benchmark failed:\n{completed.stderr[-3000:]}")
             attempts.append(other)
             if other <= DISTURBED or len(attempts) > 1 or self.waited >= self.settings.quiet_budget:
                 break
@@ -1088,6 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.scrub_tree(bench.out)
     print(common.scrub(table))
     bench.log(f"done in {time.perf_counter() - started:.0f} s; results in {bench.out.name}/")
+    bench.log.close()
     return 0
 
 

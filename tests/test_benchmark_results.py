@@ -308,11 +308,36 @@ def test_several_callgrind_processes_per_variant_are_decided_by_the_median_one()
     assert "crew_otel 1016.0, 1014.0, 1019.0" in line
 
 
-def test_the_instruction_targets_set_crew_otels_own_code_on_top_of_both_sdk_floors():
+def test_the_instruction_targets_set_crew_otels_own_code_on_top_of_both_sdk_floors(tmp_path):
     """The instructions section counts the SDK floor in place beside the burst one: each gets
     a row of the targets with what crew_otel's own code adds on top of it, and a row of the
     table of variants."""
-    from benchmarks import common, report
+    from benchmarks import common, report, run
+
+    def bench(no_floor: bool) -> run.Bench:
+        options = dict.fromkeys(run.SETTING_OPTIONS)
+        args = argparse.Namespace(
+            **options, quick=True, out=str(tmp_path / str(no_floor)), only=None, no_floor=no_floor
+        )
+        return run.Bench(args)
+
+    # the variants the end-to-end and instructions sections run
+    with_floor, without_floor = bench(no_floor=False), bench(no_floor=True)
+    try:
+        assert with_floor.variants_with_floor_in_place() == [
+            common.BASELINE,
+            common.CREW_OTEL,
+            common.SDK_FLOOR,
+            common.SDK_FLOOR_IN_PLACE,
+        ]
+        assert without_floor.variants_with_floor_in_place() == [
+            common.BASELINE,
+            common.CREW_OTEL,
+        ]
+    finally:
+        for each in (with_floor, without_floor):
+            each.close()
+            each.log.close()
 
     def entry(per_kickoff: float, spans: float) -> dict[str, object]:
         window = {
